@@ -1,0 +1,277 @@
+"""A minimal functional layer kit: every layer is a pair of pure functions.
+
+A :class:`Layer` has ``init(key) -> (params, state)`` and
+``apply(params, state, x, ctx) -> (y, new_state)``. ``params`` are trainable weights,
+``state`` holds BatchNorm running statistics; both are plain pytrees (tuples and dicts of
+arrays), so that supernet weights, BN statistics and architecture parameters stay separate
+pytrees that ``jit``, ``pmap``, ``vmap``, ``lax.scan`` and checkpointing all see as they are.
+Layers of identical structure stack with ``tree_map(jnp.stack, ...)`` so a group of equal
+edges or cells can be traced once and run under ``lax.scan``.
+
+All tensors are NHWC. Convolutions take an ``impl`` argument choosing how a depthwise
+convolution is computed (see :func:`depthwise_impl`): XLA:CPU's grouped convolution is
+3–12x slower than the same arithmetic written as a dense convolution with a block-diagonal
+kernel (``benchmarks`` / ``../shared/notes/jax-cpu.md``), while on GPU/TPU the native grouped
+convolution is the fast path. Both formulations compute the same function and gradient.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+Params = Any
+State = Any
+
+
+class Ctx(NamedTuple):
+    """What a forward pass needs besides weights and input.
+
+    ``train``: BatchNorm uses batch statistics (and returns updated running statistics) when
+    true, running statistics when false. ``axis_name``: when set (inside ``pmap``), BatchNorm
+    averages its batch statistics over that device axis (synchronised BN), so a data-parallel
+    step computes exactly what one device computes on the global batch.
+    """
+
+    train: bool = True
+    axis_name: str | None = None
+
+
+class Layer(NamedTuple):
+    init: Callable[[jax.Array], tuple[Params, State]]
+    apply: Callable[[Params, State, jax.Array, Ctx], tuple[jax.Array, State]]
+
+
+# --------------------------------------------------------------------------- utilities
+
+def _stateless(fn: Callable[[jax.Array], jax.Array]) -> Layer:
+    return Layer(lambda key: ((), ()), lambda p, s, x, ctx: (fn(x), s))
+
+
+def sequential(*layers: Layer) -> Layer:
+    """Compose layers left to right; params and state are tuples, one entry per layer."""
+
+    def init(key):
+        keys = jax.random.split(key, max(len(layers), 1))
+        ps, ss = zip(*(l.init(k) for l, k in zip(layers, keys))) if layers else ((), ())
+        return tuple(ps), tuple(ss)
+
+    def apply(params, state, x, ctx):
+        new_state = []
+        for layer, p, s in zip(layers, params, state):
+            x, s = layer.apply(p, s, x, ctx)
+            new_state.append(s)
+        return x, tuple(new_state)
+
+    return Layer(init, apply)
+
+
+def depthwise_impl(impl: str | None = None) -> str:
+    """Resolve the depthwise-convolution formulation: ``native`` or ``dense``.
+
+    ``None``/``"auto"`` picks ``dense`` on the CPU backend and ``native`` elsewhere.
+    """
+    if impl in (None, "auto"):
+        return "dense" if jax.default_backend() == "cpu" else "native"
+    if impl not in ("native", "dense"):
+        raise ValueError(f"unknown conv implementation {impl!r}; expected 'auto', 'native' or 'dense'")
+    return impl
+
+
+def _he_normal(key, shape, fan_in):
+    return jax.random.normal(key, shape, jnp.float32) * math.sqrt(2.0 / fan_in)
+
+
+def _conv(x, w, stride, padding, dilation, groups=1):
+    return lax.conv_general_dilated(
+        x, w, (stride, stride), ((padding, padding), (padding, padding)),
+        rhs_dilation=(dilation, dilation), dimension_numbers=("NHWC", "HWIO", "NHWC"),
+        feature_group_count=groups)
+
+
+# --------------------------------------------------------------------------- layers
+
+def relu() -> Layer:
+    return _stateless(jax.nn.relu)
+
+
+def identity() -> Layer:
+    return _stateless(lambda x: x)
+
+
+def conv(c_in: int, c_out: int, kernel: int, stride: int = 1, padding: int | None = None,
+         dilation: int = 1, bias: bool = False) -> Layer:
+    """Dense 2-D convolution, HWIO kernel, He-normal init (fan-in)."""
+    padding = dilation * (kernel - 1) // 2 if padding is None else padding
+
+    def init(key):
+        kw, _ = jax.random.split(key)
+        p = {"w": _he_normal(kw, (kernel, kernel, c_in, c_out), kernel * kernel * c_in)}
+        if bias:
+            p["b"] = jnp.zeros((c_out,), jnp.float32)
+        return p, ()
+
+    def apply(p, s, x, ctx):
+        y = _conv(x, p["w"], stride, padding, dilation)
+        if bias:
+            y = y + p["b"]
+        return y, s
+
+    return Layer(init, apply)
+
+
+def separable_conv(c_in: int, c_out: int, kernel: int, stride: int = 1,
+                   dilation: int = 1, impl: str | None = None) -> Layer:
+    """Depthwise ``kernel``x``kernel`` conv followed by a pointwise 1x1 conv (no BN between).
+
+    Params ``{"dw": (k,k,1,c_in), "pw": (1,1,c_in,c_out)}`` whatever the implementation:
+
+    * ``native``: a grouped convolution then a 1x1 convolution (the fast path on GPU/TPU).
+    * ``dense``: the composition of the two linear maps is itself a convolution with kernel
+      ``K[i,j,c,o] = dw[i,j,c] * pw[c,o]``; one dense convolution computes it. Same function,
+      same gradients (autodiff through the product), far faster on XLA:CPU where grouped
+      convolutions are slow.
+    """
+    padding = dilation * (kernel - 1) // 2
+    impl_r = depthwise_impl(impl)
+
+    def init(key):
+        k1, k2 = jax.random.split(key)
+        return {"dw": _he_normal(k1, (kernel, kernel, 1, c_in), kernel * kernel),
+                "pw": _he_normal(k2, (1, 1, c_in, c_out), c_in)}, ()
+
+    def apply(p, s, x, ctx):
+        if impl_r == "native":
+            y = _conv(x, p["dw"], stride, padding, dilation, groups=c_in)
+            return _conv(y, p["pw"], 1, 0, 1), s
+        fused = p["dw"][:, :, 0, :, None] * p["pw"][0, 0][None, None]
+        return _conv(x, fused, stride, padding, dilation), s
+
+    return Layer(init, apply)
+
+
+def batchnorm(c: int, affine: bool = True, momentum: float = 0.1, eps: float = 1e-5) -> Layer:
+    """BatchNorm over N, H, W with PyTorch conventions (momentum 0.1, unbiased running var).
+
+    ``affine=False`` is what DARTS uses inside the supernet during search.
+    """
+
+    def init(key):
+        p = {"scale": jnp.ones((c,), jnp.float32), "bias": jnp.zeros((c,), jnp.float32)} if affine else {}
+        s = {"mean": jnp.zeros((c,), jnp.float32), "var": jnp.ones((c,), jnp.float32)}
+        return p, s
+
+    def apply(p, s, x, ctx):
+        if ctx.train:
+            mean = jnp.mean(x, axis=(0, 1, 2))
+            mean_sq = jnp.mean(jnp.square(x), axis=(0, 1, 2))
+            n = x.shape[0] * x.shape[1] * x.shape[2]
+            if ctx.axis_name is not None:
+                mean, mean_sq = lax.pmean((mean, mean_sq), ctx.axis_name)
+                n = n * lax.psum(1, ctx.axis_name)
+            var = jnp.maximum(mean_sq - jnp.square(mean), 0.0)
+            unbiased = var * n / jnp.maximum(n - 1, 1)
+            new_s = {"mean": lax.stop_gradient((1 - momentum) * s["mean"] + momentum * mean),
+                     "var": lax.stop_gradient((1 - momentum) * s["var"] + momentum * unbiased)}
+        else:
+            mean, var, new_s = s["mean"], s["var"], s
+        y = (x - mean) * lax.rsqrt(var + eps)
+        if affine:
+            y = y * p["scale"] + p["bias"]
+        return y, new_s
+
+    return Layer(init, apply)
+
+
+def _pool_padding(kernel, stride, padding):
+    return ((0, 0), (padding, padding), (padding, padding), (0, 0))
+
+
+def max_pool(kernel: int = 3, stride: int = 1, padding: int = 1) -> Layer:
+    pads = _pool_padding(kernel, stride, padding)
+
+    def fn(x):
+        return lax.reduce_window(x, -jnp.inf, lax.max, (1, kernel, kernel, 1), (1, stride, stride, 1), pads)
+
+    return _stateless(fn)
+
+
+def avg_pool(kernel: int = 3, stride: int = 1, padding: int = 1, count_include_pad: bool = False) -> Layer:
+    """Average pooling; ``count_include_pad=False`` divides by the in-image count (PyTorch)."""
+    pads = _pool_padding(kernel, stride, padding)
+
+    def fn(x):
+        window, strides = (1, kernel, kernel, 1), (1, stride, stride, 1)
+        total = lax.reduce_window(x, 0.0, lax.add, window, strides, pads)
+        if count_include_pad or padding == 0:
+            return total / (kernel * kernel)
+        ones = jnp.ones((1,) + x.shape[1:3] + (1,), x.dtype)
+        count = lax.reduce_window(ones, 0.0, lax.add, window, strides, pads)
+        return total / count
+
+    return _stateless(fn)
+
+
+def global_avg_pool() -> Layer:
+    return _stateless(lambda x: jnp.mean(x, axis=(1, 2)))
+
+
+def dense(c_in: int, c_out: int) -> Layer:
+    """Fully connected layer (PyTorch-style uniform init)."""
+
+    def init(key):
+        k1, k2 = jax.random.split(key)
+        bound = 1.0 / math.sqrt(c_in)
+        return {"w": jax.random.uniform(k1, (c_in, c_out), jnp.float32, -bound, bound),
+                "b": jax.random.uniform(k2, (c_out,), jnp.float32, -bound, bound)}, ()
+
+    return Layer(init, lambda p, s, x, ctx: (x @ p["w"] + p["b"], s))
+
+
+def zero(stride: int = 1, c_out: int | None = None) -> Layer:
+    """The ``none`` operation: zeros of the output shape."""
+
+    def fn(x):
+        y = x[:, ::stride, ::stride, :] if stride > 1 else x
+        if c_out is not None and c_out != x.shape[-1]:
+            y = jnp.zeros(y.shape[:-1] + (c_out,), y.dtype)
+        return jnp.zeros_like(y)
+
+    return _stateless(fn)
+
+
+def factorized_reduce(c_in: int, c_out: int, affine: bool = True) -> Layer:
+    """ReLU, two 1x1 stride-2 convs on offset grids, concatenated, BN (DARTS, Liu et al. 2019)."""
+    if c_out % 2:
+        raise ValueError(f"factorized_reduce needs an even number of output channels, got {c_out}")
+    conv_a, conv_b, bn = conv(c_in, c_out // 2, 1, 2, 0), conv(c_in, c_out // 2, 1, 2, 0), batchnorm(c_out, affine)
+
+    def init(key):
+        ka, kb, kc = jax.random.split(key, 3)
+        pa, _ = conv_a.init(ka)
+        pb, _ = conv_b.init(kb)
+        pn, sn = bn.init(kc)
+        return {"a": pa, "b": pb, "bn": pn}, sn
+
+    def apply(p, s, x, ctx):
+        x = jax.nn.relu(x)
+        ya, _ = conv_a.apply(p["a"], (), x, ctx)
+        yb, _ = conv_b.apply(p["b"], (), x[:, 1:, 1:, :], ctx)
+        if yb.shape[1:3] != ya.shape[1:3]:  # odd sizes: pad the shifted branch to match
+            yb = jnp.pad(yb, ((0, 0), (0, ya.shape[1] - yb.shape[1]), (0, ya.shape[2] - yb.shape[2]), (0, 0)))
+        return bn.apply(p["bn"], s, jnp.concatenate([ya, yb], axis=-1), ctx)
+
+    return Layer(init, apply)
+
+
+def relu_conv_bn(c_in: int, c_out: int, kernel: int, stride: int = 1, padding: int | None = None,
+                 dilation: int = 1, affine: bool = True) -> Layer:
+    return sequential(relu(), conv(c_in, c_out, kernel, stride, padding, dilation), batchnorm(c_out, affine))
+
+
+def stack_trees(trees):
+    """Stack a list of identically structured pytrees along a new leading axis."""
+    return jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *trees)

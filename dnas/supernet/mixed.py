@@ -1,0 +1,116 @@
+"""Mixed operations and the edge scan that runs a cell's choice points.
+
+A *choice point* (an edge of a cell, a layer of a chain) holds every candidate operation.
+How the candidates are combined is not decided here but by the active relaxation's ``mix``
+function (see :mod:`dnas.relaxations.base`), which receives a :class:`Candidates` view:
+``all(x)`` evaluates every candidate (DARTS, SNAS), ``one(i, x)`` evaluates only candidate
+``i`` through ``lax.switch`` (GDAS, ProxylessNAS), so a sampled relaxation really skips the
+unsampled operations.
+
+Edges of equal shape are stacked and run by :func:`scan_edges` under ``lax.scan``, so one
+mixed op is traced once per group of edges instead of once per edge: this is what keeps the
+compile time of a full supernet short.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from dnas.supernet.layers import Ctx, Layer, stack_trees
+
+Mix = Callable[[Any, "Candidates", jax.Array], tuple[jax.Array, tuple]]
+
+
+class Candidates:
+    """The candidate ops of one choice point, bound to their weights, BN state and context."""
+
+    def __init__(self, layers: Sequence[Layer], params: tuple, state: tuple, ctx: Ctx):
+        self.layers, self.params, self.state, self.ctx = tuple(layers), params, state, ctx
+
+    @property
+    def num(self) -> int:
+        return len(self.layers)
+
+    def all(self, x: jax.Array) -> tuple[list[jax.Array], tuple]:
+        """Evaluate every candidate; returns their outputs and the updated state tuple."""
+        outs, states = [], []
+        for layer, p, s in zip(self.layers, self.params, self.state):
+            y, s = layer.apply(p, s, x, self.ctx)
+            outs.append(y)
+            states.append(s)
+        return outs, tuple(states)
+
+    def one(self, index: jax.Array, x: jax.Array, state: tuple | None = None) -> tuple[jax.Array, tuple]:
+        """Evaluate only candidate ``index`` (a traced integer) with ``lax.switch``.
+
+        Returns its output and the full state tuple with only that candidate's state updated.
+        ``state`` lets a relaxation thread the state through several calls (two sampled paths).
+        """
+        state = self.state if state is None else state
+
+        def branch(i):
+            def run(x):
+                y, s = self.layers[i].apply(self.params[i], state[i], x, self.ctx)
+                return y, state[:i] + (s,) + state[i + 1:]
+            return run
+
+        return lax.switch(index, [branch(i) for i in range(self.num)], x)
+
+
+class MixedOp:
+    """All candidate ops of one choice point; params/state are tuples over candidates."""
+
+    def __init__(self, layers: Sequence[Layer]):
+        self.layers = tuple(layers)
+
+    def init(self, key):
+        keys = jax.random.split(key, len(self.layers))
+        ps, ss = zip(*(l.init(k) for l, k in zip(self.layers, keys)))
+        return tuple(ps), tuple(ss)
+
+    def init_stacked(self, key, n: int):
+        """Initialise ``n`` independent copies, stacked along a leading axis (for scanning)."""
+        inits = [self.init(k) for k in jax.random.split(key, n)]
+        return stack_trees([p for p, _ in inits]), stack_trees([s for _, s in inits])
+
+    def apply(self, params, state, x, sample, mix: Mix, ctx: Ctx):
+        return mix(sample, Candidates(self.layers, params, state, ctx), x)
+
+
+def take_edges(tree, idx: Sequence[int]):
+    """Select the edges ``idx`` (static) of a pytree with a leading edge axis."""
+    idx = jnp.asarray(idx, jnp.int32)
+    return jax.tree_util.tree_map(lambda a: a[idx], tree)
+
+
+def scan_edges(mixed: MixedOp, params, state, samples, src: Sequence[int], dst: Sequence[int],
+               out_buf: jax.Array, mix: Mix, ctx: Ctx, in_buf: jax.Array | None = None):
+    """Run a group of stacked edges in order: ``out_buf[dst_e] += mixed_e(source[src_e])``.
+
+    ``source`` is ``in_buf`` when given (edges reading cell inputs), else ``out_buf`` itself
+    (edges between intermediate nodes, which must be ordered so that a node is complete before
+    an edge reads it). Returns the final buffer and the stacked new states.
+    """
+    import os
+    if os.environ.get("DNAS_UNROLL_EDGES"):
+        buf, states = out_buf, []
+        for e, (si, di) in enumerate(zip(src, dst)):
+            p, s, smp = jax.tree_util.tree_map(lambda a: a[e], (params, state, samples))
+            x = (buf if in_buf is None else in_buf)[si]
+            y, s_new = mixed.apply(p, s, x, smp, mix, ctx)
+            buf = buf.at[di].add(y)
+            states.append(s_new)
+        return buf, stack_trees(states)
+    src = jnp.asarray(src, jnp.int32)
+    dst = jnp.asarray(dst, jnp.int32)
+
+    def body(buf, xs):
+        p, s, smp, si, di = xs
+        x = (buf if in_buf is None else in_buf)[si]
+        y, s_new = mixed.apply(p, s, x, smp, mix, ctx)
+        return buf.at[di].add(y.astype(buf.dtype)), s_new
+
+    return lax.scan(body, out_buf, (params, state, samples, src, dst))
