@@ -81,6 +81,36 @@ def depthwise_impl(impl: str | None = None) -> str:
     return impl
 
 
+def unroll_loops(unroll: bool | None = None) -> bool:
+    """Whether to unroll the supernet's loops over equal edges and cells at trace time.
+
+    ``None`` resolves to true on the CPU backend: XLA:CPU runs the weight-gradient
+    convolution inside a while loop (``lax.scan``) 70-500x slower than the same convolution
+    at the top level (``benchmarks/bench_scan_conv.py``), which made a scanned NAS-Bench-201
+    step 45 s instead of 2.3 s. On GPU/TPU the scanned loops keep the traced graph, and so the
+    compile time, small.
+    """
+    return jax.default_backend() == "cpu" if unroll is None else bool(unroll)
+
+
+def scan(body, carry, xs, unroll: bool = False):
+    """``lax.scan(body, carry, xs)``, or the same loop unrolled in Python when ``unroll``.
+
+    The unrolled form slices ``xs`` with static indices and stacks the outputs, so the traced
+    graph holds one copy of ``body`` per step and no while loop at all. (``lax.scan`` with
+    ``unroll=True`` is not enough on XLA:CPU: it still emits the loop's dynamic slicing and
+    updates, and the step stayed >20x slower in our measurements.)
+    """
+    if not unroll:
+        return lax.scan(body, carry, xs)
+    n = jax.tree_util.tree_leaves(xs)[0].shape[0]
+    ys = []
+    for i in range(n):
+        carry, y = body(carry, jax.tree_util.tree_map(lambda a: a[i], xs))
+        ys.append(y)
+    return carry, stack_trees(ys)
+
+
 def _he_normal(key, shape, fan_in):
     return jax.random.normal(key, shape, jnp.float32) * math.sqrt(2.0 / fan_in)
 

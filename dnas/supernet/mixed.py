@@ -87,23 +87,25 @@ def take_edges(tree, idx: Sequence[int]):
 
 
 def scan_edges(mixed: MixedOp, params, state, samples, src: Sequence[int], dst: Sequence[int],
-               out_buf: jax.Array, mix: Mix, ctx: Ctx, in_buf: jax.Array | None = None):
+               out_buf: jax.Array, mix: Mix, ctx: Ctx, in_buf: jax.Array | None = None,
+               unroll: bool = False):
     """Run a group of stacked edges in order: ``out_buf[dst_e] += mixed_e(source[src_e])``.
 
     ``source`` is ``in_buf`` when given (edges reading cell inputs), else ``out_buf`` itself
     (edges between intermediate nodes, which must be ordered so that a node is complete before
     an edge reads it). Returns the final buffer and the stacked new states.
+    ``unroll=True`` unrolls the loop at trace time (see :func:`dnas.supernet.layers.unroll_loops`).
     """
-    import os
-    if os.environ.get("DNAS_UNROLL_EDGES"):
-        buf, states = out_buf, []
+    if unroll:  # static indices, nodes kept as separate arrays (see the note below)
+        nodes = [out_buf[i] for i in range(out_buf.shape[0])]
+        inputs = None if in_buf is None else [in_buf[i] for i in range(in_buf.shape[0])]
+        states = []
         for e, (si, di) in enumerate(zip(src, dst)):
             p, s, smp = jax.tree_util.tree_map(lambda a: a[e], (params, state, samples))
-            x = (buf if in_buf is None else in_buf)[si]
-            y, s_new = mixed.apply(p, s, x, smp, mix, ctx)
-            buf = buf.at[di].add(y)
+            y, s_new = mixed.apply(p, s, (nodes if inputs is None else inputs)[si], smp, mix, ctx)
+            nodes[di] = nodes[di] + y.astype(out_buf.dtype)
             states.append(s_new)
-        return buf, stack_trees(states)
+        return jnp.stack(nodes), stack_trees(states)
     src = jnp.asarray(src, jnp.int32)
     dst = jnp.asarray(dst, jnp.int32)
 

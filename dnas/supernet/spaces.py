@@ -21,11 +21,10 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-from jax import lax
 
 from dnas.supernet import layers as L
 from dnas.supernet.genotype import (DARTS_EDGES, DARTS_OPS, NB201_EDGES, NB201_OPS,
-                                    derive_darts, derive_nb201)
+                                    derive_darts, derive_nb201, parse_nb201)
 from dnas.supernet.mixed import MixedOp, scan_edges, take_edges
 from dnas.supernet.ops import candidate_ops
 
@@ -48,6 +47,10 @@ class SearchSpace:
     def derive(self, scores: dict[str, Any]):  # pragma: no cover - interface
         raise NotImplementedError
 
+    def choice_point_names(self, group: str) -> list[str]:
+        """Labels of a group's choice points (rows of its α), e.g. ``"0->1"`` for an edge."""
+        return [str(i) for i in range(self.groups[group][0])]
+
     def describe(self) -> dict:
         return {"space": self.name, **dataclasses.asdict(self.config)}
 
@@ -65,6 +68,7 @@ class NB201Config:
     in_channels: int = 3
     impl: str | None = None
     affine: bool = False
+    unroll: bool | None = None
 
 
 def _resnet_block(c_in: int, c_out: int, stride: int) -> L.Layer:
@@ -93,6 +97,7 @@ class NB201Space(SearchSpace):
 
     def __init__(self, config: NB201Config = NB201Config()):
         self.config = c = config
+        self.unroll = L.unroll_loops(c.unroll)
         self.groups = {"cell": (len(NB201_EDGES), len(NB201_OPS))}
         self.widths = (c.channels, 2 * c.channels, 4 * c.channels)
         self.stem = L.sequential(L.conv(c.in_channels, c.channels, 3, 1, 1), L.batchnorm(c.channels, True))
@@ -121,7 +126,8 @@ class NB201Space(SearchSpace):
 
     def _cell(self, stage, params, state, x, sample, mix, ctx):
         buf = jnp.zeros((4,) + x.shape, x.dtype).at[0].set(x)
-        buf, new_state = scan_edges(self.mixed[stage], params, state, sample, self._src, self._dst, buf, mix, ctx)
+        buf, new_state = scan_edges(self.mixed[stage], params, state, sample, self._src, self._dst, buf, mix, ctx,
+                                    unroll=self.unroll)
         return buf[3], new_state
 
     def apply(self, params, state, x, samples, mix, ctx):
@@ -132,7 +138,7 @@ class NB201Space(SearchSpace):
             def body(h, ps, i=i):
                 h, s = self._cell(i, ps[0], ps[1], h, sample, mix, ctx)
                 return h, s
-            x, new_state[f"stage{i}"] = lax.scan(body, x, (params[f"stage{i}"], state[f"stage{i}"]))
+            x, new_state[f"stage{i}"] = L.scan(body, x, (params[f"stage{i}"], state[f"stage{i}"]), self.unroll)
             if i < 2:
                 x, new_state[f"reduce{i}"] = self.reductions[i].apply(
                     params[f"reduce{i}"], state[f"reduce{i}"], x, ctx)
@@ -141,8 +147,11 @@ class NB201Space(SearchSpace):
         logits, _ = self.classifier.apply(params["classifier"], (), x, ctx)
         return logits, new_state
 
+    def choice_point_names(self, group):
+        return [f"{s}->{d}" for s, d in NB201_EDGES]
+
     def derive(self, scores):
-        return derive_nb201(jnp.asarray(scores["cell"]))
+        return parse_nb201(derive_nb201(jnp.asarray(scores["cell"])))
 
 
 # ------------------------------------------------------------------------------ DARTS CNN
@@ -160,6 +169,7 @@ class DartsConfig:
     stem_multiplier: int = 3
     impl: str | None = None
     affine: bool = False
+    unroll: bool | None = None
 
 
 _DARTS_IN = [e for e, (s, _) in enumerate(DARTS_EDGES) if s < 2]     # edges reading the cell inputs
@@ -169,8 +179,8 @@ _DARTS_INNER = [e for e, (s, _) in enumerate(DARTS_EDGES) if s >= 2]  # edges be
 class _DartsCell:
     """A DARTS search cell: preprocess both inputs, run its 14 mixed edges, concat 4 nodes."""
 
-    def __init__(self, c_pp, c_p, c, reduction, reduction_prev, impl, affine):
-        self.reduction = reduction
+    def __init__(self, c_pp, c_p, c, reduction, reduction_prev, impl, affine, unroll):
+        self.reduction, self.unroll = reduction, unroll
         stride = 2 if reduction else 1
         self.pre0 = (L.factorized_reduce(c_pp, c, False) if reduction_prev
                      else L.relu_conv_bn(c_pp, c, 1, 1, 0, affine=False))
@@ -197,10 +207,12 @@ class _DartsCell:
         buf = jnp.zeros((4, b, hh, ww, c), h1.dtype)
         buf, sin = scan_edges(self.mixed_in, p["in"], s["in"], take_edges(sample, _DARTS_IN),
                               [DARTS_EDGES[e][0] for e in _DARTS_IN],
-                              [DARTS_EDGES[e][1] - 2 for e in _DARTS_IN], buf, mix, ctx, in_buf=inputs)
+                              [DARTS_EDGES[e][1] - 2 for e in _DARTS_IN], buf, mix, ctx, in_buf=inputs,
+                              unroll=self.unroll)
         buf, sinner = scan_edges(self.mixed_inner, p["inner"], s["inner"], take_edges(sample, _DARTS_INNER),
                                  [DARTS_EDGES[e][0] - 2 for e in _DARTS_INNER],
-                                 [DARTS_EDGES[e][1] - 2 for e in _DARTS_INNER], buf, mix, ctx)
+                                 [DARTS_EDGES[e][1] - 2 for e in _DARTS_INNER], buf, mix, ctx,
+                                 unroll=self.unroll)
         out = jnp.concatenate([buf[i] for i in range(4)], axis=-1)
         return out, {"pre0": st0, "pre1": st1, "in": sin, "inner": sinner}
 
@@ -211,6 +223,7 @@ class DartsSpace(SearchSpace):
 
     def __init__(self, config: DartsConfig = DartsConfig()):
         self.config = cfg = config
+        self.unroll = L.unroll_loops(cfg.unroll)
         self.groups = {"normal": (len(DARTS_EDGES), len(DARTS_OPS)), "reduce": (len(DARTS_EDGES), len(DARTS_OPS))}
         c_curr = cfg.stem_multiplier * cfg.channels
         self.stem = L.sequential(L.conv(cfg.in_channels, c_curr, 3, 1, 1), L.batchnorm(c_curr, True))
@@ -220,7 +233,8 @@ class DartsSpace(SearchSpace):
             reduction = cfg.layers >= 3 and i in (cfg.layers // 3, 2 * cfg.layers // 3)
             if reduction:
                 c_curr *= 2
-            self.cells.append(_DartsCell(c_pp, c_p, c_curr, reduction, reduction_prev, cfg.impl, cfg.affine))
+            self.cells.append(_DartsCell(c_pp, c_p, c_curr, reduction, reduction_prev, cfg.impl, cfg.affine,
+                                         self.unroll))
             reduction_prev = reduction
             c_pp, c_p = c_p, 4 * c_curr
         self.classifier = L.dense(c_p, cfg.num_classes)
@@ -261,10 +275,14 @@ class DartsSpace(SearchSpace):
                 (s0, s1), st = body((s0, s1), one)
                 new_state[f"cells{r}"] = jax.tree_util.tree_map(lambda a: a[None], st)
             else:
-                (s0, s1), new_state[f"cells{r}"] = lax.scan(body, (s0, s1), (params[f"cells{r}"], state[f"cells{r}"]))
+                (s0, s1), new_state[f"cells{r}"] = L.scan(body, (s0, s1), (params[f"cells{r}"], state[f"cells{r}"]),
+                                                         self.unroll)
         x = jnp.mean(s1, axis=(1, 2))
         logits, _ = self.classifier.apply(params["classifier"], (), x, ctx)
         return logits, new_state
+
+    def choice_point_names(self, group):
+        return [f"{s}->{d}" for s, d in DARTS_EDGES]
 
     def derive(self, scores):
         return derive_darts(jnp.asarray(scores["normal"]), jnp.asarray(scores["reduce"]))

@@ -1,0 +1,144 @@
+"""The ``dnas`` command line: ``dnas search``, ``dnas bench``.
+
+JAX is imported only after the arguments are parsed, because ``--devices N`` on a CPU-only
+machine must set ``XLA_FLAGS=--xla_force_host_platform_device_count=N`` before JAX starts.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+DEFAULT_SPACE_OPTIONS = {
+    # the default `dnas search`: a real but short NAS-Bench-201 search on the embedded digits
+    "nb201": {"channels": 16, "cells": 2},
+    "darts": {"channels": 8, "cells": 5},
+}
+
+
+def _positive(x: str) -> int:
+    v = int(x)
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {x}")
+    return v
+
+
+def _space_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--space", choices=["nb201", "darts"], default="nb201",
+                   help="search space: NAS-Bench-201 cell (6 edges x 5 ops) or DARTS CNN cells (14 edges x 8 ops)")
+    p.add_argument("--relaxation", default="darts", help="relaxation of the architecture choice (default: darts)")
+    p.add_argument("--channels", type=_positive, default=None,
+                   help="initial channels C of the supernet (search default: 16 for nb201, 8 for darts; bench: 16)")
+    p.add_argument("--cells", type=_positive, default=None,
+                   help="nb201: cells per stage (N); darts: number of cells (layers)")
+    p.add_argument("--conv-impl", choices=["auto", "native", "dense"], default="auto",
+                   help="depthwise convolution formulation; auto = dense on CPU, native on GPU/TPU")
+    p.add_argument("--devices", type=_positive, default=1,
+                   help="data-parallel devices (pmap); on a CPU-only machine this many host devices are simulated")
+
+
+def _space_options(args, defaults: dict) -> dict:
+    opts = {"channels": args.channels or defaults.get("channels")}
+    cells = args.cells or defaults.get("cells")
+    if cells is not None:
+        opts["cells_per_stage" if args.space == "nb201" else "layers"] = cells
+    if args.conv_impl != "auto":
+        opts["impl"] = args.conv_impl
+    return {k: v for k, v in opts.items() if v is not None}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="dnas", description="Differentiable neural architecture search in JAX.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("search", help="run an architecture search and write the derived architecture",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    _space_args(s)
+    s.add_argument("--dataset", default=None,
+                   help="'digits' (embedded, default), a tensorflow-datasets name (cifar10, ...) or an image "
+                        "folder PATH with PATH/train/<class>/*.jpg|png")
+    s.add_argument("--data-dir", default=None, help="tensorflow-datasets data dir (default: $TFDS_DATA_DIR or ~/tensorflow_datasets)")
+    s.add_argument("--epochs", type=_positive, default=30)
+    s.add_argument("--batch-size", type=_positive, default=64, help="global batch size (split over devices)")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--out", default=None, help="output directory (default: runs/<timestamp>)")
+    s.add_argument("--limit-examples", type=_positive, default=None,
+                   help="use at most N training examples (stratified), for quick runs")
+    s.add_argument("--max-steps", type=_positive, default=None, help="stop after N search steps")
+    s.add_argument("--w-lr", type=float, default=0.025, help="weight learning rate (cosine to --w-lr-min)")
+    s.add_argument("--w-lr-min", type=float, default=0.001)
+    s.add_argument("--a-lr", type=float, default=3e-4, help="architecture (Adam) learning rate")
+    s.add_argument("--no-augment", action="store_true", help="disable random crop / flip")
+    s.add_argument("--log-every", type=_positive, default=10, help="write a step record every N steps")
+    s.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    b = sub.add_parser("bench", help="time one compiled search step; prints one JSON object",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    _space_args(b)
+    b.add_argument("--batch-size", type=_positive, default=64)
+    b.add_argument("--image-size", type=_positive, default=32)
+    b.add_argument("--in-channels", type=_positive, default=3)
+    b.add_argument("--num-classes", type=_positive, default=10)
+    b.add_argument("--steps", type=_positive, default=5, help="timed steps after warm-up")
+    b.add_argument("--warmup", type=int, default=1)
+    b.add_argument("--seed", type=int, default=0)
+    return parser
+
+
+def _set_host_devices(n: int) -> None:
+    """Ask XLA for ``n`` CPU devices (only matters where there is no accelerator)."""
+    flags = os.environ.get("XLA_FLAGS", "")
+    if n > 1 and "xla_force_host_platform_device_count" not in flags:
+        os.environ["XLA_FLAGS"] = (flags + f" --xla_force_host_platform_device_count={n}").strip()
+
+
+def _cmd_search(args) -> int:
+    from dnas.data import DatasetError
+    from dnas.run import SearchConfig, run_search
+    from dnas.search import Hyper, NonFiniteLossError
+
+    cfg = SearchConfig(
+        space=args.space, relaxation=args.relaxation, dataset=args.dataset, epochs=args.epochs,
+        batch_size=args.batch_size, seed=args.seed, out=args.out, devices=args.devices,
+        limit_examples=args.limit_examples, max_steps=args.max_steps,
+        space_options=_space_options(args, DEFAULT_SPACE_OPTIONS[args.space]),
+        hyper=Hyper(w_lr=args.w_lr, w_lr_min=args.w_lr_min, a_lr=args.a_lr),
+        augment=not args.no_augment, log_every=args.log_every, data_dir=args.data_dir,
+        progress=not args.no_progress)
+    try:
+        summary = run_search(cfg)
+    except (DatasetError, NonFiniteLossError, ValueError) as e:
+        print(f"dnas search: error: {e}", file=sys.stderr)
+        return 2
+    g = summary["genotype"]
+    final = summary.get("final", {})
+    print(f"derived architecture: {json.dumps(g)}")
+    print(f"final epoch: train_acc={final.get('train_acc', float('nan')):.3f} "
+          f"val_acc={final.get('val_acc', float('nan')):.3f}; {summary['steps']} steps in "
+          f"{summary['wall_time_s']:.1f} s (first step incl. compile {summary['compile_s']:.1f} s)")
+    print(f"outputs in {summary['out']}/")
+    return 0
+
+
+def _cmd_bench(args) -> int:
+    from dnas.bench import run_bench
+
+    result = run_bench(args.space, args.relaxation, batch_size=args.batch_size, image_size=args.image_size,
+                       in_channels=args.in_channels, num_classes=args.num_classes,
+                       space_options=_space_options(args, {"channels": 16}), steps=args.steps,
+                       warmup=args.warmup, num_devices=args.devices, seed=args.seed)
+    print(json.dumps(result))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    _set_host_devices(args.devices)
+    if args.command == "search":
+        return _cmd_search(args)
+    return _cmd_bench(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

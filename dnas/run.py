@@ -1,0 +1,283 @@
+"""The search run: data → bilevel search → derived architecture, pictures, metrics, checkpoints.
+
+:func:`run_search` is what ``dnas search`` calls. The output directory receives
+
+* ``genotype.json`` — the derived architecture (with ``"space"``), plus run facts;
+* ``alphas.json`` — the final architecture parameters and probabilities per choice point;
+* ``metrics.jsonl`` — one JSON object per logged step (``"kind": "step"``) and per epoch
+  (``"kind": "epoch"``, means over the epoch);
+* ``genotype.png`` and ``alphas.png`` — the derived cell(s) and the α heatmaps;
+* ``checkpoints/<step>/`` — the full :class:`~dnas.search.SearchState` (orbax), written only
+  after every loss of the epoch was checked finite, so a diverged run never overwrites a
+  good checkpoint;
+* ``config.json`` — the resolved configuration of the run.
+"""
+from __future__ import annotations
+
+import dataclasses
+import datetime as _dt
+import json
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+
+from dnas.data import Dataset, augment_batch, darts_split, epoch_batches, load_dataset, num_batches
+from dnas.search import Hyper, NonFiniteLossError, SearchState, Searcher, check_finite, make_searcher
+from dnas.supernet.genotype import genotype_to_json, save_genotype
+
+
+@dataclasses.dataclass
+class SearchConfig:
+    """Everything that defines a search run (the CLI flags map one to one)."""
+
+    space: str = "nb201"
+    relaxation: str = "darts"
+    dataset: str | None = None            # None: the embedded digits
+    epochs: int = 30
+    batch_size: int = 64
+    seed: int = 0
+    out: str | None = None                # None: runs/<timestamp>
+    devices: int = 1
+    limit_examples: int | None = None
+    max_steps: int | None = None          # cap on the total number of search steps
+    space_options: dict = dataclasses.field(default_factory=dict)
+    relaxation_options: dict = dataclasses.field(default_factory=dict)
+    hyper: Hyper = dataclasses.field(default_factory=Hyper)
+    augment: bool = True
+    log_every: int = 10
+    checkpoint_every: int = 1             # epochs
+    data_dir: str | None = None           # tfds data dir
+    progress: bool = True
+
+
+def default_out_dir() -> Path:
+    return Path("runs") / _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+
+
+def _to_host(tree):
+    return jax.tree_util.tree_map(np.asarray, jax.device_get(tree))
+
+
+class _MetricsLog:
+    def __init__(self, path: Path):
+        self.path = path
+        self.f = open(path, "a", encoding="utf-8")
+
+    def write(self, record: dict) -> None:
+        self.f.write(json.dumps(record, allow_nan=True) + "\n")
+        self.f.flush()
+
+    def close(self) -> None:
+        self.f.close()
+
+
+def _augment_settings(data: Dataset) -> tuple[int, bool]:
+    """DARTS's CIFAR augmentation (pad 4 and crop, flip) scaled to the image size; digits
+    are not mirror-symmetric, so no flip for them."""
+    h = data.image_shape[0]
+    return max(1, h // 8), data.name != "digits"
+
+
+def save_checkpoint(ckpt_dir: Path, state: SearchState, step: int, max_to_keep: int = 2) -> Path:
+    """Save the (host, unreplicated) search state with orbax under ``ckpt_dir/<step>``."""
+    import orbax.checkpoint as ocp
+
+    mgr = ocp.CheckpointManager(ckpt_dir.resolve(), options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep,
+                                                                                        create=True))
+    mgr.save(int(step), args=ocp.args.StandardSave(_to_host(state._asdict())), force=True)
+    mgr.wait_until_finished()
+    mgr.close()
+    return ckpt_dir / str(int(step))
+
+
+def restore_checkpoint(ckpt_dir: str | os.PathLike, template: SearchState, step: int | None = None) -> SearchState:
+    """Restore a :class:`SearchState` saved by :func:`save_checkpoint` (latest step by default)."""
+    import orbax.checkpoint as ocp
+
+    mgr = ocp.CheckpointManager(Path(ckpt_dir).resolve())
+    step = mgr.latest_step() if step is None else step
+    if step is None:
+        raise FileNotFoundError(f"no checkpoint found in {ckpt_dir}")
+    restored = mgr.restore(step, args=ocp.args.StandardRestore(_to_host(template._asdict())))
+    mgr.close()
+    return SearchState(**restored)
+
+
+def write_alphas(path: Path, searcher: Searcher, state: SearchState) -> dict:
+    """The final architecture parameters and probabilities, per group and choice point."""
+    arch = _to_host(searcher.unreplicate(state).arch)
+    probs = searcher.probs(state)
+    scores = jax.device_get(searcher.relax.derive_scores(searcher.unreplicate(state).arch))
+    space = searcher.space
+    out: dict[str, Any] = {"space": space.name, "relaxation": searcher.relax.name,
+                           "op_names": list(space.op_names), "groups": {}}
+    for g in sorted(space.groups):
+        labels = space.choice_point_names(g)
+        out["groups"][g] = {
+            "choice_points": labels,
+            "alpha": np.asarray(arch[g]).tolist() if g in arch else None,
+            "probs": np.asarray(probs[g]).tolist(),
+            "scores": np.asarray(scores[g]).tolist(),
+        }
+    extra = {k: np.asarray(v).tolist() for k, v in arch.items() if k not in space.groups}
+    if extra:
+        out["extra_parameters"] = extra
+    path.write_text(json.dumps(out, indent=2) + "\n", encoding="utf-8")
+    return out
+
+
+def run_search(cfg: SearchConfig) -> dict:
+    """Run a search and write its outputs; returns a summary dict (also ``summary.json``)."""
+    t_start = time.perf_counter()
+    out = Path(cfg.out) if cfg.out else default_out_dir()
+    out.mkdir(parents=True, exist_ok=True)
+    if cfg.devices < 1 or cfg.devices > jax.local_device_count():
+        raise ValueError(f"--devices {cfg.devices}: this process sees {jax.local_device_count()} "
+                         f"{jax.default_backend()} device(s)")
+    if cfg.batch_size % cfg.devices:
+        raise ValueError(f"batch size {cfg.batch_size} is not divisible by {cfg.devices} devices")
+
+    data = load_dataset(cfg.dataset, limit_examples=cfg.limit_examples, seed=cfg.seed, data_dir=cfg.data_dir)
+    (wx, wy), (ax, ay) = darts_split(data.train_x, data.train_y, seed=cfg.seed)
+    steps_per_epoch = min(num_batches(len(wy), cfg.batch_size), num_batches(len(ay), cfg.batch_size))
+    if steps_per_epoch < 1:
+        raise ValueError(f"batch size {cfg.batch_size} is larger than each half of the training split "
+                         f"({len(wy)} / {len(ay)} examples): lower --batch-size or raise --limit-examples")
+    total = steps_per_epoch * cfg.epochs
+    if cfg.max_steps is not None:
+        total = min(total, int(cfg.max_steps))
+    epochs = math.ceil(total / steps_per_epoch)
+
+    opts = {"in_channels": data.image_shape[-1], "num_classes": data.num_classes, **cfg.space_options}
+    searcher = make_searcher(cfg.space, cfg.relaxation, space_options=opts,
+                             relaxation_options=cfg.relaxation_options, hyper=cfg.hyper,
+                             total_steps=total, num_devices=cfg.devices)
+    resolved = dataclasses.asdict(cfg)
+    resolved.update(out=str(out), space_options=searcher.space.describe(), total_steps=total,
+                    steps_per_epoch=steps_per_epoch, dataset_name=data.name,
+                    num_weight_examples=int(len(wy)), num_arch_examples=int(len(ay)),
+                    backend=jax.default_backend(), jax_version=jax.__version__)
+    (out / "config.json").write_text(json.dumps(resolved, indent=2, default=str) + "\n", encoding="utf-8")
+
+    state = searcher.replicate(searcher.init(jax.random.PRNGKey(cfg.seed)))
+    step_fn = searcher.compiled_step(donate=True)
+    pad, flip = _augment_settings(data)
+    aug = jax.jit(augment_batch, static_argnames=("pad", "flip"))
+    aug_key = jax.random.fold_in(jax.random.PRNGKey(cfg.seed), 0xA06)
+
+    log = _MetricsLog(out / "metrics.jsonl")
+    bar = None
+    if cfg.progress:
+        from tqdm.auto import tqdm
+        bar = tqdm(total=total, desc=f"search {cfg.space}/{cfg.relaxation}", unit="step", dynamic_ncols=True)
+    step = 0
+    compile_s = None
+    try:
+        for epoch in range(epochs):
+            t_epoch = time.perf_counter()
+            meter = _EpochMeter(log, epoch, bar)
+            w_iter = epoch_batches(wx, wy, cfg.batch_size, seed=cfg.seed, epoch=epoch)
+            a_iter = epoch_batches(ax, ay, cfg.batch_size, seed=cfg.seed + 1_000_003, epoch=epoch)
+            for (xt, yt), (xv, yv) in zip(w_iter, a_iter):
+                if step >= total:
+                    break
+                if cfg.augment:
+                    kt, kv = jax.random.split(jax.random.fold_in(aug_key, step))
+                    xt, xv = np.asarray(aug(kt, xt, pad=pad, flip=flip)), np.asarray(aug(kv, xv, pad=pad, flip=flip))
+                t0 = time.perf_counter()
+                state, metrics = step_fn(state, searcher.shard((xt, yt.astype(np.int32))),
+                                         searcher.shard((xv, yv.astype(np.int32))))
+                if compile_s is None:
+                    jax.block_until_ready(metrics)
+                    compile_s = time.perf_counter() - t0
+                step += 1
+                meter.add(step, metrics)
+                if step % cfg.log_every == 0 or step == total:
+                    meter.flush()
+                if bar is not None:
+                    bar.update(1)
+            epoch_record = {"kind": "epoch", "step": step, "epoch": epoch, **meter.means(),
+                            "epoch_time_s": time.perf_counter() - t_epoch}
+            log.write(epoch_record)
+            if (epoch + 1) % cfg.checkpoint_every == 0 or step >= total:
+                save_checkpoint(out / "checkpoints", searcher.unreplicate(state), step)
+    finally:
+        if bar is not None:
+            bar.close()
+        log.close()
+
+    genotype = searcher.derive(state)
+    wall = time.perf_counter() - t_start
+    save_genotype(genotype, out / "genotype.json",
+                  extra={"relaxation": cfg.relaxation, "dataset": data.name, "seed": cfg.seed,
+                         "epochs": epochs, "steps": step, "devices": cfg.devices})
+    alphas = write_alphas(out / "alphas.json", searcher, state)
+    _plots(out, genotype, alphas, searcher)
+    summary = {"out": str(out), "genotype": genotype_to_json(genotype), "steps": step, "epochs": epochs,
+               "wall_time_s": wall, "compile_s": compile_s, "devices": cfg.devices,
+               "final": _last_epoch(out / "metrics.jsonl")}
+    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+    return summary
+
+
+class _EpochMeter:
+    """Collects the step metrics (device arrays) of one epoch and fetches them in batches.
+
+    Fetching only every ``log_every`` steps keeps the host from blocking the device each
+    step; every fetched loss is checked finite before anything is logged or checkpointed.
+    """
+
+    def __init__(self, log: _MetricsLog, epoch: int, bar=None):
+        self.log, self.epoch, self.bar = log, epoch, bar
+        self.pending: list[tuple[int, dict]] = []
+        self.sums: dict[str, float] = {}
+        self.n = 0
+
+    def add(self, step: int, metrics: dict) -> None:
+        self.pending.append((step, metrics))
+
+    def flush(self) -> None:
+        if not self.pending:
+            return
+        host = jax.device_get([m for _, m in self.pending])
+        rows = [{k: float(np.asarray(v).reshape(-1)[0]) for k, v in m.items()} for m in host]
+        for (s, _), m in zip(self.pending, rows):
+            check_finite(m, s)
+            for k, v in m.items():
+                self.sums[k] = self.sums.get(k, 0.0) + v
+            self.n += 1
+        last_step, last = self.pending[-1][0], rows[-1]
+        self.log.write({"kind": "step", "step": last_step, "epoch": self.epoch, **last})
+        if self.bar is not None:
+            self.bar.set_postfix(loss=f"{last['train_loss']:.3f}", val_acc=f"{last['val_acc']:.3f}",
+                                 H=f"{last['entropy']:.3f}")
+        self.pending.clear()
+
+    def means(self) -> dict:
+        self.flush()
+        return {k: v / max(self.n, 1) for k, v in self.sums.items()}
+
+
+def _last_epoch(path: Path) -> dict:
+    last = {}
+    for line in path.read_text(encoding="utf-8").splitlines():
+        rec = json.loads(line)
+        if rec.get("kind") == "epoch":
+            last = rec
+    return last
+
+
+def _plots(out: Path, genotype, alphas: dict, searcher: Searcher) -> None:
+    from dnas.supernet.plot import plot_alphas, plot_genotype
+
+    plot_genotype(genotype, out / "genotype.png")
+    probs = {g: np.asarray(v["probs"]) for g, v in alphas["groups"].items()}
+    plot_alphas(probs, {g: list(searcher.space.op_names) for g in probs}, out / "alphas.png")
+
+
+__all__ = ["SearchConfig", "run_search", "save_checkpoint", "restore_checkpoint", "NonFiniteLossError"]

@@ -1,0 +1,143 @@
+"""The command line end to end: `dnas search` outputs, `dnas bench` JSON, clear errors."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+from PIL import Image
+
+from dnas.cli import build_parser, main
+from dnas.run import restore_checkpoint
+from dnas.search import make_searcher
+from dnas.supernet.genotype import load_genotype, nb201_string_to_ops
+
+TINY = ["--channels", "4", "--cells", "1", "--batch-size", "32", "--no-progress", "--seed", "3"]
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("run")
+    rc = main(["search", "--epochs", "2", "--limit-examples", "256", "--log-every", "2", "--out", str(out)] + TINY)
+    assert rc == 0
+    return out
+
+
+def test_search_writes_every_output(tiny_run):
+    out = tiny_run
+    for name in ("genotype.json", "alphas.json", "metrics.jsonl", "genotype.png", "alphas.png", "config.json",
+                 "summary.json"):
+        assert (out / name).is_file() and (out / name).stat().st_size > 0, name
+    g = json.loads((out / "genotype.json").read_text())
+    assert g["space"] == "nb201"
+    assert len(nb201_string_to_ops(g["arch"])) == 6
+    assert load_genotype(out / "genotype.json").arch == g["arch"]
+    with Image.open(out / "genotype.png") as im:
+        assert im.size[0] > 100 and im.size[1] > 100
+
+
+def test_metrics_records(tiny_run):
+    records = [json.loads(line) for line in (tiny_run / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in records if r["kind"] == "step"]
+    epochs = [r for r in records if r["kind"] == "epoch"]
+    assert [r["epoch"] for r in epochs] == [0, 1]
+    # 256 examples -> 128/128 halves -> 4 steps of 32 per epoch, a step record every 2 steps
+    assert [r["step"] for r in steps] == [2, 4, 6, 8]
+    for r in steps + epochs:
+        for key in ("step", "epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "entropy"):
+            assert key in r and np.isfinite(r[key]), key
+        assert 0.0 <= r["train_acc"] <= 1.0 and 0.0 < r["entropy"] <= np.log(5) + 1e-6
+    assert steps[0]["lr"] > steps[-1]["lr"]  # cosine decay
+
+
+def test_alphas_json_matches_checkpoint_and_genotype(tiny_run):
+    alphas = json.loads((tiny_run / "alphas.json").read_text())
+    assert alphas["op_names"] == ["none", "skip_connect", "nor_conv_1x1", "nor_conv_3x3", "avg_pool_3x3"]
+    cell = alphas["groups"]["cell"]
+    assert cell["choice_points"][0] == "0->1" and np.asarray(cell["alpha"]).shape == (6, 5)
+    np.testing.assert_allclose(np.asarray(cell["probs"]).sum(-1), 1.0, rtol=1e-5)
+    # the checkpoint holds the same α as alphas.json, and deriving from it gives genotype.json
+    s = make_searcher("nb201", space_options=dict(channels=4, cells_per_stage=1, in_channels=1, num_classes=10))
+    state = restore_checkpoint(tiny_run / "checkpoints", s.init(jax.random.PRNGKey(0)))
+    assert int(state.step) == 8
+    np.testing.assert_allclose(np.asarray(state.arch["cell"]), np.asarray(cell["alpha"]), rtol=1e-6)
+    g = json.loads((tiny_run / "genotype.json").read_text())
+    assert s.derive(state).arch == g["arch"]
+
+
+def test_same_seed_same_architecture(tiny_run, tmp_path):
+    rc = main(["search", "--epochs", "2", "--limit-examples", "256", "--log-every", "2", "--out", str(tmp_path)] + TINY)
+    assert rc == 0
+    a = json.loads((tiny_run / "alphas.json").read_text())["groups"]["cell"]["alpha"]
+    b = json.loads((tmp_path / "alphas.json").read_text())["groups"]["cell"]["alpha"]
+    assert a == b
+    assert (json.loads((tiny_run / "genotype.json").read_text())["arch"]
+            == json.loads((tmp_path / "genotype.json").read_text())["arch"])
+
+
+def test_search_on_image_folder_darts_space(tmp_path):
+    """The DARTS space end to end on an image folder (PNG files, 3 classes); one cell keeps
+    the compile short (the 3-cell supernet with reduction cells is covered in test_spaces)."""
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 24), ("test", 4)):
+        for c in ("a", "b", "c"):
+            d = tmp_path / "data" / split / c
+            d.mkdir(parents=True)
+            for i in range(n):
+                Image.fromarray(rng.integers(0, 255, (8, 8, 3), dtype=np.uint8)).save(d / f"{i}.png")
+    out = tmp_path / "out"
+    rc = main(["search", "--space", "darts", "--dataset", str(tmp_path / "data"), "--channels", "2", "--cells", "1",
+               "--batch-size", "12", "--epochs", "1", "--max-steps", "2", "--no-progress", "--out", str(out)])
+    assert rc == 0
+    g = json.loads((out / "genotype.json").read_text())
+    assert g["space"] == "darts" and len(g["normal"]) == 8 and len(g["reduce"]) == 8
+    assert g["normal_concat"] == [2, 3, 4, 5]
+    assert all(op != "none" for op, _ in g["normal"] + g["reduce"])
+    alphas = json.loads((out / "alphas.json").read_text())
+    assert sorted(alphas["groups"]) == ["normal", "reduce"]
+
+
+def test_search_nan_loss_is_a_clear_error_and_writes_no_checkpoint(tmp_path, capsys):
+    rc = main(["search", "--epochs", "1", "--limit-examples", "128", "--w-lr", "1e30", "--out", str(tmp_path)] + TINY)
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert "is nan at step" in err or "is inf at step" in err
+    assert not (tmp_path / "checkpoints").exists()
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--dataset", "{tmp}/nowhere"], "nowhere"),
+    (["--relaxation", "magic"], "unknown relaxation 'magic'"),
+    (["--batch-size", "5000"], "batch size 5000"),
+])
+def test_search_bad_input_is_a_clear_error(tmp_path, capsys, args, message):
+    args = [a.replace("{tmp}", str(tmp_path)) for a in args]
+    rc = main(["search", "--epochs", "1", "--no-progress", "--out", str(tmp_path / "o")] + args)
+    assert rc == 2
+    assert message in capsys.readouterr().err
+
+
+def test_unknown_space_is_rejected_by_the_parser(capsys):
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["search", "--space", "resnet"])
+    assert "invalid choice: 'resnet'" in capsys.readouterr().err
+
+
+def test_help_lists_the_options():
+    text = build_parser()._subparsers._group_actions[0].choices["search"].format_help()
+    for flag in ("--space", "--relaxation", "--dataset", "--epochs", "--batch-size", "--seed", "--out",
+                 "--devices", "--limit-examples", "--max-steps"):
+        assert flag in text
+
+
+def test_bench_prints_one_json_object(capsys):
+    rc = main(["bench", "--space", "nb201", "--channels", "4", "--cells", "1", "--batch-size", "8",
+               "--image-size", "8", "--steps", "2"])
+    assert rc == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    for key in ("median_step_ms", "compile_s", "flops", "temp_bytes", "device_kind", "jax_version"):
+        assert key in result
+    assert result["median_step_ms"] > 0 and result["compile_s"] > 0
+    assert result["flops"] > 1e6 and result["temp_bytes"] > 0
