@@ -117,16 +117,15 @@ def write_alphas(path: Path, searcher: Searcher, state: SearchState) -> dict:
     out: dict[str, Any] = {"space": space.name, "relaxation": searcher.relax.name,
                            "op_names": list(space.op_names), "groups": {}}
     for g in sorted(space.groups):
-        labels = space.choice_point_names(g)
+        alpha = arch.get(g) if isinstance(arch.get(g), np.ndarray) else arch.get("alpha", {}).get(g)
         out["groups"][g] = {
-            "choice_points": labels,
-            "alpha": np.asarray(arch[g]).tolist() if g in arch else None,
+            "choice_points": space.choice_point_names(g),
+            "alpha": None if alpha is None else np.asarray(alpha).tolist(),
             "probs": np.asarray(probs[g]).tolist(),
             "scores": np.asarray(scores[g]).tolist(),
         }
-    extra = {k: np.asarray(v).tolist() for k, v in arch.items() if k not in space.groups}
-    if extra:
-        out["extra_parameters"] = extra
+    if set(arch) != set(space.groups):  # relaxations with more parameters (PC-DARTS's β, ...)
+        out["parameters"] = jax.tree_util.tree_map(lambda a: np.asarray(a).tolist(), arch)
     path.write_text(json.dumps(out, indent=2) + "\n", encoding="utf-8")
     return out
 

@@ -247,6 +247,9 @@ def check_finite(metrics: dict, step: int) -> None:
 def make_searcher(space: str, relaxation: str = "darts", *, space_options: dict | None = None,
                   relaxation_options: dict | None = None, hyper: Hyper = Hyper(),
                   total_steps: int = 1, num_devices: int = 1) -> Searcher:
-    return Searcher(build_space(space, **(space_options or {})),
-                    get_relaxation(relaxation, **(relaxation_options or {})),
-                    hyper, total_steps, num_devices)
+    space_options = dict(space_options or {})
+    built = build_space(space, **space_options)
+    relax = get_relaxation(relaxation, space=built, **(relaxation_options or {}))
+    if relax.partial_channels != 1:  # the space's candidate ops see 1/K of the channels
+        built = build_space(space, **{**space_options, "partial_channels": relax.partial_channels})
+    return Searcher(built, relax, hyper, total_steps, num_devices)

@@ -33,7 +33,8 @@ def _logits_and_grads(space, x, arch_seed=1):
 
 @pytest.mark.parametrize("name,opts,groups", [
     ("nb201", dict(channels=4, cells_per_stage=2, num_classes=7, in_channels=1), {"cell": (6, 5)}),
-    ("darts", dict(channels=4, layers=3, num_classes=7, in_channels=1), {"normal": (14, 8), "reduce": (14, 8)}),
+    pytest.param("darts", dict(channels=4, layers=3, num_classes=7, in_channels=1),
+                 {"normal": (14, 8), "reduce": (14, 8)}, marks=pytest.mark.slow),  # ~75 s of compiling
 ])
 def test_supernet_shapes_and_unroll_equivalence(name, opts, groups):
     """Logits, BN statistics and gradients are the same whether the loops over edges and cells

@@ -5,13 +5,19 @@ To add one: write ``dnas/relaxations/<name>.py`` with a function returning a
 """
 from __future__ import annotations
 
+import inspect
 from typing import Callable
 
 from dnas.relaxations.base import Relaxation, dense_mix, entropy, init_alpha
 from dnas.relaxations.darts import darts
+from dnas.relaxations.gumbel import gdas, snas
+from dnas.relaxations.pc_darts import pc_darts
 
 REGISTRY: dict[str, Callable[..., Relaxation]] = {
     "darts": darts,
+    "gdas": gdas,
+    "snas": snas,
+    "pc_darts": pc_darts,
 }
 
 
@@ -19,10 +25,21 @@ class UnknownRelaxationError(ValueError):
     pass
 
 
-def get_relaxation(name: str, **options) -> Relaxation:
+def get_relaxation(name: str, space=None, **options) -> Relaxation:
+    """Build relaxation ``name`` with ``options``; ``space`` is passed to factories that take it."""
     if name not in REGISTRY:
         raise UnknownRelaxationError(f"unknown relaxation {name!r}; available: {', '.join(sorted(REGISTRY))}")
-    return REGISTRY[name](**options)
+    factory = REGISTRY[name]
+    params = inspect.signature(factory).parameters
+    bad = sorted(set(options) - set(params) - {"space"})
+    if bad:
+        raise ValueError(f"relaxation {name!r} has no option(s) {bad}; options: "
+                         f"{sorted(p for p in params if p != 'space')}")
+    if "space" in params:
+        if space is None:
+            raise ValueError(f"relaxation {name!r} needs the search space (get_relaxation(..., space=...))")
+        options["space"] = space
+    return factory(**options)
 
 
 __all__ = ["Relaxation", "REGISTRY", "get_relaxation", "dense_mix", "entropy", "init_alpha", "UnknownRelaxationError"]

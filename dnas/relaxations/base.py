@@ -34,6 +34,14 @@ hypergradients, checkpointing and logging only ever call these functions:
 
 ``penalty(arch, progress) -> scalar``
     An extra term of the architecture objective (0 for most; FairDARTS's zero-one loss).
+
+``partial_channels`` (an int, default 1)
+    The space builds each choice point's candidate ops for ``1/partial_channels`` of its
+    channels; ``mix`` still receives the full input and decides what bypasses the ops
+    (PC-DARTS).
+
+A factory in the registry may take a ``space`` argument: it then receives the search space
+(for structure such as :meth:`~dnas.supernet.spaces.SearchSpace.choice_point_nodes`).
 """
 from __future__ import annotations
 
@@ -54,6 +62,7 @@ class Relaxation(NamedTuple):
     probs: Callable[[Arch], dict]
     scores: Callable[[Arch], dict] | None = None
     penalty: Callable[[Arch, jax.Array], jax.Array] | None = None
+    partial_channels: int = 1
 
     def derive_scores(self, arch):
         return (self.scores or self.probs)(arch)

@@ -51,8 +51,19 @@ class SearchSpace:
         """Labels of a group's choice points (rows of its α), e.g. ``"0->1"`` for an edge."""
         return [str(i) for i in range(self.groups[group][0])]
 
+    def choice_point_nodes(self, group: str) -> list[int]:
+        """The node each choice point feeds (edges into the same node share a node id)."""
+        return list(range(self.groups[group][0]))
+
     def describe(self) -> dict:
         return {"space": self.name, **dataclasses.asdict(self.config)}
+
+
+def _check_partial(widths, k: int) -> int:
+    """Validate a partial-channel factor (PC-DARTS) against the widths of the mixed edges."""
+    if k < 1 or any(w % k for w in widths):
+        raise ValueError(f"partial_channels={k} must divide every cell width {sorted(set(widths))}")
+    return k
 
 
 # ------------------------------------------------------------------------------ NAS-Bench-201
@@ -69,6 +80,7 @@ class NB201Config:
     impl: str | None = None
     affine: bool = False
     unroll: bool | None = None
+    partial_channels: int = 1
 
 
 def _resnet_block(c_in: int, c_out: int, stride: int) -> L.Layer:
@@ -101,7 +113,8 @@ class NB201Space(SearchSpace):
         self.groups = {"cell": (len(NB201_EDGES), len(NB201_OPS))}
         self.widths = (c.channels, 2 * c.channels, 4 * c.channels)
         self.stem = L.sequential(L.conv(c.in_channels, c.channels, 3, 1, 1), L.batchnorm(c.channels, True))
-        self.mixed = [MixedOp(candidate_ops("nb201", NB201_OPS, w, 1, c.affine, c.impl)) for w in self.widths]
+        k = _check_partial(self.widths, c.partial_channels)
+        self.mixed = [MixedOp(candidate_ops("nb201", NB201_OPS, w // k, 1, c.affine, c.impl)) for w in self.widths]
         self.reductions = [_resnet_block(self.widths[i], self.widths[i + 1], 2) for i in range(2)]
         self.head_bn = L.batchnorm(self.widths[-1], True)
         self.classifier = L.dense(self.widths[-1], c.num_classes)
@@ -150,6 +163,9 @@ class NB201Space(SearchSpace):
     def choice_point_names(self, group):
         return [f"{s}->{d}" for s, d in NB201_EDGES]
 
+    def choice_point_nodes(self, group):
+        return [d for _, d in NB201_EDGES]
+
     def derive(self, scores):
         return parse_nb201(derive_nb201(jnp.asarray(scores["cell"])))
 
@@ -170,6 +186,7 @@ class DartsConfig:
     impl: str | None = None
     affine: bool = False
     unroll: bool | None = None
+    partial_channels: int = 1
 
 
 _DARTS_IN = [e for e, (s, _) in enumerate(DARTS_EDGES) if s < 2]     # edges reading the cell inputs
@@ -179,14 +196,14 @@ _DARTS_INNER = [e for e, (s, _) in enumerate(DARTS_EDGES) if s >= 2]  # edges be
 class _DartsCell:
     """A DARTS search cell: preprocess both inputs, run its 14 mixed edges, concat 4 nodes."""
 
-    def __init__(self, c_pp, c_p, c, reduction, reduction_prev, impl, affine, unroll):
+    def __init__(self, c_pp, c_p, c, reduction, reduction_prev, impl, affine, unroll, k=1):
         self.reduction, self.unroll = reduction, unroll
         stride = 2 if reduction else 1
         self.pre0 = (L.factorized_reduce(c_pp, c, False) if reduction_prev
                      else L.relu_conv_bn(c_pp, c, 1, 1, 0, affine=False))
         self.pre1 = L.relu_conv_bn(c_p, c, 1, 1, 0, affine=False)
-        self.mixed_in = MixedOp(candidate_ops("darts", DARTS_OPS, c, stride, affine, impl))
-        self.mixed_inner = MixedOp(candidate_ops("darts", DARTS_OPS, c, 1, affine, impl))
+        self.mixed_in = MixedOp(candidate_ops("darts", DARTS_OPS, c // k, stride, affine, impl))
+        self.mixed_inner = MixedOp(candidate_ops("darts", DARTS_OPS, c // k, 1, affine, impl))
         self.signature = (c_pp, c_p, c, reduction, reduction_prev)
 
     def init(self, key):
@@ -234,9 +251,10 @@ class DartsSpace(SearchSpace):
             if reduction:
                 c_curr *= 2
             self.cells.append(_DartsCell(c_pp, c_p, c_curr, reduction, reduction_prev, cfg.impl, cfg.affine,
-                                         self.unroll))
+                                         self.unroll, cfg.partial_channels))
             reduction_prev = reduction
             c_pp, c_p = c_p, 4 * c_curr
+        _check_partial([c.signature[2] for c in self.cells], cfg.partial_channels)
         self.classifier = L.dense(c_p, cfg.num_classes)
         # runs of consecutive cells with identical structure are scanned (traced once)
         self.runs: list[list[int]] = []
@@ -283,6 +301,9 @@ class DartsSpace(SearchSpace):
 
     def choice_point_names(self, group):
         return [f"{s}->{d}" for s, d in DARTS_EDGES]
+
+    def choice_point_nodes(self, group):
+        return [d for _, d in DARTS_EDGES]
 
     def derive(self, scores):
         return derive_darts(jnp.asarray(scores["normal"]), jnp.asarray(scores["reduce"]))

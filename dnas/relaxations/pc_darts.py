@@ -1,0 +1,89 @@
+"""PC-DARTS: partial channel connections and edge normalisation (Xu et al., ICLR 2020).
+
+* **Partial channels** (Sec. 3.2, eq. 2): on each edge only the first ``C/K`` channels go
+  through the softmax-weighted mixed op; the other ``(K-1)C/K`` bypass it (max-pooled 2x2 on a
+  reduction edge so the shapes agree), the two parts are concatenated and the channels
+  shuffled with ``K`` groups, so that a different subset is sampled by the next edge. The
+  candidate ops are built at ``C/K`` channels (the space reads ``partial_channels``), which is
+  where the memory saving comes from.
+* **Edge normalisation** (Sec. 3.3, eq. 4): every edge ``(i, j)`` gets a parameter ``β_ij``;
+  the edges entering node ``j`` are weighted by ``softmax_i(β_ij)``. The edge weight multiplies
+  the op weights, and derivation ranks ``edge weight × op weight``.
+
+With ``K=1`` every channel goes through the ops, and with ``edge_norm=False`` the relaxation is
+exactly DARTS.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from dnas.relaxations.base import Relaxation, init_alpha
+
+
+def channel_shuffle(x: jax.Array, groups: int) -> jax.Array:
+    """ShuffleNet's channel shuffle of an NHWC tensor: channel ``g·(C/groups) + i`` moves to
+    ``i·groups + g``."""
+    if groups == 1:
+        return x
+    *lead, c = x.shape
+    return x.reshape(*lead, groups, c // groups).swapaxes(-1, -2).reshape(*lead, c)
+
+
+def _bypass(x: jax.Array, out_hw: tuple[int, int]) -> jax.Array:
+    """The bypassed channels, max-pooled 2x2/2 on a reduction edge (padded to the op's size)."""
+    if x.shape[1:3] == tuple(out_hw):
+        return x
+    ph, pw = 2 * out_hw[0] - x.shape[1], 2 * out_hw[1] - x.shape[2]
+    return lax.reduce_window(x, -jnp.inf, lax.max, (1, 2, 2, 1), (1, 2, 2, 1),
+                             ((0, 0), (0, ph), (0, pw), (0, 0)))
+
+
+def partial_mix(k: int):
+    def mix(weights, candidates, x):
+        c = x.shape[-1]
+        if c % k:
+            raise ValueError(f"PC-DARTS: {c} channels are not divisible by K={k}")
+        part, rest = x[..., : c // k], x[..., c // k:]
+        outs, state = candidates.all(part)
+        y = sum(w * o for w, o in zip(weights, outs))
+        if k == 1:
+            return y, state
+        return channel_shuffle(jnp.concatenate([y, _bypass(rest, y.shape[1:3])], axis=-1), k), state
+    return mix
+
+
+def pc_darts(space, k: int = 4, edge_norm: bool = True) -> Relaxation:
+    """``space`` supplies the destination node of every edge (``space.choice_point_nodes``)."""
+    nodes = {g: np.asarray(space.choice_point_nodes(g), np.int32) for g in space.groups}
+
+    def init(key, groups):
+        alpha = init_alpha(key, groups)
+        return {"alpha": alpha, "beta": {g: 1e-3 * jax.random.normal(jax.random.fold_in(key, 7), (n,))
+                                         for g, (n, _) in sorted(groups.items())}}
+
+    def edge_weights(arch):
+        """softmax of β over the edges entering the same node (1 everywhere without edge_norm)."""
+        out = {}
+        for g, beta in arch["beta"].items():
+            if not edge_norm:
+                out[g] = jnp.ones_like(beta)
+                continue
+            seg, n = nodes[g], int(nodes[g].max()) + 1
+            m = jax.ops.segment_max(beta, seg, num_segments=n)
+            e = jnp.exp(beta - m[seg])
+            out[g] = e / jax.ops.segment_sum(e, seg, num_segments=n)[seg]
+        return out
+
+    def probs(arch):
+        return {g: jax.nn.softmax(a, axis=-1) for g, a in arch["alpha"].items()}
+
+    def weights(arch):
+        p, e = probs(arch), edge_weights(arch)
+        return {g: p[g] * e[g][:, None] for g in p}
+
+    return Relaxation(name="pc_darts", init=init, sample=lambda arch, key, progress: weights(arch),
+                      mix=partial_mix(k), eval_sample=weights, probs=probs, scores=weights,
+                      partial_channels=k)
