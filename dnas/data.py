@@ -10,7 +10,7 @@ with the training split's mean and standard deviation (see :class:`Dataset`).
 * an existing directory -- an image folder ``PATH/train/<class>/*.{jpg,jpeg,png}`` with an
   optional ``PATH/test/<class>/...``.
 * any other name -- a dataset already prepared in a local tensorflow-datasets data dir
-  (optional dependency, ``pip install 'dnas[tfds]'``; never downloads anything).
+  (tensorflow-datasets is a dependency; TensorFlow is not needed; never downloads anything).
 
 :func:`darts_split` halves a training split for DARTS-style bilevel search,
 :func:`epoch_batches` yields deterministic minibatches and :func:`augment_batch` is the
@@ -453,11 +453,11 @@ def _load_tfds(name: str, data_dir_arg: Any, limit: int | None, seed: int) -> Da
     treated = (f"{name!r} is neither 'digits' nor an existing directory, so it was treated as "
                "a tensorflow-datasets name")
     try:
-        import tensorflow_datasets as tfds  # optional dependency
+        import tensorflow_datasets as tfds
     except ImportError as e:
         raise DatasetError(
             f"{treated}, but tensorflow-datasets is not installed ({e}). Install it with "
-            "pip install 'dnas[tfds]', or pass an image folder (PATH/train/<class>/*.jpg) "
+            "pip install tensorflow-datasets, or pass an image folder (PATH/train/<class>/*.jpg) "
             "or 'digits'.") from e
     except Exception as e:  # a broken installation (e.g. incompatible protobuf)
         raise DatasetError(f"{treated}, but importing tensorflow_datasets failed: "

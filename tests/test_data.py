@@ -565,9 +565,9 @@ def test_tfds_not_installed(monkeypatch, tmp_path, no_network):
     with pytest.raises(DatasetError) as err:
         load_dataset("cifar10")
     msg = str(err.value)
-    assert "pip install 'dnas[tfds]'" in msg
+    assert "pip install tensorflow-datasets" in msg
     assert "'cifar10'" in msg and "treated as a tensorflow-datasets name" in msg
-    with pytest.raises(DatasetError, match=r"'digitz'.*dnas\[tfds\]"):
+    with pytest.raises(DatasetError, match=r"'digitz'.*pip install tensorflow-datasets"):
         load_dataset("digitz")  # a typo is explained the same way
 
 
