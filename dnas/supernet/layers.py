@@ -23,6 +23,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from dnas.supernet.branch_conv import conv2d as branch_conv2d
+
 Params = Any
 State = Any
 
@@ -33,11 +35,15 @@ class Ctx(NamedTuple):
     ``train``: BatchNorm uses batch statistics (and returns updated running statistics) when
     true, running statistics when false. ``axis_name``: when set (inside ``pmap``), BatchNorm
     averages its batch statistics over that device axis (synchronised BN), so a data-parallel
-    step computes exactly what one device computes on the global batch.
+    step computes exactly what one device computes on the global batch. ``branch``: true
+    while evaluating inside a ``lax.switch`` branch (a sampled op); convolutions then use
+    :func:`dnas.supernet.branch_conv.conv2d`, whose backward pass stays fast inside control
+    flow on XLA:CPU.
     """
 
     train: bool = True
     axis_name: str | None = None
+    branch: bool = False
 
 
 class Layer(NamedTuple):
@@ -115,7 +121,9 @@ def _he_normal(key, shape, fan_in):
     return jax.random.normal(key, shape, jnp.float32) * math.sqrt(2.0 / fan_in)
 
 
-def _conv(x, w, stride, padding, dilation, groups=1):
+def _conv(x, w, stride, padding, dilation, groups=1, branch=False):
+    if branch and groups == 1:
+        return branch_conv2d(x, w, stride, padding, dilation)
     return lax.conv_general_dilated(
         x, w, (stride, stride), ((padding, padding), (padding, padding)),
         rhs_dilation=(dilation, dilation), dimension_numbers=("NHWC", "HWIO", "NHWC"),
@@ -145,7 +153,7 @@ def conv(c_in: int, c_out: int, kernel: int, stride: int = 1, padding: int | Non
         return p, ()
 
     def apply(p, s, x, ctx):
-        y = _conv(x, p["w"], stride, padding, dilation)
+        y = _conv(x, p["w"], stride, padding, dilation, branch=ctx.branch)
         if bias:
             y = y + p["b"]
         return y, s
@@ -176,9 +184,9 @@ def separable_conv(c_in: int, c_out: int, kernel: int, stride: int = 1,
     def apply(p, s, x, ctx):
         if impl_r == "native":
             y = _conv(x, p["dw"], stride, padding, dilation, groups=c_in)
-            return _conv(y, p["pw"], 1, 0, 1), s
+            return _conv(y, p["pw"], 1, 0, 1, branch=ctx.branch), s
         fused = p["dw"][:, :, 0, :, None] * p["pw"][0, 0][None, None]
-        return _conv(x, fused, stride, padding, dilation), s
+        return _conv(x, fused, stride, padding, dilation, branch=ctx.branch), s
 
     return Layer(init, apply)
 

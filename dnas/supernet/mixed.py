@@ -50,10 +50,11 @@ class Candidates:
         ``state`` lets a relaxation thread the state through several calls (two sampled paths).
         """
         state = self.state if state is None else state
+        ctx = self.ctx._replace(branch=True)
 
         def branch(i):
             def run(x):
-                y, s = self.layers[i].apply(self.params[i], state[i], x, self.ctx)
+                y, s = self.layers[i].apply(self.params[i], state[i], x, ctx)
                 return y, state[:i] + (s,) + state[i + 1:]
             return run
 
