@@ -14,6 +14,8 @@ DEFAULT_SPACE_OPTIONS = {
     # the default `dnas search`: a real but short NAS-Bench-201 search on the embedded digits
     "nb201": {"channels": 16, "cells": 2},
     "darts": {"channels": 8, "cells": 5},
+    # ProxylessNAS mobile supernet scaled down for small images on a CPU
+    "chain": {"width_mult": 0.25, "cells": 2, "stem_stride": 1},
 }
 
 
@@ -25,13 +27,15 @@ def _positive(x: str) -> int:
 
 
 def _space_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--space", choices=["nb201", "darts"], default="nb201",
-                   help="search space: NAS-Bench-201 cell (6 edges x 5 ops) or DARTS CNN cells (14 edges x 8 ops)")
+    p.add_argument("--space", choices=["nb201", "darts", "chain"], default="nb201",
+                   help="search space: NAS-Bench-201 cell (6 edges x 5 ops), DARTS CNN cells (14 edges x 8 ops) "
+                        "or the ProxylessNAS/MobileNetV2 chain (MBConv k3/5/7 x e3/6 + zero per block)")
     p.add_argument("--relaxation", default="darts", help="relaxation of the architecture choice (default: darts)")
     p.add_argument("--channels", type=_positive, default=None,
                    help="initial channels C of the supernet (search default: 16 for nb201, 8 for darts; bench: 16)")
     p.add_argument("--cells", type=_positive, default=None,
-                   help="nb201: cells per stage (N); darts: number of cells (layers)")
+                   help="nb201: cells per stage (N); darts: number of cells (layers); chain: max blocks per stage")
+    p.add_argument("--width-mult", type=float, default=None, help="chain: width multiplier (1.0 = ProxylessNAS mobile)")
     p.add_argument("--conv-impl", choices=["auto", "native", "dense"], default="auto",
                    help="depthwise convolution formulation; auto = dense on CPU, native on GPU/TPU")
     p.add_argument("--devices", type=_positive, default=1,
@@ -39,6 +43,17 @@ def _space_args(p: argparse.ArgumentParser) -> None:
 
 
 def _space_options(args, defaults: dict) -> dict:
+    if args.space == "chain":
+        from dnas.supernet.chain import ChainConfig
+        if args.channels:
+            raise SystemExit("dnas: --channels does not apply to the chain space; use --width-mult")
+        opts = {k: v for k, v in defaults.items() if k not in ("cells", "channels")}
+        if args.width_mult:
+            opts["width_mult"] = args.width_mult
+        cells = args.cells or defaults.get("cells")
+        if cells is not None:
+            opts["stage_depths"] = tuple(min(d, cells) for d in ChainConfig.stage_depths)
+        return opts
     opts = {"channels": args.channels or defaults.get("channels")}
     cells = args.cells or defaults.get("cells")
     if cells is not None:
@@ -126,7 +141,8 @@ def _cmd_bench(args) -> int:
 
     result = run_bench(args.space, args.relaxation, batch_size=args.batch_size, image_size=args.image_size,
                        in_channels=args.in_channels, num_classes=args.num_classes,
-                       space_options=_space_options(args, {"channels": 16}), steps=args.steps,
+                       space_options=_space_options(args, DEFAULT_SPACE_OPTIONS["chain"] if args.space == "chain"
+                                                    else {"channels": 16}), steps=args.steps,
                        warmup=args.warmup, num_devices=args.devices, seed=args.seed)
     print(json.dumps(result))
     return 0

@@ -119,6 +119,7 @@ def write_alphas(path: Path, searcher: Searcher, state: SearchState) -> dict:
     for g in sorted(space.groups):
         alpha = arch.get(g) if isinstance(arch.get(g), np.ndarray) else arch.get("alpha", {}).get(g)
         out["groups"][g] = {
+            "op_names": list(space.group_op_names(g)),
             "choice_points": space.choice_point_names(g),
             "alpha": None if alpha is None else np.asarray(alpha).tolist(),
             "probs": np.asarray(probs[g]).tolist(),
@@ -276,7 +277,7 @@ def _plots(out: Path, genotype, alphas: dict, searcher: Searcher) -> None:
 
     plot_genotype(genotype, out / "genotype.png")
     probs = {g: np.asarray(v["probs"]) for g, v in alphas["groups"].items()}
-    plot_alphas(probs, {g: list(searcher.space.op_names) for g in probs}, out / "alphas.png")
+    plot_alphas(probs, {g: list(searcher.space.group_op_names(g)) for g in probs}, out / "alphas.png")
 
 
 __all__ = ["SearchConfig", "run_search", "save_checkpoint", "restore_checkpoint", "NonFiniteLossError"]

@@ -10,14 +10,18 @@ from typing import Callable
 
 from dnas.relaxations.base import Relaxation, dense_mix, entropy, init_alpha
 from dnas.relaxations.darts import darts
+from dnas.relaxations.drnas import drnas
 from dnas.relaxations.gumbel import gdas, snas
 from dnas.relaxations.pc_darts import pc_darts
+from dnas.relaxations.proxyless import proxyless
 
 REGISTRY: dict[str, Callable[..., Relaxation]] = {
     "darts": darts,
     "gdas": gdas,
     "snas": snas,
     "pc_darts": pc_darts,
+    "drnas": drnas,
+    "proxyless": proxyless,
 }
 
 

@@ -141,19 +141,22 @@ def identity() -> Layer:
 
 
 def conv(c_in: int, c_out: int, kernel: int, stride: int = 1, padding: int | None = None,
-         dilation: int = 1, bias: bool = False) -> Layer:
-    """Dense 2-D convolution, HWIO kernel, He-normal init (fan-in)."""
+         dilation: int = 1, bias: bool = False, groups: int = 1) -> Layer:
+    """2-D convolution, HWIO kernel, He-normal init (fan-in); ``groups`` > 1 is a grouped
+    (``groups == c_in``: depthwise) convolution."""
     padding = dilation * (kernel - 1) // 2 if padding is None else padding
+    if c_in % groups or c_out % groups:
+        raise ValueError(f"conv: groups={groups} must divide c_in={c_in} and c_out={c_out}")
 
     def init(key):
         kw, _ = jax.random.split(key)
-        p = {"w": _he_normal(kw, (kernel, kernel, c_in, c_out), kernel * kernel * c_in)}
+        p = {"w": _he_normal(kw, (kernel, kernel, c_in // groups, c_out), kernel * kernel * c_in // groups)}
         if bias:
             p["b"] = jnp.zeros((c_out,), jnp.float32)
         return p, ()
 
     def apply(p, s, x, ctx):
-        y = _conv(x, p["w"], stride, padding, dilation, branch=ctx.branch)
+        y = _conv(x, p["w"], stride, padding, dilation, groups=groups, branch=ctx.branch)
         if bias:
             y = y + p["b"]
         return y, s

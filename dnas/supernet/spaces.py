@@ -27,36 +27,7 @@ from dnas.supernet.genotype import (DARTS_EDGES, DARTS_OPS, NB201_EDGES, NB201_O
                                     derive_darts, derive_nb201, parse_nb201)
 from dnas.supernet.mixed import MixedOp, scan_edges, take_edges
 from dnas.supernet.ops import candidate_ops
-
-
-class UnknownSpaceError(ValueError):
-    """A search-space name that is not registered."""
-
-
-class SearchSpace:
-    name: str
-    op_names: tuple[str, ...]
-    groups: dict[str, tuple[int, int]]
-
-    def init(self, key):  # pragma: no cover - interface
-        raise NotImplementedError
-
-    def apply(self, params, state, x, samples, mix, ctx):  # pragma: no cover - interface
-        raise NotImplementedError
-
-    def derive(self, scores: dict[str, Any]):  # pragma: no cover - interface
-        raise NotImplementedError
-
-    def choice_point_names(self, group: str) -> list[str]:
-        """Labels of a group's choice points (rows of its α), e.g. ``"0->1"`` for an edge."""
-        return [str(i) for i in range(self.groups[group][0])]
-
-    def choice_point_nodes(self, group: str) -> list[int]:
-        """The node each choice point feeds (edges into the same node share a node id)."""
-        return list(range(self.groups[group][0]))
-
-    def describe(self) -> dict:
-        return {"space": self.name, **dataclasses.asdict(self.config)}
+from dnas.supernet.space_base import SearchSpace, UnknownSpaceError  # noqa: F401 (re-exported)
 
 
 def _check_partial(widths, k: int) -> int:
@@ -311,7 +282,10 @@ class DartsSpace(SearchSpace):
 
 # ------------------------------------------------------------------------------ registry
 
-SPACES = {"nb201": (NB201Space, NB201Config), "darts": (DartsSpace, DartsConfig)}
+from dnas.supernet.chain import ChainConfig, ChainSpace  # noqa: E402
+
+SPACES = {"nb201": (NB201Space, NB201Config), "darts": (DartsSpace, DartsConfig),
+          "chain": (ChainSpace, ChainConfig)}
 
 
 def build_space(name: str, **options) -> SearchSpace:

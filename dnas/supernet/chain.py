@@ -1,0 +1,146 @@
+"""The ProxylessNAS / MobileNetV2-style chain space (Cai, Zhu & Han, ICLR 2019, Sec. 4 / Fig. 4).
+
+A fixed stem (3x3 conv, stride 2, 32 channels; an MBConv with expansion 1 and kernel 3 to 16
+channels), then stages of searchable MBConv blocks (widths 24/40/80/96/192/320, depths
+4/4/4/4/4/1, first-block strides 2/2/2/1/2/1), a 1x1 conv to 1280 channels, global pooling
+and the classifier. Each searchable block chooses among MBConv with kernel {3, 5, 7} x
+expansion {3, 6} (``mb_k{k}_e{e}``); a block that keeps its shape (stride 1, same width)
+has a residual connection and may also choose ``zero`` (the block is skipped).
+
+The two kinds of block are two groups of choice points, so every relaxation works on plain
+matrices: ``reshape`` (first block of a stage, 6 ops) and ``keep`` (7 ops, ``zero`` last).
+``width_mult``, the stage depths and the input size scale it down to search on 32x32 data on
+a CPU; the defaults are the ProxylessNAS mobile supernet at 224x224, which the published
+Pixel-1 latency table covers block by block.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+from dnas.supernet import layers as L
+from dnas.supernet.genotype import ChainGenotype, derive_chain
+from dnas.supernet.mixed import MixedOp
+from dnas.supernet.space_base import SearchSpace
+
+MB_OPS = ("mb_k3_e3", "mb_k3_e6", "mb_k5_e3", "mb_k5_e6", "mb_k7_e3", "mb_k7_e6")
+KEEP_OPS = MB_OPS + ("zero",)
+
+
+def make_divisible(v: float, divisor: int = 8) -> int:
+    """Round a channel count to a multiple of ``divisor`` (MobileNetV2's rule, never -10 %)."""
+    new = max(divisor, int(v + divisor / 2) // divisor * divisor)
+    return new + divisor if new < 0.9 * v else new
+
+
+def _conv_bn(c_in, c_out, kernel, stride, groups=1, act=True) -> L.Layer:
+    conv = L.conv(c_in, c_out, kernel, stride, groups=groups)
+    bn = L.batchnorm(c_out, True)
+
+    def init(key):
+        (pc, _), (pb, sb) = conv.init(key), bn.init(None)
+        return {"conv": pc, "bn": pb}, sb
+
+    def apply(p, s, x, ctx):
+        y, _ = conv.apply(p["conv"], (), x, ctx)
+        y, s = bn.apply(p["bn"], s, y, ctx)
+        return (jnp.clip(y, 0.0, 6.0) if act else y), s
+
+    return L.Layer(init, apply)
+
+
+def mbconv(c_in: int, c_out: int, kernel: int, stride: int, expand: int) -> L.Layer:
+    """Inverted residual body (Sandler et al. 2018): 1x1 expand, depthwise kxk, 1x1 project,
+    BN after each, ReLU6 after the first two (no expansion conv when ``expand == 1``)."""
+    mid = c_in * expand
+    parts = ([] if expand == 1 else [_conv_bn(c_in, mid, 1, 1)]) + [
+        _conv_bn(mid, mid, kernel, stride, groups=mid), _conv_bn(mid, c_out, 1, 1, act=False)]
+    return L.sequential(*parts)
+
+
+def chain_op(name: str, c_in: int, c_out: int, stride: int) -> L.Layer:
+    """One candidate of a chain block: ``mb_k{3,5,7}_e{3,6}`` or ``zero``."""
+    if name not in KEEP_OPS:
+        from dnas.supernet.ops import UnknownOpError
+        raise UnknownOpError(f"unknown chain operation {name!r}; valid operations are: {', '.join(KEEP_OPS)}")
+    if name == "zero":
+        return L.zero(stride)
+    _, k, e = name.split("_")
+    return mbconv(c_in, c_out, int(k[1:]), stride, int(e[1:]))
+
+
+@dataclasses.dataclass(frozen=True)
+class ChainConfig:
+    num_classes: int = 1000
+    in_channels: int = 3
+    width_mult: float = 1.0
+    stem_channels: int = 32
+    first_channels: int = 16
+    stage_widths: tuple = (24, 40, 80, 96, 192, 320)
+    stage_depths: tuple = (4, 4, 4, 4, 4, 1)
+    stage_strides: tuple = (2, 2, 2, 1, 2, 1)
+    stem_stride: int = 2
+    last_channels: int = 1280
+    impl: str | None = None       # accepted for a uniform interface; depthwise convs are native
+    unroll: bool | None = None    # the chain is always a Python loop (every block differs)
+
+
+class ChainSpace(SearchSpace):
+    name = "chain"
+    op_names = KEEP_OPS
+
+    def __init__(self, config: ChainConfig = ChainConfig()):
+        self.config = c = config
+        w = lambda ch: make_divisible(ch * c.width_mult)  # noqa: E731
+        self.stem = L.sequential(_conv_bn(c.in_channels, w(c.stem_channels), 3, c.stem_stride),
+                                 mbconv(w(c.stem_channels), w(c.first_channels), 3, 1, 1))
+        self.blocks = []   # (group, index in group, c_in, c_out, stride)
+        c_in, counts = w(c.first_channels), {"reshape": 0, "keep": 0}
+        for width, depth, stride in zip(c.stage_widths, c.stage_depths, c.stage_strides):
+            for i in range(depth):
+                s = stride if i == 0 else 1
+                group = "keep" if (s == 1 and c_in == w(width)) else "reshape"
+                self.blocks.append((group, counts[group], c_in, w(width), s))
+                counts[group] += 1
+                c_in = w(width)
+        self.groups = {g: (n, len(MB_OPS) + (g == "keep")) for g, n in counts.items() if n}
+        self.mixed = [MixedOp([chain_op(o, ci, co, s) for o in self.group_op_names(g)])
+                      for g, _, ci, co, s in self.blocks]
+        self.head = _conv_bn(c_in, w(c.last_channels) if c.width_mult > 1 else c.last_channels, 1, 1)
+        self.classifier = L.dense(w(c.last_channels) if c.width_mult > 1 else c.last_channels, c.num_classes)
+
+    def group_op_names(self, group: str) -> tuple[str, ...]:
+        return KEEP_OPS if group == "keep" else MB_OPS
+
+    def choice_point_names(self, group: str) -> list[str]:
+        return [f"block{b}" for b, (g, *_rest) in enumerate(self.blocks) if g == group]
+
+    def init(self, key):
+        keys = jax.random.split(key, len(self.blocks) + 3)
+        params, state = {}, {}
+        params["stem"], state["stem"] = self.stem.init(keys[0])
+        inits = [m.init(k) for m, k in zip(self.mixed, keys[1:])]
+        params["blocks"], state["blocks"] = [p for p, _ in inits], [s for _, s in inits]
+        params["head"], state["head"] = self.head.init(keys[-2])
+        params["classifier"], _ = self.classifier.init(keys[-1])
+        return params, state
+
+    def apply(self, params, state, x, samples, mix, ctx):
+        new_state = {}
+        x, new_state["stem"] = self.stem.apply(params["stem"], state["stem"], x, ctx)
+        block_states = []
+        for b, (group, i, _, _, _) in enumerate(self.blocks):
+            smp = jax.tree_util.tree_map(lambda a: a[i], samples[group])
+            y, s = self.mixed[b].apply(params["blocks"][b], state["blocks"][b], x, smp, mix, ctx)
+            x = x + y if group == "keep" else y
+            block_states.append(s)
+        new_state["blocks"] = block_states
+        x, new_state["head"] = self.head.apply(params["head"], state["head"], x, ctx)
+        logits, _ = self.classifier.apply(params["classifier"], (), jnp.mean(x, axis=(1, 2)), ctx)
+        return logits, new_state
+
+    def derive(self, scores) -> ChainGenotype:
+        per_group = {g: derive_chain(jnp.asarray(scores[g]), self.group_op_names(g)) for g in self.groups}
+        return ChainGenotype(tuple(per_group[g][i] for g, i, *_ in self.blocks))

@@ -1,0 +1,39 @@
+"""The interface every search space implements (see :mod:`dnas.supernet.spaces`)."""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+
+class UnknownSpaceError(ValueError):
+    """A search-space name that is not registered."""
+
+
+class SearchSpace:
+    name: str
+    op_names: tuple[str, ...]
+    groups: dict[str, tuple[int, int]]
+
+    def init(self, key):  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def apply(self, params, state, x, samples, mix, ctx):  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def derive(self, scores: dict[str, Any]):  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def group_op_names(self, group: str) -> tuple[str, ...]:
+        """The candidate ops of a group's choice points (the columns of its α)."""
+        return tuple(self.op_names)
+
+    def choice_point_names(self, group: str) -> list[str]:
+        """Labels of a group's choice points (rows of its α), e.g. ``"0->1"`` for an edge."""
+        return [str(i) for i in range(self.groups[group][0])]
+
+    def choice_point_nodes(self, group: str) -> list[int]:
+        """The node each choice point feeds (edges into the same node share a node id)."""
+        return list(range(self.groups[group][0]))
+
+    def describe(self) -> dict:
+        return {"space": self.name, **dataclasses.asdict(self.config)}
