@@ -39,7 +39,7 @@ def _space_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--conv-impl", choices=["auto", "native", "dense"], default="auto",
                    help="depthwise convolution formulation; auto = dense on CPU, native on GPU/TPU")
     p.add_argument("--devices", type=_positive, default=1,
-                   help="data-parallel devices (pmap); on a CPU-only machine this many host devices are simulated")
+                   help="data-parallel devices (state replicated, batch split); on a CPU-only machine this many host devices are simulated")
 
 
 def _space_options(args, defaults: dict) -> dict:

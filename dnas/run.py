@@ -84,7 +84,7 @@ def _augment_settings(data: Dataset) -> tuple[int, bool]:
 
 
 def save_checkpoint(ckpt_dir: Path, state: SearchState, step: int, max_to_keep: int = 2) -> Path:
-    """Save the (host, unreplicated) search state with orbax under ``ckpt_dir/<step>``."""
+    """Save the search state (copied to the host) with orbax under ``ckpt_dir/<step>``."""
     import orbax.checkpoint as ocp
 
     mgr = ocp.CheckpointManager(ckpt_dir.resolve(), options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep,
@@ -110,9 +110,9 @@ def restore_checkpoint(ckpt_dir: str | os.PathLike, template: SearchState, step:
 
 def write_alphas(path: Path, searcher: Searcher, state: SearchState) -> dict:
     """The final architecture parameters and probabilities, per group and choice point."""
-    arch = _to_host(searcher.unreplicate(state).arch)
+    arch = _to_host(state.arch)
     probs = searcher.probs(state)
-    scores = jax.device_get(searcher.relax.derive_scores(searcher.unreplicate(state).arch))
+    scores = jax.device_get(searcher.relax.derive_scores(state.arch))
     space = searcher.space
     out: dict[str, Any] = {"space": space.name, "relaxation": searcher.relax.name,
                            "op_names": list(space.op_names), "groups": {}}
@@ -144,6 +144,7 @@ def run_search(cfg: SearchConfig) -> dict:
 
     data = load_dataset(cfg.dataset, limit_examples=cfg.limit_examples, seed=cfg.seed, data_dir=cfg.data_dir)
     (wx, wy), (ax, ay) = darts_split(data.train_x, data.train_y, seed=cfg.seed)
+    wy, ay = wy.astype(np.int32), ay.astype(np.int32)
     steps_per_epoch = min(num_batches(len(wy), cfg.batch_size), num_batches(len(ay), cfg.batch_size))
     if steps_per_epoch < 1:
         raise ValueError(f"batch size {cfg.batch_size} is larger than each half of the training split "
@@ -177,6 +178,7 @@ def run_search(cfg: SearchConfig) -> dict:
         bar = tqdm(total=total, desc=f"search {cfg.space}/{cfg.relaxation}", unit="step", dynamic_ncols=True)
     step = 0
     compile_s = None
+    epoch_record: dict = {}
     try:
         for epoch in range(epochs):
             t_epoch = time.perf_counter()
@@ -186,12 +188,11 @@ def run_search(cfg: SearchConfig) -> dict:
             for (xt, yt), (xv, yv) in zip(w_iter, a_iter):
                 if step >= total:
                     break
-                if cfg.augment:
+                if cfg.augment:  # on the device; the step consumes the arrays where they are
                     kt, kv = jax.random.split(jax.random.fold_in(aug_key, step))
-                    xt, xv = np.asarray(aug(kt, xt, pad=pad, flip=flip)), np.asarray(aug(kv, xv, pad=pad, flip=flip))
+                    xt, xv = aug(kt, xt, pad=pad, flip=flip), aug(kv, xv, pad=pad, flip=flip)
                 t0 = time.perf_counter()
-                state, metrics = step_fn(state, searcher.shard((xt, yt.astype(np.int32))),
-                                         searcher.shard((xv, yv.astype(np.int32))))
+                state, metrics = step_fn(state, searcher.shard((xt, yt)), searcher.shard((xv, yv)))
                 if compile_s is None:
                     jax.block_until_ready(metrics)
                     compile_s = time.perf_counter() - t0
@@ -205,7 +206,7 @@ def run_search(cfg: SearchConfig) -> dict:
                             "epoch_time_s": time.perf_counter() - t_epoch}
             log.write(epoch_record)
             if (epoch + 1) % cfg.checkpoint_every == 0 or step >= total:
-                save_checkpoint(out / "checkpoints", searcher.unreplicate(state), step)
+                save_checkpoint(out / "checkpoints", state, step)
     finally:
         if bar is not None:
             bar.close()
@@ -220,7 +221,7 @@ def run_search(cfg: SearchConfig) -> dict:
     _plots(out, genotype, alphas, searcher)
     summary = {"out": str(out), "genotype": genotype_to_json(genotype), "steps": step, "epochs": epochs,
                "wall_time_s": wall, "compile_s": compile_s, "devices": cfg.devices,
-               "final": _last_epoch(out / "metrics.jsonl")}
+               "final": epoch_record}
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
     return summary
 
@@ -245,7 +246,7 @@ class _EpochMeter:
         if not self.pending:
             return
         host = jax.device_get([m for _, m in self.pending])
-        rows = [{k: float(np.asarray(v).reshape(-1)[0]) for k, v in m.items()} for m in host]
+        rows = [{k: float(v) for k, v in m.items()} for m in host]
         for (s, _), m in zip(self.pending, rows):
             check_finite(m, s)
             for k, v in m.items():
@@ -261,15 +262,6 @@ class _EpochMeter:
     def means(self) -> dict:
         self.flush()
         return {k: v / max(self.n, 1) for k, v in self.sums.items()}
-
-
-def _last_epoch(path: Path) -> dict:
-    last = {}
-    for line in path.read_text(encoding="utf-8").splitlines():
-        rec = json.loads(line)
-        if rec.get("kind") == "epoch":
-            last = rec
-    return last
 
 
 def _plots(out: Path, genotype, alphas: dict, searcher: Searcher) -> None:

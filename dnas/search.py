@@ -15,8 +15,9 @@ With ``num_devices > 1`` the step runs data parallel (``jit`` of ``shard_map``, 
 ``jax.pmap`` itself is built on since JAX 0.8): every device holds the same replicated state
 and PRNG key, takes its shard of the global batch, BatchNorm statistics are synchronised over
 devices and the losses are averaged with ``lax.pmean`` (so their gradients are the global-batch
-gradients) before the identical optimizer updates, so α and the weights are the same on every device and equal the single-device step on the
-global batch up to float reassociation.
+gradients) before the identical optimizer updates, so α and the weights are the same on every
+device and equal the single-device step on the global batch up to float reassociation. The replicated state is a set of global arrays: read
+it (``device_get``, checkpointing) as if it lived on one device.
 """
 from __future__ import annotations
 
@@ -213,10 +214,6 @@ class Searcher:
             return state
         return jax.device_put(state, NamedSharding(self.mesh, P()))
 
-    def unreplicate(self, state):
-        """The state as one logical copy (replicated global arrays already are)."""
-        return state
-
     def shard(self, batch):
         """Split a global batch ``(x, y)`` over the devices along its leading axis."""
         if self.num_devices == 1:
@@ -228,16 +225,16 @@ class Searcher:
         return jax.device_put(batch, NamedSharding(self.mesh, P(AXIS)))
 
     def probs(self, state: SearchState) -> dict:
-        return jax.device_get(self.relax.probs(self.unreplicate(state).arch))
+        return jax.device_get(self.relax.probs(state.arch))
 
     def derive(self, state: SearchState):
-        return self.space.derive(jax.device_get(self.relax.derive_scores(self.unreplicate(state).arch)))
+        return self.space.derive(jax.device_get(self.relax.derive_scores(state.arch)))
 
 
 def check_finite(metrics: dict, step: int) -> None:
     """Raise :class:`NonFiniteLossError` naming the step if a loss is NaN/inf."""
     for k in ("train_loss", "val_loss"):
-        v = float(np.asarray(metrics[k]).reshape(-1)[0])
+        v = float(metrics[k])
         if not math.isfinite(v):
             raise NonFiniteLossError(
                 f"{k} is {v} at step {step}: the search diverged (try a lower learning rate "

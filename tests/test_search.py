@@ -133,8 +133,8 @@ def test_pmap_8_devices_equals_1_device(digits):
     for d in range(1, 8):
         np.testing.assert_array_equal(shards[d], shards[0])
     np.testing.assert_allclose(shards[0], np.asarray(one.arch["cell"]), atol=1e-5, rtol=0)
-    for u, v in zip(jax.tree_util.tree_leaves(s8.unreplicate(eight).params), jax.tree_util.tree_leaves(one.params)):
+    for u, v in zip(jax.tree_util.tree_leaves(eight.params), jax.tree_util.tree_leaves(one.params)):
         np.testing.assert_allclose(np.asarray(u), np.asarray(v), atol=1e-5, rtol=1e-4)
-    for u, v in zip(jax.tree_util.tree_leaves(s8.unreplicate(eight).batch_stats),
+    for u, v in zip(jax.tree_util.tree_leaves(eight.batch_stats),
                     jax.tree_util.tree_leaves(one.batch_stats)):
         np.testing.assert_allclose(np.asarray(u), np.asarray(v), atol=1e-5, rtol=1e-4)

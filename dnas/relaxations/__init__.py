@@ -8,7 +8,7 @@ from __future__ import annotations
 import inspect
 from typing import Callable
 
-from dnas.relaxations.base import Relaxation, dense_mix, entropy, init_alpha
+from dnas.relaxations.base import Relaxation, dense_mix, entropy, init_alpha, per_group, softmax_probs
 from dnas.relaxations.darts import darts
 from dnas.relaxations.drnas import drnas
 from dnas.relaxations.gumbel import gdas, snas

@@ -77,6 +77,18 @@ def init_alpha(key: jax.Array, groups: dict, scale: float = 1e-3) -> dict:
     return {g: scale * jax.random.normal(k, shape, jnp.float32) for k, (g, shape) in zip(keys, sorted(groups.items()))}
 
 
+def softmax_probs(arch: dict) -> dict:
+    """softmax(α) per choice point, for relaxations whose ``arch`` is ``{group: α}``."""
+    return {g: jax.nn.softmax(a, axis=-1) for g, a in arch.items()}
+
+
+def per_group(arch: dict, key: jax.Array, fn: Callable) -> dict:
+    """``{g: fn(arch[g], key_g)}`` with one independent key per group (sorted names), so a
+    sample does not depend on dict order."""
+    keys = jax.random.split(key, len(arch))
+    return {g: fn(arch[g], k) for k, g in zip(keys, sorted(arch))}
+
+
 def dense_mix(weights: jax.Array, candidates, x: jax.Array):
     """Σ_i w_i · op_i(x): every candidate evaluated (DARTS eq. 2, SNAS)."""
     outs, state = candidates.all(x)

@@ -4,21 +4,15 @@ Each choice point's output is ō(x) = Σ_o softmax(α)_o · o(x); every candidat
 """
 from __future__ import annotations
 
-import jax
-
-from dnas.relaxations.base import Relaxation, dense_mix, init_alpha
-
-
-def _softmax(arch):
-    return {g: jax.nn.softmax(a, axis=-1) for g, a in arch.items()}
+from dnas.relaxations.base import Relaxation, dense_mix, init_alpha, softmax_probs
 
 
 def darts() -> Relaxation:
     return Relaxation(
         name="darts",
         init=init_alpha,
-        sample=lambda arch, key, progress: _softmax(arch),
+        sample=lambda arch, key, progress: softmax_probs(arch),
         mix=dense_mix,
-        eval_sample=_softmax,
-        probs=_softmax,
+        eval_sample=softmax_probs,
+        probs=softmax_probs,
     )

@@ -29,7 +29,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from dnas.relaxations.base import Relaxation, dense_mix, init_alpha
+from dnas.relaxations.base import Relaxation, dense_mix, init_alpha, per_group
 
 _MIN_BETA = 1e-6  # keeps Dir(β) well defined if some α drifts very negative
 
@@ -54,8 +54,7 @@ def dirichlet_mean(arch: dict) -> dict:
 def sample_dirichlet(arch: dict, key: jax.Array, progress=None) -> dict:
     """θ ~ Dir(β) per choice point, one independent key per group (sorted names);
     reparameterised: gradients flow from θ to α. ``progress`` is unused (no schedule)."""
-    keys = jax.random.split(key, len(arch))
-    return {g: jax.random.dirichlet(k, concentration(arch[g])) for k, g in zip(keys, sorted(arch))}
+    return per_group(arch, key, lambda alpha, k: jax.random.dirichlet(k, concentration(alpha)))
 
 
 def anchor_penalty(arch: dict, reg_scale: float, anchor: float = 1.0) -> jax.Array:

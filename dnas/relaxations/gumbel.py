@@ -20,7 +20,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from dnas.relaxations.base import Relaxation, dense_mix, init_alpha
+from dnas.relaxations.base import Relaxation, dense_mix, init_alpha, per_group, softmax_probs
 
 _EPS = 1e-6
 
@@ -52,15 +52,6 @@ def straight_through(soft: jax.Array, index: jax.Array) -> jax.Array:
     return hard - jax.lax.stop_gradient(soft) + soft
 
 
-def _softmax(arch):
-    return {g: jax.nn.softmax(a, axis=-1) for g, a in arch.items()}
-
-
-def _per_group(arch, key, fn):
-    keys = jax.random.split(key, len(arch))
-    return {g: fn(arch[g], k) for k, g in zip(keys, sorted(arch))}
-
-
 def _sampled_mix(sample, candidates, x):
     y, state = candidates.one(sample["index"], x)
     return sample["weights"][sample["index"]].astype(y.dtype) * y, state
@@ -78,7 +69,7 @@ def gdas(tau_max: float = 10.0, tau_min: float = 0.1, sampled_only: bool = True)
             soft, logits = gumbel_softmax(alpha, k, tau(progress))
             index = jnp.argmax(logits, axis=-1)
             return {"weights": straight_through(soft, index), "index": index.astype(jnp.int32)}
-        return _per_group(arch, key, one)
+        return per_group(arch, key, one)
 
     def eval_sample(arch):
         def one(alpha):
@@ -88,14 +79,14 @@ def gdas(tau_max: float = 10.0, tau_min: float = 0.1, sampled_only: bool = True)
 
     return Relaxation(name="gdas", init=init_alpha, sample=sample,
                       mix=_sampled_mix if sampled_only else _hard_dense_mix,
-                      eval_sample=eval_sample, probs=_softmax)
+                      eval_sample=eval_sample, probs=softmax_probs)
 
 
 def snas(tau_max: float = 1.0, tau_min: float = 0.03) -> Relaxation:
     tau = geometric_tau(tau_max, tau_min)
 
     def sample(arch, key, progress):
-        return _per_group(arch, key, lambda alpha, k: gumbel_softmax(alpha, k, tau(progress))[0])
+        return per_group(arch, key, lambda alpha, k: gumbel_softmax(alpha, k, tau(progress))[0])
 
     return Relaxation(name="snas", init=init_alpha, sample=sample, mix=dense_mix,
-                      eval_sample=_softmax, probs=_softmax)
+                      eval_sample=softmax_probs, probs=softmax_probs)

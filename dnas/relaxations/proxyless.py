@@ -20,7 +20,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from dnas.relaxations.base import Relaxation, init_alpha
+from dnas.relaxations.base import Relaxation, init_alpha, per_group, softmax_probs
 from dnas.relaxations.gumbel import gumbel_noise
 
 
@@ -43,14 +43,9 @@ def _two_path_mix(sample, candidates, x):
     return g[0] * y0 + g[1] * y1, state
 
 
-def _softmax(arch):
-    return {g: jax.nn.softmax(a, axis=-1) for g, a in arch.items()}
-
-
 def proxyless() -> Relaxation:
     def sample(arch, key, progress):
-        keys = jax.random.split(key, len(arch))
-        return {g: _sample_group(arch[g], k) for k, g in zip(keys, sorted(arch))}
+        return per_group(arch, key, _sample_group)
 
     def eval_sample(arch):
         out = {}
@@ -61,4 +56,4 @@ def proxyless() -> Relaxation:
         return out
 
     return Relaxation(name="proxyless", init=init_alpha, sample=sample, mix=_two_path_mix,
-                      eval_sample=eval_sample, probs=_softmax)
+                      eval_sample=eval_sample, probs=softmax_probs)

@@ -7,8 +7,9 @@ function (see :mod:`dnas.relaxations.base`), which receives a :class:`Candidates
 ``i`` through ``lax.switch`` (GDAS, ProxylessNAS), so a sampled relaxation really skips the
 unsampled operations.
 
-Edges of equal shape are stacked and run by :func:`scan_edges` under ``lax.scan``, so one
-mixed op is traced once per group of edges instead of once per edge: this is what keeps the
+Edges of equal shape are stacked and run by :func:`scan_edges` under ``lax.scan`` (unrolled
+on CPU, see :func:`dnas.supernet.layers.scan`), so one mixed op is traced once per group of
+edges instead of once per edge: this is what keeps the
 compile time of a full supernet short.
 """
 from __future__ import annotations
@@ -17,9 +18,10 @@ from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
-from dnas.supernet.layers import Ctx, Layer, stack_trees
+from dnas.supernet.layers import Ctx, Layer, scan, stack_trees
 
 Mix = Callable[[Any, "Candidates", jax.Array], tuple[jax.Array, tuple]]
 
@@ -97,23 +99,12 @@ def scan_edges(mixed: MixedOp, params, state, samples, src: Sequence[int], dst: 
     an edge reads it). Returns the final buffer and the stacked new states.
     ``unroll=True`` unrolls the loop at trace time (see :func:`dnas.supernet.layers.unroll_loops`).
     """
-    if unroll:  # static indices, nodes kept as separate arrays (see the note below)
-        nodes = [out_buf[i] for i in range(out_buf.shape[0])]
-        inputs = None if in_buf is None else [in_buf[i] for i in range(in_buf.shape[0])]
-        states = []
-        for e, (si, di) in enumerate(zip(src, dst)):
-            p, s, smp = jax.tree_util.tree_map(lambda a: a[e], (params, state, samples))
-            y, s_new = mixed.apply(p, s, (nodes if inputs is None else inputs)[si], smp, mix, ctx)
-            nodes[di] = nodes[di] + y.astype(out_buf.dtype)
-            states.append(s_new)
-        return jnp.stack(nodes), stack_trees(states)
-    src = jnp.asarray(src, jnp.int32)
-    dst = jnp.asarray(dst, jnp.int32)
-
     def body(buf, xs):
         p, s, smp, si, di = xs
         x = (buf if in_buf is None else in_buf)[si]
         y, s_new = mixed.apply(p, s, x, smp, mix, ctx)
         return buf.at[di].add(y.astype(buf.dtype)), s_new
 
-    return lax.scan(body, out_buf, (params, state, samples, src, dst))
+    # numpy indices: unrolled, each edge reads and writes its nodes through static slices
+    edges = (params, state, samples, np.asarray(src, np.int32), np.asarray(dst, np.int32))
+    return scan(body, out_buf, edges, unroll)
