@@ -50,11 +50,13 @@ def run_bench(space: str = "nb201", relaxation: str = "darts", *, batch_size: in
               image_size: int = 32, in_channels: int = 3, num_classes: int = 10,
               space_options: dict | None = None, relaxation_options: dict | None = None,
               steps: int = 10, warmup: int = 2, num_devices: int = 1, seed: int = 0,
-              hyper: Hyper = Hyper()) -> dict[str, Any]:
+              hyper: Hyper = Hyper(), hypergrad: str = "first", hypergrad_options: dict | None = None,
+              tune=()) -> dict[str, Any]:
     """Compile and time the search step on random data of the given shape."""
     opts = {"in_channels": in_channels, "num_classes": num_classes, **(space_options or {})}
     searcher = make_searcher(space, relaxation, space_options=opts, relaxation_options=relaxation_options,
-                             hyper=hyper, total_steps=1000, num_devices=num_devices)
+                             hyper=hyper, total_steps=1000, num_devices=num_devices, hypergrad=hypergrad,
+                             hypergrad_options=hypergrad_options, tune=tune)
     rng = np.random.default_rng(seed)
 
     def batch():
@@ -78,7 +80,9 @@ def run_bench(space: str = "nb201", relaxation: str = "darts", *, batch_size: in
             times.append(time.perf_counter() - t0)
     dev = jax.devices()[0]
     return {
-        "space": space, "relaxation": relaxation, "batch_size": batch_size, "image_size": image_size,
+        "space": space, "relaxation": relaxation, "hypergrad": hypergrad,
+        "hypergrad_options": dict(hypergrad_options or {}), "tune": list(tune),
+        "batch_size": batch_size, "image_size": image_size,
         "space_config": searcher.space.describe(),
         "num_devices": num_devices, "median_step_ms": 1e3 * statistics.median(times),
         "min_step_ms": 1e3 * min(times), "steps_timed": len(times), "compile_s": compile_s,

@@ -42,6 +42,60 @@ def _space_args(p: argparse.ArgumentParser) -> None:
                    help="data-parallel devices (state replicated, batch split); on a CPU-only machine this many host devices are simulated")
 
 
+def _key_values(items: list[str] | None, flag: str) -> dict:
+    """``["k=v", ...]`` → ``{k: v}`` with ``v`` read as a number/bool where it is one."""
+    out = {}
+    for item in items or []:
+        if "=" not in item:
+            raise SystemExit(f"dnas: {flag} expects KEY=VALUE, got {item!r}")
+        k, v = item.split("=", 1)
+        try:
+            out[k.strip().replace("-", "_")] = json.loads(v)
+        except json.JSONDecodeError:
+            out[k.strip().replace("-", "_")] = v
+    return out
+
+
+def _hypergrad_args(p: argparse.ArgumentParser) -> None:
+    from dnas.hypergrad import ESTIMATORS  # light: no JAX device is touched at import
+
+    p.add_argument("--relaxation-option", action="append", metavar="KEY=VALUE",
+                   help="option of the relaxation factory, e.g. k=2 or edge_norm=false for pc_darts (repeatable)")
+    p.add_argument("--hypergrad", choices=list(ESTIMATORS), default="first",
+                   help="bilevel hypergradient: first order, DARTS 2nd order (exact HVP / finite difference), "
+                        "K unrolled steps, or implicit differentiation (CG / Neumann)")
+    p.add_argument("--unroll-steps", type=_positive, default=None, help="unrolled-k: inner steps K (default 2)")
+    p.add_argument("--cg-iters", type=_positive, default=None, help="implicit-cg: CG iterations (default 10)")
+    p.add_argument("--cg-damping", type=float, default=None, help="implicit-cg: damping δ of H + δI (default 1.0)")
+    p.add_argument("--neumann-terms", type=_positive, default=None, help="implicit-neumann: series terms (default 10)")
+    p.add_argument("--neumann-lr", type=float, default=None, help="implicit-neumann: step η of the series (default 0.01)")
+    p.add_argument("--tune", default="", help="comma list of weight-optimizer hyperparameters learnt as outer "
+                                              "variables (log scale): lr, wd")
+    p.add_argument("--hyper-lr", type=float, default=1e-2, help="Adam step size of the tuned log-hyperparameters")
+
+
+_HYPERGRAD_FLAGS = {"unroll_steps": ("unrolled-k", "steps"), "cg_iters": ("implicit-cg", "iters"),
+                    "cg_damping": ("implicit-cg", "damping"), "neumann_terms": ("implicit-neumann", "terms"),
+                    "neumann_lr": ("implicit-neumann", "lr")}
+
+
+def _hypergrad_options(args) -> dict:
+    opts = {}
+    for flag, (estimator, option) in _HYPERGRAD_FLAGS.items():
+        value = getattr(args, flag)
+        if value is None:
+            continue
+        if args.hypergrad != estimator:
+            raise SystemExit(f"dnas: --{flag.replace('_', '-')} applies to --hypergrad {estimator}, "
+                             f"not {args.hypergrad}")
+        opts[option] = value
+    return opts
+
+
+def _tune(args) -> tuple[str, ...]:
+    return tuple(t.strip() for t in args.tune.split(",") if t.strip())
+
+
 def _space_options(args, defaults: dict) -> dict:
     if args.space == "chain":
         from dnas.supernet.chain import ChainConfig
@@ -84,6 +138,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--w-lr", type=float, default=0.025, help="weight learning rate (cosine to --w-lr-min)")
     s.add_argument("--w-lr-min", type=float, default=0.001)
     s.add_argument("--a-lr", type=float, default=3e-4, help="architecture (Adam) learning rate")
+    s.add_argument("--w-wd", type=float, default=3e-4, help="weight decay of the weights")
+    _hypergrad_args(s)
     s.add_argument("--no-augment", action="store_true", help="disable random crop / flip")
     s.add_argument("--log-every", type=_positive, default=10, help="write a step record every N steps")
     s.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -98,6 +154,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--steps", type=_positive, default=5, help="timed steps after warm-up")
     b.add_argument("--warmup", type=int, default=1)
     b.add_argument("--seed", type=int, default=0)
+    _hypergrad_args(b)
     return parser
 
 
@@ -118,7 +175,10 @@ def _cmd_search(args) -> int:
         batch_size=args.batch_size, seed=args.seed, out=args.out, devices=args.devices,
         limit_examples=args.limit_examples, max_steps=args.max_steps,
         space_options=_space_options(args, DEFAULT_SPACE_OPTIONS[args.space]),
-        hyper=Hyper(w_lr=args.w_lr, w_lr_min=args.w_lr_min, a_lr=args.a_lr),
+        hyper=Hyper(w_lr=args.w_lr, w_lr_min=args.w_lr_min, a_lr=args.a_lr, w_weight_decay=args.w_wd,
+                    hyper_lr=args.hyper_lr),
+        relaxation_options=_key_values(args.relaxation_option, "--relaxation-option"),
+        hypergrad=args.hypergrad, hypergrad_options=_hypergrad_options(args), tune=_tune(args),
         augment=not args.no_augment, log_every=args.log_every, data_dir=args.data_dir,
         progress=not args.no_progress)
     try:
@@ -138,12 +198,16 @@ def _cmd_search(args) -> int:
 
 def _cmd_bench(args) -> int:
     from dnas.bench import run_bench
+    from dnas.search import Hyper
 
     result = run_bench(args.space, args.relaxation, batch_size=args.batch_size, image_size=args.image_size,
                        in_channels=args.in_channels, num_classes=args.num_classes,
                        space_options=_space_options(args, DEFAULT_SPACE_OPTIONS["chain"] if args.space == "chain"
                                                     else {"channels": 16}), steps=args.steps,
-                       warmup=args.warmup, num_devices=args.devices, seed=args.seed)
+                       warmup=args.warmup, num_devices=args.devices, seed=args.seed,
+                       relaxation_options=_key_values(args.relaxation_option, "--relaxation-option"),
+                       hypergrad=args.hypergrad, hypergrad_options=_hypergrad_options(args), tune=_tune(args),
+                       hyper=Hyper(hyper_lr=args.hyper_lr))
     print(json.dumps(result))
     return 0
 

@@ -95,6 +95,37 @@ class Dataset:
 # --------------------------------------------------------------------------------------
 
 
+def extract_image_subset(archive: str | os.PathLike, dest: str | os.PathLike, per_class: dict[str, int]) -> Path:
+    """Extract the first ``per_class[split]`` images of every class from a tar archive of an
+    image-folder tree (``[top/]<split>/<class>/<file>``, e.g. CIFAR-10 as JPEGs) into
+    ``dest/<split>/<class>/``, reading the archive once and stopping as soon as every known
+    class has enough. Returns ``dest``, ready for :func:`load_dataset`."""
+    import tarfile
+
+    dest = Path(dest)
+    got: dict[tuple[str, str], int] = {}
+    classes: set[str] = set()
+    with tarfile.open(archive, "r:*") as tar:
+        for m in tar:
+            if not m.isfile() or not m.name.lower().endswith(IMAGE_EXTENSIONS):
+                continue
+            parts = Path(m.name).parts
+            at = [i for i, p in enumerate(parts) if p in per_class]
+            if not at or len(parts) - at[0] != 3:
+                continue
+            split, cls, fname = parts[at[0]:]
+            classes.add(cls)
+            if got.get((split, cls), 0) >= per_class[split]:
+                if all(got.get((sp, c), 0) >= n for sp, n in per_class.items() for c in classes):
+                    break
+                continue
+            got[(split, cls)] = got.get((split, cls), 0) + 1
+            out = dest / split / cls / fname
+            out.parent.mkdir(parents=True, exist_ok=True)
+            out.write_bytes(tar.extractfile(m).read())
+    return dest
+
+
 def load_dataset(
     name_or_path: str | os.PathLike | None = None,
     *,

@@ -7,6 +7,8 @@
 * ``metrics.jsonl`` — one JSON object per logged step (``"kind": "step"``) and per epoch
   (``"kind": "epoch"``, means over the epoch);
 * ``genotype.png`` and ``alphas.png`` — the derived cell(s) and the α heatmaps;
+* ``hyperparams.png`` — the weight optimizer's learning rate and weight decay per logged step
+  (learnt ones marked "tuned");
 * ``checkpoints/<step>/`` — the full :class:`~dnas.search.SearchState` (orbax), written only
   after every loss of the epoch was checked finite, so a diverged run never overwrites a
   good checkpoint;
@@ -48,6 +50,9 @@ class SearchConfig:
     space_options: dict = dataclasses.field(default_factory=dict)
     relaxation_options: dict = dataclasses.field(default_factory=dict)
     hyper: Hyper = dataclasses.field(default_factory=Hyper)
+    hypergrad: str = "first"              # dnas.hypergrad estimator
+    hypergrad_options: dict = dataclasses.field(default_factory=dict)
+    tune: tuple = ()                      # hyperparameters learnt as outer variables: "lr", "wd"
     augment: bool = True
     log_every: int = 10
     checkpoint_every: int = 1             # epochs
@@ -157,7 +162,8 @@ def run_search(cfg: SearchConfig) -> dict:
     opts = {"in_channels": data.image_shape[-1], "num_classes": data.num_classes, **cfg.space_options}
     searcher = make_searcher(cfg.space, cfg.relaxation, space_options=opts,
                              relaxation_options=cfg.relaxation_options, hyper=cfg.hyper,
-                             total_steps=total, num_devices=cfg.devices)
+                             total_steps=total, num_devices=cfg.devices, hypergrad=cfg.hypergrad,
+                             hypergrad_options=cfg.hypergrad_options, tune=cfg.tune)
     resolved = dataclasses.asdict(cfg)
     resolved.update(out=str(out), space_options=searcher.space.describe(), total_steps=total,
                     steps_per_epoch=steps_per_epoch, dataset_name=data.name,
@@ -265,11 +271,12 @@ class _EpochMeter:
 
 
 def _plots(out: Path, genotype, alphas: dict, searcher: Searcher) -> None:
-    from dnas.supernet.plot import plot_alphas, plot_genotype
+    from dnas.supernet.plot import plot_alphas, plot_genotype, plot_hyperparams
 
     plot_genotype(genotype, out / "genotype.png")
     probs = {g: np.asarray(v["probs"]) for g, v in alphas["groups"].items()}
     plot_alphas(probs, {g: list(searcher.space.group_op_names(g)) for g in probs}, out / "alphas.png")
+    plot_hyperparams(out / "metrics.jsonl", out / "hyperparams.png", tuned=searcher.tune)
 
 
 __all__ = ["SearchConfig", "run_search", "save_checkpoint", "restore_checkpoint", "NonFiniteLossError"]

@@ -3,12 +3,15 @@
 The whole search state is one explicit pytree, :class:`SearchState`; one search step is one
 pure function ``step(state, train_batch, val_batch) -> (state, metrics)``:
 
-1. the architecture step: ``α ← α - ξ_α ∇_α L_val(w, α)`` on a batch of the architecture
-   half of the training split (first order: ``w`` is treated as a constant, DARTS eq. 6 with
-   ξ = 0), with Adam(3e-4, β=(0.5, 0.999)) and L2 weight decay 1e-3;
+1. the outer step: the hypergradient of ``L_val(w*(φ), φ)`` on a batch of the architecture
+   half of the training split, for the outer variables ``φ`` = α and the tuned
+   hyperparameters, by the chosen estimator of :mod:`dnas.hypergrad` (default ``first``:
+   ``w`` treated as a constant, DARTS eq. 6 with ξ = 0); α then takes an Adam(3e-4,
+   β=(0.5, 0.999)) step with L2 weight decay 1e-3, tuned hyperparameters (log learning rate,
+   log weight decay) an Adam step of their own (``hyper_lr``);
 2. the weight step: ``w ← w - ξ_w ∇_w L_train(w, α)`` on a batch of the weight half with
    the updated α, by SGD (momentum 0.9, cosine learning rate 0.025 → 0.001, weight decay
-   3e-4, gradient-norm clip 5).
+   3e-4, gradient-norm clip 5). A tuned learning rate is the base of the cosine schedule.
 
 How α becomes the mixed ops' weights is the relaxation's business (:mod:`dnas.relaxations`).
 With ``num_devices > 1`` the step runs data parallel (``jit`` of ``shard_map``, the form
@@ -32,6 +35,7 @@ import optax
 from jax import lax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from dnas.hypergrad import Bilevel, check_tunable, get_hypergrad
 from dnas.relaxations import Relaxation, entropy, get_relaxation
 from dnas.supernet.layers import Ctx
 from dnas.supernet.spaces import SearchSpace, build_space
@@ -51,6 +55,8 @@ class SearchState(NamedTuple):
     w_opt_state: Any         # weight optimizer state
     a_opt_state: Any         # architecture optimizer state
     key: jax.Array           # PRNG key (identical on every device)
+    hyper: Any = None        # {"log_lr", "log_wd"}: the weight optimizer's base lr and decay
+    h_opt_state: Any = None  # optimizer state of the tuned hyperparameters
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,18 +72,24 @@ class Hyper:
     a_beta1: float = 0.5
     a_beta2: float = 0.999
     a_weight_decay: float = 1e-3
+    hyper_lr: float = 1e-2        # Adam step size of tuned log-hyperparameters
 
 
 def weight_optimizer(h: Hyper, total_steps: int) -> tuple[optax.GradientTransformation, Callable]:
     """SGD with momentum, L2 weight decay, global-norm clipping and a cosine schedule.
 
     The order matches DARTS's PyTorch code: the gradient is clipped first, then the decay
-    term ``wd·w`` is added (``torch.optim.SGD(weight_decay=...)``), then momentum.
+    term ``wd·w`` is added (``torch.optim.SGD(weight_decay=...)``), then momentum. The
+    learning rate and weight decay are injected hyperparameters (``optax.inject_hyperparams``):
+    the search sets them in the optimizer state every step, as traced values, so they can be
+    outer variables of the bilevel problem. ``tx.update`` alone uses ``w_lr`` (constant).
     """
     schedule = optax.cosine_decay_schedule(h.w_lr, max(int(total_steps), 1), alpha=h.w_lr_min / h.w_lr)
-    tx = optax.chain(optax.clip_by_global_norm(h.w_grad_clip),
-                     optax.add_decayed_weights(h.w_weight_decay),
-                     optax.sgd(schedule, momentum=h.w_momentum))
+
+    def make(learning_rate, weight_decay):
+        return optax.chain(optax.clip_by_global_norm(h.w_grad_clip), optax.add_decayed_weights(weight_decay),
+                           optax.sgd(learning_rate, momentum=h.w_momentum))
+    tx = optax.inject_hyperparams(make)(learning_rate=h.w_lr, weight_decay=h.w_weight_decay)
     return tx, schedule
 
 
@@ -103,12 +115,20 @@ class Searcher:
     """
 
     def __init__(self, space: SearchSpace, relaxation: Relaxation, hyper: Hyper = Hyper(),
-                 total_steps: int = 1, num_devices: int = 1):
+                 total_steps: int = 1, num_devices: int = 1, hypergrad: str = "first",
+                 hypergrad_options: dict | None = None, tune: tuple[str, ...] = ()):
         self.space, self.relax, self.hyper = space, relaxation, hyper
         self.total_steps = max(int(total_steps), 1)
         self.num_devices = int(num_devices)
+        self.hypergrad_name = hypergrad
+        self.estimate = get_hypergrad(hypergrad, **(hypergrad_options or {}))
+        self.tune = tuple(sorted(set(tune)))
+        check_tunable(hypergrad, self.tune)
+        if "wd" in self.tune and hyper.w_weight_decay <= 0:
+            raise ValueError("--tune wd needs a positive initial weight decay (it is learnt in log space)")
         self.w_tx, self.lr_schedule = weight_optimizer(hyper, self.total_steps)
         self.a_tx = arch_optimizer(hyper)
+        self.h_tx = optax.adam(hyper.hyper_lr)
         self.axis_name = AXIS if self.num_devices > 1 else None
         self._mesh: Mesh | None = None
 
@@ -117,8 +137,36 @@ class Searcher:
         k_w, k_a, k_run = jax.random.split(key, 3)
         params, stats = self.space.init(k_w)
         arch = self.relax.init(k_a, self.space.groups)
+        hyper = {"log_lr": jnp.log(jnp.float32(self.hyper.w_lr)),
+                 "log_wd": jnp.log(jnp.float32(max(self.hyper.w_weight_decay, 1e-30)))}
         return SearchState(step=jnp.zeros((), jnp.int32), params=params, batch_stats=stats, arch=arch,
-                           w_opt_state=self.w_tx.init(params), a_opt_state=self.a_tx.init(arch), key=k_run)
+                           w_opt_state=self.w_tx.init(params), a_opt_state=self.a_tx.init(arch), key=k_run,
+                           hyper=hyper, h_opt_state=self.h_tx.init(hyper))
+
+    # ------------------------------------------------------------------ hyperparameters
+    def hparams(self, tuned: dict, step) -> tuple[jax.Array, jax.Array]:
+        """The weight optimizer's learning rate at ``step`` and its weight decay.
+
+        ``tuned`` holds the log values of the tuned hyperparameters (outer variables); an
+        untuned one keeps its configured value (the learning rate its cosine schedule). A tuned
+        learning rate is the base of the same cosine schedule: ``exp(log_lr)·s(t)/s(0)``.
+        """
+        lr = self.lr_schedule(step)
+        if "log_lr" in tuned:
+            lr = jnp.exp(tuned["log_lr"]) * (lr / self.hyper.w_lr)
+        wd = jnp.exp(tuned["log_wd"]) if "log_wd" in tuned else jnp.float32(self.hyper.w_weight_decay)
+        return lr, wd
+
+    def _tuned(self, hyper: dict) -> dict:
+        return {f"log_{k}": hyper[f"log_{k}"] for k in self.tune}
+
+    def weight_update(self, grads, params, opt_state, tuned: dict, step):
+        """One weight-optimizer step with the learning rate and decay of :meth:`hparams`."""
+        lr, wd = self.hparams(tuned, step)
+        hp = dict(opt_state.hyperparams, learning_rate=jnp.asarray(lr, jnp.float32),
+                  weight_decay=jnp.asarray(wd, jnp.float32))
+        upd, opt_state = self.w_tx.update(grads, opt_state._replace(hyperparams=hp), params)
+        return optax.apply_updates(params, upd), opt_state
 
     # ------------------------------------------------------------------ losses
     def _forward(self, params, stats, arch, x, key, progress, train: bool = True):
@@ -148,38 +196,49 @@ class Searcher:
         return tree if self.axis_name is None else lax.pmean(tree, self.axis_name)
 
     # ------------------------------------------------------------------ step
-    def arch_grad(self, state: SearchState, train_batch, val_batch, key, progress):
-        """∇_α of the architecture objective: first order (w held fixed).
+    def bilevel(self, state: SearchState, train_batch, val_batch, k_train, k_val, progress) -> Bilevel:
+        """The bilevel problem at the current weights, over the outer variables
+        ``{"arch": α, "hyper": tuned log-hyperparameters}`` (see :mod:`dnas.hypergrad`)."""
+        stats, step = state.batch_stats, state.step
+        return Bilevel(
+            train_loss=lambda w, o: self.train_loss(w, o["arch"], stats, train_batch, k_train, progress),
+            val_loss=lambda w, o: self.val_loss(o["arch"], w, stats, val_batch, k_val, progress),
+            update=lambda g, w, s, o: self.weight_update(g, w, s, o["hyper"], step),
+            weight_decay=lambda o: self.hparams(o["hyper"], step)[1])
 
-        Returns ``(grad, (val_loss, val_logits))``; second-order and implicit hypergradients
-        replace this method.
-        """
-        (loss, logits), g = jax.value_and_grad(self.val_loss, has_aux=True)(
-            state.arch, state.params, state.batch_stats, val_batch, key, progress)
-        return g, (loss, logits)
+    def outer_grad(self, state: SearchState, train_batch, val_batch, k_train, k_val, progress):
+        """The hypergradient w.r.t. ``{"arch", "hyper"}`` by the chosen estimator; returns
+        ``(grad, (val_loss, val_logits))``."""
+        problem = self.bilevel(state, train_batch, val_batch, k_train, k_val, progress)
+        outer = {"arch": state.arch, "hyper": self._tuned(state.hyper)}
+        return self.estimate(problem, state.params, state.w_opt_state, outer)
 
     def step(self, state: SearchState, train_batch, val_batch):
         progress = jnp.minimum(state.step.astype(jnp.float32) / self.total_steps, 1.0)
         key, k_arch, k_w = jax.random.split(state.key, 3)
 
-        g_arch, (v_loss, v_logits) = self.arch_grad(state, train_batch, val_batch, k_arch, progress)
-        a_upd, a_opt = self.a_tx.update(g_arch, state.a_opt_state, state.arch)
+        g, (v_loss, v_logits) = self.outer_grad(state, train_batch, val_batch, k_w, k_arch, progress)
+        a_upd, a_opt = self.a_tx.update(g["arch"], state.a_opt_state, state.arch)
         arch = optax.apply_updates(state.arch, a_upd)
+        g_hyper = {k: g["hyper"].get(k, jnp.zeros_like(v)) for k, v in state.hyper.items()}
+        h_upd, h_opt = self.h_tx.update(g_hyper, state.h_opt_state, state.hyper)
+        hyper = optax.apply_updates(state.hyper, h_upd)
 
         (t_loss, (t_logits, stats)), g_w = jax.value_and_grad(self.train_loss, has_aux=True)(
             state.params, arch, state.batch_stats, train_batch, k_w, progress)
-        w_upd, w_opt = self.w_tx.update(g_w, state.w_opt_state, state.params)
-        params = optax.apply_updates(state.params, w_upd)
+        params, w_opt = self.weight_update(g_w, state.params, state.w_opt_state, self._tuned(hyper), state.step)
+        lr, wd = self.hparams(self._tuned(hyper), state.step)
 
         metrics = {
             "train_loss": t_loss, "train_acc": self._mean(accuracy(t_logits, train_batch[1])),
             "val_loss": v_loss, "val_acc": self._mean(accuracy(v_logits, val_batch[1])),
-            "lr": self.lr_schedule(state.step),
+            "lr": lr, "weight_decay": wd,
             "entropy": entropy(self.relax.probs(arch)),
-            "w_grad_norm": optax.tree.norm(g_w), "a_grad_norm": optax.tree.norm(g_arch),
+            "w_grad_norm": optax.tree.norm(g_w), "a_grad_norm": optax.tree.norm(g["arch"]),
         }
+        metrics.update({f"hypergrad_{k[4:]}": v for k, v in g["hyper"].items()})
         new = SearchState(step=state.step + 1, params=params, batch_stats=stats, arch=arch,
-                          w_opt_state=w_opt, a_opt_state=a_opt, key=key)
+                          w_opt_state=w_opt, a_opt_state=a_opt, key=key, hyper=hyper, h_opt_state=h_opt)
         return new, metrics
 
     @property
@@ -243,10 +302,12 @@ def check_finite(metrics: dict, step: int) -> None:
 
 def make_searcher(space: str, relaxation: str = "darts", *, space_options: dict | None = None,
                   relaxation_options: dict | None = None, hyper: Hyper = Hyper(),
-                  total_steps: int = 1, num_devices: int = 1) -> Searcher:
+                  total_steps: int = 1, num_devices: int = 1, hypergrad: str = "first",
+                  hypergrad_options: dict | None = None, tune=()) -> Searcher:
     space_options = dict(space_options or {})
     built = build_space(space, **space_options)
     relax = get_relaxation(relaxation, space=built, **(relaxation_options or {}))
     if relax.partial_channels != 1:  # the space's candidate ops see 1/K of the channels
         built = build_space(space, **{**space_options, "partial_channels": relax.partial_channels})
-    return Searcher(built, relax, hyper, total_steps, num_devices)
+    return Searcher(built, relax, hyper, total_steps, num_devices, hypergrad=hypergrad,
+                    hypergrad_options=hypergrad_options, tune=tuple(tune))

@@ -8,3 +8,28 @@ import os
 _FLAG = "--xla_force_host_platform_device_count=8"
 if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + _FLAG).strip()
+
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def digits():
+    """The embedded digits dataset (scikit-learn), loaded once per session."""
+    from dnas.data import load_dataset
+    return load_dataset("digits")
+
+
+@pytest.fixture(scope="session")
+def digit_batches(digits):
+    """``digit_batches(n, batch=32, seed=0)`` → ``n`` pairs of disjoint (train, val) batches."""
+    def make(n, batch=32, seed=0):
+        rng = np.random.default_rng(seed)
+        out = []
+        for _ in range(n):
+            i = rng.choice(len(digits.train_y), 2 * batch, replace=False)
+            x, y = digits.train_x[i], digits.train_y[i].astype(np.int32)
+            out.append(((x[:batch], y[:batch]), (x[batch:], y[batch:])))
+        return out
+    return make

@@ -141,3 +141,30 @@ def test_bench_prints_one_json_object(capsys):
         assert key in result
     assert result["median_step_ms"] > 0 and result["compile_s"] > 0
     assert result["flops"] > 1e6 and result["temp_bytes"] > 0
+
+
+def test_search_tunes_learning_rate_with_unrolled_hypergradient(tmp_path):
+    """`--hypergrad unrolled --tune lr,wd`: the logged lr/wd move away from their initial values,
+    the hypergradients are logged, and hyperparams.png is written."""
+    rc = main(["search", "--epochs", "1", "--limit-examples", "256", "--max-steps", "4", "--log-every", "1",
+               "--hypergrad", "unrolled", "--tune", "lr,wd", "--hyper-lr", "0.1", "--w-lr-min", "0.025",
+               "--out", str(tmp_path)] + TINY)
+    assert rc == 0
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in rows if r["kind"] == "step"]
+    assert len(steps) == 4
+    assert {"lr", "weight_decay", "hypergrad_lr", "hypergrad_wd"} <= set(steps[0])
+    # Adam moves each log-hyperparameter by ~hyper_lr per step: 0.1 → about 10 % per step
+    assert abs(np.log(steps[-1]["lr"] / 0.025)) > 0.15
+    assert abs(np.log(steps[-1]["weight_decay"] / 3e-4)) > 0.15
+    assert (tmp_path / "hyperparams.png").stat().st_size > 0
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    assert cfg["hypergrad"] == "unrolled" and list(cfg["tune"]) == ["lr", "wd"]
+
+
+def test_search_rejects_zero_hypergradient_combination(tmp_path, capsys):
+    rc = main(["search", "--epochs", "1", "--hypergrad", "implicit-cg", "--tune", "lr", "--out", str(tmp_path)] + TINY)
+    assert rc == 2
+    assert "does not change the inner optimum" in capsys.readouterr().err
+    with pytest.raises(SystemExit, match="--cg-iters applies to --hypergrad implicit-cg"):
+        main(["search", "--hypergrad", "unrolled", "--cg-iters", "3", "--out", str(tmp_path)] + TINY)

@@ -465,26 +465,7 @@ def test_image_folder_many_images_use_the_thread_pool(tmp_path):
 
 
 def _extract_cifar_subset(dest: Path, train_per_class: int, test_per_class: int) -> None:
-    """Extract a few JPEGs per class, stripping any top-level folder before train/test."""
-    want = {"train": train_per_class, "test": test_per_class}
-    got: dict[tuple[str, str], int] = {}
-    with tarfile.open(CIFAR_TAR, "r:gz") as tar:
-        for m in tar:
-            if not m.isfile() or not m.name.lower().endswith(".jpg"):
-                continue
-            parts = Path(m.name).parts
-            split_at = [i for i, p in enumerate(parts) if p in want]
-            if not split_at or len(parts) - split_at[0] != 3:
-                continue
-            split, cls, fname = parts[split_at[0]:]
-            if got.get((split, cls), 0) >= want[split]:
-                continue
-            got[(split, cls)] = got.get((split, cls), 0) + 1
-            out = dest / split / cls / fname
-            out.parent.mkdir(parents=True, exist_ok=True)
-            out.write_bytes(tar.extractfile(m).read())
-            if len(got) == 20 and all(got[k] >= want[k[0]] for k in got):
-                break  # test/ follows train/ in the archive: this is near its end
+    D.extract_image_subset(CIFAR_TAR, dest, {"train": train_per_class, "test": test_per_class})
 
 
 @pytest.fixture(scope="module")

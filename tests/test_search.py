@@ -7,25 +7,9 @@ import numpy as np
 import optax
 import pytest
 
-from dnas.data import load_dataset
 from dnas.search import Hyper, NonFiniteLossError, arch_optimizer, check_finite, make_searcher, weight_optimizer
 
 TINY = dict(channels=4, cells_per_stage=1, num_classes=10, in_channels=1)
-
-
-@pytest.fixture(scope="module")
-def digits():
-    return load_dataset("digits")
-
-
-def _batches(digits, n, batch=32, seed=0):
-    rng = np.random.default_rng(seed)
-    out = []
-    for _ in range(n):
-        i = rng.choice(len(digits.train_y), 2 * batch, replace=False)
-        x, y = digits.train_x[i], digits.train_y[i].astype(np.int32)
-        out.append(((x[:batch], y[:batch]), (x[batch:], y[batch:])))
-    return out
 
 
 def test_weight_optimizer_is_darts_sgd():
@@ -60,11 +44,11 @@ def test_check_finite_names_the_step():
         check_finite({"train_loss": float("nan"), "val_loss": 2.0}, 7)
 
 
-def test_arch_gradient_matches_finite_differences(digits):
+def test_arch_gradient_matches_finite_differences(digit_batches):
     """The first-order α-gradient of the validation loss agrees with central differences."""
     s = make_searcher("nb201", space_options=TINY)
     state = s.init(jax.random.PRNGKey(0))
-    (_, _), (xv, yv) = _batches(digits, 1)[0]
+    (_, _), (xv, yv) = digit_batches(1)[0]
     key = jax.random.PRNGKey(5)
     f = jax.jit(lambda a: s.val_loss(a, state.params, state.batch_stats, (xv, yv), key, 0.0)[0])
     g = jax.grad(f)(state.arch)["cell"]
@@ -77,7 +61,7 @@ def test_arch_gradient_matches_finite_differences(digits):
         assert float(g[e, o]) == pytest.approx(float(fd), rel=0.05, abs=2e-4)
 
 
-def test_search_steps_lower_validation_loss(digits):
+def test_search_steps_lower_validation_loss(digits, digit_batches):
     """25 search steps on fresh batches lower the validation loss on 256 held-out examples."""
     s = make_searcher("nb201", space_options=TINY, total_steps=25)
     step = s.compiled_step(donate=False)
@@ -85,7 +69,7 @@ def test_search_steps_lower_validation_loss(digits):
     held_out = (digits.test_x[:256], digits.test_y[:256].astype(np.int32))
     val = jax.jit(lambda st: s.val_loss(st.arch, st.params, st.batch_stats, held_out, st.key, 0.0)[0])
     losses = []
-    for tb, vb in _batches(digits, 25, seed=1):
+    for tb, vb in digit_batches(25, seed=1):
         state, m = step(state, tb, vb)
         losses.append(float(m["val_loss"]))
     assert np.all(np.isfinite(losses))
@@ -101,21 +85,21 @@ def test_search_steps_lower_validation_loss(digits):
 _SEARCHERS: dict = {}
 
 
-def _run(digits, seed, n=3, num_devices=1):
+def _run(digit_batches, seed, n=3, num_devices=1):
     if num_devices not in _SEARCHERS:  # one searcher (one compiled step) per device count
         s = make_searcher("nb201", space_options=TINY, total_steps=10, num_devices=num_devices)
         _SEARCHERS[num_devices] = (s, s.compiled_step())
     s, step = _SEARCHERS[num_devices]
     state = s.replicate(s.init(jax.random.PRNGKey(seed)))
-    for tb, vb in _batches(digits, n):
+    for tb, vb in digit_batches(n):
         state, m = step(state, s.shard(tb), s.shard(vb))
     return s, state
 
 
-def test_same_seed_same_alpha(digits):
-    _, a = _run(digits, 0)
-    _, b = _run(digits, 0)
-    _, c = _run(digits, 1)
+def test_same_seed_same_alpha(digit_batches):
+    _, a = _run(digit_batches, 0)
+    _, b = _run(digit_batches, 0)
+    _, c = _run(digit_batches, 1)
     np.testing.assert_array_equal(np.asarray(a.arch["cell"]), np.asarray(b.arch["cell"]))
     for u, v in zip(jax.tree_util.tree_leaves(a.params), jax.tree_util.tree_leaves(b.params)):
         np.testing.assert_array_equal(np.asarray(u), np.asarray(v))
@@ -123,11 +107,11 @@ def test_same_seed_same_alpha(digits):
 
 
 @pytest.mark.skipif(jax.local_device_count() < 8, reason="needs 8 (simulated) devices; see tests/conftest.py")
-def test_pmap_8_devices_equals_1_device(digits):
+def test_pmap_8_devices_equals_1_device(digit_batches):
     """Data parallel over 8 devices (sync BN, pmean'd gradients) reproduces the single-device
     step on the same global batch, and every device holds the same α."""
-    s1, one = _run(digits, 0, n=4, num_devices=1)
-    s8, eight = _run(digits, 0, n=4, num_devices=8)
+    s1, one = _run(digit_batches, 0, n=4, num_devices=1)
+    s8, eight = _run(digit_batches, 0, n=4, num_devices=8)
     shards = [np.asarray(sh.data) for sh in eight.arch["cell"].addressable_shards]
     assert len(shards) == 8 and {sh.device for sh in eight.arch["cell"].addressable_shards} == set(s8.mesh.devices)
     for d in range(1, 8):

@@ -479,3 +479,34 @@ def plot_alphas(alpha_probs: Mapping[str, Any], op_names_by_key: Mapping[str, Se
         fig.colorbar(im, cax=cax).ax.tick_params(labelsize=7)
         x += w
     return _save(fig, path)
+
+
+def plot_hyperparams(metrics_path: str | os.PathLike, path: str | os.PathLike, tuned: Sequence[str] = (),
+                     dpi: int = 130) -> Path | None:
+    """Trajectories of the weight optimizer's learning rate and weight decay over the logged
+    steps of ``metrics.jsonl`` (log scale), one panel each; a tuned one says so in its title.
+    Returns None when the log has no step records."""
+    import json
+
+    rows = []
+    with open(metrics_path, encoding="utf-8") as f:
+        for line in f:
+            r = json.loads(line)
+            if r.get("kind") == "step" and "lr" in r:
+                rows.append(r)
+    if not rows:
+        return None
+    steps = [r["step"] for r in rows]
+    panels = [("lr", "learning rate", "lr"), ("weight_decay", "weight decay", "wd")]
+    fig = _new_figure(4.2 * len(panels), 3.2, dpi)
+    for i, (key, label, short) in enumerate(panels):
+        ax = fig.add_subplot(1, len(panels), i + 1)
+        values = [r.get(key, float("nan")) for r in rows]
+        ax.plot(steps, values, color="#1f77b4" if short in tuned else "#7f7f7f", lw=1.6)
+        if all(v > 0 for v in values):
+            ax.set_yscale("log")
+        ax.set_xlabel("search step")
+        ax.set_title(f"{label} ({'tuned' if short in tuned else 'fixed'})", fontsize=10)
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return _save(fig, path)
