@@ -1,4 +1,4 @@
-"""The ``dnas`` command line: ``dnas search``, ``dnas bench``.
+"""The ``dnas`` command line: ``dnas search``, ``dnas bench``, ``dnas latency``.
 
 JAX is imported only after the arguments are parsed, because ``--devices N`` on a CPU-only
 machine must set ``XLA_FLAGS=--xla_force_host_platform_device_count=N`` before JAX starts.
@@ -39,7 +39,15 @@ def _space_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--conv-impl", choices=["auto", "native", "dense"], default="auto",
                    help="depthwise convolution formulation; auto = dense on CPU, native on GPU/TPU")
     p.add_argument("--devices", type=_positive, default=1,
-                   help="data-parallel devices (state replicated, batch split); on a CPU-only machine this many host devices are simulated")
+                   help="data-parallel devices (per process; state replicated, batch split); on a CPU-only machine "
+                        "this many host devices are simulated")
+    d = p.add_argument_group("multi-process (jax.distributed; see dnas/distributed.py)")
+    d.add_argument("--distributed", action="store_true",
+                   help="join JAX's multi-process runtime, detecting the cluster from the launcher (SLURM, Open MPI, "
+                        "Cloud TPU, Kubernetes) or JAX_COORDINATOR_ADDRESS")
+    d.add_argument("--coordinator", default=None, metavar="HOST:PORT", help="address of process 0's coordinator")
+    d.add_argument("--num-processes", type=_positive, default=None)
+    d.add_argument("--process-id", type=int, default=None)
 
 
 def _key_values(items: list[str] | None, flag: str) -> dict:
@@ -139,6 +147,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--w-lr-min", type=float, default=0.001)
     s.add_argument("--a-lr", type=float, default=3e-4, help="architecture (Adam) learning rate")
     s.add_argument("--w-wd", type=float, default=3e-4, help="weight decay of the weights")
+    lat = s.add_argument_group("latency-aware search (docs/latency.md)")
+    lat.add_argument("--latency-table", default=None, metavar="PATH",
+                     help="latency lookup table (dnas JSON, ProxylessNAS/once-for-all YAML, FBNet list); adds the "
+                          "expected latency to the architecture loss")
+    lat.add_argument("--latency-loss", default="hinge",
+                     help="fbnet | additive | additive_relative | multiplicative | mul_log | hinge")
+    lat.add_argument("--latency-target", type=float, default=None, metavar="MS", help="target latency in ms")
+    lat.add_argument("--latency-weight", type=float, default=None, help="weight of the latency term (λ)")
     _hypergrad_args(s)
     s.add_argument("--no-augment", action="store_true", help="disable random crop / flip")
     s.add_argument("--log-every", type=_positive, default=10, help="write a step record every N steps")
@@ -155,6 +171,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--warmup", type=int, default=1)
     b.add_argument("--seed", type=int, default=0)
     _hypergrad_args(b)
+
+    from dnas.latency.cli import add_latency_parser
+    add_latency_parser(sub)
     return parser
 
 
@@ -179,11 +198,14 @@ def _cmd_search(args) -> int:
                     hyper_lr=args.hyper_lr),
         relaxation_options=_key_values(args.relaxation_option, "--relaxation-option"),
         hypergrad=args.hypergrad, hypergrad_options=_hypergrad_options(args), tune=_tune(args),
+        latency=None if args.latency_table is None else {
+            "table_path": args.latency_table, "loss": args.latency_loss, "target": args.latency_target,
+            "weight": args.latency_weight},
         augment=not args.no_augment, log_every=args.log_every, data_dir=args.data_dir,
         progress=not args.no_progress)
     try:
         summary = run_search(cfg)
-    except (DatasetError, NonFiniteLossError, ValueError) as e:
+    except (DatasetError, NonFiniteLossError, ValueError, OSError) as e:
         print(f"dnas search: error: {e}", file=sys.stderr)
         return 2
     g = summary["genotype"]
@@ -192,6 +214,8 @@ def _cmd_search(args) -> int:
     print(f"final epoch: train_acc={final.get('train_acc', float('nan')):.3f} "
           f"val_acc={final.get('val_acc', float('nan')):.3f}; {summary['steps']} steps in "
           f"{summary['wall_time_s']:.1f} s (first step incl. compile {summary['compile_s']:.1f} s)")
+    if "table_latency_ms" in summary:
+        print(f"table latency of the derived architecture: {summary['table_latency_ms']:.2f} ms")
     print(f"outputs in {summary['out']}/")
     return 0
 
@@ -214,7 +238,17 @@ def _cmd_bench(args) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command == "latency":
+        from dnas.latency.cli import run_latency
+        return run_latency(args)
     _set_host_devices(args.devices)
+    if args.distributed or args.coordinator or args.num_processes or args.process_id is not None:
+        from dnas.distributed import initialize
+        try:
+            initialize(args.coordinator, args.num_processes, args.process_id)
+        except ValueError as e:
+            print(f"dnas: error: {e}", file=sys.stderr)
+            return 2
     if args.command == "search":
         return _cmd_search(args)
     return _cmd_bench(args)

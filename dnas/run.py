@@ -28,6 +28,7 @@ from typing import Any
 import jax
 import numpy as np
 
+from dnas.distributed import is_primary, to_host
 from dnas.data import Dataset, augment_batch, darts_split, epoch_batches, load_dataset, num_batches
 from dnas.search import Hyper, NonFiniteLossError, SearchState, Searcher, check_finite, make_searcher
 from dnas.supernet.genotype import genotype_to_json, save_genotype
@@ -53,6 +54,7 @@ class SearchConfig:
     hypergrad: str = "first"              # dnas.hypergrad estimator
     hypergrad_options: dict = dataclasses.field(default_factory=dict)
     tune: tuple = ()                      # hyperparameters learnt as outer variables: "lr", "wd"
+    latency: dict | None = None           # make_latency_objective kwargs: table_path, loss, target, weight
     augment: bool = True
     log_every: int = 10
     checkpoint_every: int = 1             # epochs
@@ -65,20 +67,24 @@ def default_out_dir() -> Path:
 
 
 def _to_host(tree):
-    return jax.tree_util.tree_map(np.asarray, jax.device_get(tree))
+    return to_host(tree)
 
 
 class _MetricsLog:
-    def __init__(self, path: Path):
+    """Appends JSON lines to ``path`` (``None``: a process that writes nothing)."""
+
+    def __init__(self, path: Path | None):
         self.path = path
-        self.f = open(path, "a", encoding="utf-8")
+        self.f = open(path, "a", encoding="utf-8") if path is not None else None
 
     def write(self, record: dict) -> None:
-        self.f.write(json.dumps(record, allow_nan=True) + "\n")
-        self.f.flush()
+        if self.f is not None:
+            self.f.write(json.dumps(record, allow_nan=True) + "\n")
+            self.f.flush()
 
     def close(self) -> None:
-        self.f.close()
+        if self.f is not None:
+            self.f.close()
 
 
 def _augment_settings(data: Dataset) -> tuple[int, bool]:
@@ -89,11 +95,16 @@ def _augment_settings(data: Dataset) -> tuple[int, bool]:
 
 
 def save_checkpoint(ckpt_dir: Path, state: SearchState, step: int, max_to_keep: int = 2) -> Path:
-    """Save the search state (copied to the host) with orbax under ``ckpt_dir/<step>``."""
+    """Save the search state (copied to the host) with orbax under ``ckpt_dir/<step>``.
+
+    Under ``jax.distributed`` only process 0 calls this (the state is replicated); orbax is
+    told so, so it waits for no other process."""
     import orbax.checkpoint as ocp
 
-    mgr = ocp.CheckpointManager(ckpt_dir.resolve(), options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep,
-                                                                                        create=True))
+    ckpt_dir.mkdir(parents=True, exist_ok=True)
+    solo = ocp.options.MultiprocessingOptions(primary_host=jax.process_index(), active_processes={jax.process_index()})
+    mgr = ocp.CheckpointManager(ckpt_dir.resolve(), options=ocp.CheckpointManagerOptions(
+        max_to_keep=max_to_keep, create=False, multiprocessing_options=solo))
     mgr.save(int(step), args=ocp.args.StandardSave(_to_host(state._asdict())), force=True)
     mgr.wait_until_finished()
     mgr.close()
@@ -117,7 +128,7 @@ def write_alphas(path: Path, searcher: Searcher, state: SearchState) -> dict:
     """The final architecture parameters and probabilities, per group and choice point."""
     arch = _to_host(state.arch)
     probs = searcher.probs(state)
-    scores = jax.device_get(searcher.relax.derive_scores(state.arch))
+    scores = to_host(searcher.relax.derive_scores(arch))
     space = searcher.space
     out: dict[str, Any] = {"space": space.name, "relaxation": searcher.relax.name,
                            "op_names": list(space.op_names), "groups": {}}
@@ -140,12 +151,15 @@ def run_search(cfg: SearchConfig) -> dict:
     """Run a search and write its outputs; returns a summary dict (also ``summary.json``)."""
     t_start = time.perf_counter()
     out = Path(cfg.out) if cfg.out else default_out_dir()
-    out.mkdir(parents=True, exist_ok=True)
+    primary = is_primary()  # under jax.distributed only process 0 writes
+    if primary:
+        out.mkdir(parents=True, exist_ok=True)
     if cfg.devices < 1 or cfg.devices > jax.local_device_count():
         raise ValueError(f"--devices {cfg.devices}: this process sees {jax.local_device_count()} "
                          f"{jax.default_backend()} device(s)")
-    if cfg.batch_size % cfg.devices:
-        raise ValueError(f"batch size {cfg.batch_size} is not divisible by {cfg.devices} devices")
+    num_devices = cfg.devices * jax.process_count()  # --devices is per process
+    if cfg.batch_size % num_devices:
+        raise ValueError(f"batch size {cfg.batch_size} is not divisible by {num_devices} devices")
 
     data = load_dataset(cfg.dataset, limit_examples=cfg.limit_examples, seed=cfg.seed, data_dir=cfg.data_dir)
     (wx, wy), (ax, ay) = darts_split(data.train_x, data.train_y, seed=cfg.seed)
@@ -162,14 +176,16 @@ def run_search(cfg: SearchConfig) -> dict:
     opts = {"in_channels": data.image_shape[-1], "num_classes": data.num_classes, **cfg.space_options}
     searcher = make_searcher(cfg.space, cfg.relaxation, space_options=opts,
                              relaxation_options=cfg.relaxation_options, hyper=cfg.hyper,
-                             total_steps=total, num_devices=cfg.devices, hypergrad=cfg.hypergrad,
-                             hypergrad_options=cfg.hypergrad_options, tune=cfg.tune)
+                             total_steps=total, num_devices=num_devices, hypergrad=cfg.hypergrad,
+                             hypergrad_options=cfg.hypergrad_options, tune=cfg.tune, latency=cfg.latency)
     resolved = dataclasses.asdict(cfg)
     resolved.update(out=str(out), space_options=searcher.space.describe(), total_steps=total,
                     steps_per_epoch=steps_per_epoch, dataset_name=data.name,
                     num_weight_examples=int(len(wy)), num_arch_examples=int(len(ay)),
-                    backend=jax.default_backend(), jax_version=jax.__version__)
-    (out / "config.json").write_text(json.dumps(resolved, indent=2, default=str) + "\n", encoding="utf-8")
+                    backend=jax.default_backend(), jax_version=jax.__version__,
+                    processes=jax.process_count(), global_devices=num_devices)
+    if primary:
+        (out / "config.json").write_text(json.dumps(resolved, indent=2, default=str) + "\n", encoding="utf-8")
 
     state = searcher.replicate(searcher.init(jax.random.PRNGKey(cfg.seed)))
     step_fn = searcher.compiled_step(donate=True)
@@ -177,9 +193,9 @@ def run_search(cfg: SearchConfig) -> dict:
     aug = jax.jit(augment_batch, static_argnames=("pad", "flip"))
     aug_key = jax.random.fold_in(jax.random.PRNGKey(cfg.seed), 0xA06)
 
-    log = _MetricsLog(out / "metrics.jsonl")
+    log = _MetricsLog(out / "metrics.jsonl" if primary else None)
     bar = None
-    if cfg.progress:
+    if cfg.progress and primary:
         from tqdm.auto import tqdm
         bar = tqdm(total=total, desc=f"search {cfg.space}/{cfg.relaxation}", unit="step", dynamic_ncols=True)
     step = 0
@@ -211,7 +227,7 @@ def run_search(cfg: SearchConfig) -> dict:
             epoch_record = {"kind": "epoch", "step": step, "epoch": epoch, **meter.means(),
                             "epoch_time_s": time.perf_counter() - t_epoch}
             log.write(epoch_record)
-            if (epoch + 1) % cfg.checkpoint_every == 0 or step >= total:
+            if primary and ((epoch + 1) % cfg.checkpoint_every == 0 or step >= total):
                 save_checkpoint(out / "checkpoints", state, step)
     finally:
         if bar is not None:
@@ -220,14 +236,21 @@ def run_search(cfg: SearchConfig) -> dict:
 
     genotype = searcher.derive(state)
     wall = time.perf_counter() - t_start
-    save_genotype(genotype, out / "genotype.json",
-                  extra={"relaxation": cfg.relaxation, "dataset": data.name, "seed": cfg.seed,
-                         "epochs": epochs, "steps": step, "devices": cfg.devices})
+    summary = {"out": str(out), "genotype": genotype_to_json(genotype), "steps": step, "epochs": epochs,
+               "wall_time_s": wall, "compile_s": compile_s, "devices": num_devices,
+               "processes": jax.process_count(), "final": epoch_record}
+    if not primary:
+        return summary
+    extra = {"relaxation": cfg.relaxation, "dataset": data.name, "seed": cfg.seed,
+             "epochs": epochs, "steps": step, "devices": num_devices}
+    if searcher.latency is not None:  # the derived architecture's latency under the table
+        from dnas.latency.objective import genotype_indices
+        extra["table_latency_ms"] = searcher.latency.of_indices(genotype_indices(searcher.space, genotype))
+        extra["latency"] = searcher.latency.describe()
+        summary["table_latency_ms"] = extra["table_latency_ms"]
+    save_genotype(genotype, out / "genotype.json", extra=extra)
     alphas = write_alphas(out / "alphas.json", searcher, state)
     _plots(out, genotype, alphas, searcher)
-    summary = {"out": str(out), "genotype": genotype_to_json(genotype), "steps": step, "epochs": epochs,
-               "wall_time_s": wall, "compile_s": compile_s, "devices": cfg.devices,
-               "final": epoch_record}
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
     return summary
 
@@ -251,7 +274,7 @@ class _EpochMeter:
     def flush(self) -> None:
         if not self.pending:
             return
-        host = jax.device_get([m for _, m in self.pending])
+        host = to_host([m for _, m in self.pending])
         rows = [{k: float(v) for k, v in m.items()} for m in host]
         for (s, _), m in zip(self.pending, rows):
             check_finite(m, s)

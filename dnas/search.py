@@ -116,8 +116,9 @@ class Searcher:
 
     def __init__(self, space: SearchSpace, relaxation: Relaxation, hyper: Hyper = Hyper(),
                  total_steps: int = 1, num_devices: int = 1, hypergrad: str = "first",
-                 hypergrad_options: dict | None = None, tune: tuple[str, ...] = ()):
+                 hypergrad_options: dict | None = None, tune: tuple[str, ...] = (), latency=None):
         self.space, self.relax, self.hyper = space, relaxation, hyper
+        self.latency = latency  # a dnas.latency.objective.LatencyObjective, or None
         self.total_steps = max(int(total_steps), 1)
         self.num_devices = int(num_devices)
         self.hypergrad_name = hypergrad
@@ -175,10 +176,14 @@ class Searcher:
         return self.space.apply(params, stats, x, samples, self.relax.mix, ctx)
 
     def val_loss(self, arch, params, stats, batch, key, progress):
-        """``L_val(w, α)`` plus the relaxation's penalty; differentiated w.r.t. ``arch``."""
+        """``L_val(w, α)`` plus the relaxation's penalty; differentiated w.r.t. ``arch``. With a
+        latency objective the cross-entropy becomes its latency loss (``dnas.latency``)."""
         x, y = batch
         logits, _ = self._forward(params, stats, arch, x, key, progress)
-        return self._mean(cross_entropy(logits, y)) + self.relax.arch_penalty(arch, progress), logits
+        loss = self._mean(cross_entropy(logits, y))
+        if self.latency is not None:
+            loss = self.latency.loss(loss, self.relax.derive_scores(arch))
+        return loss + self.relax.arch_penalty(arch, progress), logits
 
     def train_loss(self, params, arch, stats, batch, key, progress):
         """``L_train(w, α)``; differentiated w.r.t. ``params``; also returns new BN stats."""
@@ -237,6 +242,8 @@ class Searcher:
             "w_grad_norm": optax.tree.norm(g_w), "a_grad_norm": optax.tree.norm(g["arch"]),
         }
         metrics.update({f"hypergrad_{k[4:]}": v for k, v in g["hyper"].items()})
+        if self.latency is not None:
+            metrics["expected_latency_ms"] = self.latency.expected(self.relax.derive_scores(arch))
         new = SearchState(step=state.step + 1, params=params, batch_stats=stats, arch=arch,
                           w_opt_state=w_opt, a_opt_state=a_opt, key=key, hyper=hyper, h_opt_state=h_opt)
         return new, metrics
@@ -246,6 +253,10 @@ class Searcher:
         """A 1-D device mesh over the first ``num_devices`` devices (axis :data:`AXIS`)."""
         if self._mesh is None:
             devices = jax.devices()
+            if jax.process_count() > 1:  # the first num_devices/P devices of every process
+                per = self.num_devices // jax.process_count()
+                devices = [d for p in range(jax.process_count())
+                           for d in [d for d in devices if d.process_index == p][:per]]
             if self.num_devices > len(devices):
                 raise ValueError(f"{self.num_devices} devices requested but JAX sees {len(devices)} "
                                  f"({jax.default_backend()}); on a CPU set "
@@ -271,23 +282,37 @@ class Searcher:
         """Place a copy of ``state`` on every device of the mesh (a no-op on one device)."""
         if self.num_devices == 1:
             return state
+        if jax.process_count() > 1:  # every process holds the same host copy
+            from dnas.distributed import to_host
+            state = to_host(state)
         return jax.device_put(state, NamedSharding(self.mesh, P()))
 
     def shard(self, batch):
-        """Split a global batch ``(x, y)`` over the devices along its leading axis."""
+        """Split a global batch ``(x, y)`` over the devices along its leading axis.
+
+        Under ``jax.distributed`` every process passes the same global batch and contributes
+        only its own rows (:func:`dnas.distributed.process_rows`)."""
         if self.num_devices == 1:
             return batch
         n = self.num_devices
         for a in jax.tree_util.tree_leaves(batch):
             if a.shape[0] % n:
                 raise ValueError(f"global batch {a.shape[0]} is not divisible by {n} devices")
-        return jax.device_put(batch, NamedSharding(self.mesh, P(AXIS)))
+        sharding = NamedSharding(self.mesh, P(AXIS))
+        if jax.process_count() == 1:
+            return jax.device_put(batch, sharding)
+        from dnas.distributed import process_rows
+        return jax.tree_util.tree_map(
+            lambda a: jax.make_array_from_process_local_data(sharding, np.asarray(a)[process_rows(a.shape[0])],
+                                                             a.shape), batch)
 
     def probs(self, state: SearchState) -> dict:
-        return jax.device_get(self.relax.probs(state.arch))
+        from dnas.distributed import to_host
+        return to_host(self.relax.probs(to_host(state.arch)))
 
     def derive(self, state: SearchState):
-        return self.space.derive(jax.device_get(self.relax.derive_scores(state.arch)))
+        from dnas.distributed import to_host
+        return self.space.derive(to_host(self.relax.derive_scores(to_host(state.arch))))
 
 
 def check_finite(metrics: dict, step: int) -> None:
@@ -303,11 +328,18 @@ def check_finite(metrics: dict, step: int) -> None:
 def make_searcher(space: str, relaxation: str = "darts", *, space_options: dict | None = None,
                   relaxation_options: dict | None = None, hyper: Hyper = Hyper(),
                   total_steps: int = 1, num_devices: int = 1, hypergrad: str = "first",
-                  hypergrad_options: dict | None = None, tune=()) -> Searcher:
+                  hypergrad_options: dict | None = None, tune=(), latency: dict | None = None) -> Searcher:
+    """Build a :class:`Searcher` by names. ``latency``: keyword arguments of
+    :func:`dnas.latency.objective.make_latency_objective` (``table_path``, ``loss``, ``target``,
+    ``weight``) or None."""
     space_options = dict(space_options or {})
     built = build_space(space, **space_options)
     relax = get_relaxation(relaxation, space=built, **(relaxation_options or {}))
+    objective = None
+    if latency:  # of the full-width network (before PC-DARTS narrows the candidate ops)
+        from dnas.latency.objective import make_latency_objective
+        objective = make_latency_objective(built, **latency)
     if relax.partial_channels != 1:  # the space's candidate ops see 1/K of the channels
         built = build_space(space, **{**space_options, "partial_channels": relax.partial_channels})
     return Searcher(built, relax, hyper, total_steps, num_devices, hypergrad=hypergrad,
-                    hypergrad_options=hypergrad_options, tune=tuple(tune))
+                    hypergrad_options=hypergrad_options, tune=tuple(tune), latency=objective)

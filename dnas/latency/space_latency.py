@@ -1,0 +1,399 @@
+"""What a search space costs: its choice points, the signature of every candidate op, the
+fixed parts, and the latency matrices a table gives them.
+
+:func:`describe_space` walks a built space (``dnas.supernet.spaces.build_space(name, ...)``)
+through its public attributes only, and returns a :class:`SpaceLatencyModel`:
+
+* one :class:`ChoicePoint` per *use* of a choice point: NAS-Bench-201's edge ``0->1`` is one
+  row of the ``cell`` group but is used by every cell of every stage, at three widths; a DARTS
+  ``normal`` edge is used by every normal cell; a chain block is used once;
+* per candidate op an :class:`OpSignature` — the op, its per-example input and output shape,
+  stride, kernel, expansion, ... and its table key (:func:`dnas.latency.table.signature_key`);
+  ops that compute nothing (``none``, ``zero``) have key ``None`` and cost 0 ms;
+* the fixed (non-searchable) parts: stems, reduction blocks, cell preprocessing, heads.
+
+For the chain space the keys are the ProxylessNAS keys (``Conv-...``, ``expanded_conv-...``,
+``Conv_1-...``, ``Logits-...``), so the default configuration (ProxylessNAS mobile, input
+224, width 1.0) is covered by ``proxylessnas_mobile_trim.yaml`` key for key. NAS-Bench-201
+and DARTS keys are qualified by the space (``nb201/nor_conv_3x3-input:32x32x16-...``).
+
+:func:`latency_matrix` turns a model and a :class:`~dnas.latency.table.LatencyTable` into
+``({group: (num_choice_points, num_ops) array in ms}, fixed_ms)``: entry ``[i, j]`` is the
+summed latency of op ``j`` over every use of choice point ``i`` — exactly what
+:func:`dnas.latency.loss.expected_latency` takes. A table lacking keys raises
+:class:`~dnas.latency.table.MissingLatencyKeysError` naming all of them.
+
+Tables learnt by :mod:`dnas.latency.fit` are not per signature but per choice point
+(``meta["granularity"] == "choice_point"``: keys ``choice/<group>/<row>/<op>`` and ``fixed``)
+or per op (``"op"``: keys ``op/<group>/<op>``, every use of a choice point costs the same);
+:func:`latency_matrix` reads those too.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from dnas.latency.table import LatencyTable, LatencyTableError, MissingLatencyKeysError, signature_key  # noqa: F401 (re-exported)
+from dnas.supernet import layers as L
+from dnas.supernet.genotype import DARTS_EDGES, NB201_EDGES
+
+#: Input resolution assumed when none is given (the spaces' reference settings).
+DEFAULT_INPUT_SIZE = {"nb201": 32, "darts": 32, "chain": 224}
+#: Keys of tables learnt per choice point / per op (see :mod:`dnas.latency.fit`).
+FIXED_KEY = "fixed"
+
+
+def choice_key(group: str, row: int, op: str) -> str:
+    return f"choice/{group}/{row}/{op}"
+
+
+def op_key(group: str, op: str) -> str:
+    return f"op/{group}/{op}"
+
+
+@dataclasses.dataclass(frozen=True)
+class OpSignature:
+    """One candidate op (or fixed part) at one place in the network.
+
+    ``key`` is ``None`` for ops that compute nothing (0 ms). ``build()`` returns the
+    :class:`dnas.supernet.layers.Layer` to profile it (``residual``: profile ``op(x) + x``,
+    the ProxylessNAS ``idskip:1`` convention). Shapes are per example (HWC, or ``(C,)``)."""
+
+    op: str
+    key: str | None
+    input_shape: tuple
+    output_shape: tuple
+    attrs: tuple = ()
+    build: Callable[[], L.Layer] | None = dataclasses.field(default=None, compare=False, repr=False)
+    residual: bool = False
+
+    def describe(self) -> dict:
+        return {"op": self.op, "key": self.key, "input": list(self.input_shape), "output": list(self.output_shape),
+                **{k: v for k, v in self.attrs}}
+
+
+@dataclasses.dataclass(frozen=True)
+class ChoicePoint:
+    """One use of row ``row`` of group ``group``; ``candidates[j]`` is op column ``j``."""
+
+    group: str
+    row: int
+    where: str
+    candidates: tuple[OpSignature, ...]
+
+
+@dataclasses.dataclass
+class SpaceLatencyModel:
+    space: str
+    input_size: int
+    in_channels: int
+    groups: dict[str, tuple[int, int]]
+    op_names: dict[str, tuple[str, ...]]
+    choice_points: list[ChoicePoint]
+    fixed: list[OpSignature]
+    config: dict = dataclasses.field(default_factory=dict)
+
+    def keys(self) -> list[str]:
+        """Every table key the space needs (unique, in network order)."""
+        keys = [s.key for s in self.fixed] + [c.key for cp in self.choice_points for c in cp.candidates]
+        return list(dict.fromkeys(k for k in keys if k is not None))
+
+    def signatures(self) -> dict[str, OpSignature]:
+        """The distinct signatures (one per key), fixed parts first."""
+        out: dict[str, OpSignature] = {}
+        for sig in self.fixed + [c for cp in self.choice_points for c in cp.candidates]:
+            if sig.key is not None and sig.key not in out:
+                out[sig.key] = sig
+        return out
+
+    def describe(self) -> dict:
+        """JSON-ready description: groups, op names, every choice point with its candidates."""
+        return {"space": self.space, "input_size": self.input_size, "groups": {g: list(v) for g, v in self.groups.items()},
+                "op_names": {g: list(v) for g, v in self.op_names.items()},
+                "fixed": [s.describe() for s in self.fixed],
+                "choice_points": [{"group": cp.group, "row": cp.row, "where": cp.where,
+                                   "candidates": [c.describe() for c in cp.candidates]} for cp in self.choice_points]}
+
+
+# ------------------------------------------------------------------------------ shapes
+
+def _out_shape(layer: L.Layer, in_shape: tuple, residual: bool = False) -> tuple:
+    """Per-example output shape of ``layer`` on a per-example input shape (traced, not run)."""
+    def f(key, x):
+        p, s = layer.init(key)
+        return layer.apply(p, s, x, L.Ctx(train=False))[0]
+
+    out = jax.eval_shape(f, jax.random.PRNGKey(0), jax.ShapeDtypeStruct((1,) + tuple(in_shape), jnp.float32))
+    return tuple(int(d) for d in out.shape[1:])
+
+
+def _head(bn: L.Layer | None, classifier: L.Layer, relu: bool) -> L.Layer:
+    """[BN, ReLU,] global average pooling, classifier: one fixed part."""
+    def init(key):
+        kb, kc = jax.random.split(key)
+        pb, sb = bn.init(kb) if bn is not None else ((), ())
+        pc, _ = classifier.init(kc)
+        return {"bn": pb, "cls": pc}, sb
+
+    def apply(p, s, x, ctx):
+        if bn is not None:
+            x, s = bn.apply(p["bn"], s, x, ctx)
+        if relu:
+            x = jax.nn.relu(x)
+        y, _ = classifier.apply(p["cls"], (), jnp.mean(x, axis=(1, 2)), ctx)
+        return y, s
+
+    return L.Layer(init, apply)
+
+
+def _fixed(op: str, layer: L.Layer, in_shape: tuple, attrs=(), key_op: str | None = None) -> OpSignature:
+    out = _out_shape(layer, in_shape)
+    return OpSignature(op, signature_key(key_op or op, in_shape, out, attrs), tuple(in_shape), out, tuple(attrs),
+                       build=lambda: layer)
+
+
+# ------------------------------------------------------------------------------ NAS-Bench-201
+
+_NB201_ATTRS = {"none": (), "skip_connect": (), "nor_conv_1x1": (("kernel", 1),), "nor_conv_3x3": (("kernel", 3),),
+                "avg_pool_3x3": (("kernel", 3),)}
+
+
+def _nb201_candidates(space, c: int, hw: tuple, stride: int = 1) -> tuple[OpSignature, ...]:
+    from dnas.supernet.ops import nb201_op
+
+    cfg = space.config
+    out = []
+    for op in space.group_op_names("cell"):
+        shape_in = hw + (c,)
+        shape_out = (-(-hw[0] // stride), -(-hw[1] // stride), c)
+        if op == "none":
+            out.append(OpSignature(op, None, shape_in, shape_out))
+            continue
+        attrs = _NB201_ATTRS.get(op, ()) + (("stride", stride),)
+        build = (lambda op=op: nb201_op(op, c, stride, cfg.affine, cfg.impl))
+        out.append(OpSignature(op, signature_key(f"nb201/{op}", shape_in, shape_out, attrs), shape_in, shape_out,
+                               attrs, build=build))
+    return tuple(out)
+
+
+def _describe_nb201(space, input_size: int) -> tuple[list, list]:
+    cfg = space.config
+    hw = (input_size, input_size)
+    fixed = [_fixed("nb201/stem", space.stem, hw + (cfg.in_channels,), (("kernel", 3),))]
+    points = []
+    for stage, width in enumerate(space.widths):
+        cands = _nb201_candidates(space, width, hw)
+        for cell in range(cfg.cells_per_stage):
+            for e, (s, d) in enumerate(NB201_EDGES):
+                points.append(ChoicePoint("cell", e, f"stage{stage}/cell{cell}/edge{s}->{d}", cands))
+        if stage < 2:
+            red = _fixed("nb201/resblock", space.reductions[stage], hw + (width,), (("stride", 2),))
+            fixed.append(red)
+            hw = red.output_shape[:2]
+    fixed.append(_fixed("nb201/head", _head(space.head_bn, space.classifier, True), hw + (space.widths[-1],)))
+    return points, fixed
+
+
+# ------------------------------------------------------------------------------ DARTS
+
+_DARTS_ATTRS = {"max_pool_3x3": (("kernel", 3),), "avg_pool_3x3": (("kernel", 3),),
+                "sep_conv_3x3": (("kernel", 3),), "sep_conv_5x5": (("kernel", 5),),
+                "dil_conv_3x3": (("kernel", 3), ("dilation", 2)), "dil_conv_5x5": (("kernel", 5), ("dilation", 2))}
+
+
+def _darts_candidates(space, group: str, c: int, hw: tuple, stride: int) -> tuple[OpSignature, ...]:
+    from dnas.supernet.ops import darts_op
+
+    cfg = space.config
+    shape_in = hw + (c,)
+    shape_out = (-(-hw[0] // stride), -(-hw[1] // stride), c)
+    out = []
+    for op in space.group_op_names(group):
+        if op == "none":
+            out.append(OpSignature(op, None, shape_in, shape_out))
+            continue
+        attrs = _DARTS_ATTRS.get(op, ()) + (("stride", stride),)
+        build = (lambda op=op: darts_op(op, c, stride, cfg.affine, cfg.impl))
+        out.append(OpSignature(op, signature_key(f"darts/{op}", shape_in, shape_out, attrs), shape_in, shape_out,
+                               attrs, build=build))
+    return tuple(out)
+
+
+def _describe_darts(space, input_size: int) -> tuple[list, list]:
+    cfg = space.config
+    hw = (input_size, input_size)
+    stem = _fixed("darts/stem", space.stem, hw + (cfg.in_channels,), (("kernel", 3),))
+    fixed, points = [stem], []
+    hw_pp = hw_p = stem.output_shape[:2]
+    for i, cell in enumerate(space.cells):
+        c_pp, c_p, c, reduction, reduction_prev = cell.signature
+        group = "reduce" if reduction else "normal"
+        pre0 = _fixed("darts/preprocess_reduce" if reduction_prev else "darts/preprocess",
+                      cell.pre0, hw_pp + (c_pp,), (("stride", 2 if reduction_prev else 1),))
+        pre1 = _fixed("darts/preprocess", cell.pre1, hw_p + (c_p,), (("stride", 1),))
+        fixed += [pre0, pre1]
+        hw_in = pre1.output_shape[:2]
+        hw_out = (-(-hw_in[0] // 2), -(-hw_in[1] // 2)) if reduction else hw_in
+        from_input = _darts_candidates(space, group, c, hw_in, 2 if reduction else 1)
+        inner = _darts_candidates(space, group, c, hw_out, 1)
+        for e, (s, d) in enumerate(DARTS_EDGES):
+            points.append(ChoicePoint(group, e, f"cell{i}/edge{s}->{d}", from_input if s < 2 else inner))
+        hw_pp, hw_p = hw_p, hw_out
+    c_last = space.cells[-1].signature[2] * 4
+    fixed.append(_fixed("darts/head", _head(None, space.classifier, False), hw_p + (c_last,)))
+    return points, fixed
+
+
+# ------------------------------------------------------------------------------ chain (ProxylessNAS)
+
+def _mb_key(c_in_shape: tuple, c_out_shape: tuple, expand: int, kernel: int, stride: int, idskip: bool) -> str:
+    return signature_key("expanded_conv", c_in_shape, c_out_shape,
+                         [("expand", expand), ("kernel", kernel), ("stride", stride), ("idskip", int(idskip))])
+
+
+def _describe_chain(space, input_size: int) -> tuple[list, list]:
+    from dnas.supernet.chain import _conv_bn, make_divisible, mbconv
+
+    cfg = space.config
+    w = lambda ch: make_divisible(ch * cfg.width_mult)  # noqa: E731
+    hw = (input_size, input_size)
+    stem_conv = _conv_bn(cfg.in_channels, w(cfg.stem_channels), 3, cfg.stem_stride)
+    conv = _fixed("Conv", stem_conv, hw + (cfg.in_channels,))
+    first = mbconv(w(cfg.stem_channels), w(cfg.first_channels), 3, 1, 1)
+    first_out = _out_shape(first, conv.output_shape)
+    first_sig = OpSignature("expanded_conv", _mb_key(conv.output_shape, first_out, 1, 3, 1, False),
+                            conv.output_shape, first_out, (("expand", 1), ("kernel", 3), ("stride", 1), ("idskip", 0)),
+                            build=lambda: first)
+    fixed, points = [conv, first_sig], []
+    shape = first_out
+    for b, (group, row, c_in, c_out, stride) in enumerate(space.blocks):
+        keep = group == "keep"
+        out_shape = (-(-shape[0] // stride), -(-shape[1] // stride), c_out)
+        cands = []
+        for op in space.group_op_names(group):
+            if op == "zero":
+                cands.append(OpSignature(op, None, shape, out_shape))
+                continue
+            _, k, e = op.split("_")
+            kernel, expand = int(k[1:]), int(e[1:])
+            attrs = (("expand", expand), ("kernel", kernel), ("stride", stride), ("idskip", int(keep)))
+            build = (lambda c_in=c_in, c_out=c_out, kernel=kernel, stride=stride, expand=expand:
+                     mbconv(c_in, c_out, kernel, stride, expand))
+            cands.append(OpSignature(op, _mb_key(shape, out_shape, expand, kernel, stride, keep), shape, out_shape,
+                                     attrs, build=build, residual=keep))
+        points.append(ChoicePoint(group, row, f"block{b}", tuple(cands)))
+        shape = out_shape
+    head = _fixed("Conv_1", space.head, shape)
+    logits = _fixed("Logits", _head(None, space.classifier, False), head.output_shape)
+    return points, fixed + [head, logits]
+
+
+_DESCRIBERS = {"nb201": _describe_nb201, "darts": _describe_darts, "chain": _describe_chain}
+
+
+def describe_space(space, input_size: int | None = None) -> SpaceLatencyModel:
+    """The latency model of a built search space at ``input_size`` (H = W; default: 32 for
+    nb201/darts, 224 for chain)."""
+    if isinstance(space, SpaceLatencyModel):
+        return space
+    name = getattr(space, "name", None)
+    if name not in _DESCRIBERS:
+        raise ValueError(f"no latency model for search space {name!r}; supported: {', '.join(sorted(_DESCRIBERS))}")
+    input_size = int(input_size or DEFAULT_INPUT_SIZE[name])
+    points, fixed = _DESCRIBERS[name](space, input_size)
+    groups = dict(space.groups)
+    op_names = {g: tuple(space.group_op_names(g)) for g in groups}
+    for cp in points:   # the walk must cover every row of every group, with one candidate per column
+        if len(cp.candidates) != groups[cp.group][1]:
+            raise AssertionError(f"{cp.where}: {len(cp.candidates)} candidates for group {cp.group!r} of {groups[cp.group]}")
+    covered = {(cp.group, cp.row) for cp in points}
+    rows = {(g, r) for g, (n, _) in groups.items() for r in range(n)}
+    if covered != rows:
+        raise AssertionError(f"latency model of {name!r} misses choice points {sorted(rows - covered)}")
+    cfg = dataclasses.asdict(space.config) if dataclasses.is_dataclass(getattr(space, "config", None)) else {}
+    return SpaceLatencyModel(name, input_size, int(cfg.get("in_channels", 3)), groups, op_names, points, fixed, cfg)
+
+
+# ------------------------------------------------------------------------------ matrices
+
+def _table_input_size(table: LatencyTable) -> int | None:
+    v = table.meta.get("input_size")
+    return int(v) if isinstance(v, (int, float)) and v else None
+
+
+def latency_matrix(space, table: LatencyTable, input_size: int | None = None
+                   ) -> tuple[dict[str, np.ndarray], float]:
+    """``({group: (num_choice_points, num_ops) latencies in ms}, fixed_ms)`` of ``space`` (a
+    built space or a :class:`SpaceLatencyModel`) under ``table``.
+
+    ``input_size`` defaults to the table's ``meta["input_size"]`` when the table was made for
+    this space (or says for none), else the space default (:data:`DEFAULT_INPUT_SIZE`).
+    Entry ``[i, j]`` sums op ``j``'s latency over every use of choice point ``i``; free ops
+    (``none``/``zero``) are 0. Missing keys -> :class:`MissingLatencyKeysError` naming all.
+    """
+    granularity = table.meta.get("granularity")
+    if granularity in ("choice_point", "op"):
+        return _fitted_matrix(space, table, granularity)
+    if input_size is None and not isinstance(space, SpaceLatencyModel) and table.meta.get("space") in (None, space.name):
+        input_size = _table_input_size(table)
+    model = describe_space(space, input_size)
+    hint = _hint(model, table)
+    table.require(model.keys(), hint)
+    mats = {g: np.zeros(shape, np.float64) for g, shape in model.groups.items()}
+    for cp in model.choice_points:
+        mats[cp.group][cp.row] += np.asarray(table.lookup_many([c.key for c in cp.candidates]))
+    fixed = float(sum(table.lookup(s.key) for s in model.fixed))
+    return mats, fixed
+
+
+def _hint(model: SpaceLatencyModel, table: LatencyTable) -> str:
+    notes = []
+    t_space, t_size = table.meta.get("space"), _table_input_size(table)
+    if t_space and t_space != model.space:
+        notes.append(f"the table was made for space {t_space!r}, not {model.space!r}")
+    if t_size and t_size != model.input_size:
+        notes.append(f"the table is for input size {t_size}, the space was described at {model.input_size}")
+    if t_space == model.space and table.meta.get("space_config") and model.config:
+        diff = {k: (v, model.config.get(k)) for k, v in table.meta["space_config"].items()
+                if k in model.config and _norm(v) != _norm(model.config.get(k)) and k not in ("impl", "unroll")}
+        if diff:
+            notes.append(f"its space_config differs (table, space): {diff}")
+    notes.append(f"measure this configuration with `dnas latency profile --space {model.space} ...`")
+    return "hint: " + "; ".join(notes)
+
+
+def _norm(v: Any):
+    return list(v) if isinstance(v, (list, tuple)) else v
+
+
+def _fitted_matrix(space, table: LatencyTable, granularity: str) -> tuple[dict[str, np.ndarray], float]:
+    groups = dict(space.groups)
+    names = space.op_names if isinstance(space, SpaceLatencyModel) else {g: tuple(space.group_op_names(g)) for g in groups}
+    t_space = table.meta.get("space")
+    name = getattr(space, "space", None) or getattr(space, "name", None)
+    if t_space and t_space != name:
+        raise LatencyTableError(f"{table.name} was fitted for space {t_space!r}, not {name!r}")
+    keys = {}
+    for g, (n, _) in groups.items():
+        for r in range(n):
+            for op in names[g]:
+                keys[(g, r, op)] = choice_key(g, r, op) if granularity == "choice_point" else op_key(g, op)
+    table.require(list(keys.values()) + [FIXED_KEY])
+    mats = {g: np.zeros(shape, np.float64) for g, shape in groups.items()}
+    for (g, r, op), k in keys.items():
+        mats[g][r, names[g].index(op)] = table.entries[k]["mean_ms"]
+    return mats, table.entries[FIXED_KEY]["mean_ms"]
+
+
+def architecture_latency(indices: dict[str, Any], matrix: dict[str, np.ndarray], fixed_ms: float) -> float:
+    """Table latency (ms) of one discrete architecture: ``indices[g][i]`` is the op column
+    chosen at row ``i`` of group ``g``."""
+    total = float(fixed_ms)
+    for g, m in matrix.items():
+        idx = np.asarray(indices[g], np.int64)
+        total += float(m[np.arange(m.shape[0]), idx].sum())
+    return total
