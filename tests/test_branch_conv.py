@@ -54,3 +54,77 @@ def test_inside_switch_gradient_equals_lax():
     for i in (0, 1):
         np.testing.assert_allclose(np.asarray(jax.grad(f)(w, conv2d, jnp.int32(i))),
                                    np.asarray(jax.grad(f)(w, _lax_conv, jnp.int32(i))), rtol=1e-4, atol=1e-4)
+
+
+# ----------------------------------------------------------------- memory-lean layer forms
+# (the other formulations that keep the supernet's activation memory down; same values and
+# gradients as the plain formulas they replace)
+
+def _bn_reference(x, scale, bias, axis_name=None, eps=1e-5):
+    mean = jnp.mean(x, axis=(0, 1, 2))
+    mean_sq = jnp.mean(jnp.square(x), axis=(0, 1, 2))
+    if axis_name is not None:
+        mean, mean_sq = lax.pmean((mean, mean_sq), axis_name)
+    var = jnp.maximum(mean_sq - jnp.square(mean), 0.0)
+    return ((x - mean) * lax.rsqrt(var + eps)) * scale + bias
+
+
+@pytest.mark.parametrize("axis_name", [None, "d"])
+def test_batchnorm_output_form_derivative_matches_autodiff(axis_name):
+    """``layers.batch_normalize`` (custom_jvp written in terms of the output): values,
+    gradients, forward-over-reverse (Hessian-vector products) and reverse-over-reverse equal
+    autodiff through the formula, also with synchronised statistics (``axis_name``)."""
+    from dnas.supernet import layers as L
+    bn = L.batchnorm(5, True)
+    _, s = bn.init(None)
+    k = jax.random.split(jax.random.PRNGKey(0), 5)
+    x = jax.random.normal(k[0], (2, 4, 3, 3, 5)) * 2 + 1
+    p = {"scale": jax.random.normal(k[1], (5,)), "bias": jax.random.normal(k[2], (5,))}
+    h = jax.random.normal(k[3], x.shape)
+    v = jax.random.normal(k[4], x.shape)
+
+    def over_devices(f):  # two "devices" by vmap with a named axis, or one device
+        if axis_name is None:
+            return lambda x, p: f(x[0], p, h[0])
+        return lambda x, p: jnp.sum(jax.vmap(lambda xi, hi: f(xi, p, hi), axis_name=axis_name)(x, h))
+
+    ours = over_devices(lambda x, p, h: jnp.sum(jnp.sin(bn.apply(p, s, x, L.Ctx(axis_name=axis_name))[0]) * h))
+    ref = over_devices(lambda x, p, h: jnp.sum(jnp.sin(_bn_reference(x, p["scale"], p["bias"], axis_name)) * h))
+    np.testing.assert_allclose(float(ours(x, p)), float(ref(x, p)), rtol=1e-5)
+    for a, b in zip(jax.tree_util.tree_leaves(jax.grad(ours, (0, 1))(x, p)),
+                    jax.tree_util.tree_leaves(jax.grad(ref, (0, 1))(x, p))):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-5)
+    hvp = lambda f: jax.jvp(lambda x: jax.grad(f)(x, p), (x,), (v,))[1]  # noqa: E731
+    np.testing.assert_allclose(np.asarray(hvp(ours)), np.asarray(hvp(ref)), rtol=1e-4, atol=1e-4)
+    rr = lambda f: jax.grad(lambda x: jnp.sum(jax.grad(f)(x, p) ** 2))(x)  # noqa: E731
+    np.testing.assert_allclose(np.asarray(rr(ours)), np.asarray(rr(ref)), rtol=1e-4, atol=1e-4)
+
+
+def test_unrolled_edges_equal_the_scanned_buffer_form():
+    """The unrolled edge loop (nodes as separate arrays, each materialised once) computes what
+    the ``lax.scan`` over a stacked node buffer computes: outputs, states and gradients."""
+    from dnas.relaxations import get_relaxation
+    from dnas.supernet import layers as L
+    from dnas.supernet.genotype import NB201_EDGES, NB201_OPS
+    from dnas.supernet.mixed import MixedOp, scan_edges
+    from dnas.supernet.ops import candidate_ops
+    mixed = MixedOp(candidate_ops("nb201", NB201_OPS, 4, 1))
+    params, state = mixed.init_stacked(jax.random.PRNGKey(0), len(NB201_EDGES))
+    x = jax.random.normal(jax.random.PRNGKey(1), (2, 6, 6, 4))
+    w = jax.nn.softmax(jax.random.normal(jax.random.PRNGKey(2), (len(NB201_EDGES), len(NB201_OPS))), -1)
+    src, dst = [s for s, _ in NB201_EDGES], [d for _, d in NB201_EDGES]
+    mix = get_relaxation("darts").mix
+
+    def cell(params, w, x, unroll):
+        buf = jnp.zeros((4,) + x.shape).at[0].set(x)
+        buf, st = scan_edges(mixed, params, state, w, src, dst, buf, mix, L.Ctx(), unroll=unroll)
+        return buf, st
+
+    (b1, s1), (b2, s2) = cell(params, w, x, True), cell(params, w, x, False)
+    np.testing.assert_allclose(np.asarray(b1), np.asarray(b2), rtol=1e-5, atol=1e-5)
+    for a, b in zip(jax.tree_util.tree_leaves(s1), jax.tree_util.tree_leaves(s2)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
+    loss = lambda u: lambda p, w, x: jnp.sum(jnp.sin(cell(p, w, x, u)[0][3]))  # noqa: E731
+    for a, b in zip(jax.tree_util.tree_leaves(jax.grad(loss(True), (0, 1, 2))(params, w, x)),
+                    jax.tree_util.tree_leaves(jax.grad(loss(False), (0, 1, 2))(params, w, x))):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-5)

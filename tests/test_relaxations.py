@@ -209,3 +209,54 @@ def test_pc_darts_edge_weights_and_scores():
         get_relaxation("pc_darts")
     with pytest.raises(ValueError, match="partial_channels=3"):
         build_space("nb201", channels=4, partial_channels=3)
+
+
+def test_pc_darts_take_channels_values_and_gradients_equal_slicing():
+    """``take_channels`` (a gather, so XLA keeps only the 1/K slice for the backward pass) is
+    ``x[..., :n]`` in values and gradients, and the PC mix built on it equals the reference
+    formulation with a plain slice."""
+    from dnas.relaxations.pc_darts import _bypass, channel_shuffle, partial_mix, take_channels
+    x = jnp.asarray(np.random.default_rng(2).standard_normal((2, 6, 6, 8)), jnp.float32)
+    g = jnp.asarray(np.random.default_rng(3).standard_normal((2, 6, 6, 2)), jnp.float32)
+    np.testing.assert_array_equal(np.asarray(take_channels(x, 2)), np.asarray(x[..., :2]))
+    np.testing.assert_array_equal(np.asarray(jax.grad(lambda a: jnp.sum(take_channels(a, 2) * g))(x)),
+                                  np.asarray(jax.grad(lambda a: jnp.sum(a[..., :2] * g))(x)))
+    mixed = MixedOp(candidate_ops("nb201", NB201_OPS, 2, 1))
+    params, state = mixed.init(jax.random.PRNGKey(0))
+    w = jax.nn.softmax(jnp.arange(5.0) / 3)
+
+    def reference(params, w, x):
+        outs, _ = MixedOp(mixed.layers).apply(params, state, x[..., :2], w, REGISTRY["darts"]().mix, CTX)
+        return channel_shuffle(jnp.concatenate([outs, _bypass(x[..., 2:], outs.shape[1:3])], -1), 4)
+
+    def ours(params, w, x):
+        return mixed.apply(params, state, x, w, partial_mix(4), CTX)[0]
+
+    h = jnp.asarray(np.random.default_rng(4).standard_normal((2, 6, 6, 8)), jnp.float32)
+    np.testing.assert_allclose(np.asarray(ours(params, w, x)), np.asarray(reference(params, w, x)), rtol=1e-6, atol=1e-6)
+    g1 = jax.grad(lambda *a: jnp.sum(jnp.sin(ours(*a)) * h), (0, 1, 2))(params, w, x)
+    g2 = jax.grad(lambda *a: jnp.sum(jnp.sin(reference(*a)) * h), (0, 1, 2))(params, w, x)
+    for a, b in zip(jax.tree_util.tree_leaves(g1), jax.tree_util.tree_leaves(g2)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("i", range(len(NB201_OPS)))
+def test_gdas_sampled_op_in_switch_matches_direct_op_values_and_gradients(nb201_edge, i):
+    """Inside ``lax.switch`` (ctx.branch: branch convolutions, BatchNorm's output-form
+    derivative) every NB201 op gives the values and gradients of the op applied directly."""
+    from dnas.supernet.mixed import Candidates
+    mixed, params, state, x = nb201_edge
+    h = jnp.asarray(np.random.default_rng(5).standard_normal(x.shape), jnp.float32)
+
+    def switched(params, x):
+        return Candidates(mixed.layers, params, state, CTX).one(jnp.int32(i), x)[0]
+
+    def direct(params, x):
+        return mixed.layers[i].apply(params[i], state[i], x, CTX)[0]
+
+    np.testing.assert_allclose(np.asarray(switched(params, x)), np.asarray(direct(params, x)), rtol=1e-5, atol=1e-6)
+    g_s = jax.grad(lambda p, x: jnp.sum(jnp.sin(switched(p, x)) * h), (0, 1))(params, x)
+    g_d = jax.grad(lambda p, x: jnp.sum(jnp.sin(direct(p, x)) * h), (0, 1))(params, x)
+    np.testing.assert_allclose(np.asarray(g_s[1]), np.asarray(g_d[1]), rtol=1e-4, atol=1e-5)
+    for a, b in zip(jax.tree_util.tree_leaves(g_s[0][i]), jax.tree_util.tree_leaves(g_d[0][i])):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-5)

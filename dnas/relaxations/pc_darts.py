@@ -41,16 +41,31 @@ def _bypass(x: jax.Array, out_hw: tuple[int, int]) -> jax.Array:
                              ((0, 0), (0, ph), (0, pw), (0, 0)))
 
 
+def take_channels(x: jax.Array, n: int) -> jax.Array:
+    """The first ``n`` channels of an NHWC tensor, as a gather (not a slice).
+
+    Same values and gradient as ``x[..., :n]``; the difference is what XLA keeps for the
+    backward pass. The candidate ops need their input ``x[..., :n]`` again in the backward
+    pass (ReLU mask, convolution weight gradient). XLA fuses a slice into its consumers, so it
+    kept the full-width arrays the slice was read from — on a cell node, the concatenated
+    full-width outputs of every edge entering it — alive until the backward pass instead of
+    the 1/K-wide slice: in an NB201 supernet at K=4, that was a third of PC-DARTS's memory
+    (``docs/benchmarks.md``). A gather's output is materialised, so only it is kept.
+    """
+    return jnp.take(x, jnp.arange(n), axis=-1, mode="clip")
+
+
 def partial_mix(k: int):
     def mix(weights, candidates, x):
         c = x.shape[-1]
         if c % k:
             raise ValueError(f"PC-DARTS: {c} channels are not divisible by K={k}")
-        part, rest = x[..., : c // k], x[..., c // k:]
+        if k == 1:
+            outs, state = candidates.all(x)
+            return sum(w * o for w, o in zip(weights, outs)), state
+        part, rest = take_channels(x, c // k), x[..., c // k:]
         outs, state = candidates.all(part)
         y = sum(w * o for w, o in zip(weights, outs))
-        if k == 1:
-            return y, state
         return channel_shuffle(jnp.concatenate([y, _bypass(rest, y.shape[1:3])], axis=-1), k), state
     return mix
 

@@ -60,10 +60,13 @@ def _bwd(stride, padding, dilation, res, g):
     # a convolution over (p, q) of x^T (batch = in-channels, features = examples) with g^T
     # (kernel = output positions, in = examples, out = out-channels), kernel dilated by the
     # stride and strided by the dilation
-    xp = jnp.pad(x, ((0, 0), (padding, padding), (padding, padding), (0, 0)))
-    lhs = xp.transpose(3, 1, 2, 0)                      # (C_in, Hp, Wp, N)
+    # (the padding goes into the convolution, not a jnp.pad before it: XLA:CPU runs this
+    # convolution through YNNPACK only then, 5 ms instead of 25 ms for a 3x3 conv at
+    # B=64, 32x32, C=16, inside a lax.switch branch as well as outside)
+    lhs = x.transpose(3, 1, 2, 0)                       # (C_in, H, W, N)
     rhs = g.transpose(1, 2, 0, 3)                       # (Ho, Wo, N, C_out)
-    gw = lax.conv_general_dilated(lhs, rhs, (dilation, dilation), "VALID", rhs_dilation=(stride, stride),
+    gw = lax.conv_general_dilated(lhs, rhs, (dilation, dilation), ((padding, padding), (padding, padding)),
+                                  rhs_dilation=(stride, stride),
                                   dimension_numbers=_DN)  # (C_in, >=kh, >=kw, C_out)
     gw = gw[:, :kh, :kw, :].transpose(1, 2, 0, 3)
     return gx.astype(x.dtype), gw.astype(w.dtype)

@@ -89,6 +89,59 @@ def take_edges(tree, idx: Sequence[int]):
     return jax.tree_util.tree_map(lambda a: a[idx], tree)
 
 
+def unrolled_edges(mixed: MixedOp, params, state, samples, src: Sequence[int], dst: Sequence[int],
+                   nodes: list, mix: Mix, ctx: Ctx, inputs: list | None = None):
+    """:func:`scan_edges` unrolled at trace time, on nodes kept as separate arrays.
+
+    ``nodes`` is a list of node values (``None``: a node no edge has written yet); edge ``e``
+    reads ``(inputs or nodes)[src[e]]`` and adds its output to ``nodes[dst[e]]``. Returns the
+    updated list and the stacked new states.
+
+    Keeping the nodes separate matters for memory: updating one stacked buffer edge by edge
+    (``buf.at[d].add``) made a full copy of all nodes per edge, and XLA kept each copy alive
+    until the backward pass because the next edge's input was a slice of it — six copies of a
+    four-node buffer per NAS-Bench-201 cell (``docs/benchmarks.md``).
+    """
+    parts = [[] if v is None else [v] for v in nodes]   # the terms summed into each node
+    done = [False] * len(parts)
+
+    def node(i):
+        if not done[i]:
+            parts[i], done[i] = [_node_sum(parts[i])], True
+        return parts[i][0]
+
+    n = jax.tree_util.tree_leaves(params)[0].shape[0]
+    new_states = []
+    for e in range(n):
+        p, s, smp = jax.tree_util.tree_map(lambda a: a[e], (params, state, samples))
+        x = node(src[e]) if inputs is None else inputs[src[e]]
+        y, s_new = mixed.apply(p, s, x, smp, mix, ctx)
+        if done[dst[e]]:
+            raise ValueError(f"edge {e} writes node {dst[e]} after an edge has read it; order the edges")
+        parts[dst[e]].append(y)
+        new_states.append(s_new)
+    return [node(i) if parts[i] else None for i in range(len(parts))], stack_trees(new_states)
+
+
+def _node_sum(terms: list) -> jax.Array:
+    """Σ terms, materialised once (a product with the identity matrix).
+
+    XLA:CPU fuses a chain of elementwise adds into every consumer instead of storing it; a
+    cell node feeds several ops (a 3x3 pooling window reads each element 9 times), and through
+    skip connections (identity ops) the fused expressions grew node after node, cell after
+    cell: a NAS-Bench-201 DARTS step at N=5 recomputed ~30 GFLOP of them and ran about 3x
+    slower. A dot is a library call that XLA neither fuses nor simplifies away, so it pins
+    the node in memory at the cost of ``2·C`` FLOPs per element (``docs/benchmarks.md``).
+    """
+    out = terms[0]
+    for t in terms[1:]:
+        out = out + t.astype(out.dtype)
+    if len(terms) == 1:
+        return out
+    c = out.shape[-1]
+    return jnp.einsum("...c,cd->...d", out, jnp.eye(c, dtype=out.dtype), precision=lax.Precision.HIGHEST)
+
+
 def scan_edges(mixed: MixedOp, params, state, samples, src: Sequence[int], dst: Sequence[int],
                out_buf: jax.Array, mix: Mix, ctx: Ctx, in_buf: jax.Array | None = None,
                unroll: bool = False):
@@ -97,8 +150,16 @@ def scan_edges(mixed: MixedOp, params, state, samples, src: Sequence[int], dst: 
     ``source`` is ``in_buf`` when given (edges reading cell inputs), else ``out_buf`` itself
     (edges between intermediate nodes, which must be ordered so that a node is complete before
     an edge reads it). Returns the final buffer and the stacked new states.
-    ``unroll=True`` unrolls the loop at trace time (see :func:`dnas.supernet.layers.unroll_loops`).
+    ``unroll=True`` unrolls the loop at trace time (see :func:`dnas.supernet.layers.unroll_loops`)
+    through :func:`unrolled_edges` (the spaces call that directly when unrolled, on a list of
+    nodes).
     """
+    if unroll:
+        nodes = [out_buf[i] for i in range(out_buf.shape[0])]
+        inputs = None if in_buf is None else [in_buf[i] for i in range(in_buf.shape[0])]
+        nodes, new_states = unrolled_edges(mixed, params, state, samples, src, dst, nodes, mix, ctx, inputs)
+        return jnp.stack(nodes), new_states
+
     def body(buf, xs):
         p, s, smp, si, di = xs
         x = (buf if in_buf is None else in_buf)[si]

@@ -25,7 +25,7 @@ import jax.numpy as jnp
 from dnas.supernet import layers as L
 from dnas.supernet.genotype import (DARTS_EDGES, DARTS_OPS, NB201_EDGES, NB201_OPS,
                                     derive_darts, derive_nb201, parse_nb201)
-from dnas.supernet.mixed import MixedOp, scan_edges, take_edges
+from dnas.supernet.mixed import MixedOp, scan_edges, take_edges, unrolled_edges
 from dnas.supernet.ops import candidate_ops
 from dnas.supernet.space_base import SearchSpace, UnknownSpaceError  # noqa: F401 (re-exported)
 
@@ -109,6 +109,10 @@ class NB201Space(SearchSpace):
         return params, state
 
     def _cell(self, stage, params, state, x, sample, mix, ctx):
+        if self.unroll:  # nodes as separate arrays (see unrolled_edges: no per-edge buffer copies)
+            nodes, new_state = unrolled_edges(self.mixed[stage], params, state, sample, self._src, self._dst,
+                                              [x, None, None, None], mix, ctx)
+            return nodes[3], new_state
         buf = jnp.zeros((4,) + x.shape, x.dtype).at[0].set(x)
         buf, new_state = scan_edges(self.mixed[stage], params, state, sample, self._src, self._dst, buf, mix, ctx,
                                     unroll=self.unroll)
@@ -188,19 +192,25 @@ class _DartsCell:
     def apply(self, p, s, s0, s1, sample, mix, ctx):
         h0, st0 = self.pre0.apply(p["pre0"], s["pre0"], s0, ctx)
         h1, st1 = self.pre1.apply(p["pre1"], s["pre1"], s1, ctx)
+        s_in, d_in = [DARTS_EDGES[e][0] for e in _DARTS_IN], [DARTS_EDGES[e][1] - 2 for e in _DARTS_IN]
+        s_inner = [DARTS_EDGES[e][0] - 2 for e in _DARTS_INNER]
+        d_inner = [DARTS_EDGES[e][1] - 2 for e in _DARTS_INNER]
+        if self.unroll:  # nodes as separate arrays (see unrolled_edges: no per-edge buffer copies)
+            nodes, sin = unrolled_edges(self.mixed_in, p["in"], s["in"], take_edges(sample, _DARTS_IN),
+                                        s_in, d_in, [None] * 4, mix, ctx, inputs=[h0, h1])
+            nodes, sinner = unrolled_edges(self.mixed_inner, p["inner"], s["inner"],
+                                           take_edges(sample, _DARTS_INNER), s_inner, d_inner, nodes, mix, ctx)
+            out = jnp.concatenate(nodes, axis=-1)
+            return out, {"pre0": st0, "pre1": st1, "in": sin, "inner": sinner}
         inputs = jnp.stack([h0, h1])
         b, hh, ww, c = h1.shape
         if self.reduction:
             hh, ww = (hh + 1) // 2, (ww + 1) // 2
         buf = jnp.zeros((4, b, hh, ww, c), h1.dtype)
-        buf, sin = scan_edges(self.mixed_in, p["in"], s["in"], take_edges(sample, _DARTS_IN),
-                              [DARTS_EDGES[e][0] for e in _DARTS_IN],
-                              [DARTS_EDGES[e][1] - 2 for e in _DARTS_IN], buf, mix, ctx, in_buf=inputs,
-                              unroll=self.unroll)
+        buf, sin = scan_edges(self.mixed_in, p["in"], s["in"], take_edges(sample, _DARTS_IN), s_in, d_in,
+                              buf, mix, ctx, in_buf=inputs, unroll=self.unroll)
         buf, sinner = scan_edges(self.mixed_inner, p["inner"], s["inner"], take_edges(sample, _DARTS_INNER),
-                                 [DARTS_EDGES[e][0] - 2 for e in _DARTS_INNER],
-                                 [DARTS_EDGES[e][1] - 2 for e in _DARTS_INNER], buf, mix, ctx,
-                                 unroll=self.unroll)
+                                 s_inner, d_inner, buf, mix, ctx, unroll=self.unroll)
         out = jnp.concatenate([buf[i] for i in range(4)], axis=-1)
         return out, {"pre0": st0, "pre1": st1, "in": sin, "inner": sinner}
 
