@@ -143,6 +143,7 @@ def test_bench_prints_one_json_object(capsys):
     assert result["flops"] > 1e6 and result["temp_bytes"] > 0
 
 
+@pytest.mark.slow  # ~1 min: compiles a second-order step of the unrolled CPU supernet
 def test_search_tunes_learning_rate_with_unrolled_hypergradient(tmp_path):
     """`--hypergrad unrolled --tune lr,wd`: the logged lr/wd move away from their initial values,
     the hypergradients are logged, and hyperparams.png is written."""

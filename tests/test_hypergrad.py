@@ -291,7 +291,7 @@ def test_searcher_refuses_zero_hypergradient_combinations():
 
 _slow = pytest.mark.slow  # ~1-2 min each on 2 cores; `pytest -m slow` runs them
 _ESTIMATOR_CASES = [pytest.param("first", {}, (), marks=_slow, id="first"),  # also in test_search
-                    pytest.param("unrolled", {}, ("lr", "wd"), id="unrolled"),
+                    pytest.param("unrolled", {}, ("lr", "wd"), marks=_slow, id="unrolled"),  # exactness: test_supernet_unrolled_...
                     pytest.param("unrolled-fd", {}, ("lr",), marks=_slow, id="unrolled-fd"),
                     pytest.param("unrolled-k", {"steps": 2}, ("lr", "wd"), marks=_slow, id="unrolled-k"),
                     pytest.param("implicit-cg", {"iters": 3, "unroll": False}, ("wd",), id="implicit-cg"),
