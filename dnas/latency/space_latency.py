@@ -162,22 +162,27 @@ _NB201_ATTRS = {"none": (), "skip_connect": (), "nor_conv_1x1": (("kernel", 1),)
                 "avg_pool_3x3": (("kernel", 3),)}
 
 
-def _nb201_candidates(space, c: int, hw: tuple, stride: int = 1) -> tuple[OpSignature, ...]:
-    from dnas.supernet.ops import nb201_op
-
+def _cell_candidates(space, prefix: str, group: str, attrs_of: dict, make_op, c: int, hw: tuple,
+                     stride: int) -> tuple[OpSignature, ...]:
+    """The candidate-op signatures of one cell edge (``none`` is free: no key)."""
     cfg = space.config
+    shape_in = hw + (c,)
+    shape_out = (-(-hw[0] // stride), -(-hw[1] // stride), c)
     out = []
-    for op in space.group_op_names("cell"):
-        shape_in = hw + (c,)
-        shape_out = (-(-hw[0] // stride), -(-hw[1] // stride), c)
+    for op in space.group_op_names(group):
         if op == "none":
             out.append(OpSignature(op, None, shape_in, shape_out))
             continue
-        attrs = _NB201_ATTRS.get(op, ()) + (("stride", stride),)
-        build = (lambda op=op: nb201_op(op, c, stride, cfg.affine, cfg.impl))
-        out.append(OpSignature(op, signature_key(f"nb201/{op}", shape_in, shape_out, attrs), shape_in, shape_out,
+        attrs = attrs_of.get(op, ()) + (("stride", stride),)
+        build = (lambda op=op: make_op(op, c, stride, cfg.affine, cfg.impl))
+        out.append(OpSignature(op, signature_key(f"{prefix}/{op}", shape_in, shape_out, attrs), shape_in, shape_out,
                                attrs, build=build))
     return tuple(out)
+
+
+def _nb201_candidates(space, c: int, hw: tuple, stride: int = 1) -> tuple[OpSignature, ...]:
+    from dnas.supernet.ops import nb201_op
+    return _cell_candidates(space, "nb201", "cell", _NB201_ATTRS, nb201_op, c, hw, stride)
 
 
 def _describe_nb201(space, input_size: int) -> tuple[list, list]:
@@ -207,20 +212,7 @@ _DARTS_ATTRS = {"max_pool_3x3": (("kernel", 3),), "avg_pool_3x3": (("kernel", 3)
 
 def _darts_candidates(space, group: str, c: int, hw: tuple, stride: int) -> tuple[OpSignature, ...]:
     from dnas.supernet.ops import darts_op
-
-    cfg = space.config
-    shape_in = hw + (c,)
-    shape_out = (-(-hw[0] // stride), -(-hw[1] // stride), c)
-    out = []
-    for op in space.group_op_names(group):
-        if op == "none":
-            out.append(OpSignature(op, None, shape_in, shape_out))
-            continue
-        attrs = _DARTS_ATTRS.get(op, ()) + (("stride", stride),)
-        build = (lambda op=op: darts_op(op, c, stride, cfg.affine, cfg.impl))
-        out.append(OpSignature(op, signature_key(f"darts/{op}", shape_in, shape_out, attrs), shape_in, shape_out,
-                               attrs, build=build))
-    return tuple(out)
+    return _cell_candidates(space, "darts", group, _DARTS_ATTRS, darts_op, c, hw, stride)
 
 
 def _describe_darts(space, input_size: int) -> tuple[list, list]:
