@@ -155,6 +155,12 @@ def build_parser() -> argparse.ArgumentParser:
                      help="fbnet | additive | additive_relative | multiplicative | mul_log | hinge")
     lat.add_argument("--latency-target", type=float, default=None, metavar="MS", help="target latency in ms")
     lat.add_argument("--latency-weight", type=float, default=None, help="weight of the latency term (λ)")
+    lat.add_argument("--latency-space-option", action="append", metavar="KEY=VALUE",
+                     help="option of the deployed network whose latency the table gives, where it differs from "
+                          "the searched supernet (same choice points), e.g. width_mult=1.0 and stem_stride=2 for the "
+                          "full ProxylessNAS chain (repeatable)")
+    lat.add_argument("--latency-input-size", type=_positive, default=None, metavar="PX",
+                     help="input resolution of the deployed network (default: the table's)")
     _hypergrad_args(s)
     s.add_argument("--no-augment", action="store_true", help="disable random crop / flip")
     s.add_argument("--log-every", type=_positive, default=10, help="write a step record every N steps")
@@ -200,7 +206,8 @@ def _cmd_search(args) -> int:
         hypergrad=args.hypergrad, hypergrad_options=_hypergrad_options(args), tune=_tune(args),
         latency=None if args.latency_table is None else {
             "table_path": args.latency_table, "loss": args.latency_loss, "target": args.latency_target,
-            "weight": args.latency_weight},
+            "weight": args.latency_weight, "input_size": args.latency_input_size,
+            "space_options": _key_values(args.latency_space_option, "--latency-space-option")},
         augment=not args.no_augment, log_every=args.log_every, data_dir=args.data_dir,
         progress=not args.no_progress)
     try:

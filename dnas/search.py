@@ -325,20 +325,39 @@ def check_finite(metrics: dict, step: int) -> None:
                 "or check the data); no checkpoint was written for this step")
 
 
+def _latency_objective(space: str, built: SearchSpace, space_options: dict, latency: dict):
+    """The latency objective of the searched space, or of the *deployed* network when
+    ``latency["space_options"]`` overrides the space's options (e.g. search a width-0.25 chain
+    on 32×32 images while the latency is the full-width network's at 224×224, as in the
+    published mobile tables). The deployed network must have the same choice points."""
+    from dnas.latency.objective import make_latency_objective
+
+    latency = dict(latency)
+    deploy = latency.pop("space_options", None)
+    if deploy:
+        target = build_space(space, **{**space_options, **deploy})
+        shapes = {g: tuple(v) for g, v in target.groups.items()}
+        if shapes != {g: tuple(v) for g, v in built.groups.items()}:
+            raise ValueError(f"the latency space options {deploy} change the choice points of the {space} space "
+                             f"({ {g: tuple(v) for g, v in built.groups.items()} } searched vs {shapes}); "
+                             "only sizes that keep every choice point (width, resolution, stem stride) may differ")
+        built = target
+    return make_latency_objective(built, **latency)
+
+
 def make_searcher(space: str, relaxation: str = "darts", *, space_options: dict | None = None,
                   relaxation_options: dict | None = None, hyper: Hyper = Hyper(),
                   total_steps: int = 1, num_devices: int = 1, hypergrad: str = "first",
                   hypergrad_options: dict | None = None, tune=(), latency: dict | None = None) -> Searcher:
     """Build a :class:`Searcher` by names. ``latency``: keyword arguments of
     :func:`dnas.latency.objective.make_latency_objective` (``table_path``, ``loss``, ``target``,
-    ``weight``) or None."""
+    ``weight``, ``input_size``), plus ``space_options`` of the deployed network, or None."""
     space_options = dict(space_options or {})
     built = build_space(space, **space_options)
     relax = get_relaxation(relaxation, space=built, **(relaxation_options or {}))
     objective = None
     if latency:  # of the full-width network (before PC-DARTS narrows the candidate ops)
-        from dnas.latency.objective import make_latency_objective
-        objective = make_latency_objective(built, **latency)
+        objective = _latency_objective(space, built, space_options, latency)
     if relax.partial_channels != 1:  # the space's candidate ops see 1/K of the channels
         built = build_space(space, **{**space_options, "partial_channels": relax.partial_channels})
     return Searcher(built, relax, hyper, total_steps, num_devices, hypergrad=hypergrad,
