@@ -50,6 +50,16 @@ def _space_args(p: argparse.ArgumentParser) -> None:
     d.add_argument("--process-id", type=int, default=None)
 
 
+def _seed_list(text: str) -> tuple[int, ...]:
+    try:
+        seeds = tuple(int(t) for t in text.split(",") if t.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if not seeds or any(s < 0 for s in seeds) or len(set(seeds)) != len(seeds):
+        raise argparse.ArgumentTypeError(f"expected distinct non-negative integers, got {text!r}")
+    return seeds
+
+
 def _key_values(items: list[str] | None, flag: str) -> dict:
     """``["k=v", ...]`` → ``{k: v}`` with ``v`` read as a number/bool where it is one."""
     out = {}
@@ -139,6 +149,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--epochs", type=_positive, default=30)
     s.add_argument("--batch-size", type=_positive, default=64, help="global batch size (split over devices)")
     s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--seeds", type=_seed_list, default=None, metavar="S1,S2,...",
+                   help="run one independent search per seed in a single vmapped program; writes OUT/seed-<s>/ "
+                        "per seed and OUT/op_frequency.json (how often each op was chosen per edge)")
     s.add_argument("--out", default=None, help="output directory (default: runs/<timestamp>)")
     s.add_argument("--limit-examples", type=_positive, default=None,
                    help="use at most N training examples (stratified), for quick runs")
@@ -197,7 +210,7 @@ def _cmd_search(args) -> int:
 
     cfg = SearchConfig(
         space=args.space, relaxation=args.relaxation, dataset=args.dataset, epochs=args.epochs,
-        batch_size=args.batch_size, seed=args.seed, out=args.out, devices=args.devices,
+        batch_size=args.batch_size, seed=args.seed, seeds=args.seeds, out=args.out, devices=args.devices,
         limit_examples=args.limit_examples, max_steps=args.max_steps,
         space_options=_space_options(args, DEFAULT_SPACE_OPTIONS[args.space]),
         hyper=Hyper(w_lr=args.w_lr, w_lr_min=args.w_lr_min, a_lr=args.a_lr, w_weight_decay=args.w_wd,
@@ -215,12 +228,15 @@ def _cmd_search(args) -> int:
     except (DatasetError, NonFiniteLossError, ValueError, OSError) as e:
         print(f"dnas search: error: {e}", file=sys.stderr)
         return 2
-    g = summary["genotype"]
-    final = summary.get("final", {})
-    print(f"derived architecture: {json.dumps(g)}")
-    print(f"final epoch: train_acc={final.get('train_acc', float('nan')):.3f} "
-          f"val_acc={final.get('val_acc', float('nan')):.3f}; {summary['steps']} steps in "
-          f"{summary['wall_time_s']:.1f} s (first step incl. compile {summary['compile_s']:.1f} s)")
+    runs = (zip(summary["seeds"], summary["genotypes"], summary["finals"]) if "seeds" in summary
+            else [(args.seed, summary["genotype"], summary.get("final", {}))])
+    for seed, g, final in runs:
+        tag = f"seed {seed}: " if "seeds" in summary else ""
+        print(f"{tag}derived architecture: {json.dumps(g)}")
+        print(f"{tag}final epoch: train_acc={final.get('train_acc', float('nan')):.3f} "
+              f"val_acc={final.get('val_acc', float('nan')):.3f}")
+    print(f"{summary['steps']} steps in {summary['wall_time_s']:.1f} s "
+          f"(first step incl. compile {summary['compile_s']:.1f} s)")
     if "table_latency_ms" in summary:
         print(f"table latency of the derived architecture: {summary['table_latency_ms']:.2f} ms")
     print(f"outputs in {summary['out']}/")

@@ -13,6 +13,13 @@
   after every loss of the epoch was checked finite, so a diverged run never overwrites a
   good checkpoint;
 * ``config.json`` — the resolved configuration of the run.
+
+With ``seeds`` (``dnas search --seeds 0,1,2,3``) the searches of every seed run as one vmapped
+program (:class:`~dnas.search.Searcher` with ``num_seeds``); each seed gets its own data split,
+data order, augmentation, initialisation and α exactly as ``--seed s`` alone would, and its
+own ``seed-<s>/`` directory with the files above (genotype, alphas, pictures, metrics). The
+top level holds ``config.json``, the stacked checkpoints, ``summary.json`` and
+``op_frequency.json`` / ``op_frequency.png``: per choice point, how many seeds chose each op.
 """
 from __future__ import annotations
 
@@ -26,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from dnas.distributed import is_primary, to_host
@@ -44,6 +52,7 @@ class SearchConfig:
     epochs: int = 30
     batch_size: int = 64
     seed: int = 0
+    seeds: tuple | None = None            # several independent searches in one program (vmapped)
     out: str | None = None                # None: runs/<timestamp>
     devices: int = 1
     limit_examples: int | None = None
@@ -147,8 +156,20 @@ def write_alphas(path: Path, searcher: Searcher, state: SearchState) -> dict:
     return out
 
 
+def _member_data(cfg: SearchConfig, seed: int, cache: dict):
+    """The weight half and architecture half of the training split for one seed (the data
+    subset depends on the seed only through ``limit_examples``)."""
+    key = seed if cfg.limit_examples is not None else None
+    if key not in cache:
+        cache[key] = load_dataset(cfg.dataset, limit_examples=cfg.limit_examples, seed=seed, data_dir=cfg.data_dir)
+    data = cache[key]
+    (wx, wy), (ax, ay) = darts_split(data.train_x, data.train_y, seed=seed)
+    return data, (wx, wy.astype(np.int32)), (ax, ay.astype(np.int32))
+
+
 def run_search(cfg: SearchConfig) -> dict:
-    """Run a search and write its outputs; returns a summary dict (also ``summary.json``)."""
+    """Run a search (or one per seed of ``cfg.seeds``, vmapped) and write its outputs; returns
+    a summary dict (also ``summary.json``)."""
     t_start = time.perf_counter()
     out = Path(cfg.out) if cfg.out else default_out_dir()
     primary = is_primary()  # under jax.distributed only process 0 writes
@@ -160,10 +181,14 @@ def run_search(cfg: SearchConfig) -> dict:
     num_devices = cfg.devices * jax.process_count()  # --devices is per process
     if cfg.batch_size % num_devices:
         raise ValueError(f"batch size {cfg.batch_size} is not divisible by {num_devices} devices")
+    seeds = tuple(int(s) for s in cfg.seeds) if cfg.seeds else (int(cfg.seed),)
+    if len(set(seeds)) != len(seeds):
+        raise ValueError(f"--seeds {','.join(map(str, seeds))}: every seed must be distinct")
+    multi = len(seeds) > 1
 
-    data = load_dataset(cfg.dataset, limit_examples=cfg.limit_examples, seed=cfg.seed, data_dir=cfg.data_dir)
-    (wx, wy), (ax, ay) = darts_split(data.train_x, data.train_y, seed=cfg.seed)
-    wy, ay = wy.astype(np.int32), ay.astype(np.int32)
+    cache: dict = {}
+    members = [_member_data(cfg, s, cache) for s in seeds]
+    data, (wx, wy), (ax, ay) = members[0]
     steps_per_epoch = min(num_batches(len(wy), cfg.batch_size), num_batches(len(ay), cfg.batch_size))
     if steps_per_epoch < 1:
         raise ValueError(f"batch size {cfg.batch_size} is larger than each half of the training split "
@@ -177,7 +202,8 @@ def run_search(cfg: SearchConfig) -> dict:
     searcher = make_searcher(cfg.space, cfg.relaxation, space_options=opts,
                              relaxation_options=cfg.relaxation_options, hyper=cfg.hyper,
                              total_steps=total, num_devices=num_devices, hypergrad=cfg.hypergrad,
-                             hypergrad_options=cfg.hypergrad_options, tune=cfg.tune, latency=cfg.latency)
+                             hypergrad_options=cfg.hypergrad_options, tune=cfg.tune, latency=cfg.latency,
+                             num_seeds=len(seeds))
     resolved = dataclasses.asdict(cfg)
     resolved.update(out=str(out), space_options=searcher.space.describe(), total_steps=total,
                     steps_per_epoch=steps_per_epoch, dataset_name=data.name,
@@ -187,34 +213,46 @@ def run_search(cfg: SearchConfig) -> dict:
     if primary:
         (out / "config.json").write_text(json.dumps(resolved, indent=2, default=str) + "\n", encoding="utf-8")
 
-    state = searcher.replicate(searcher.init(jax.random.PRNGKey(cfg.seed)))
+    state = searcher.init_members(seeds) if multi else searcher.init(jax.random.PRNGKey(seeds[0]))
+    state = searcher.replicate(state)
     step_fn = searcher.compiled_step(donate=True)
     pad, flip = _augment_settings(data)
     aug = jax.jit(augment_batch, static_argnames=("pad", "flip"))
-    aug_key = jax.random.fold_in(jax.random.PRNGKey(cfg.seed), 0xA06)
+    aug_keys = [jax.random.fold_in(jax.random.PRNGKey(s), 0xA06) for s in seeds]
+    dirs = [out / f"seed-{s}" for s in seeds] if multi else [out]
+    if primary:
+        for d in dirs:
+            d.mkdir(parents=True, exist_ok=True)
 
-    log = _MetricsLog(out / "metrics.jsonl" if primary else None)
+    logs = [_MetricsLog(d / "metrics.jsonl" if primary else None) for d in dirs]
     bar = None
     if cfg.progress and primary:
         from tqdm.auto import tqdm
-        bar = tqdm(total=total, desc=f"search {cfg.space}/{cfg.relaxation}", unit="step", dynamic_ncols=True)
+        bar = tqdm(total=total, desc=f"search {cfg.space}/{cfg.relaxation}" + (f" x{len(seeds)} seeds" if multi else ""),
+                   unit="step", dynamic_ncols=True)
     step = 0
     compile_s = None
-    epoch_record: dict = {}
+    epoch_records: list = [{} for _ in seeds]
     try:
         for epoch in range(epochs):
             t_epoch = time.perf_counter()
-            meter = _EpochMeter(log, epoch, bar)
-            w_iter = epoch_batches(wx, wy, cfg.batch_size, seed=cfg.seed, epoch=epoch)
-            a_iter = epoch_batches(ax, ay, cfg.batch_size, seed=cfg.seed + 1_000_003, epoch=epoch)
-            for (xt, yt), (xv, yv) in zip(w_iter, a_iter):
+            meter = _EpochMeter(logs, epoch, seeds if multi else None, bar)
+            iters = [zip(epoch_batches(wx_, wy_, cfg.batch_size, seed=s, epoch=epoch),
+                         epoch_batches(ax_, ay_, cfg.batch_size, seed=s + 1_000_003, epoch=epoch))
+                     for s, (_, (wx_, wy_), (ax_, ay_)) in zip(seeds, members)]
+            for batches in zip(*iters):
                 if step >= total:
                     break
-                if cfg.augment:  # on the device; the step consumes the arrays where they are
-                    kt, kv = jax.random.split(jax.random.fold_in(aug_key, step))
-                    xt, xv = aug(kt, xt, pad=pad, flip=flip), aug(kv, xv, pad=pad, flip=flip)
+                per_member = []
+                for k_aug, ((xt, yt), (xv, yv)) in zip(aug_keys, batches):
+                    if cfg.augment:  # on the device; the step consumes the arrays where they are
+                        kt, kv = jax.random.split(jax.random.fold_in(k_aug, step))
+                        xt, xv = aug(kt, xt, pad=pad, flip=flip), aug(kv, xv, pad=pad, flip=flip)
+                    per_member.append(((xt, yt), (xv, yv)))
+                train_b, val_b = per_member[0] if not multi else jax.tree_util.tree_map(
+                    lambda *a: jnp.stack(a), *per_member)
                 t0 = time.perf_counter()
-                state, metrics = step_fn(state, searcher.shard((xt, yt)), searcher.shard((xv, yv)))
+                state, metrics = step_fn(state, searcher.shard(train_b), searcher.shard(val_b))
                 if compile_s is None:
                     jax.block_until_ready(metrics)
                     compile_s = time.perf_counter() - t0
@@ -224,35 +262,79 @@ def run_search(cfg: SearchConfig) -> dict:
                     meter.flush()
                 if bar is not None:
                     bar.update(1)
-            epoch_record = {"kind": "epoch", "step": step, "epoch": epoch, **meter.means(),
-                            "epoch_time_s": time.perf_counter() - t_epoch}
-            log.write(epoch_record)
+            epoch_time = time.perf_counter() - t_epoch
+            for i, (log, means) in enumerate(zip(logs, meter.means())):
+                epoch_records[i] = {"kind": "epoch", "step": step, "epoch": epoch, **means, "epoch_time_s": epoch_time}
+                log.write(epoch_records[i])
             if primary and ((epoch + 1) % cfg.checkpoint_every == 0 or step >= total):
                 save_checkpoint(out / "checkpoints", state, step)
     finally:
         if bar is not None:
             bar.close()
-        log.close()
+        for log in logs:
+            log.close()
 
-    genotype = searcher.derive(state)
+    states = [searcher.member(state, i) for i in range(len(seeds))] if multi else [state]
+    genotypes = [searcher.derive(st) for st in states]
     wall = time.perf_counter() - t_start
-    summary = {"out": str(out), "genotype": genotype_to_json(genotype), "steps": step, "epochs": epochs,
+    summary = {"out": str(out), "genotype": genotype_to_json(genotypes[0]), "steps": step, "epochs": epochs,
                "wall_time_s": wall, "compile_s": compile_s, "devices": num_devices,
-               "processes": jax.process_count(), "final": epoch_record}
+               "processes": jax.process_count(), "final": epoch_records[0]}
+    if multi:
+        summary.update(seeds=list(seeds), genotypes=[genotype_to_json(g) for g in genotypes],
+                       finals=epoch_records)
     if not primary:
         return summary
-    extra = {"relaxation": cfg.relaxation, "dataset": data.name, "seed": cfg.seed,
-             "epochs": epochs, "steps": step, "devices": num_devices}
-    if searcher.latency is not None:  # the derived architecture's latency under the table
-        from dnas.latency.objective import genotype_indices
-        extra["table_latency_ms"] = searcher.latency.of_indices(genotype_indices(searcher.space, genotype))
-        extra["latency"] = searcher.latency.describe()
-        summary["table_latency_ms"] = extra["table_latency_ms"]
-    save_genotype(genotype, out / "genotype.json", extra=extra)
-    alphas = write_alphas(out / "alphas.json", searcher, state)
-    _plots(out, genotype, alphas, searcher)
+    for s, d, st, genotype in zip(seeds, dirs, states, genotypes):
+        extra = {"relaxation": cfg.relaxation, "dataset": data.name, "seed": s,
+                 "epochs": epochs, "steps": step, "devices": num_devices}
+        if searcher.latency is not None:  # the derived architecture's latency under the table
+            from dnas.latency.objective import genotype_indices
+            extra["table_latency_ms"] = searcher.latency.of_indices(genotype_indices(searcher.space, genotype))
+            extra["latency"] = searcher.latency.describe()
+            if s == seeds[0]:
+                summary["table_latency_ms"] = extra["table_latency_ms"]
+        save_genotype(genotype, d / "genotype.json", extra=extra)
+        alphas = write_alphas(d / "alphas.json", searcher, st)
+        _plots(d, genotype, alphas, searcher)
+    if multi:
+        summary["op_frequency"] = write_op_frequency(out, searcher, seeds, genotypes)
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
     return summary
+
+
+def op_frequency(space, genotypes) -> dict:
+    """How many of ``genotypes`` chose each op at each choice point, per group:
+    ``{group: {choice_point: {op: count}}}`` (DARTS cells: edges not kept count as ``none``)."""
+    from dnas.latency.objective import genotype_indices
+
+    chosen = [genotype_indices(space, g) for g in genotypes]
+    out: dict = {}
+    for g in sorted(space.groups):
+        names = list(space.group_op_names(g))
+        out[g] = {}
+        for r, point in enumerate(space.choice_point_names(g)):
+            counts = {op: 0 for op in names}
+            for c in chosen:
+                counts[names[int(c[g][r])]] += 1
+            out[g][str(point)] = counts
+    return out
+
+
+def write_op_frequency(out: Path, searcher: Searcher, seeds, genotypes) -> dict:
+    """``op_frequency.json`` (counts per choice point and op, the seeds and their genotypes)
+    and ``op_frequency.png`` (the fractions as heatmaps)."""
+    from dnas.supernet.plot import plot_alphas
+
+    freq = op_frequency(searcher.space, genotypes)
+    record = {"space": searcher.space.name, "relaxation": searcher.relax.name, "seeds": list(seeds),
+              "genotypes": [genotype_to_json(g) for g in genotypes], "counts": freq}
+    (out / "op_frequency.json").write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+    mats = {g: np.array([[c / len(seeds) for c in row.values()] for row in rows.values()])
+            for g, rows in freq.items()}
+    plot_alphas(mats, {g: list(searcher.space.group_op_names(g)) for g in mats}, out / "op_frequency.png",
+                title=f"op chosen, fraction of {len(seeds)} seeds")
+    return freq
 
 
 class _EpochMeter:
@@ -260,37 +342,52 @@ class _EpochMeter:
 
     Fetching only every ``log_every`` steps keeps the host from blocking the device each
     step; every fetched loss is checked finite before anything is logged or checkpointed.
+    With ``seeds`` the metrics carry a leading member axis and member ``i`` is logged to
+    ``logs[i]``; otherwise there is one log.
     """
 
-    def __init__(self, log: _MetricsLog, epoch: int, bar=None):
-        self.log, self.epoch, self.bar = log, epoch, bar
+    def __init__(self, logs: list, epoch: int, seeds=None, bar=None):
+        self.logs, self.epoch, self.seeds, self.bar = logs, epoch, seeds, bar
         self.pending: list[tuple[int, dict]] = []
-        self.sums: dict[str, float] = {}
+        self.sums: list[dict[str, float]] = [{} for _ in logs]
         self.n = 0
 
     def add(self, step: int, metrics: dict) -> None:
         self.pending.append((step, metrics))
 
+    def _rows(self, m: dict) -> list[dict]:
+        if self.seeds is None:
+            return [{k: float(v) for k, v in m.items()}]
+        return [{k: float(v[i]) for k, v in m.items()} for i in range(len(self.seeds))]
+
     def flush(self) -> None:
         if not self.pending:
             return
         host = to_host([m for _, m in self.pending])
-        rows = [{k: float(v) for k, v in m.items()} for m in host]
-        for (s, _), m in zip(self.pending, rows):
-            check_finite(m, s)
-            for k, v in m.items():
-                self.sums[k] = self.sums.get(k, 0.0) + v
+        for (s, _), m in zip(self.pending, host):
+            for i, row in enumerate(self._rows(m)):
+                try:
+                    check_finite(row, s)
+                except NonFiniteLossError as e:
+                    if self.seeds is None:
+                        raise
+                    raise NonFiniteLossError(f"seed {self.seeds[i]}: {e}") from None
+                for k, v in row.items():
+                    self.sums[i][k] = self.sums[i].get(k, 0.0) + v
             self.n += 1
-        last_step, last = self.pending[-1][0], rows[-1]
-        self.log.write({"kind": "step", "step": last_step, "epoch": self.epoch, **last})
+        last_step, last = self.pending[-1][0], self._rows(host[-1])
+        for log, row in zip(self.logs, last):
+            log.write({"kind": "step", "step": last_step, "epoch": self.epoch, **row})
         if self.bar is not None:
-            self.bar.set_postfix(loss=f"{last['train_loss']:.3f}", val_acc=f"{last['val_acc']:.3f}",
-                                 H=f"{last['entropy']:.3f}")
+            self.bar.set_postfix(loss=f"{np.mean([r['train_loss'] for r in last]):.3f}",
+                                 val_acc=f"{np.mean([r['val_acc'] for r in last]):.3f}",
+                                 H=f"{np.mean([r['entropy'] for r in last]):.3f}")
         self.pending.clear()
 
-    def means(self) -> dict:
+    def means(self) -> list[dict]:
+        """The epoch's mean of every metric, one dict per log."""
         self.flush()
-        return {k: v / max(self.n, 1) for k, v in self.sums.items()}
+        return [{k: v / max(self.n, 1) for k, v in sums.items()} for sums in self.sums]
 
 
 def _plots(out: Path, genotype, alphas: dict, searcher: Searcher) -> None:

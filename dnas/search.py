@@ -21,6 +21,18 @@ devices and the losses are averaged with ``lax.pmean`` (so their gradients are t
 gradients) before the identical optimizer updates, so α and the weights are the same on every
 device and equal the single-device step on the global batch up to float reassociation. The replicated state is a set of global arrays: read
 it (``device_get``, checkpointing) as if it lived on one device.
+
+With ``num_seeds = S > 1`` the searcher runs S independent searches in one program
+(``dnas search --seeds``): the state and the batches gain a leading member axis and the step is
+``jax.vmap(step)`` (inside the data-parallel ``shard_map`` when there are several devices).
+Every member has its own initialisation, PRNG stream, data order and α; nothing is shared, so
+member i computes what a search with seed i computes alone (up to float reassociation of the
+batched convolutions). On the CPU the members' convolutions run one after another
+(:func:`dnas.supernet.branch_conv.member_conv`) rather than as JAX's batched form, a grouped
+convolution that XLA:CPU runs 2x slower for a whole step; estimators that differentiate twice
+(all but :data:`dnas.hypergrad.FIRST_DERIVATIVES_ONLY`) keep JAX's form. Sampling
+relaxations (GDAS, ProxylessNAS) lose their "only the sampled op" saving under ``vmap``:
+``lax.switch`` with a per-member index evaluates every branch.
 """
 from __future__ import annotations
 
@@ -35,7 +47,7 @@ import optax
 from jax import lax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from dnas.hypergrad import Bilevel, check_tunable, get_hypergrad
+from dnas.hypergrad import FIRST_DERIVATIVES_ONLY, Bilevel, check_tunable, get_hypergrad
 from dnas.relaxations import Relaxation, entropy, get_relaxation
 from dnas.supernet.layers import Ctx
 from dnas.supernet.spaces import SearchSpace, build_space
@@ -116,7 +128,8 @@ class Searcher:
 
     def __init__(self, space: SearchSpace, relaxation: Relaxation, hyper: Hyper = Hyper(),
                  total_steps: int = 1, num_devices: int = 1, hypergrad: str = "first",
-                 hypergrad_options: dict | None = None, tune: tuple[str, ...] = (), latency=None):
+                 hypergrad_options: dict | None = None, tune: tuple[str, ...] = (), latency=None,
+                 num_seeds: int = 1):
         self.space, self.relax, self.hyper = space, relaxation, hyper
         self.latency = latency  # a dnas.latency.objective.LatencyObjective, or None
         self.total_steps = max(int(total_steps), 1)
@@ -132,6 +145,12 @@ class Searcher:
         self.h_tx = optax.adam(hyper.hyper_lr)
         self.axis_name = AXIS if self.num_devices > 1 else None
         self._mesh: Mesh | None = None
+        self.num_seeds = int(num_seeds)
+        if self.num_seeds < 1:
+            raise ValueError(f"num_seeds must be positive, got {num_seeds}")
+        # per-member convolutions under vmap on the CPU (see the module docstring and Ctx.members)
+        self.member_convs = (self.num_seeds > 1 and jax.default_backend() == "cpu"
+                             and hypergrad in FIRST_DERIVATIVES_ONLY)
 
     # ------------------------------------------------------------------ state
     def init(self, key: jax.Array) -> SearchState:
@@ -143,6 +162,18 @@ class Searcher:
         return SearchState(step=jnp.zeros((), jnp.int32), params=params, batch_stats=stats, arch=arch,
                            w_opt_state=self.w_tx.init(params), a_opt_state=self.a_tx.init(arch), key=k_run,
                            hyper=hyper, h_opt_state=self.h_tx.init(hyper))
+
+    def init_members(self, seeds) -> SearchState:
+        """One initial state per seed, stacked along a leading member axis: member ``i`` equals
+        ``init(PRNGKey(seeds[i]))``."""
+        if len(seeds) != self.num_seeds:
+            raise ValueError(f"{len(seeds)} seeds given to a searcher built for {self.num_seeds}")
+        return jax.vmap(self.init)(jnp.stack([jax.random.PRNGKey(int(s)) for s in seeds]))
+
+    @staticmethod
+    def member(state, i: int):
+        """Member ``i`` of a stacked pytree (a state, metrics) from :meth:`init_members`."""
+        return jax.tree_util.tree_map(lambda a: a[i], state)
 
     # ------------------------------------------------------------------ hyperparameters
     def hparams(self, tuned: dict, step) -> tuple[jax.Array, jax.Array]:
@@ -172,7 +203,7 @@ class Searcher:
     # ------------------------------------------------------------------ losses
     def _forward(self, params, stats, arch, x, key, progress, train: bool = True):
         samples = self.relax.sample(arch, key, progress)
-        ctx = Ctx(train=train, axis_name=self.axis_name)
+        ctx = Ctx(train=train, axis_name=self.axis_name, members=self.member_convs)
         return self.space.apply(params, stats, x, samples, self.relax.mix, ctx)
 
     def val_loss(self, arch, params, stats, batch, key, progress):
@@ -271,11 +302,16 @@ class Searcher:
         (what ``jax.pmap`` does, in the sharded-jit form JAX now builds pmap on, which also
         spans processes under ``jax.distributed``)."""
         donate_argnums = (0,) if donate else ()
+        step = self.step if self.num_seeds == 1 else jax.vmap(self.step)
         if self.num_devices == 1:
-            return jax.jit(self.step, donate_argnums=donate_argnums)
-        rep, split = P(), P(AXIS)
-        step = jax.shard_map(self.step, mesh=self.mesh, in_specs=(rep, split, split), out_specs=(rep, rep))
+            return jax.jit(step, donate_argnums=donate_argnums)
+        rep, split = P(), self._batch_spec()
+        step = jax.shard_map(step, mesh=self.mesh, in_specs=(rep, split, split), out_specs=(rep, rep))
         return jax.jit(step, donate_argnums=donate_argnums)
+
+    def _batch_spec(self) -> P:
+        """Batches are split over devices along the example axis (after the member axis)."""
+        return P(AXIS) if self.num_seeds == 1 else P(None, AXIS)
 
     # ------------------------------------------------------------------ device placement
     def replicate(self, state: SearchState) -> SearchState:
@@ -291,20 +327,24 @@ class Searcher:
         """Split a global batch ``(x, y)`` over the devices along its leading axis.
 
         Under ``jax.distributed`` every process passes the same global batch and contributes
-        only its own rows (:func:`dnas.distributed.process_rows`)."""
+        only its own rows (:func:`dnas.distributed.process_rows`). With several seeds the batch
+        is ``(S, B, ...)`` and the ``B`` axis is split."""
         if self.num_devices == 1:
             return batch
-        n = self.num_devices
+        n, ax = self.num_devices, int(self.num_seeds > 1)
         for a in jax.tree_util.tree_leaves(batch):
-            if a.shape[0] % n:
-                raise ValueError(f"global batch {a.shape[0]} is not divisible by {n} devices")
-        sharding = NamedSharding(self.mesh, P(AXIS))
+            if a.shape[ax] % n:
+                raise ValueError(f"global batch {a.shape[ax]} is not divisible by {n} devices")
+        sharding = NamedSharding(self.mesh, self._batch_spec())
         if jax.process_count() == 1:
             return jax.device_put(batch, sharding)
         from dnas.distributed import process_rows
+
+        def local(a):
+            rows = process_rows(a.shape[ax])
+            return np.asarray(a)[(slice(None),) * ax + (rows,)]
         return jax.tree_util.tree_map(
-            lambda a: jax.make_array_from_process_local_data(sharding, np.asarray(a)[process_rows(a.shape[0])],
-                                                             a.shape), batch)
+            lambda a: jax.make_array_from_process_local_data(sharding, local(a), a.shape), batch)
 
     def probs(self, state: SearchState) -> dict:
         from dnas.distributed import to_host
@@ -348,7 +388,8 @@ def _latency_objective(space: str, built: SearchSpace, space_options: dict, late
 def make_searcher(space: str, relaxation: str = "darts", *, space_options: dict | None = None,
                   relaxation_options: dict | None = None, hyper: Hyper = Hyper(),
                   total_steps: int = 1, num_devices: int = 1, hypergrad: str = "first",
-                  hypergrad_options: dict | None = None, tune=(), latency: dict | None = None) -> Searcher:
+                  hypergrad_options: dict | None = None, tune=(), latency: dict | None = None,
+                  num_seeds: int = 1) -> Searcher:
     """Build a :class:`Searcher` by names. ``latency``: keyword arguments of
     :func:`dnas.latency.objective.make_latency_objective` (``table_path``, ``loss``, ``target``,
     ``weight``, ``input_size``), plus ``space_options`` of the deployed network, or None."""
@@ -361,4 +402,4 @@ def make_searcher(space: str, relaxation: str = "darts", *, space_options: dict 
     if relax.partial_channels != 1:  # the space's candidate ops see 1/K of the channels
         built = build_space(space, **{**space_options, "partial_channels": relax.partial_channels})
     return Searcher(built, relax, hyper, total_steps, num_devices, hypergrad=hypergrad,
-                    hypergrad_options=hypergrad_options, tune=tuple(tune), latency=objective)
+                    hypergrad_options=hypergrad_options, tune=tuple(tune), latency=objective, num_seeds=num_seeds)

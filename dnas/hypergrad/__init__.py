@@ -45,6 +45,10 @@ TUNABLE: dict[str, frozenset] = {
     "implicit-neumann": frozenset({"wd"}),
 }
 
+#: Estimators that differentiate the losses once only (no Hessian-vector products, no
+#: reverse mode through inner steps).
+FIRST_DERIVATIVES_ONLY: frozenset = frozenset({"first", "unrolled-fd"})
+
 _WHY_NOT = {
     ("first", "lr"): "first order holds w fixed, and the learning rate acts on L_val only through w",
     ("first", "wd"): "first order holds w fixed, and weight decay acts on L_val only through w",

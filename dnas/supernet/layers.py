@@ -39,12 +39,16 @@ class Ctx(NamedTuple):
     step computes exactly what one device computes on the global batch. ``branch``: true
     while evaluating inside a ``lax.switch`` branch (a sampled op); convolutions then use
     :func:`dnas.supernet.branch_conv.conv2d`, whose backward pass stays fast inside control
-    flow on XLA:CPU.
+    flow on XLA:CPU. ``members``: true while tracing under a ``vmap`` over independent
+    searches (``dnas search --seeds``) on the CPU: convolutions take the same branch path,
+    whose convolutions run one per member there (:func:`dnas.supernet.branch_conv.member_conv`)
+    instead of as one slow grouped convolution.
     """
 
     train: bool = True
     axis_name: str | None = None
     branch: bool = False
+    members: bool = False
 
 
 class Layer(NamedTuple):
@@ -122,9 +126,11 @@ def _he_normal(key, shape, fan_in):
     return jax.random.normal(key, shape, jnp.float32) * math.sqrt(2.0 / fan_in)
 
 
-def _conv(x, w, stride, padding, dilation, groups=1, branch=False):
-    if branch and groups == 1:
-        return branch_conv2d(x, w, stride, padding, dilation)
+def _conv(x, w, stride, padding, dilation, groups=1, branch=False, members=False):
+    """``branch``/``members``: the :mod:`branch_conv` path (custom backward pass; with
+    ``members`` one convolution per member under ``vmap``)."""
+    if (branch or members) and groups == 1:
+        return branch_conv2d(x, w, stride, padding, dilation, members=members)
     return lax.conv_general_dilated(
         x, w, (stride, stride), ((padding, padding), (padding, padding)),
         rhs_dilation=(dilation, dilation), dimension_numbers=("NHWC", "HWIO", "NHWC"),
@@ -157,7 +163,7 @@ def conv(c_in: int, c_out: int, kernel: int, stride: int = 1, padding: int | Non
         return p, ()
 
     def apply(p, s, x, ctx):
-        y = _conv(x, p["w"], stride, padding, dilation, groups=groups, branch=ctx.branch)
+        y = _conv(x, p["w"], stride, padding, dilation, groups=groups, branch=ctx.branch, members=ctx.members)
         if bias:
             y = y + p["b"]
         return y, s
@@ -188,9 +194,9 @@ def separable_conv(c_in: int, c_out: int, kernel: int, stride: int = 1,
     def apply(p, s, x, ctx):
         if impl_r == "native":
             y = _conv(x, p["dw"], stride, padding, dilation, groups=c_in)
-            return _conv(y, p["pw"], 1, 0, 1, branch=ctx.branch), s
+            return _conv(y, p["pw"], 1, 0, 1, branch=ctx.branch, members=ctx.members), s
         fused = p["dw"][:, :, 0, :, None] * p["pw"][0, 0][None, None]
-        return _conv(x, fused, stride, padding, dilation, branch=ctx.branch), s
+        return _conv(x, fused, stride, padding, dilation, branch=ctx.branch, members=ctx.members), s
 
     return Layer(init, apply)
 
