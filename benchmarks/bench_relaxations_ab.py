@@ -10,6 +10,7 @@ FLOPs are deterministic.
 
     python benchmarks/bench_relaxations_ab.py darts,pc_darts,gdas --rounds 6
     python benchmarks/bench_relaxations_ab.py darts,proxyless --space chain --rounds 4
+    python benchmarks/bench_relaxations_ab.py darts,gdas,snas,pc_darts --space darts --cells 8 --rounds 2
 """
 from __future__ import annotations
 
@@ -29,13 +30,15 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("relaxations", help="comma-separated relaxation names")
     ap.add_argument("--space", default="nb201")
-    ap.add_argument("--cells", type=int, default=5, help="NB201 cells per stage")
+    ap.add_argument("--cells", type=int, default=5, help="NB201: cells per stage; darts: cells (layers)")
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--rounds", type=int, default=6)
     args = ap.parse_args()
     opts = {"in_channels": 3, "num_classes": 10}
     if args.space == "nb201":
         opts.update(channels=16, cells_per_stage=args.cells)
+    elif args.space == "darts":
+        opts.update(channels=16, layers=args.cells)
     elif args.space == "chain":
         from dnas.supernet.chain import ChainConfig  # the CLI's default: width 0.25, <=2 blocks per stage
         opts.update(width_mult=0.25, stem_stride=1, stage_depths=tuple(min(d, 2) for d in ChainConfig.stage_depths))
