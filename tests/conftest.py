@@ -8,6 +8,8 @@ import os
 _FLAG = "--xla_force_host_platform_device_count=8"
 if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + _FLAG).strip()
+# `dnas search` through main() would otherwise use a compilation cache in the home directory
+os.environ.setdefault("DNAS_COMPILE_CACHE", "off")
 
 
 import numpy as np  # noqa: E402

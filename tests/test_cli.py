@@ -18,9 +18,15 @@ TINY = ["--channels", "4", "--cells", "1", "--batch-size", "32", "--no-progress"
 
 
 @pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory):
+def compile_cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("xla-cache")
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory, compile_cache):
     out = tmp_path_factory.mktemp("run")
-    rc = main(["search", "--epochs", "2", "--limit-examples", "256", "--log-every", "2", "--out", str(out)] + TINY)
+    rc = main(["search", "--epochs", "2", "--limit-examples", "256", "--log-every", "2", "--out", str(out),
+               "--compile-cache", str(compile_cache)] + TINY)
     assert rc == 0
     return out
 
@@ -67,9 +73,15 @@ def test_alphas_json_matches_checkpoint_and_genotype(tiny_run):
     assert s.derive(state).arch == g["arch"]
 
 
-def test_same_seed_same_architecture(tiny_run, tmp_path):
-    rc = main(["search", "--epochs", "2", "--limit-examples", "256", "--log-every", "2", "--out", str(tmp_path)] + TINY)
+def test_same_seed_same_architecture(tiny_run, tmp_path, compile_cache):
+    """A rerun, its step now read from the persistent compilation cache, gives the same α."""
+    assert any(compile_cache.iterdir()), "the first run stored no compiled program"
+    rc = main(["search", "--epochs", "2", "--limit-examples", "256", "--log-every", "2", "--out", str(tmp_path),
+               "--compile-cache", str(compile_cache)] + TINY)
     assert rc == 0
+    first = json.loads((tiny_run / "summary.json").read_text())["compile_s"]
+    again = json.loads((tmp_path / "summary.json").read_text())["compile_s"]
+    assert again < first
     a = json.loads((tiny_run / "alphas.json").read_text())["groups"]["cell"]["alpha"]
     b = json.loads((tmp_path / "alphas.json").read_text())["groups"]["cell"]["alpha"]
     assert a == b
