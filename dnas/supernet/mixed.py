@@ -14,6 +14,7 @@ compile time of a full supernet short.
 """
 from __future__ import annotations
 
+from functools import partial
 from typing import Any, Callable, Sequence
 
 import jax
@@ -55,12 +56,72 @@ class Candidates:
         ctx = self.ctx._replace(branch=True)
 
         def branch(i):
-            def run(x):
-                y, s = self.layers[i].apply(self.params[i], state[i], x, ctx)
+            def run(params, state, x):
+                y, s = self.layers[i].apply(params[i], state[i], x, ctx)
                 return y, state[:i] + (s,) + state[i + 1:]
             return run
 
-        return lax.switch(index, [branch(i) for i in range(self.num)], x)
+        fns = tuple(branch(i) for i in range(self.num))
+        if not RECOMPUTE_SAMPLED:
+            return lax.switch(index, list(fns), self.params, state, x)
+        return switch_recompute(fns, index, _varying_like(self.params, x), state, x)
+
+
+#: Differentiate a sampled op by recomputing it in the backward pass (see switch_recompute).
+RECOMPUTE_SAMPLED = True
+
+
+def _varying_like(tree, x):
+    """Inside ``shard_map``: mark the (replicated) ``tree`` as varying over the axes ``x`` varies
+    over, so a custom backward pass may return per-device cotangents for it (the transpose of
+    the cast sums them over devices, as autodiff does for the plain form)."""
+    from dnas.supernet.branch_conv import _vma
+
+    axes = tuple(sorted(_vma(x)))
+    if not axes:
+        return tree
+
+    def cast(a):
+        missing = tuple(sorted(set(axes) - _vma(a)))
+        return lax.pcast(a, missing, to="varying") if missing else a
+    return jax.tree_util.tree_map(cast, tree)
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(0,))
+def switch_recompute(fns, index, params, state, x):
+    """``lax.switch(index, fns, params, state, x)`` whose backward pass re-runs the chosen branch.
+
+    Autodiff of a ``lax.switch`` stores the residuals of *every* branch (JAX joins them across
+    branches and zero-fills the slots a branch does not use), so a sampled op costs the memory
+    (and the zero-filling time) of all candidates of different shapes, not of the sampled one.
+    Here the forward pass keeps only the branch inputs and the index; the backward pass runs
+    ``jax.vjp`` of the sampled branch alone (one extra forward of that op: rematerialisation
+    of the sampled path only). Exact: same values and gradients as autodiff of the switch.
+    ``fns[i](params, state, x) -> (y, new_state)``; the new state (BatchNorm running
+    statistics) gets no gradient.
+    """
+    return lax.switch(index, list(fns), params, state, x)
+
+
+def _switch_fwd(fns, index, params, state, x):
+    return lax.switch(index, list(fns), params, state, x), (index, params, state, x)
+
+
+def _switch_bwd(fns, res, g):
+    index, params, state, x = res
+    gy = g[0]
+
+    def grad(fn):
+        def run(params, x, gy):
+            _, vjp = jax.vjp(lambda p, x_: fn(p, state, x_)[0], params, x)
+            return vjp(gy)
+        return run
+
+    g_params, g_x = lax.switch(index, [grad(fn) for fn in fns], params, x, gy)
+    return None, g_params, None, g_x
+
+
+switch_recompute.defvjp(_switch_fwd, _switch_bwd)
 
 
 class MixedOp:
