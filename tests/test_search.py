@@ -96,6 +96,7 @@ def _run(digit_batches, seed, n=3, num_devices=1):
     return s, state
 
 
+@pytest.mark.slow  # the default run covers determinism end to end: tests/test_cli.py::test_same_seed_same_architecture
 def test_same_seed_same_alpha(digit_batches):
     _, a = _run(digit_batches, 0)
     _, b = _run(digit_batches, 0)

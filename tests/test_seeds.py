@@ -44,6 +44,7 @@ def test_member_conv_batching_rule_equals_jax_rule(in_axes):
             np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.slow
 def test_vmapped_step_has_no_grouped_convolution_on_cpu():
     """The point of the rule: XLA:CPU gets ordinary convolutions, not grouped ones."""
     if jax.default_backend() != "cpu":
