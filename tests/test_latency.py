@@ -114,6 +114,36 @@ def test_every_shared_table_loads():
     assert layers[2][-1].startswith("fbnet/skip-input:16x16x16") and len(layers[3]) == 8
 
 
+def _space_of(table):
+    """The space configuration a table was measured for (``meta.space_config``)."""
+    import dataclasses
+    from dnas.supernet.spaces import SPACES
+    fields = {f.name for f in dataclasses.fields(SPACES[table.meta["space"]][1])}
+    cfg = {k: tuple(v) if isinstance(v, list) else v for k, v in table.meta["space_config"].items() if k in fields}
+    return build_space(table.meta["space"], **cfg)
+
+
+def test_shipped_tables_load_by_name_and_cover_their_space():
+    from dnas.latency.published import shipped_tables
+    shipped = shipped_tables()
+    assert {"cpu-2core-nb201", "cpu-2core-darts", "cpu-2core-chain"} <= set(shipped)
+    want = {"nb201": {"channels": 16, "cells_per_stage": 5}, "darts": {"channels": 16, "layers": 8},
+            "chain": {"width_mult": 1.0, "stem_stride": 2}}
+    for name in shipped:
+        t = load_table(name)
+        assert t.meta["method"] == "profile" and t.meta["backend"] == "cpu" and t.meta["batch_size"] == 1
+        assert t.meta["cpu_model"] and t.meta["cpu_cores"] == 2 and "2 cores" in t.meta["device_kind"]
+        assert t.meta["validation"]["spearman"] >= 0.9                  # as measured (docs/latency.md)
+        space = _space_of(t)
+        for k, v in want[t.meta["space"]].items():
+            assert t.meta["space_config"][k] == v
+        mats, fixed = latency_matrix(space, t)                          # every key the space needs is there
+        assert fixed > 0 and all(np.all(m >= 0) and m.max() > 0 for m in mats.values())
+        assert load_table(f"{name}.json").entries == t.entries
+    with pytest.raises(LatencyTableError, match="cpu-2core-nb201"):   # an unknown name lists the shipped ones
+        load_table("cpu-64core-nb201")
+
+
 def test_fbnet_list_generic_names():
     t = fbnet_table_from_list([None, [1000.0, 2000.0], None], op_names=["a", "b"])
     assert t.lookup("fbnet/b-layer:1") == pytest.approx(2.0)
@@ -256,7 +286,7 @@ def tiny_nb201_profile():
     from dnas.latency.profile import profile_space
     space = build_space("nb201", **TINY["nb201"])
     return space, profile_space(space, batch_size=2, input_size=TINY_INPUT["nb201"], repeats=2, warmup=0,
-                                progress=False, number=2)
+                                progress=False, number=2, method="isolated")
 
 
 def test_profile_tiny_space_gives_a_complete_table(tiny_nb201_profile, tmp_path):
@@ -268,6 +298,10 @@ def test_profile_tiny_space_gives_a_complete_table(tiny_nb201_profile, tmp_path)
         assert table.meta[field]
     assert table.meta["batch_size"] == 2 and table.meta["input_size"] == 8 and table.meta["space"] == "nb201"
     assert table.meta["method"] == "profile" and table.meta["space_config"]["channels"] == 4
+    assert table.meta["profile_method"] == "isolated" and table.meta["cpu_cores"] >= 1
+    assert set(table.meta["load"]) >= {"loadavg_start", "loadavg_end", "wall_s"}
+    if table.meta["backend"] == "cpu":   # the processor and its cores, not just "cpu"
+        assert table.meta["cpu_model"] in table.meta["device_kind"] and "cores" in table.meta["device_kind"]
     mats, fixed = latency_matrix(space, LatencyTable.load(table.save(tmp_path / "p.json")))
     assert fixed > 0 and mats["cell"].shape == (6, 5) and np.all(mats["cell"][:, 0] == 0)
 
@@ -275,12 +309,70 @@ def test_profile_tiny_space_gives_a_complete_table(tiny_nb201_profile, tmp_path)
 def test_validate_reports_rank_correlation_and_mape(tiny_nb201_profile):
     from dnas.latency.profile import validate
     space, table = tiny_nb201_profile
-    out = validate(table, space, n_archs=3, repeats=2, warmup=0, progress=False)
+    out = validate(table, space, n_archs=3, repeats=2, warmup=0, progress=False, rounds=2)
     assert out["n_archs"] == 3 and len(out["archs"]) == 3
     assert -1.0 <= out["spearman"] <= 1.0 and out["mape"] >= 0
+    assert -1.0 <= out["additive"]["spearman"] <= 1.0 and "loadavg_start" in out["load"]
     for r in out["archs"]:
         assert r["measured_ms"] > 0 and r["predicted_ms"] > 0 and len(r["arch"]["cell"]) == 6
+        assert r["predicted_ms"] <= r["predicted_additive_ms"] + 1e-9     # dead edges only ever drop
     json.dumps(out)
+
+
+def test_context_profiling_measures_the_marginal_cost_in_a_chain():
+    from dnas.latency.profile import _op_fn, profile_signatures
+    model = describe_space(build_space("nb201", **TINY["nb201"]), TINY_INPUT["nb201"])
+    all_sigs = model.signatures()
+    sigs = {k: all_sigs[k] for k in [next(k for k in all_sigs if op in k) for op in ("nor_conv_3x3", "node_sum")]}
+    # the chain really runs every copy: 3 copies of a 3x3 conv are 3 convolutions after compilation
+    conv = next(v for k, v in sigs.items() if "nor_conv_3x3" in k)
+    fn, args = _op_fn(conv, 1, jnp.float32, 0, copies=3)
+    assert fn.lower(*args).compile().as_text().count("convolution(") >= 3
+    entries, _ = profile_signatures(sigs, repeats=4, warmup=0, progress=False, number=1, chain=3, rounds=2,
+                                    statistic="min")
+    assert set(entries) == set(sigs)
+    assert all(e["mean_ms"] >= 0 and e["count"] == 8 for e in entries.values())
+    with pytest.raises(ValueError, match="chain"):
+        profile_signatures(sigs, chain=1, progress=False)
+    with pytest.raises(ValueError, match="statistic"):
+        profile_signatures(sigs, statistic="mean", progress=False)
+
+
+def test_compiled_network_drops_dead_nb201_edges_and_shared_poolings():
+    from dnas.latency.space_latency import deployed_latency, nb201_running_edges, running_parts
+    # node 2 feeds nothing (2->3 is none): its two edges are dead code
+    runs, connected, nodes = nb201_running_edges(
+        ["avg_pool_3x3", "nor_conv_3x3", "nor_conv_1x1", "skip_connect", "skip_connect", "none"])
+    assert runs == [True, False, False, True, True, False] and connected and nodes == {0, 1, 3}
+    # node 1 is zeros (0->1 none): pooling it is constant-folded, convolving it is not
+    runs, connected, _ = nb201_running_edges(["none", "nor_conv_3x3", "avg_pool_3x3", "none", "nor_conv_1x1",
+                                              "nor_conv_3x3"])
+    assert runs == [False, True, False, False, True, True] and connected
+    # the output does not depend on the input: only the last cell (and the head) runs
+    model = describe_space(build_space("nb201", **TINY["nb201"]), TINY_INPUT["nb201"])
+    table = synthetic_table(model)
+    names = model.op_names["cell"]
+    arch = {"cell": np.array([names.index(o) for o in ["none", "none", "none", "none", "nor_conv_1x1", "none"]])}
+    runs, fixed = running_parts(model, arch)
+    assert sum(runs) == 1 and runs[-2] and [s.op for s, f in zip(model.fixed, fixed) if f] == ["nb201/node_sum",
+                                                                                               "nb201/head"]
+    last = model.choice_points[-2].candidates[names.index("nor_conv_1x1")].key
+    node3 = next(s.key for s, f in zip(model.fixed, fixed) if f and s.op == "nb201/node_sum")
+    assert deployed_latency(model, table, arch) == pytest.approx(
+        table.lookup(last) + table.lookup(node3) + table.lookup(model.fixed[-1].key))
+    # DARTS: two edges pooling the same node the same way are one computation
+    dm = describe_space(build_space("darts", **TINY["darts"]), TINY_INPUT["darts"])
+    dnames = dm.op_names["normal"]
+    idx = np.full(14, dnames.index("none"))
+    idx[[0, 1]] = dnames.index("sep_conv_3x3")                        # node 2 <- inputs 0, 1
+    idx[[2, 3]] = [dnames.index("max_pool_3x3"), dnames.index("sep_conv_3x3")]   # node 3 <- 0, 1
+    idx[[5, 6]] = [dnames.index("max_pool_3x3"), dnames.index("skip_connect")]   # node 4 <- 0 (again), 1
+    idx[[9, 10]] = dnames.index("sep_conv_5x5")                       # node 5 <- 0, 1
+    darch = {"normal": idx, "reduce": idx.copy()}
+    runs, _ = running_parts(dm, darch)
+    pooled = [r for r, cp in zip(runs, dm.choice_points)
+              if cp.candidates[darch[cp.group][cp.row]].op == "max_pool_3x3"]
+    assert len(pooled) == 2 * len(dm.choice_points) // 14 and sum(pooled) == len(pooled) // 2
 
 
 def test_random_darts_architectures_look_derived():

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -62,3 +63,43 @@ def test_missing_table_key_is_a_clear_search_error(tmp_path, capsys):
     assert rc == 2
     err = capsys.readouterr().err
     assert "op/cell/nor_conv_3x3" in err and "op/cell/skip_connect" in err
+
+
+SHARED = Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
+PIXEL1 = SHARED / "latency" / "proxylessnas_mobile_trim.yaml"
+DEPLOYED = {"width_mult": 1.0, "stem_stride": 2, "in_channels": 3, "num_classes": 1000}
+
+
+@pytest.mark.skipif(not PIXEL1.exists(), reason="../shared/data/latency absent")
+def test_latency_of_the_deployed_network_differs_from_the_searched_one():
+    """A width-0.5 chain searched on 8x8 grey images, its latency that of the full ProxylessNAS
+    network at 224 px (the Pixel-1 table's network): same choice points, the deployed keys."""
+    from dnas.latency.published import load_table
+    from dnas.latency.space_latency import latency_matrix
+
+    searched = {"width_mult": 0.5, "stem_stride": 1, "in_channels": 1, "num_classes": 10}
+    s = make_searcher("chain", "darts", space_options=searched,
+                      latency={"table_path": str(PIXEL1), "loss": "hinge", "target": 80.0, "input_size": 224,
+                               "space_options": DEPLOYED})
+    assert s.space.config.width_mult == 0.5                          # the supernet searched is the small one
+    mats, fixed = latency_matrix(build_space("chain", **DEPLOYED), load_table(PIXEL1), input_size=224)
+    d = s.latency.describe()
+    assert d["fixed_ms"] == pytest.approx(fixed, rel=1e-6)
+    assert d["min_ms"] == pytest.approx(fixed + sum(float(m.min(1).sum()) for m in mats.values()), rel=1e-5)
+    assert d["max_ms"] == pytest.approx(fixed + sum(float(m.max(1).sum()) for m in mats.values()), rel=1e-5)
+    for g in mats:
+        np.testing.assert_allclose(s.latency.matrix[g], mats[g], rtol=1e-5)
+    # the entries are the full network's: block 0 (16 -> 24 channels, 112 -> 56 px) choosing mb_k5_e6
+    table = load_table(PIXEL1)
+    j = s.space.group_op_names("reshape").index("mb_k5_e6")
+    assert s.latency.matrix["reshape"][0, j] == pytest.approx(
+        table.lookup("expanded_conv-input:112x112x16-output:56x56x24-expand:6-kernel:5-stride:2-idskip:0"), rel=1e-6)
+    # without the deployed options the width-0.5 network is not in the table: the error names its keys
+    with pytest.raises(KeyError, match="Conv-input:8x8x1-output:8x8x16"):
+        make_searcher("chain", "darts", space_options=searched,
+                      latency={"table_path": str(PIXEL1), "loss": "hinge", "target": 80.0, "input_size": 8})
+    # at width 0.25 one stage's first block keeps its shape (an extra `zero` choice): refused
+    with pytest.raises(ValueError, match="choice points"):
+        make_searcher("chain", "darts", space_options={**searched, "width_mult": 0.25},
+                      latency={"table_path": str(PIXEL1), "loss": "hinge", "target": 80.0, "input_size": 224,
+                               "space_options": DEPLOYED})

@@ -1,4 +1,4 @@
-"""``dnas latency {profile, fit, validate, show}``: the latency-table commands.
+"""``dnas latency {profile, fit, validate, show, tables}``: the latency-table commands.
 
 Wired into the ``dnas`` command by ``dnas/cli.py``::
 
@@ -53,7 +53,7 @@ def space_options(args) -> dict:
 
 def add_latency_parser(subparsers) -> argparse.ArgumentParser:
     """Add ``latency`` with its sub-commands to a ``dnas`` sub-parser collection."""
-    lat = subparsers.add_parser("latency", help="latency lookup tables: profile, fit, validate, show",
+    lat = subparsers.add_parser("latency", help="latency lookup tables: profile, fit, validate, show, tables",
                                 description="Latency lookup tables for latency-aware search (docs/latency.md).")
     sub = lat.add_subparsers(dest="latency_command", required=True)
 
@@ -64,8 +64,17 @@ def add_latency_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--repeats", type=int, default=20, help="timed repeats per op (median taken)")
     p.add_argument("--warmup", type=int, default=3, help="untimed calls after compilation")
     p.add_argument("--dtype", default="float32")
+    p.add_argument("--method", choices=["context", "isolated"], default="context",
+                   help="context: each op's marginal cost in a dependent chain of --chain copies (the launch cost of "
+                        "an executable cancels); isolated: each op alone, minus an empty call's dispatch overhead")
+    p.add_argument("--chain", type=int, default=8, help="copies in the chain of the context method")
+    p.add_argument("--statistic", choices=["median", "min"], default="median",
+                   help="statistic of the per-call times over the repeats")
+    p.add_argument("--rounds", type=int, default=1,
+                   help="take the repeats in this many round-robin passes over all ops (spreads bursts of load)")
     p.add_argument("--keep-overhead", action="store_true",
-                   help="do not subtract the dispatch overhead of an empty jitted call from every op")
+                   help="do not subtract the dispatch overhead of an empty jitted call (isolated method: from every "
+                        "op; both: from the networks validate times)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--out", required=True, help="table JSON to write")
@@ -89,11 +98,15 @@ def add_latency_parser(subparsers) -> argparse.ArgumentParser:
     v = sub.add_parser("validate", help="predicted vs measured latency of random architectures (JSON)",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     _space_arguments(v)
-    v.add_argument("--table", required=True, help="latency table (dnas JSON, ProxylessNAS/OFA YAML, FBNet list)")
+    v.add_argument("--table", required=True, help="latency table (dnas JSON, ProxylessNAS/OFA YAML, FBNet list) "
+                                                  "or the name of a shipped table (dnas latency tables)")
     v.add_argument("--archs", type=int, default=20, help="number of random architectures")
     v.add_argument("--batch-size", type=int, default=None, help="default: the table's")
     v.add_argument("--repeats", type=int, default=10)
     v.add_argument("--warmup", type=int, default=2)
+    v.add_argument("--rounds", type=int, default=1,
+                   help="take the repeats in this many round-robin passes over all networks")
+    v.add_argument("--statistic", choices=["median", "min"], default=None, help="default: the table's")
     v.add_argument("--seed", type=int, default=0)
     v.add_argument("--no-progress", action="store_true")
     v.add_argument("--full", action="store_true", help="include every architecture's record in the JSON")
@@ -102,6 +115,8 @@ def add_latency_parser(subparsers) -> argparse.ArgumentParser:
     s = sub.add_parser("show", help="check a table against a space: coverage, fixed and per-choice-point latencies")
     _space_arguments(s)
     s.add_argument("--table", required=True)
+
+    sub.add_parser("tables", help="list the latency tables shipped with dnas (usable by name: --table NAME)")
     return lat
 
 
@@ -145,12 +160,13 @@ def _profile(args) -> int:
     space = _build(args)
     table = profile_space(space, batch_size=args.batch_size, input_size=args.input_size, repeats=args.repeats,
                           warmup=args.warmup, dtype=args.dtype, subtract_overhead=not args.keep_overhead,
-                          progress=not args.no_progress, seed=args.seed)
+                          progress=not args.no_progress, seed=args.seed, method=args.method, chain=args.chain,
+                          rounds=args.rounds, statistic=args.statistic)
     table.save(args.out)
     total = sum(e["mean_ms"] for e in table.entries.values())
     print(f"wrote {args.out}: {len(table)} entries ({table.meta['backend']}, {table.meta['device_kind']}, "
           f"batch {args.batch_size}, input {table.meta['input_size']}; sum of entries {total:.3f} ms, "
-          f"dispatch overhead {table.meta['overhead_ms']:.4f} ms)")
+          f"dispatch overhead {table.meta['overhead_ms']:.4f} ms; load {table.meta['load']})")
     return 0
 
 
@@ -176,7 +192,7 @@ def _validate(args) -> int:
     table = load_table(args.table)
     result = validate(table, _build(args), n_archs=args.archs, batch_size=args.batch_size,
                       input_size=args.input_size, seed=args.seed, repeats=args.repeats, warmup=args.warmup,
-                      progress=not args.no_progress)
+                      progress=not args.no_progress, rounds=args.rounds, statistic=args.statistic)
     if not args.full:
         result = {k: v for k, v in result.items() if k not in ("archs", "table_meta")}
     _dump(result, args.out)
@@ -196,7 +212,23 @@ def _show(args) -> int:
     return 0
 
 
-_COMMANDS = {"profile": _profile, "fit": _fit, "validate": _validate, "show": _show}
+def _tables(args) -> int:
+    from dnas.latency.published import load_table, shipped_tables
+
+    out = {}
+    for name, path in shipped_tables().items():
+        m = load_table(path).meta
+        v = m.get("validation") or {}
+        out[name] = {"space": m.get("space"), "device_kind": m.get("device_kind"), "batch_size": m.get("batch_size"),
+                     "input_size": m.get("input_size"), "profile_method": m.get("profile_method"),
+                     "statistic": m.get("statistic"), "date": m.get("date"),
+                     "validation": {k: v.get(k) for k in ("n_archs", "spearman", "mape")} if v else None,
+                     "file": str(path)}
+    _dump(out, None)
+    return 0
+
+
+_COMMANDS = {"profile": _profile, "fit": _fit, "validate": _validate, "show": _show, "tables": _tables}
 
 
 def main(argv=None) -> int:

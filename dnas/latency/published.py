@@ -28,7 +28,9 @@
   (shapes of jh88/fbnet's default CIFAR supernet when the list has its 28 layers) or
   ``fbnet/<op>-layer:<i>`` otherwise; ``meta["layers"]`` keeps the per-layer key lists.
 
-:func:`load_table` reads any of these or a native ``dnas-latency-table`` JSON file.
+:func:`load_table` reads any of these or a native ``dnas-latency-table`` JSON file, or a table
+shipped with dnas by name (``cpu-2core-nb201``, ``cpu-2core-darts``, ``cpu-2core-chain``:
+:func:`shipped_tables`).
 """
 from __future__ import annotations
 
@@ -178,13 +180,39 @@ def fbnet_table_from_list(data: Any, op_names: Sequence[str] | None = None, unit
     return LatencyTable(entries, meta, name)
 
 
+#: Where the tables shipped with dnas live (package data: ``dnas/latency/tables/<name>.json``).
+TABLES_DIR = Path(__file__).resolve().parent / "tables"
+
+
+def shipped_tables() -> dict[str, Path]:
+    """The latency tables shipped with dnas, by name (the file name without ``.json``), e.g.
+    ``cpu-2core-nb201`` (docs/latency.md says how each was measured)."""
+    if not TABLES_DIR.is_dir():
+        return {}
+    return {f.stem: f for f in sorted(TABLES_DIR.glob("*.json"))}
+
+
+def resolve_table(path: str | os.PathLike) -> Path:
+    """``path`` itself when it is a file, else the shipped table of that name (``.json``
+    optional); neither -> :class:`LatencyTableError` listing the shipped names."""
+    p = Path(path)
+    if p.exists():
+        return p
+    shipped = shipped_tables()
+    name = p.name[:-5] if p.name.endswith(".json") else p.name
+    if str(p.parent) in ("", ".") and name in shipped:
+        return shipped[name]
+    names = ", ".join(shipped) or "none"
+    raise LatencyTableError(f"latency table {str(path)!r} not found: it is neither a file nor the name of a table "
+                            f"shipped with dnas (shipped: {names})")
+
+
 def load_table(path: str | os.PathLike, **options) -> LatencyTable:
     """Read a latency table in any supported format, chosen by content/extension:
     ``.yaml``/``.yml`` -> :func:`load_proxyless_yaml`; a JSON object -> the native
-    ``dnas-latency-table`` format; a JSON list -> :func:`load_fbnet_list`."""
-    path = Path(path)
-    if not path.exists():
-        raise LatencyTableError(f"latency table {str(path)!r} not found")
+    ``dnas-latency-table`` format; a JSON list -> :func:`load_fbnet_list`. ``path`` may also
+    be the name of a table shipped with dnas (:func:`shipped_tables`, e.g. ``cpu-2core-nb201``)."""
+    path = resolve_table(path)
     if path.suffix.lower() in (".yaml", ".yml"):
         return load_proxyless_yaml(path, **options)
     try:

@@ -70,6 +70,7 @@ class OpSignature:
     attrs: tuple = ()
     build: Callable[[], L.Layer] | None = dataclasses.field(default=None, compare=False, repr=False)
     residual: bool = False
+    where: str = ""          # for fixed parts: where in the network (e.g. ``stage0/cell2/node3``)
 
     def describe(self) -> dict:
         return {"op": self.op, "key": self.key, "input": list(self.input_shape), "output": list(self.output_shape),
@@ -150,10 +151,31 @@ def _head(bn: L.Layer | None, classifier: L.Layer, relu: bool) -> L.Layer:
     return L.Layer(init, apply)
 
 
-def _fixed(op: str, layer: L.Layer, in_shape: tuple, attrs=(), key_op: str | None = None) -> OpSignature:
+def _fixed(op: str, layer: L.Layer, in_shape: tuple, attrs=(), key_op: str | None = None,
+           where: str = "") -> OpSignature:
     out = _out_shape(layer, in_shape)
     return OpSignature(op, signature_key(key_op or op, in_shape, out, attrs), tuple(in_shape), out, tuple(attrs),
-                       build=lambda: layer)
+                       build=lambda: layer, where=where)
+
+
+def _node_sum_layer(terms: int) -> L.Layer:
+    """The sum of ``terms`` inputs into one cell node, as the cells compute it
+    (:func:`dnas.supernet.mixed._node_sum`: elementwise adds, then a product with the
+    identity that materialises the node); profiled on ``terms`` scaled copies of one input."""
+    from dnas.supernet.mixed import _node_sum
+
+    def apply(p, s, x, ctx):
+        return _node_sum([x * (1.0 + 0.5 * i) for i in range(terms)]), s
+
+    return L.Layer(lambda key: ((), ()), apply)
+
+
+def _node_sum(prefix: str, shape: tuple, terms: int, where: str) -> OpSignature:
+    """A fixed part: the sum into a cell node with ``terms`` incoming edges (every edge is a
+    term, a ``none`` edge a zero one: the identity product runs whatever the ops)."""
+    attrs = (("terms", terms),)
+    return OpSignature(f"{prefix}/node_sum", signature_key(f"{prefix}/node_sum", shape, shape, attrs), tuple(shape),
+                       tuple(shape), attrs, build=lambda: _node_sum_layer(terms), where=where)
 
 
 # ------------------------------------------------------------------------------ NAS-Bench-201
@@ -188,18 +210,23 @@ def _nb201_candidates(space, c: int, hw: tuple, stride: int = 1) -> tuple[OpSign
 def _describe_nb201(space, input_size: int) -> tuple[list, list]:
     cfg = space.config
     hw = (input_size, input_size)
-    fixed = [_fixed("nb201/stem", space.stem, hw + (cfg.in_channels,), (("kernel", 3),))]
+    fixed = [_fixed("nb201/stem", space.stem, hw + (cfg.in_channels,), (("kernel", 3),), where="stem")]
     points = []
+    terms = {d: sum(1 for _, dd in NB201_EDGES if dd == d) for d in (1, 2, 3)}
     for stage, width in enumerate(space.widths):
         cands = _nb201_candidates(space, width, hw)
         for cell in range(cfg.cells_per_stage):
             for e, (s, d) in enumerate(NB201_EDGES):
                 points.append(ChoicePoint("cell", e, f"stage{stage}/cell{cell}/edge{s}->{d}", cands))
+            fixed += [_node_sum("nb201", hw + (width,), terms[d], f"stage{stage}/cell{cell}/node{d}")
+                      for d in (2, 3) if terms[d] > 1]
         if stage < 2:
-            red = _fixed("nb201/resblock", space.reductions[stage], hw + (width,), (("stride", 2),))
+            red = _fixed("nb201/resblock", space.reductions[stage], hw + (width,), (("stride", 2),),
+                         where=f"reduce{stage}")
             fixed.append(red)
             hw = red.output_shape[:2]
-    fixed.append(_fixed("nb201/head", _head(space.head_bn, space.classifier, True), hw + (space.widths[-1],)))
+    fixed.append(_fixed("nb201/head", _head(space.head_bn, space.classifier, True), hw + (space.widths[-1],),
+                        where="head"))
     return points, fixed
 
 
@@ -234,6 +261,8 @@ def _describe_darts(space, input_size: int) -> tuple[list, list]:
         inner = _darts_candidates(space, group, c, hw_out, 1)
         for e, (s, d) in enumerate(DARTS_EDGES):
             points.append(ChoicePoint(group, e, f"cell{i}/edge{s}->{d}", from_input if s < 2 else inner))
+        fixed += [_node_sum("darts", hw_out + (c,), sum(1 for _, dd in DARTS_EDGES if dd == d), f"cell{i}/node{d}")
+                  for d in range(2, 6)]
         hw_pp, hw_p = hw_p, hw_out
     c_last = space.cells[-1].signature[2] * 4
     fixed.append(_fixed("darts/head", _head(None, space.classifier, False), hw_p + (c_last,)))
@@ -389,3 +418,90 @@ def architecture_latency(indices: dict[str, Any], matrix: dict[str, np.ndarray],
         idx = np.asarray(indices[g], np.int64)
         total += float(m[np.arange(m.shape[0]), idx].sum())
     return total
+
+
+# ------------------------------------------------------------------------------ what a compiled network runs
+
+#: NAS-Bench-201 ops with parameters: on a constant (all-zero) input they still run; the
+#: parameter-free ones (pooling, identity) are constant-folded by the compiler.
+_NB201_PARAM_OPS = frozenset({"nor_conv_1x1", "nor_conv_3x3"})
+_POOL_OPS = frozenset({"avg_pool_3x3", "max_pool_3x3"})
+
+
+def nb201_running_edges(ops: list[str]) -> tuple[list[bool], bool, set]:
+    """Which edges of a NAS-Bench-201 cell a compiler that removes dead code (XLA) runs,
+    whether the cell's output depends on its input, and which nodes it computes.
+
+    An edge runs when its op is not ``none``, its destination node reaches the cell output
+    through non-``none`` edges (else its result is dead code), and its input is not a
+    constant — a node all of whose inputs are ``none`` is zeros, and pooling or the identity of
+    zeros is folded away at compile time (convolutions keep running: their weights are
+    arguments). A node is computed (its sum materialised) when it is live and not constant.
+    A cell whose output does not depend on its input makes everything before it dead
+    (``connected`` False). Returns ``(runs per edge, connected, computed nodes)``."""
+    if len(ops) != len(NB201_EDGES):
+        raise ValueError(f"a NAS-Bench-201 cell has {len(NB201_EDGES)} edges, got {len(ops)} ops")
+    nz = [op != "none" for op in ops]
+    live = {3}
+    for e in reversed(range(len(NB201_EDGES))):          # edges are ordered by destination
+        s, d = NB201_EDGES[e]
+        if nz[e] and d in live:
+            live.add(s)
+    variable, reach, runs = {0}, {0}, []
+    for e, (s, d) in enumerate(NB201_EDGES):
+        out_var = nz[e] and (s in variable or ops[e] in _NB201_PARAM_OPS)
+        if out_var:
+            variable.add(d)
+        if nz[e] and s in reach:
+            reach.add(d)
+        runs.append(out_var and d in live)
+    return runs, 3 in reach, live & variable
+
+
+def running_parts(model: SpaceLatencyModel, indices: dict[str, Any]) -> tuple[list[bool], list[bool]]:
+    """``(runs[i] for model.choice_points, runs[j] for model.fixed)``: which choice-point uses
+    and fixed parts the compiled network of the discrete architecture ``indices`` executes.
+
+    NAS-Bench-201: :func:`nb201_running_edges` per cell (every cell shares the architecture;
+    a node sum runs when its node is computed; if the cell output does not depend on its
+    input, only the last cell's running parts and the head remain). The chain and derived
+    DARTS architectures (every intermediate node is part of the cell output) run every op
+    they choose and every fixed part; a free op (``none``/``zero``) never runs."""
+    chosen = [cp.candidates[int(np.asarray(indices[cp.group])[cp.row])] for cp in model.choice_points]
+    runs = [c.key is not None for c in chosen]
+    fixed = [True] * len(model.fixed)
+    if model.space == "nb201":
+        ops = [model.op_names["cell"][int(i)] for i in np.asarray(indices["cell"])]
+        edges, connected, nodes = nb201_running_edges(ops)
+        last = model.choice_points[-1].where.rsplit("/", 1)[0]            # "stage2/cell4"
+        cell_runs = lambda where: connected or where.startswith(last + "/")  # noqa: E731
+        runs = [r and edges[cp.row] and cell_runs(cp.where) for r, cp in zip(runs, model.choice_points)]
+        for j, sig in enumerate(model.fixed):
+            if sig.op == "nb201/node_sum":
+                fixed[j] = cell_runs(sig.where) and int(sig.where.rsplit("node", 1)[1]) in nodes
+            elif sig.op != "nb201/head":
+                fixed[j] = connected
+    if model.space in ("nb201", "darts"):
+        # a parameter-free pooling of the same node by two running edges of a cell is one
+        # computation (common-subexpression elimination); its per-edge BatchNorm is negligible
+        seen = set()
+        for i, (cp, c) in enumerate(zip(model.choice_points, chosen)):
+            if runs[i] and c.op in _POOL_OPS:
+                cell, edge = cp.where.rsplit("/", 1)
+                k = (cell, edge.split("->")[0], c.op)
+                runs[i] = k not in seen
+                seen.add(k)
+    return runs, fixed
+
+
+def deployed_latency(model: SpaceLatencyModel, table: LatencyTable, indices: dict[str, Any]) -> float:
+    """Table latency (ms) of the compiled network of ``indices``: the sum over the parts it
+    runs (:func:`running_parts`) — for NAS-Bench-201 cells with dead or constant edges less
+    than :func:`architecture_latency`'s plain sum; equal to it for chain and derived DARTS
+    architectures."""
+    runs, fixed = running_parts(model, indices)
+    total = sum(table.lookup(s.key) for s, r in zip(model.fixed, fixed) if r)
+    for cp, r in zip(model.choice_points, runs):
+        if r:
+            total += table.lookup(cp.candidates[int(np.asarray(indices[cp.group])[cp.row])].key)
+    return float(total)

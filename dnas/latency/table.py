@@ -7,7 +7,8 @@ A table is one JSON document (format ``dnas-latency-table``, version 1)::
       "version": 1,
       "meta": {
         "backend": "cpu",                   # jax.default_backend(), or e.g. "tflite" for a published table
-        "device_kind": "AMD EPYC ...",      # jax.devices()[0].device_kind, or the phone's name
+        "device_kind": "AMD EPYC ..., 2 cores",  # jax.devices()[0].device_kind (on CPU: the processor and
+                                            # core count), or the phone's name
         "dtype": "float32",
         "batch_size": 1,
         "input_size": 224,                  # the network's input resolution (H = W)
@@ -270,9 +271,41 @@ def runtime_meta(**extra) -> dict:
     import jaxlib
 
     dev = jax.devices()[0]
-    meta = {"backend": jax.default_backend(), "device_kind": getattr(dev, "device_kind", str(dev)),
+    backend = jax.default_backend()
+    kind = getattr(dev, "device_kind", str(dev))
+    cpu = cpu_info()
+    if backend == "cpu":   # jax says only "cpu": name the processor and the cores the process may use
+        kind = f"{cpu['cpu_model']}, {cpu['cpu_cores']} cores"
+    meta = {"backend": backend, "device_kind": kind,
             "jax_version": jax.__version__, "jaxlib_version": getattr(jaxlib, "__version__", None),
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "num_devices": jax.device_count()}
+            "num_devices": jax.device_count(), **cpu}
     meta.update(extra)
     return meta
+
+
+def cpu_info() -> dict:
+    """The host processor: ``cpu_model`` (``/proc/cpuinfo``'s model name, with family/model
+    numbers when the name is generic), ``cpu_cores`` (CPUs this process may run on),
+    ``cpu_isa`` (the widest x86 vector extension: avx512 / avx2 / ..., else the machine)."""
+    import platform
+
+    fields: dict[str, str] = {}
+    try:
+        for line in Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace").splitlines():
+            k, sep, v = line.partition(":")
+            if sep and k.strip() not in fields:
+                fields[k.strip()] = v.strip()
+    except OSError:
+        pass
+    model = fields.get("model name") or platform.processor() or platform.machine() or "unknown"
+    if not any(ch.isdigit() for ch in model) and fields.get("cpu family"):   # a generic name ("AMD EPYC")
+        model += f" (family {fields['cpu family']} model {fields.get('model', '?')})"
+    flags = set(fields.get("flags", "").split())
+    isa = next((n for f, n in (("avx512f", "avx512"), ("avx2", "avx2"), ("avx", "avx"), ("sse4_2", "sse4.2"))
+                if f in flags), platform.machine())
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cores = os.cpu_count()
+    return {"cpu_model": model, "cpu_cores": cores, "cpu_isa": isa}
