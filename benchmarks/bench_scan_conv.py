@@ -43,6 +43,13 @@ def scanned(x, w):
     return lax.scan(lambda h, wi: (jax.nn.relu(_conv(h, wi)), None), x, w)[0]
 
 
+def scanned_branch(x, w):
+    """``scanned`` with :func:`dnas.supernet.branch_conv.conv2d` (backward pass written as
+    forward-style convolutions)."""
+    from dnas.supernet.branch_conv import conv2d
+    return lax.scan(lambda h, wi: (jax.nn.relu(conv2d(h, wi, 1, 1, 1)), None), x, w)[0]
+
+
 def fori(x, w):
     return lax.fori_loop(0, w.shape[0], lambda i, h: jax.nn.relu(_conv(h, w[i])), x)
 
@@ -60,7 +67,7 @@ def main(batch=64, size=32, channels=16, layers=6):
     w = jnp.asarray(rng.standard_normal((layers, 3, 3, channels, channels)), jnp.float32) * 0.1
     result = {"device_kind": jax.devices()[0].device_kind, "jax_version": jax.__version__,
               "shape": [batch, size, size, channels], "layers": layers}
-    for name, f in (("unrolled", unrolled), ("scan", scanned), ("fori_loop", fori), ("switch", switched)):
+    for name, f in (("unrolled", unrolled), ("scan", scanned), ("scan_branch_conv", scanned_branch), ("fori_loop", fori), ("switch", switched)):
         loss = lambda x, w, f=f: jnp.sum(f(x, w) ** 2)  # noqa: E731
         result[name] = {"fwd_ms": _median_ms(jax.jit(f), x, w),
                         "grad_x_ms": _median_ms(jax.jit(jax.grad(loss, argnums=0)), x, w),

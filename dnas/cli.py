@@ -38,6 +38,11 @@ def _space_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--width-mult", type=float, default=None, help="chain: width multiplier (1.0 = ProxylessNAS mobile)")
     p.add_argument("--conv-impl", choices=["auto", "native", "dense"], default="auto",
                    help="depthwise convolution formulation; auto = dense on CPU, native on GPU/TPU")
+    p.add_argument("--loops", choices=["auto", "unroll", "scan-cells", "scan"], default="auto",
+                   help="the supernet's loops over cells and edges: unrolled at trace time (fastest steps on CPU, "
+                        "long compiles), scan-cells (runs of equal cells under lax.scan, edges unrolled) or scan "
+                        "(cells and edges scanned: shortest compiles). On CPU scanning trades step time for compile "
+                        "time (docs/benchmarks.md, 'Loop modes'); auto = unroll on CPU, scan on GPU/TPU")
     p.add_argument("--devices", type=_positive, default=1,
                    help="data-parallel devices (per process; state replicated, batch split); on a CPU-only machine "
                         "this many host devices are simulated")
@@ -125,6 +130,8 @@ def _space_options(args, defaults: dict) -> dict:
         cells = args.cells or defaults.get("cells")
         if cells is not None:
             opts["stage_depths"] = tuple(min(d, cells) for d in ChainConfig.stage_depths)
+        if args.loops != "auto":
+            raise SystemExit("dnas: --loops does not apply to the chain space (its blocks all differ: always unrolled)")
         return opts
     opts = {"channels": args.channels or defaults.get("channels")}
     cells = args.cells or defaults.get("cells")
@@ -132,6 +139,8 @@ def _space_options(args, defaults: dict) -> dict:
         opts["cells_per_stage" if args.space == "nb201" else "layers"] = cells
     if args.conv_impl != "auto":
         opts["impl"] = args.conv_impl
+    if args.loops != "auto":
+        opts["unroll"] = {"unroll": True, "scan-cells": "scan_cells", "scan": False}[args.loops]
     return {k: v for k, v in opts.items() if v is not None}
 
 
@@ -281,6 +290,9 @@ def _cmd_bench(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    if argv is None:   # the `dnas` command (not an in-process call): huge pages for XLA's buffers
+        from dnas.hugepages import reexec_with_hugepages
+        reexec_with_hugepages()
     args = build_parser().parse_args(argv)
     if args.command == "latency":
         from dnas.latency.cli import run_latency

@@ -181,3 +181,15 @@ def test_search_rejects_zero_hypergradient_combination(tmp_path, capsys):
     assert "does not change the inner optimum" in capsys.readouterr().err
     with pytest.raises(SystemExit, match="--cg-iters applies to --hypergrad implicit-cg"):
         main(["search", "--hypergrad", "unrolled", "--cg-iters", "3", "--out", str(tmp_path)] + TINY)
+
+
+@pytest.mark.parametrize("loops, unroll", [("unroll", True), ("scan-cells", "scan_cells"), ("scan", False)])
+def test_loops_flag_sets_the_space_loop_mode(loops, unroll):
+    from dnas.cli import DEFAULT_SPACE_OPTIONS, _space_options
+    args = build_parser().parse_args(["search", "--space", "nb201", "--loops", loops])
+    assert _space_options(args, DEFAULT_SPACE_OPTIONS["nb201"])["unroll"] == unroll
+    default = build_parser().parse_args(["search", "--space", "darts"])
+    assert "unroll" not in _space_options(default, DEFAULT_SPACE_OPTIONS["darts"])
+    chain = build_parser().parse_args(["search", "--space", "chain", "--loops", loops])
+    with pytest.raises(SystemExit, match="--loops does not apply to the chain space"):
+        _space_options(chain, DEFAULT_SPACE_OPTIONS["chain"])

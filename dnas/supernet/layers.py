@@ -92,16 +92,42 @@ def depthwise_impl(impl: str | None = None) -> str:
     return impl
 
 
-def unroll_loops(unroll: bool | None = None) -> bool:
+def unroll_loops(unroll: bool | str | None = None) -> bool:
     """Whether to unroll the supernet's loops over equal edges and cells at trace time.
 
     ``None`` resolves to true on the CPU backend: XLA:CPU runs the weight-gradient
-    convolution inside a while loop (``lax.scan``) 70-500x slower than the same convolution
-    at the top level (``benchmarks/bench_scan_conv.py``), which made a scanned NAS-Bench-201
-    step 45 s instead of 2.3 s. On GPU/TPU the scanned loops keep the traced graph, and so the
-    compile time, small.
+    convolution of autodiff inside a while loop (``lax.scan``) 70-500x slower than the same
+    convolution at the top level (``benchmarks/bench_scan_conv.py``), which made a scanned
+    NAS-Bench-201 step 45 s instead of 2.3 s. On GPU/TPU the scanned loops keep the traced
+    graph, and so the compile time, small. See :func:`loop_mode` for the full choice.
     """
-    return jax.default_backend() == "cpu" if unroll is None else bool(unroll)
+    return loop_mode(unroll)[0]
+
+
+LOOP_MODES = (None, True, False, "scan_cells")
+
+
+def loop_mode(unroll: bool | str | None = None) -> tuple[bool, bool, bool]:
+    """``(unroll_cells, unroll_edges, loop_convs)`` for a space's ``unroll`` option.
+
+    ``True``: every loop unrolled at trace time (one traced copy per cell and edge: the fastest
+    steps on XLA:CPU, the longest compiles). ``False``: cells and edges run under ``lax.scan``
+    (one traced body). ``"scan_cells"``: runs of equal cells scanned, the edges inside a cell
+    unrolled. ``None``: ``True`` on CPU, ``False`` elsewhere.
+
+    ``loop_convs``: on CPU, when any loop is scanned, convolutions take the
+    :mod:`dnas.supernet.branch_conv` path (:class:`Ctx` ``branch``), whose backward pass is
+    written as forward-style convolutions that XLA:CPU runs at full speed inside loops. With
+    it a scanned NAS-Bench-201 step (C=16, N=5, B=64) is 2.1 s against 1.6 s unrolled while
+    compiling in 8.7 s instead of 22 s (``docs/benchmarks.md``).
+    """
+    if unroll not in LOOP_MODES:
+        raise ValueError(f"unknown loop mode unroll={unroll!r}; expected one of {LOOP_MODES}")
+    cpu = jax.default_backend() == "cpu"
+    if unroll is None:
+        unroll = cpu
+    cells, edges = (False, True) if unroll == "scan_cells" else (bool(unroll), bool(unroll))
+    return cells, edges, cpu and not (cells and edges)
 
 
 def scan(body, carry, xs, unroll: bool = False):

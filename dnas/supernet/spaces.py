@@ -50,7 +50,7 @@ class NB201Config:
     in_channels: int = 3
     impl: str | None = None
     affine: bool = False
-    unroll: bool | None = None
+    unroll: bool | str | None = None     # see dnas.supernet.layers.loop_mode
     partial_channels: int = 1
 
 
@@ -80,7 +80,7 @@ class NB201Space(SearchSpace):
 
     def __init__(self, config: NB201Config = NB201Config()):
         self.config = c = config
-        self.unroll = L.unroll_loops(c.unroll)
+        self.unroll_cells, self.unroll, self.loop_convs = L.loop_mode(c.unroll)   # unroll: of the edges
         self.groups = {"cell": (len(NB201_EDGES), len(NB201_OPS))}
         self.widths = (c.channels, 2 * c.channels, 4 * c.channels)
         self.stem = L.sequential(L.conv(c.in_channels, c.channels, 3, 1, 1), L.batchnorm(c.channels, True))
@@ -121,12 +121,14 @@ class NB201Space(SearchSpace):
     def apply(self, params, state, x, samples, mix, ctx):
         sample = samples["cell"]
         new_state = {}
+        ctx = ctx._replace(branch=True) if self.loop_convs else ctx
         x, new_state["stem"] = self.stem.apply(params["stem"], state["stem"], x, ctx)
         for i in range(3):
             def body(h, ps, i=i):
                 h, s = self._cell(i, ps[0], ps[1], h, sample, mix, ctx)
                 return h, s
-            x, new_state[f"stage{i}"] = L.scan(body, x, (params[f"stage{i}"], state[f"stage{i}"]), self.unroll)
+            x, new_state[f"stage{i}"] = L.scan(body, x, (params[f"stage{i}"], state[f"stage{i}"]),
+                                               self.unroll_cells)
             if i < 2:
                 x, new_state[f"reduce{i}"] = self.reductions[i].apply(
                     params[f"reduce{i}"], state[f"reduce{i}"], x, ctx)
@@ -160,7 +162,7 @@ class DartsConfig:
     stem_multiplier: int = 3
     impl: str | None = None
     affine: bool = False
-    unroll: bool | None = None
+    unroll: bool | str | None = None     # see dnas.supernet.layers.loop_mode
     partial_channels: int = 1
 
 
@@ -221,7 +223,7 @@ class DartsSpace(SearchSpace):
 
     def __init__(self, config: DartsConfig = DartsConfig()):
         self.config = cfg = config
-        self.unroll = L.unroll_loops(cfg.unroll)
+        self.unroll_cells, self.unroll, self.loop_convs = L.loop_mode(cfg.unroll)   # unroll: of the edges
         self.groups = {"normal": (len(DARTS_EDGES), len(DARTS_OPS)), "reduce": (len(DARTS_EDGES), len(DARTS_OPS))}
         c_curr = cfg.stem_multiplier * cfg.channels
         self.stem = L.sequential(L.conv(cfg.in_channels, c_curr, 3, 1, 1), L.batchnorm(c_curr, True))
@@ -258,6 +260,7 @@ class DartsSpace(SearchSpace):
 
     def apply(self, params, state, x, samples, mix, ctx):
         new_state = {}
+        ctx = ctx._replace(branch=True) if self.loop_convs else ctx
         x, new_state["stem"] = self.stem.apply(params["stem"], state["stem"], x, ctx)
         s0 = s1 = x
         for r, run in enumerate(self.runs):
@@ -275,7 +278,7 @@ class DartsSpace(SearchSpace):
                 new_state[f"cells{r}"] = jax.tree_util.tree_map(lambda a: a[None], st)
             else:
                 (s0, s1), new_state[f"cells{r}"] = L.scan(body, (s0, s1), (params[f"cells{r}"], state[f"cells{r}"]),
-                                                         self.unroll)
+                                                         self.unroll_cells)
         x = jnp.mean(s1, axis=(1, 2))
         logits, _ = self.classifier.apply(params["classifier"], (), x, ctx)
         return logits, new_state

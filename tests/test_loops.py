@@ -1,0 +1,53 @@
+"""The supernet's loop modes compute the same function and gradients.
+
+``unroll=True`` (every loop unrolled at trace time), ``False`` (cells and edges under
+``lax.scan``, convolutions through ``branch_conv`` on CPU) and ``"scan_cells"`` (cells
+scanned, edges unrolled) are three traced forms of one network: same parameters, same loss,
+same gradient w.r.t. weights and α (``dnas.supernet.layers.loop_mode``).
+"""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from dnas.search import make_searcher
+from dnas.supernet import layers as L
+
+SMALL = {"nb201": {"channels": 4, "cells_per_stage": 2, "num_classes": 5},
+         "darts": {"channels": 4, "layers": 5, "num_classes": 5}}   # darts: cells 3,4 form a scanned run
+
+
+def _loss_and_grads(space, unroll, relaxation="darts"):
+    s = make_searcher(space, relaxation, space_options={**SMALL[space], "unroll": unroll})
+    st = s.init(jax.random.PRNGKey(0))
+    x = jax.random.normal(jax.random.PRNGKey(1), (4, 8, 8, 3))
+    y = jnp.arange(4) % 5
+
+    def loss(params, arch):
+        return s.train_loss(params, arch, st.batch_stats, (x, y), jax.random.PRNGKey(2), 0.5)[0]
+
+    value, grads = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))(st.params, st.arch)
+    return value, grads
+
+
+@pytest.mark.parametrize("space", ["nb201", "darts"])
+@pytest.mark.parametrize("mode", [False, "scan_cells"])
+def test_scanned_loops_equal_unrolled(space, mode):
+    v_ref, g_ref = _loss_and_grads(space, True)
+    v, g = _loss_and_grads(space, mode)
+    np.testing.assert_allclose(float(v), float(v_ref), rtol=1e-5)
+    flat_ref, tree_ref = jax.tree_util.tree_flatten(g_ref)
+    flat, tree = jax.tree_util.tree_flatten(g)
+    assert tree == tree_ref
+    for a, b in zip(flat, flat_ref):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-3, atol=2e-5)
+
+
+def test_loop_mode_resolution_and_errors():
+    cpu = jax.default_backend() == "cpu"
+    assert L.loop_mode(True) == (True, True, False)
+    assert L.loop_mode(False) == (False, False, cpu)
+    assert L.loop_mode("scan_cells") == (False, True, cpu)
+    assert L.loop_mode(None) == ((True, True, False) if cpu else (False, False, False))
+    with pytest.raises(ValueError, match="unknown loop mode"):
+        L.loop_mode("sideways")
