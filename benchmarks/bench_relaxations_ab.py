@@ -73,4 +73,6 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    from dnas.hugepages import reexec_with_hugepages   # as the `dnas` command does (DNAS_HUGEPAGES=0: off)
+    reexec_with_hugepages()
     main()

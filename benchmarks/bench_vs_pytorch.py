@@ -152,16 +152,20 @@ def summary(times: list[float]) -> dict:
 
 # ------------------------------------------------------------------------------ dnas side
 
+LOOP_MODES = {"unroll": True, "scan-cells": "scan_cells", "scan": False}   # --loops -> space option unroll
+
 class DnasSide:
     name = "dnas"
 
-    def __init__(self, cfg: dict, batches, seed: int):
+    def __init__(self, cfg: dict, batches, seed: int, loops: str = "auto"):
         import jax
 
         from dnas.search import make_searcher
         self.jax = jax
         opts = {"channels": cfg["channels"], "in_channels": IN_CHANNELS, "num_classes": NUM_CLASSES,
                 ("cells_per_stage" if cfg["space"] == "nb201" else "layers"): cfg["cells"]}
+        if loops != "auto":   # the space's loop mode, as `dnas search --loops`
+            opts["unroll"] = LOOP_MODES[loops]
         self.searcher = s = make_searcher(cfg["space"], cfg["relaxation"], space_options=opts, total_steps=1000)
         self.state = s.replicate(s.init(jax.random.PRNGKey(seed)))
         self.tb, self.vb = (s.shard(jax.device_put(b)) for b in batches)
@@ -302,7 +306,7 @@ def resolve(name: str, args) -> dict:
 def build_side(which: str, cfg: dict, args):
     batches = make_batches(cfg["batch_size"], args.image_size, args.seed)
     if which == "dnas":
-        return DnasSide(cfg, batches, args.seed)
+        return DnasSide(cfg, batches, args.seed, args.loops)
     return TorchSide(cfg, batches, args.seed, args.reference_arch_backward, args.torch_threads)
 
 
@@ -352,7 +356,7 @@ def memory_runs(name: str, args) -> dict:
         cmd = [sys.executable, os.path.abspath(__file__), "--worker", which, "--config", name,
                "--channels", str(cfg["channels"]), "--cells", str(cfg["cells"]), "--batch-size", str(cfg["batch_size"]),
                "--image-size", str(args.image_size), "--seed", str(args.seed), "--steps", str(max(args.steps, 2)),
-               "--reference-arch-backward", args.reference_arch_backward,
+               "--reference-arch-backward", args.reference_arch_backward, "--loops", args.loops,
                "--torch-threads", str(args.torch_threads or os.cpu_count() or 1)]
         log(f"{name}: memory run of {which} in a subprocess")
         proc = subprocess.run(cmd, check=False, capture_output=True, text=True)
@@ -421,6 +425,8 @@ def main(argv=None) -> None:
                          "every parameter (what xautodl's search scripts do)")
     ap.add_argument("--torch-threads", type=int, default=None,
                     help="torch.set_num_threads (default: os.cpu_count(), as the issue asks)")
+    ap.add_argument("--loops", choices=sorted(LOOP_MODES) + ["auto"], default="auto",
+                    help="dnas's loop mode (`dnas search --loops`): unroll (CPU default), scan-cells or scan")
     ap.add_argument("--memory", action="store_true", help="also measure each side's peak RSS in a subprocess")
     ap.add_argument("--out", default=None, help="also write the JSON here")
     ap.add_argument("--worker", choices=("dnas", "torch"), default=None, help=argparse.SUPPRESS)
@@ -446,11 +452,12 @@ def main(argv=None) -> None:
     result = {
         "machine": {"cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
                     "jax_devices": [str(d) for d in jax.devices()], "xla_flags": os.environ.get("XLA_FLAGS"),
+                    "glibc_tunables": os.environ.get("GLIBC_TUNABLES"),
                     "platform": platform.platform(), "load_average_before": os.getloadavg()},
         "versions": versions(),
         "settings": {"rounds": args.rounds, "steps": args.steps, "warmup": args.warmup, "seed": args.seed,
                      "torch_threads": torch.get_num_threads(),
-                     "reference_arch_backward": args.reference_arch_backward},
+                     "reference_arch_backward": args.reference_arch_backward, "loops": args.loops},
         "configs": {},
     }
     for name in names:
@@ -466,4 +473,6 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
+    from dnas.hugepages import reexec_with_hugepages   # as the `dnas` command does (DNAS_HUGEPAGES=0: off)
+    reexec_with_hugepages()
     main()

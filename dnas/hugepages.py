@@ -1,0 +1,75 @@
+"""Transparent huge pages for XLA:CPU's buffers, by restarting the process with a glibc tunable.
+
+Why: XLA:CPU allocates the temporary buffers of a compiled step afresh on every execution
+(through ``malloc``). Buffers this large are ``mmap``-ed by glibc and returned on ``free``, so
+every step touches its whole working set anew: one page fault per 4 KiB page. A NAS-Bench-201
+DARTS step (C=16, N=5, B=64; 1.2 GB of temporaries) took ~293,000 minor page faults and
+0.46 s of kernel time per step on the 2-core CPU. With ``GLIBC_TUNABLES=glibc.malloc.hugetlb=1``
+(glibc >= 2.35) glibc marks its ``mmap``-ed chunks ``MADV_HUGEPAGE``, the kernel backs them
+with 2 MiB pages where transparent huge pages are in ``madvise`` or ``always`` mode, and the
+same step takes ~1,200 faults and runs 1.30 s instead of 1.62 s (``docs/benchmarks.md``,
+"Page faults"). Nothing else changes: same values, same memory.
+
+Tunables are read when the process starts, so :func:`reexec_with_hugepages` restarts the
+current command line once with the tunable added (before JAX is imported). It does nothing
+where it cannot help (not Linux/glibc, glibc older than 2.35, transparent huge pages
+``never``), when the tunable is already set, or when ``DNAS_HUGEPAGES=0``.
+"""
+from __future__ import annotations
+
+import os
+import sys
+
+TUNABLE = "glibc.malloc.hugetlb=1"
+_GUARD = "DNAS_HUGEPAGES_REEXEC"
+
+
+def _glibc_version() -> tuple[int, int] | None:
+    try:
+        name, version = os.confstr("CS_GNU_LIBC_VERSION").split()
+        major, minor = version.split(".")[:2]
+        return (int(major), int(minor)) if name == "glibc" else None
+    except (AttributeError, OSError, ValueError):
+        return None
+
+
+def _thp_mode() -> str | None:
+    try:
+        with open("/sys/kernel/mm/transparent_hugepage/enabled") as f:
+            text = f.read()
+    except OSError:
+        return None
+    start, end = text.find("["), text.find("]")
+    return text[start + 1:end] if 0 <= start < end else None
+
+
+def should_reexec(environ=os.environ) -> bool:
+    """Whether :func:`reexec_with_hugepages` would restart this process."""
+    if environ.get("DNAS_HUGEPAGES", "1") == "0" or environ.get(_GUARD):
+        return False
+    if "glibc.malloc.hugetlb" in environ.get("GLIBC_TUNABLES", ""):
+        return False
+    if not sys.platform.startswith("linux") or (_glibc_version() or (0, 0)) < (2, 35):
+        return False
+    return _thp_mode() in ("madvise", "always")
+
+
+def tunables_with_hugepages(current: str | None) -> str:
+    """``GLIBC_TUNABLES`` with :data:`TUNABLE` added (entries are ``:``-separated)."""
+    return f"{current}:{TUNABLE}" if current else TUNABLE
+
+
+def reexec_with_hugepages() -> None:
+    """Restart the current command (``sys.orig_argv``) with :data:`TUNABLE` in
+    ``GLIBC_TUNABLES``, if :func:`should_reexec`. Call it first thing in a ``main``."""
+    if not should_reexec():
+        return
+    env = dict(os.environ)
+    env["GLIBC_TUNABLES"] = tunables_with_hugepages(env.get("GLIBC_TUNABLES"))
+    env[_GUARD] = "1"
+    sys.stdout.flush()
+    sys.stderr.flush()
+    try:
+        os.execve(sys.executable, list(sys.orig_argv), env)
+    except OSError:   # cannot restart: carry on without huge pages
+        return

@@ -1,0 +1,45 @@
+"""The `dnas` command restarts itself once with glibc's huge-page tunable (dnas.hugepages)."""
+import json
+import subprocess
+import sys
+
+import pytest
+
+from dnas import hugepages
+
+
+def test_tunables_are_appended():
+    assert hugepages.tunables_with_hugepages(None) == "glibc.malloc.hugetlb=1"
+    assert hugepages.tunables_with_hugepages("glibc.malloc.arena_max=2") == \
+        "glibc.malloc.arena_max=2:glibc.malloc.hugetlb=1"
+
+
+def test_no_restart_when_disabled_done_or_set(monkeypatch):
+    monkeypatch.setattr(hugepages, "_glibc_version", lambda: (2, 36))
+    monkeypatch.setattr(hugepages, "_thp_mode", lambda: "madvise")
+    monkeypatch.setattr(hugepages.sys, "platform", "linux")
+    assert hugepages.should_reexec({})
+    assert not hugepages.should_reexec({"DNAS_HUGEPAGES": "0"})
+    assert not hugepages.should_reexec({"DNAS_HUGEPAGES_REEXEC": "1"})           # already restarted once
+    assert not hugepages.should_reexec({"GLIBC_TUNABLES": "glibc.malloc.hugetlb=0"})  # the user's choice
+    monkeypatch.setattr(hugepages, "_thp_mode", lambda: "never")
+    assert not hugepages.should_reexec({})
+    monkeypatch.setattr(hugepages, "_thp_mode", lambda: "always")
+    monkeypatch.setattr(hugepages, "_glibc_version", lambda: (2, 31))             # no hugetlb tunable yet
+    assert not hugepages.should_reexec({})
+
+
+def _bench_tunables(env_extra):
+    import os
+    env = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", "DNAS_HUGEPAGES_REEXEC")}
+    env.update(env_extra)
+    out = subprocess.run([sys.executable, "-m", "dnas.cli", "bench", "--channels", "2", "--cells", "1",
+                          "--batch-size", "2", "--image-size", "8", "--steps", "1", "--warmup", "0"],
+                         capture_output=True, text=True, env=env, check=True, timeout=600)
+    return json.loads(out.stdout.strip().splitlines()[-1])["glibc_tunables"]
+
+
+@pytest.mark.skipif(not hugepages.should_reexec({}), reason="no glibc >= 2.35 with transparent huge pages here")
+def test_dnas_command_runs_with_the_tunable():
+    assert _bench_tunables({}) == "glibc.malloc.hugetlb=1"
+    assert _bench_tunables({"DNAS_HUGEPAGES": "0"}) is None
