@@ -130,7 +130,7 @@ def _space_options(args, defaults: dict) -> dict:
         cells = args.cells or defaults.get("cells")
         if cells is not None:
             opts["stage_depths"] = tuple(min(d, cells) for d in ChainConfig.stage_depths)
-        if args.loops != "auto":
+        if getattr(args, "loops", "auto") != "auto":
             raise SystemExit("dnas: --loops does not apply to the chain space (its blocks all differ: always unrolled)")
         return opts
     opts = {"channels": args.channels or defaults.get("channels")}
@@ -139,7 +139,7 @@ def _space_options(args, defaults: dict) -> dict:
         opts["cells_per_stage" if args.space == "nb201" else "layers"] = cells
     if args.conv_impl != "auto":
         opts["impl"] = args.conv_impl
-    if args.loops != "auto":
+    if getattr(args, "loops", "auto") != "auto":
         opts["unroll"] = {"unroll": True, "scan-cells": "scan_cells", "scan": False}[args.loops]
     return {k: v for k, v in opts.items() if v is not None}
 

@@ -203,7 +203,8 @@ class Searcher:
     # ------------------------------------------------------------------ losses
     def _forward(self, params, stats, arch, x, key, progress, train: bool = True):
         samples = self.relax.sample(arch, key, progress)
-        ctx = Ctx(train=train, axis_name=self.axis_name, members=self.member_convs)
+        ctx = Ctx(train=train, axis_name=self.axis_name, members=self.member_convs,
+                  loop_convs=self.hypergrad_name in FIRST_DERIVATIVES_ONLY)
         return self.space.apply(params, stats, x, samples, self.relax.mix, ctx)
 
     def val_loss(self, arch, params, stats, batch, key, progress):

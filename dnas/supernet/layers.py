@@ -42,13 +42,17 @@ class Ctx(NamedTuple):
     flow on XLA:CPU. ``members``: true while tracing under a ``vmap`` over independent
     searches (``dnas search --seeds``) on the CPU: convolutions take the same branch path,
     whose convolutions run one per member there (:func:`dnas.supernet.branch_conv.member_conv`)
-    instead of as one slow grouped convolution.
+    instead of as one slow grouped convolution. ``loop_convs``: whether a space whose loops are
+    scanned on CPU may switch its convolutions to the branch path (:func:`loop_mode`); the
+    searcher clears it for estimators that differentiate twice (the branch convolution's
+    ``custom_vjp`` has no forward mode).
     """
 
     train: bool = True
     axis_name: str | None = None
     branch: bool = False
     members: bool = False
+    loop_convs: bool = True
 
 
 class Layer(NamedTuple):

@@ -121,7 +121,7 @@ class NB201Space(SearchSpace):
     def apply(self, params, state, x, samples, mix, ctx):
         sample = samples["cell"]
         new_state = {}
-        ctx = ctx._replace(branch=True) if self.loop_convs else ctx
+        ctx = ctx._replace(branch=True) if self.loop_convs and ctx.loop_convs else ctx
         x, new_state["stem"] = self.stem.apply(params["stem"], state["stem"], x, ctx)
         for i in range(3):
             def body(h, ps, i=i):
@@ -260,7 +260,7 @@ class DartsSpace(SearchSpace):
 
     def apply(self, params, state, x, samples, mix, ctx):
         new_state = {}
-        ctx = ctx._replace(branch=True) if self.loop_convs else ctx
+        ctx = ctx._replace(branch=True) if self.loop_convs and ctx.loop_convs else ctx
         x, new_state["stem"] = self.stem.apply(params["stem"], state["stem"], x, ctx)
         s0 = s1 = x
         for r, run in enumerate(self.runs):
