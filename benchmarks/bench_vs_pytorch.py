@@ -69,6 +69,8 @@ from importlib import metadata
 
 import numpy as np
 
+from dnas.cli import LOOP_FLAGS   # --loops -> the space option unroll (dnas.cli imports no JAX)
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 CONFIGS = {
@@ -152,8 +154,6 @@ def summary(times: list[float]) -> dict:
 
 # ------------------------------------------------------------------------------ dnas side
 
-LOOP_MODES = {"unroll": True, "scan-cells": "scan_cells", "scan": False}   # --loops -> space option unroll
-
 class DnasSide:
     name = "dnas"
 
@@ -165,7 +165,7 @@ class DnasSide:
         opts = {"channels": cfg["channels"], "in_channels": IN_CHANNELS, "num_classes": NUM_CLASSES,
                 ("cells_per_stage" if cfg["space"] == "nb201" else "layers"): cfg["cells"]}
         if loops != "auto":   # the space's loop mode, as `dnas search --loops`
-            opts["unroll"] = LOOP_MODES[loops]
+            opts["unroll"] = LOOP_FLAGS[loops]
         self.searcher = s = make_searcher(cfg["space"], cfg["relaxation"], space_options=opts, total_steps=1000)
         self.state = s.replicate(s.init(jax.random.PRNGKey(seed)))
         self.tb, self.vb = (s.shard(jax.device_put(b)) for b in batches)
@@ -425,7 +425,7 @@ def main(argv=None) -> None:
                          "every parameter (what xautodl's search scripts do)")
     ap.add_argument("--torch-threads", type=int, default=None,
                     help="torch.set_num_threads (default: os.cpu_count(), as the issue asks)")
-    ap.add_argument("--loops", choices=sorted(LOOP_MODES) + ["auto"], default="auto",
+    ap.add_argument("--loops", choices=["auto", *LOOP_FLAGS], default="auto",
                     help="dnas's loop mode (`dnas search --loops`): unroll (CPU default), scan-cells or scan")
     ap.add_argument("--memory", action="store_true", help="also measure each side's peak RSS in a subprocess")
     ap.add_argument("--out", default=None, help="also write the JSON here")

@@ -26,6 +26,10 @@ def _positive(x: str) -> int:
     return v
 
 
+#: ``--loops`` -> the spaces' ``unroll`` option (``dnas.supernet.layers.loop_mode``); "auto" sets none.
+LOOP_FLAGS = {"unroll": True, "scan-cells": "scan_cells", "scan": False}
+
+
 def _space_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--space", choices=["nb201", "darts", "chain"], default="nb201",
                    help="search space: NAS-Bench-201 cell (6 edges x 5 ops), DARTS CNN cells (14 edges x 8 ops) "
@@ -38,7 +42,7 @@ def _space_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--width-mult", type=float, default=None, help="chain: width multiplier (1.0 = ProxylessNAS mobile)")
     p.add_argument("--conv-impl", choices=["auto", "native", "dense"], default="auto",
                    help="depthwise convolution formulation; auto = dense on CPU, native on GPU/TPU")
-    p.add_argument("--loops", choices=["auto", "unroll", "scan-cells", "scan"], default="auto",
+    p.add_argument("--loops", choices=["auto", *LOOP_FLAGS], default="auto",
                    help="the supernet's loops over cells and edges: unrolled at trace time (fastest steps on CPU, "
                         "long compiles), scan-cells (runs of equal cells under lax.scan, edges unrolled) or scan "
                         "(cells and edges scanned: shortest compiles). On CPU scanning trades step time for compile "
@@ -140,7 +144,7 @@ def _space_options(args, defaults: dict) -> dict:
     if args.conv_impl != "auto":
         opts["impl"] = args.conv_impl
     if getattr(args, "loops", "auto") != "auto":
-        opts["unroll"] = {"unroll": True, "scan-cells": "scan_cells", "scan": False}[args.loops]
+        opts["unroll"] = LOOP_FLAGS[args.loops]
     return {k: v for k, v in opts.items() if v is not None}
 
 

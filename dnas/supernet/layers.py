@@ -134,6 +134,12 @@ def loop_mode(unroll: bool | str | None = None) -> tuple[bool, bool, bool]:
     return cells, edges, cpu and not (cells and edges)
 
 
+def loop_ctx(ctx: Ctx, loop_convs: bool) -> Ctx:
+    """``ctx`` for a network whose loops are scanned: convolutions on the branch path when the
+    space's loop mode asks for it (:func:`loop_mode`) and the caller allows it (``ctx.loop_convs``)."""
+    return ctx._replace(branch=True) if loop_convs and ctx.loop_convs else ctx
+
+
 def scan(body, carry, xs, unroll: bool = False):
     """``lax.scan(body, carry, xs)``, or the same loop unrolled in Python when ``unroll``.
 

@@ -80,7 +80,7 @@ class NB201Space(SearchSpace):
 
     def __init__(self, config: NB201Config = NB201Config()):
         self.config = c = config
-        self.unroll_cells, self.unroll, self.loop_convs = L.loop_mode(c.unroll)   # unroll: of the edges
+        self.unroll_cells, self.unroll_edges, self.loop_convs = L.loop_mode(c.unroll)
         self.groups = {"cell": (len(NB201_EDGES), len(NB201_OPS))}
         self.widths = (c.channels, 2 * c.channels, 4 * c.channels)
         self.stem = L.sequential(L.conv(c.in_channels, c.channels, 3, 1, 1), L.batchnorm(c.channels, True))
@@ -109,19 +109,19 @@ class NB201Space(SearchSpace):
         return params, state
 
     def _cell(self, stage, params, state, x, sample, mix, ctx):
-        if self.unroll:  # nodes as separate arrays (see unrolled_edges: no per-edge buffer copies)
+        if self.unroll_edges:  # nodes as separate arrays (see unrolled_edges: no per-edge buffer copies)
             nodes, new_state = unrolled_edges(self.mixed[stage], params, state, sample, self._src, self._dst,
                                               [x, None, None, None], mix, ctx)
             return nodes[3], new_state
         buf = jnp.zeros((4,) + x.shape, x.dtype).at[0].set(x)
         buf, new_state = scan_edges(self.mixed[stage], params, state, sample, self._src, self._dst, buf, mix, ctx,
-                                    unroll=self.unroll)
+                                    unroll=self.unroll_edges)
         return buf[3], new_state
 
     def apply(self, params, state, x, samples, mix, ctx):
         sample = samples["cell"]
         new_state = {}
-        ctx = ctx._replace(branch=True) if self.loop_convs and ctx.loop_convs else ctx
+        ctx = L.loop_ctx(ctx, self.loop_convs)
         x, new_state["stem"] = self.stem.apply(params["stem"], state["stem"], x, ctx)
         for i in range(3):
             def body(h, ps, i=i):
@@ -223,7 +223,7 @@ class DartsSpace(SearchSpace):
 
     def __init__(self, config: DartsConfig = DartsConfig()):
         self.config = cfg = config
-        self.unroll_cells, self.unroll, self.loop_convs = L.loop_mode(cfg.unroll)   # unroll: of the edges
+        self.unroll_cells, self.unroll_edges, self.loop_convs = L.loop_mode(cfg.unroll)
         self.groups = {"normal": (len(DARTS_EDGES), len(DARTS_OPS)), "reduce": (len(DARTS_EDGES), len(DARTS_OPS))}
         c_curr = cfg.stem_multiplier * cfg.channels
         self.stem = L.sequential(L.conv(cfg.in_channels, c_curr, 3, 1, 1), L.batchnorm(c_curr, True))
@@ -234,7 +234,7 @@ class DartsSpace(SearchSpace):
             if reduction:
                 c_curr *= 2
             self.cells.append(_DartsCell(c_pp, c_p, c_curr, reduction, reduction_prev, cfg.impl, cfg.affine,
-                                         self.unroll, cfg.partial_channels))
+                                         self.unroll_edges, cfg.partial_channels))
             reduction_prev = reduction
             c_pp, c_p = c_p, 4 * c_curr
         _check_partial([c.signature[2] for c in self.cells], cfg.partial_channels)
@@ -260,7 +260,7 @@ class DartsSpace(SearchSpace):
 
     def apply(self, params, state, x, samples, mix, ctx):
         new_state = {}
-        ctx = ctx._replace(branch=True) if self.loop_convs and ctx.loop_convs else ctx
+        ctx = L.loop_ctx(ctx, self.loop_convs)
         x, new_state["stem"] = self.stem.apply(params["stem"], state["stem"], x, ctx)
         s0 = s1 = x
         for r, run in enumerate(self.runs):
