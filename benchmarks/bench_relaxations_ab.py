@@ -33,6 +33,9 @@ def main() -> None:
     ap.add_argument("--cells", type=int, default=5, help="NB201: cells per stage; darts: cells (layers)")
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--rounds", type=int, default=6)
+    ap.add_argument("--warmup", type=int, default=1,
+                    help="untimed steps per relaxation first; a sampled relaxation's first ~10 steps are "
+                         "slower (each new choice of ops touches memory for the first time)")
     args = ap.parse_args()
     opts = {"in_channels": 3, "num_classes": 10}
     if args.space == "nb201":
@@ -55,7 +58,8 @@ def main() -> None:
         t0 = time.perf_counter()
         step = s.compiled_step(donate=True).lower(state, tb, vb).compile()
         compile_s = time.perf_counter() - t0
-        state, _ = step(state, tb, vb)  # warm-up
+        for _ in range(args.warmup):
+            state, _ = step(state, tb, vb)
         jax.block_until_ready(state)
         runs[name] = {"step": step, "state": state, "batches": (tb, vb), "times": [], "compile_s": compile_s,
                       "costs": compiled_costs(step)}
@@ -68,6 +72,7 @@ def main() -> None:
     out = {name: {"min_step_ms": round(1e3 * min(r["times"])), "median_step_ms": round(1e3 * float(np.median(r["times"]))),
                   "compile_s": round(r["compile_s"], 1), "temp_bytes": r["costs"]["temp_bytes"],
                   "flops": r["costs"]["flops"]} for name, r in runs.items()}
+    out["warmup_steps"], out["rounds"] = args.warmup, args.rounds
     out["load_average"] = os.getloadavg()
     print(json.dumps(out))
 

@@ -1,5 +1,8 @@
-"""A sampled op differentiated by recomputing it (``mixed.switch_recompute``): the same values
-and gradients as autodiff of ``lax.switch``, and the memory of the sampled path only."""
+"""A sampled op differentiated by its own backward pass (``mixed.switch_sampled``): the same
+values and gradients as autodiff of ``lax.switch``, the memory of the sampled path only, and
+no second forward pass of a convolution that ends in an affine-free BatchNorm."""
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -11,7 +14,7 @@ from dnas.supernet.chain import KEEP_OPS, chain_op
 from dnas.supernet.layers import Ctx
 from dnas.supernet.mixed import Candidates, MixedOp
 from dnas.supernet.ops import candidate_ops
-from dnas.supernet.genotype import NB201_OPS
+from dnas.supernet.genotype import DARTS_OPS, NB201_OPS
 
 
 def _edge_loss(mixed, recompute):
@@ -25,27 +28,32 @@ def _edge_loss(mixed, recompute):
     return loss
 
 
-@pytest.mark.parametrize("space", ["nb201", "chain"])
+@pytest.mark.parametrize("space", ["nb201", "chain", "darts"])
 def test_recomputed_switch_equals_autodiff_of_switch(space):
-    if space == "nb201":
-        mixed = MixedOp(candidate_ops("nb201", NB201_OPS, 4, 1))
+    """In float64, so that equal means equal to rounding (1e-10), not to float32's sum order."""
+    if space in ("nb201", "darts"):
+        ops = {"nb201": NB201_OPS, "darts": DARTS_OPS}[space]
+        mixed = MixedOp(candidate_ops(space, ops, 4, 1))
         x_shape = (4, 6, 6, 4)
     else:
         mixed = MixedOp([chain_op(o, 8, 8, 1) for o in KEEP_OPS])
         x_shape = (2, 6, 6, 8)
-    params, state = mixed.init(jax.random.PRNGKey(0))
-    x = jnp.asarray(np.random.default_rng(1).standard_normal(x_shape), jnp.float32)
-    f1 = jax.jit(jax.value_and_grad(_edge_loss(mixed, True), (0, 2), has_aux=True))
-    f0 = jax.jit(jax.value_and_grad(_edge_loss(mixed, False), (0, 2), has_aux=True))
-    for index in range(len(mixed.layers)):
-        i = jnp.int32(index)
-        (l1, s1), g1 = f1(params, state, x, i)
-        (l0, s0), g0 = f0(params, state, x, i)
-        np.testing.assert_allclose(l1, l0, rtol=1e-6)
-        for a, b in zip(jax.tree_util.tree_leaves((s1, g1)), jax.tree_util.tree_leaves((s0, g0))):
-            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
-        if index == 0 and space == "nb201":  # "none": no gradient reaches x
-            assert float(jnp.abs(g1[1]).max()) == 0.0
+    with jax.enable_x64(True):
+        f64 = lambda t: jax.tree_util.tree_map(lambda a: jnp.asarray(a, jnp.float64), t)
+        params, state = f64(mixed.init(jax.random.PRNGKey(0)))
+        x = jnp.asarray(np.random.default_rng(1).standard_normal(x_shape), jnp.float64)
+        f1 = jax.jit(jax.value_and_grad(_edge_loss(mixed, True), (0, 2), has_aux=True))
+        f0 = jax.jit(jax.value_and_grad(_edge_loss(mixed, False), (0, 2), has_aux=True))
+        for index in range(len(mixed.layers)):
+            i = jnp.int32(index)
+            (l1, s1), g1 = f1(params, state, x, i)
+            (l0, s0), g0 = f0(params, state, x, i)
+            np.testing.assert_allclose(l1, l0, rtol=1e-12)
+            for a, b in zip(jax.tree_util.tree_leaves((s1, g1)), jax.tree_util.tree_leaves((s0, g0))):
+                assert a.dtype == jnp.float64
+                np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-10)
+            if index == 0 and space == "nb201":  # "none": no gradient reaches x
+                assert float(jnp.abs(g1[1]).max()) == 0.0
 
 
 def test_recomputed_switch_keeps_one_path_of_memory():
@@ -61,3 +69,26 @@ def test_recomputed_switch_keeps_one_path_of_memory():
     plain, recomputed = temp(False), temp(True)
     print(f"temp memory: plain switch {plain} B, recomputed {recomputed} B")
     assert recomputed < 0.6 * plain, (recomputed, plain)
+
+
+def _conv_and_dot_count(hlo: str) -> int:
+    return len(re.findall(r"= \S+ (?:convolution|dot)\(", hlo))
+
+
+def test_backward_starts_from_the_saved_output():
+    """ReLU-conv-BN (affine-free) candidates: the gradient of the sampled op runs, per
+    convolution, the forward, the input gradient and the weight gradient, and no second
+    forward (the backward pass starts from the op's output ``x̂`` and the BN's ``rstd``).
+    The same count as differentiating the two conv ops unconditionally."""
+    mixed = MixedOp(candidate_ops("nb201", NB201_OPS, 4, 1))
+    params, state = mixed.init(jax.random.PRNGKey(0))
+    x = jnp.ones((4, 6, 6, 4))
+    loss = lambda p, x, i: _edge_loss(mixed, True)(p, state, x, i)[0]
+    hlo = jax.jit(jax.grad(loss, (0, 1))).lower(params, x, jnp.int32(3)).compile().as_text()
+
+    def dense(p, x):  # every candidate, no conditional
+        return sum(jnp.sum(jnp.sin(y) * y) for y in Candidates(mixed.layers, p, state, Ctx(train=True)).all(x)[0])
+    dense_hlo = jax.jit(jax.grad(dense, (0, 1))).lower(params, x).compile().as_text()
+    conv_ops = sum(n.startswith("nor_conv") for n in NB201_OPS)
+    assert _conv_and_dot_count(dense_hlo) == 3 * conv_ops
+    assert _conv_and_dot_count(hlo) == 3 * conv_ops

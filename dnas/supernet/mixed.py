@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from dnas.supernet.layers import Ctx, Layer, scan, stack_trees
+from dnas.supernet.layers import Ctx, Layer, batch_normalize_vjp, scan, stack_trees
 
 Mix = Callable[[Any, "Candidates", jax.Array], tuple[jax.Array, tuple]]
 
@@ -54,21 +54,69 @@ class Candidates:
         """
         state = self.state if state is None else state
         ctx = self.ctx._replace(branch=True)
-
-        def branch(i):
-            def run(params, state, x):
-                y, s = self.layers[i].apply(params[i], state[i], x, ctx)
-                return y, state[:i] + (s,) + state[i + 1:]
-            return run
-
-        fns = tuple(branch(i) for i in range(self.num))
+        branches = tuple(_Branch(layer, i, ctx) for i, layer in enumerate(self.layers))
         if not RECOMPUTE_SAMPLED:
-            return lax.switch(index, list(fns), self.params, state, x)
-        return switch_recompute(fns, index, _varying_like(self.params, x), state, x)
+            return lax.switch(index, [b.apply for b in branches], self.params, state, x)
+        return switch_sampled(branches, index, _varying_like(self.params, x), state, x)
 
 
-#: Differentiate a sampled op by recomputing it in the backward pass (see switch_recompute).
+#: Differentiate a sampled op by its own backward pass (see switch_sampled) instead of by
+#: autodiff of ``lax.switch``.
 RECOMPUTE_SAMPLED = True
+
+
+class _Branch:
+    """Candidate ``i`` as a branch of the sampled op's switch.
+
+    ``apply(params, state, x) -> (y, new_state)`` on the tuples of all candidates.
+    ``forward`` also returns what its backward pass keeps: for an op ending in an affine-free
+    BatchNorm (ReLU-conv-BN, the DARTS separable convolutions, pooling + BN) the BatchNorm's
+    ``rstd``, with which the backward pass starts from the op's output ``y`` = ``x̂``
+    (:func:`dnas.supernet.layers.batch_normalize_vjp`) and recomputes only the layers before
+    the BatchNorm whose activations the gradient needs, never the last convolution; for any
+    other op nothing (zeros), and the backward pass recomputes the op.
+    """
+
+    def __init__(self, layer, i: int, ctx: Ctx):
+        self.layer, self.i, self.ctx = layer, i, ctx
+        tail = layer.parts[-1] if layer.parts else None
+        self.normalize = tail.normalize if tail is not None and ctx.train else None
+        self.prefix = layer.parts[:-1] if self.normalize is not None else None
+
+    def _set(self, state, s):
+        return state[:self.i] + (s,) + state[self.i + 1:]
+
+    def apply(self, params, state, x):
+        y, s = self.layer.apply(params[self.i], state[self.i], x, self.ctx)
+        return y, self._set(state, s)
+
+    def _prefix(self, params, state, x):
+        ss = []
+        for layer, p, s in zip(self.prefix, params, state):
+            x, s = layer.apply(p, s, x, self.ctx)
+            ss.append(s)
+        return x, tuple(ss)
+
+    def forward(self, params, state, x):
+        if self.normalize is None:
+            y, state = self.apply(params, state, x)
+            return y, state, jnp.zeros(y.shape[-1:], y.dtype)
+        p, s = params[self.i], state[self.i]
+        z, s_prefix = self._prefix(p, s, x)
+        y, s_tail, rstd = self.normalize(s[-1], z, self.ctx)
+        return y, self._set(state, s_prefix + (s_tail,)), rstd.astype(y.dtype)
+
+    def backward(self, params, x, y, saved, gy, *, state):
+        """``(∂/∂params, ∂/∂x)`` of ``⟨gy, y⟩``; zeros for the other candidates' params."""
+        if self.normalize is None:
+            f = lambda p, x_: self.apply(p, state, x_)[0]
+            return jax.vjp(f, params, x)[1](gy)
+        gz = batch_normalize_vjp(y, saved, gy, self.ctx.axis_name)
+
+        def f(p, x_):
+            z, _ = self._prefix(p[self.i], state[self.i], x_)
+            return z
+        return jax.vjp(f, params, x)[1](gz)
 
 
 def _varying_like(tree, x):
@@ -88,40 +136,36 @@ def _varying_like(tree, x):
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(0,))
-def switch_recompute(fns, index, params, state, x):
-    """``lax.switch(index, fns, params, state, x)`` whose backward pass re-runs the chosen branch.
+def switch_sampled(branches, index, params, state, x):
+    """``lax.switch`` over the candidates' :class:`_Branch` es with a backward pass of the
+    chosen branch only.
 
     Autodiff of a ``lax.switch`` stores the residuals of *every* branch (JAX joins them across
     branches and zero-fills the slots a branch does not use), so a sampled op costs the memory
     (and the zero-filling time) of all candidates of different shapes, not of the sampled one.
-    Here the forward pass keeps only the branch inputs and the index; the backward pass runs
-    ``jax.vjp`` of the sampled branch alone (one extra forward of that op: rematerialisation
-    of the sampled path only). Exact: same values and gradients as autodiff of the switch.
-    ``fns[i](params, state, x) -> (y, new_state)``; the new state (BatchNorm running
-    statistics) gets no gradient.
+    Here the forward pass keeps only the branch inputs, the op's output (kept anyway for the
+    α gradient) and one vector per op; the backward pass runs the sampled branch's backward
+    alone: from the saved output for ops ending in an affine-free BatchNorm, otherwise by
+    ``jax.vjp`` of a recomputed forward (rematerialisation of the sampled path only). Exact:
+    same values and gradients as autodiff of the switch (``tests/test_switch_recompute.py``).
+    The new state (BatchNorm running statistics) gets no gradient.
     """
-    return lax.switch(index, list(fns), params, state, x)
+    return lax.switch(index, [b.apply for b in branches], params, state, x)
 
 
-def _switch_fwd(fns, index, params, state, x):
-    return lax.switch(index, list(fns), params, state, x), (index, params, state, x)
+def _switch_fwd(branches, index, params, state, x):
+    y, new_state, saved = lax.switch(index, [b.forward for b in branches], params, state, x)
+    return (y, new_state), (index, params, state, x, y, saved)
 
 
-def _switch_bwd(fns, res, g):
-    index, params, state, x = res
-    gy = g[0]
-
-    def grad(fn):
-        def run(params, x, gy):
-            _, vjp = jax.vjp(lambda p, x_: fn(p, state, x_)[0], params, x)
-            return vjp(gy)
-        return run
-
-    g_params, g_x = lax.switch(index, [grad(fn) for fn in fns], params, x, gy)
+def _switch_bwd(branches, res, g):
+    index, params, state, x, y, saved = res
+    g_params, g_x = lax.switch(index, [partial(b.backward, state=state) for b in branches],
+                               params, x, y, saved, g[0])
     return None, g_params, None, g_x
 
 
-switch_recompute.defvjp(_switch_fwd, _switch_bwd)
+switch_sampled.defvjp(_switch_fwd, _switch_bwd)
 
 
 class MixedOp:
