@@ -128,3 +128,20 @@ def test_unrolled_edges_equal_the_scanned_buffer_form():
     for a, b in zip(jax.tree_util.tree_leaves(jax.grad(loss(True), (0, 1, 2))(params, w, x)),
                     jax.tree_util.tree_leaves(jax.grad(loss(False), (0, 1, 2))(params, w, x))):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-5)
+
+
+def test_pointwise_conv_as_dot_matches_lax():
+    """On CPU a 1x1 stride-1 convolution runs as an einsum (``layers._conv``): same values and
+    gradients as the native convolution."""
+    from dnas.supernet.layers import _conv
+    rng = np.random.default_rng(7)
+    x = jnp.asarray(rng.standard_normal((3, 5, 6, 4)), jnp.float32)
+    w = jnp.asarray(rng.standard_normal((1, 1, 4, 7)), jnp.float32)
+    if jax.default_backend() == "cpu":
+        assert "dot_general" in str(jax.make_jaxpr(lambda x, w: _conv(x, w, 1, 0, 1))(x, w))
+    y_ref, vjp_ref = jax.vjp(lambda x, w: _lax_conv(x, w, 1, 0, 1), x, w)
+    y, vjp = jax.vjp(lambda x, w: _conv(x, w, 1, 0, 1), x, w)
+    np.testing.assert_allclose(np.asarray(y), np.asarray(y_ref), rtol=1e-5, atol=1e-5)
+    g = jnp.asarray(rng.standard_normal(y.shape), jnp.float32)
+    for a, b in zip(vjp(g), vjp_ref(g)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-4)
