@@ -114,12 +114,6 @@ def _bwd(stride, padding, dilation, members, res, g):
     conv = _conv_op(members)
     n, h, wd, c_in = x.shape
     kh, kw, _, c_out = w.shape
-    if kh == kw == 1 and stride == 1 and padding == 0:
-        # a 1x1 convolution is a matrix product over the pixels: both gradients are dots
-        # (no transposed copies of x and g, as the general weight gradient below needs)
-        gx = jnp.einsum("nhwo,io->nhwi", g, w[0, 0])
-        gw = jnp.einsum("nhwi,nhwo->io", x, g)[None, None]
-        return gx.astype(x.dtype), gw.astype(w.dtype)
     ho, wo = g.shape[1], g.shape[2]
     # input gradient: the transposed convolution = a stride-1 convolution of the
     # (stride-dilated) output gradient with the flipped, in/out-swapped kernel

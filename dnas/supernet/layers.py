@@ -172,12 +172,14 @@ def _he_normal(key, shape, fan_in):
 def _conv(x, w, stride, padding, dilation, groups=1, branch=False, members=False):
     """``branch``/``members``: the :mod:`branch_conv` path (custom backward pass; with
     ``members`` one convolution per member under ``vmap``)."""
+    if w.shape[:2] == (1, 1) and stride == 1 and padding == 0 and groups == 1 and jax.default_backend() == "cpu":
+        # a 1x1 convolution as a matrix product over the pixels (on every path: top level,
+        # sampled branch, scanned loop, vmapped members): on XLA:CPU its backward pass is then
+        # two dots, 1.5-2x faster than the convolutions of autodiff or of branch_conv
+        # (docs/benchmarks.md); GPU/TPU keep the native convolution
+        return jnp.einsum("nhwi,io->nhwo", x, w[0, 0])
     if (branch or members) and groups == 1:
         return branch_conv2d(x, w, stride, padding, dilation, members=members)
-    if w.shape[:2] == (1, 1) and stride == 1 and padding == 0 and groups == 1 and jax.default_backend() == "cpu":
-        # a 1x1 convolution as a matrix product over the pixels: on XLA:CPU its backward pass
-        # is then two dots, 2x faster than autodiff's convolutions (docs/benchmarks.md)
-        return jnp.einsum("nhwi,io->nhwo", x, w[0, 0])
     return lax.conv_general_dilated(
         x, w, (stride, stride), ((padding, padding), (padding, padding)),
         rhs_dilation=(dilation, dilation), dimension_numbers=("NHWC", "HWIO", "NHWC"),

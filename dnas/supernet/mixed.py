@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from dnas.supernet.layers import Ctx, Layer, batch_normalize_vjp, scan, stack_trees
+from dnas.supernet.layers import Ctx, Layer, batch_normalize_vjp, scan, sequential, stack_trees
 
 Mix = Callable[[Any, "Candidates", jax.Array], tuple[jax.Array, tuple]]
 
@@ -81,7 +81,7 @@ class _Branch:
         self.layer, self.i, self.ctx = layer, i, ctx
         tail = layer.parts[-1] if layer.parts else None
         self.normalize = tail.normalize if tail is not None and ctx.train else None
-        self.prefix = layer.parts[:-1] if self.normalize is not None else None
+        self.prefix = sequential(*layer.parts[:-1]) if self.normalize is not None else None
 
     def _set(self, state, s):
         return state[:self.i] + (s,) + state[self.i + 1:]
@@ -90,19 +90,12 @@ class _Branch:
         y, s = self.layer.apply(params[self.i], state[self.i], x, self.ctx)
         return y, self._set(state, s)
 
-    def _prefix(self, params, state, x):
-        ss = []
-        for layer, p, s in zip(self.prefix, params, state):
-            x, s = layer.apply(p, s, x, self.ctx)
-            ss.append(s)
-        return x, tuple(ss)
-
     def forward(self, params, state, x):
         if self.normalize is None:
             y, state = self.apply(params, state, x)
             return y, state, jnp.zeros(y.shape[-1:], y.dtype)
         p, s = params[self.i], state[self.i]
-        z, s_prefix = self._prefix(p, s, x)
+        z, s_prefix = self.prefix.apply(p[:-1], s[:-1], x, self.ctx)
         y, s_tail, rstd = self.normalize(s[-1], z, self.ctx)
         return y, self._set(state, s_prefix + (s_tail,)), rstd.astype(y.dtype)
 
@@ -113,9 +106,7 @@ class _Branch:
             return jax.vjp(f, params, x)[1](gy)
         gz = batch_normalize_vjp(y, saved, gy, self.ctx.axis_name)
 
-        def f(p, x_):
-            z, _ = self._prefix(p[self.i], state[self.i], x_)
-            return z
+        f = lambda p, x_: self.prefix.apply(p[self.i][:-1], state[self.i][:-1], x_, self.ctx)[0]
         return jax.vjp(f, params, x)[1](gz)
 
 
