@@ -474,5 +474,7 @@ def main(argv=None) -> None:
 
 if __name__ == "__main__":
     from dnas.hugepages import reexec_with_hugepages   # as the `dnas` command does (DNAS_HUGEPAGES=0: off)
+    from dnas.xla_flags import apply_cpu_defaults      # likewise (DNAS_XLA_DEFAULTS=0: off)
     reexec_with_hugepages()
+    apply_cpu_defaults()
     main()

@@ -89,6 +89,6 @@ def run_bench(space: str = "nb201", relaxation: str = "darts", *, batch_size: in
         "min_step_ms": 1e3 * min(times), "steps_timed": len(times), "compile_s": compile_s,
         **costs,
         "device_kind": dev.device_kind, "platform": dev.platform, "jax_version": jax.__version__,
-        "glibc_tunables": os.environ.get("GLIBC_TUNABLES"),
+        "glibc_tunables": os.environ.get("GLIBC_TUNABLES"), "xla_flags": os.environ.get("XLA_FLAGS"),
         "final_train_loss": float(metrics["train_loss"]),
     }

@@ -294,9 +294,11 @@ def _cmd_bench(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    if argv is None:   # the `dnas` command (not an in-process call): huge pages for XLA's buffers
-        from dnas.hugepages import reexec_with_hugepages
+    if argv is None:   # the `dnas` command (not an in-process call): huge pages for XLA's buffers,
+        from dnas.hugepages import reexec_with_hugepages   # and the measured XLA:CPU flags
+        from dnas.xla_flags import apply_cpu_defaults
         reexec_with_hugepages()
+        apply_cpu_defaults()
     args = build_parser().parse_args(argv)
     if args.command == "latency":
         from dnas.latency.cli import run_latency

@@ -1,9 +1,6 @@
 """The `dnas` command restarts itself once with glibc's huge-page tunable (dnas.hugepages)."""
-import json
-import subprocess
-import sys
-
 import pytest
+from tiny_bench import tiny_bench
 
 from dnas import hugepages
 
@@ -30,13 +27,7 @@ def test_no_restart_when_disabled_done_or_set(monkeypatch):
 
 
 def _bench_tunables(env_extra):
-    import os
-    env = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", "DNAS_HUGEPAGES_REEXEC")}
-    env.update(env_extra)
-    out = subprocess.run([sys.executable, "-m", "dnas.cli", "bench", "--channels", "2", "--cells", "1",
-                          "--batch-size", "2", "--image-size", "8", "--steps", "1", "--warmup", "0"],
-                         capture_output=True, text=True, env=env, check=True, timeout=600)
-    return json.loads(out.stdout.strip().splitlines()[-1])["glibc_tunables"]
+    return tiny_bench(env_extra, clear=("GLIBC_TUNABLES", "DNAS_HUGEPAGES_REEXEC"))["glibc_tunables"]
 
 
 @pytest.mark.skipif(not hugepages.should_reexec({}), reason="no glibc >= 2.35 with transparent huge pages here")
