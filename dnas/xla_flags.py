@@ -11,11 +11,11 @@ IR emitters instead of the MLIR fusion emitters. About 60 % of a supernet step's
 CPU is elementwise, reduction and pooling fusions (BatchNorm, ReLU, the mixed op's weighted
 sums, their backward passes), and the older emitters' code runs them faster: NAS-Bench-201
 (C=16, N=5, B=64) DARTS step 1.32 → 1.17 s, GDAS 0.40 → 0.33 s, on the 2-core CPU
-(``dnas bench``, ``docs/benchmarks.md``, "XLA:CPU flags"). The price is compile time
-(NB201 DARTS 18 → 26 s, GDAS 18 → 43 s, DARTS space 117 → 235 s), paid once per configuration with the persistent
-compilation cache that ``dnas search`` keeps; the compiler's own memory shrinks (the README's
-default search: peak RSS 1.53 → 0.98 GB). The flag only concerns the CPU backend; on
-GPU/TPU it changes nothing.
+(``dnas bench``, ``docs/benchmarks.md``, "XLA:CPU flags, measured"). The price is compile
+time (NB201 DARTS 18 → 26 s, GDAS 18 → 43 s, DARTS space 117 → 235 s), paid once per
+configuration with the persistent compilation cache that ``dnas search`` keeps; the
+compiler's own memory shrinks (the README's default search: peak RSS 1.53 → 0.98 GB). The
+flag only concerns the CPU backend; on GPU/TPU it changes nothing.
 """
 from __future__ import annotations
 
