@@ -176,8 +176,11 @@ def _conv(x, w, stride, padding, dilation, groups=1, branch=False, members=False
         # a 1x1 convolution as a matrix product over the pixels (on every path: top level,
         # sampled branch, scanned loop, vmapped members): on XLA:CPU its backward pass is then
         # two dots, 1.5-2x faster than the convolutions of autodiff or of branch_conv
-        # (docs/benchmarks.md); GPU/TPU keep the native convolution
-        return jnp.einsum("nhwi,io->nhwo", x, w[0, 0])
+        # (docs/benchmarks.md); GPU/TPU keep the native convolution. Flattened to one
+        # [pixels, c_in] matrix: a dot over the 4-D array (einsum "nhwi,io") has XLA:CPU
+        # transpose the output cotangent into a copy for the weight gradient (2x slower)
+        flat = x.reshape(-1, x.shape[-1]) @ w[0, 0]
+        return flat.reshape(x.shape[:-1] + (w.shape[-1],))
     if (branch or members) and groups == 1:
         return branch_conv2d(x, w, stride, padding, dilation, members=members)
     return lax.conv_general_dilated(
