@@ -11,22 +11,13 @@ Run: ``python benchmarks/bench_scan_conv.py``.
 from __future__ import annotations
 
 import json
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-
-def _median_ms(f, *args, n=5):
-    jax.block_until_ready(f(*args))
-    times = []
-    for _ in range(n):
-        t0 = time.perf_counter()
-        jax.block_until_ready(f(*args))
-        times.append(time.perf_counter() - t0)
-    return round(float(np.median(times)) * 1e3, 2)
+from dnas.bench import median_ms
 
 
 def _conv(x, w):
@@ -69,9 +60,9 @@ def main(batch=64, size=32, channels=16, layers=6):
               "shape": [batch, size, size, channels], "layers": layers}
     for name, f in (("unrolled", unrolled), ("scan", scanned), ("scan_branch_conv", scanned_branch), ("fori_loop", fori), ("switch", switched)):
         loss = lambda x, w, f=f: jnp.sum(f(x, w) ** 2)  # noqa: E731
-        result[name] = {"fwd_ms": _median_ms(jax.jit(f), x, w),
-                        "grad_x_ms": _median_ms(jax.jit(jax.grad(loss, argnums=0)), x, w),
-                        "grad_w_ms": _median_ms(jax.jit(jax.grad(loss, argnums=1)), x, w)}
+        result[name] = {"fwd_ms": median_ms(jax.jit(f), x, w),
+                        "grad_x_ms": median_ms(jax.jit(jax.grad(loss, argnums=0)), x, w),
+                        "grad_w_ms": median_ms(jax.jit(jax.grad(loss, argnums=1)), x, w)}
     print(json.dumps(result))
 
 

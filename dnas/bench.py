@@ -19,6 +19,18 @@ import numpy as np
 from dnas.search import Hyper, make_searcher
 
 
+def median_ms(f, *args, n: int = 5, digits: int = 3) -> float:
+    """Median wall time in ms of ``n`` calls of ``f(*args)`` after one warm-up call (the
+    micro-benchmarks in ``benchmarks/`` use it)."""
+    jax.block_until_ready(f(*args))
+    times = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        jax.block_until_ready(f(*args))
+        times.append(time.perf_counter() - t0)
+    return round(float(np.median(times)) * 1e3, digits)
+
+
 def _first(x):
     if isinstance(x, (list, tuple)):
         return x[0] if x else {}

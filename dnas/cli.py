@@ -41,7 +41,9 @@ def _space_args(p: argparse.ArgumentParser) -> None:
                    help="nb201: cells per stage (N); darts: number of cells (layers); chain: max blocks per stage")
     p.add_argument("--width-mult", type=float, default=None, help="chain: width multiplier (1.0 = ProxylessNAS mobile)")
     p.add_argument("--conv-impl", choices=["auto", "native", "dense"], default="auto",
-                   help="depthwise convolution formulation; auto = dense on CPU, native on GPU/TPU")
+                   help="separable convolution formulation: native (depthwise then pointwise; on CPU as shifted "
+                        "views and a matrix product), dense (one convolution with the fused kernel); auto = native, "
+                        "except dense inside CPU conditionals and loops")
     p.add_argument("--loops", choices=["auto", *LOOP_FLAGS], default="auto",
                    help="the supernet's loops over cells and edges: unrolled at trace time (fastest steps on CPU, "
                         "long compiles), scan-cells (runs of equal cells under lax.scan, edges unrolled) or scan "

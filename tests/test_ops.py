@@ -104,6 +104,41 @@ def test_separable_conv_dense_equals_native(kernel, stride, dilation):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("kernel,stride,dilation", [(3, 1, 1), (5, 2, 1), (3, 2, 2), (5, 1, 2)])
+def test_depthwise_conv_as_shifted_views_equals_grouped_conv(kernel, stride, dilation):
+    """``depthwise.depthwise_conv`` (shifted views, custom JVP) equals XLA's grouped
+    convolution in float64: values, gradients, forward mode, and the second-order products the
+    hypergradients take (forward-over-reverse and reverse-over-reverse)."""
+    from jax import lax
+
+    from dnas.supernet.depthwise import depthwise_conv
+    pad = dilation * (kernel - 1) // 2
+    rng = np.random.default_rng(kernel + 10 * stride + 100 * dilation)
+
+    def grouped(x, w):
+        return lax.conv_general_dilated(x, w[:, :, None, :], (stride, stride), ((pad, pad), (pad, pad)),
+                                        rhs_dilation=(dilation, dilation), feature_group_count=x.shape[-1],
+                                        dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+    def views(x, w):
+        return depthwise_conv(x, w, stride, pad, dilation)
+
+    with jax.enable_x64(True):
+        x, tx = (jnp.asarray(rng.standard_normal((2, 9, 9, 5))) for _ in range(2))
+        w, tw = (jnp.asarray(rng.standard_normal((kernel, kernel, 5))) for _ in range(2))
+
+        def derivatives(conv):
+            loss = lambda x, w: jnp.sum(jnp.sin(conv(x, w)))  # noqa: E731
+            grad = jax.grad(loss, (0, 1))
+            return (conv(x, w), *grad(x, w), jax.jvp(conv, (x, w), (tx, tw))[1],
+                    *jax.jvp(grad, (x, w), (tx, tw))[1],
+                    jax.grad(lambda x, w: jnp.sum(jax.grad(loss, 1)(x, w) ** 2), 0)(x, w))
+
+        for a, b in zip(derivatives(views), derivatives(grouped)):
+            assert a.shape == b.shape and a.dtype == jnp.float64
+            np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-10, atol=1e-10)
+
+
 def test_factorized_reduce_odd_size_and_channels():
     fr = L.factorized_reduce(6, 8)
     p, s = fr.init(jax.random.PRNGKey(0))

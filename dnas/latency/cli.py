@@ -25,7 +25,9 @@ def _space_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--stem-stride", type=int, default=None, help="chain: stride of the first conv (2 at 224 px, 1 at 32 px)")
     p.add_argument("--num-classes", type=int, default=None, help="classifier outputs (default: the space's)")
     p.add_argument("--conv-impl", choices=["auto", "native", "dense"], default="auto",
-                   help="depthwise convolution formulation; auto = dense on CPU, native on GPU/TPU")
+                   help="separable convolution formulation: native (depthwise then pointwise; on CPU as shifted "
+                        "views and a matrix product), dense (one convolution with the fused kernel); auto = native, "
+                        "except dense inside CPU conditionals and loops")
     p.add_argument("--input-size", type=int, default=None,
                    help="input resolution H=W (default: the table's, else 32 for nb201/darts, 224 for chain)")
 

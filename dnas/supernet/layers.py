@@ -25,6 +25,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from dnas.supernet.branch_conv import conv2d as branch_conv2d
+from dnas.supernet.depthwise import depthwise_conv
 
 Params = Any
 State = Any
@@ -92,12 +93,13 @@ def sequential(*layers: Layer) -> Layer:
 
 
 def depthwise_impl(impl: str | None = None) -> str:
-    """Resolve the depthwise-convolution formulation: ``native`` or ``dense``.
+    """Resolve a separable convolution's formulation: ``native``, ``dense`` or ``auto``.
 
-    ``None``/``"auto"`` picks ``dense`` on the CPU backend and ``native`` elsewhere.
+    ``None``/``"auto"`` stays ``auto`` on the CPU backend (:func:`separable_conv` then picks
+    per call) and is ``native`` elsewhere.
     """
     if impl in (None, "auto"):
-        return "dense" if jax.default_backend() == "cpu" else "native"
+        return "auto" if jax.default_backend() == "cpu" else "native"
     if impl not in ("native", "dense"):
         raise ValueError(f"unknown conv implementation {impl!r}; expected 'auto', 'native' or 'dense'")
     return impl
@@ -171,7 +173,9 @@ def _he_normal(key, shape, fan_in):
 
 def _conv(x, w, stride, padding, dilation, groups=1, branch=False, members=False):
     """``branch``/``members``: the :mod:`branch_conv` path (custom backward pass; with
-    ``members`` one convolution per member under ``vmap``)."""
+    ``members`` one convolution per member under ``vmap``). On CPU, off those paths, 1x1
+    convolutions run as a matrix product and depthwise ones as shifted views
+    (:mod:`dnas.supernet.depthwise`)."""
     if w.shape[:2] == (1, 1) and stride == 1 and padding == 0 and groups == 1 and jax.default_backend() == "cpu":
         # a 1x1 convolution as a matrix product over the pixels (on every path: top level,
         # sampled branch, scanned loop, vmapped members): on XLA:CPU its backward pass is then
@@ -181,6 +185,13 @@ def _conv(x, w, stride, padding, dilation, groups=1, branch=False, members=False
         # transpose the output cotangent into a copy for the weight gradient (2x slower)
         flat = x.reshape(-1, x.shape[-1]) @ w[0, 0]
         return flat.reshape(x.shape[:-1] + (w.shape[-1],))
+    if (groups > 1 and groups == x.shape[-1] == w.shape[-1] and w.shape[2] == 1
+            and not (branch or members) and jax.default_backend() == "cpu"):
+        # depthwise (one filter per channel): k*k shifted views, with its gradients 4-20x
+        # faster on XLA:CPU than its grouped convolution (docs/benchmarks.md). Not on the
+        # branch path: the kernel gradient is a dense convolution, slow inside XLA:CPU
+        # conditionals and loops
+        return depthwise_conv(x, w[:, :, 0, :], stride, padding, dilation)
     if (branch or members) and groups == 1:
         return branch_conv2d(x, w, stride, padding, dilation, members=members)
     return lax.conv_general_dilated(
@@ -229,11 +240,16 @@ def separable_conv(c_in: int, c_out: int, kernel: int, stride: int = 1,
 
     Params ``{"dw": (k,k,1,c_in), "pw": (1,1,c_in,c_out)}`` whatever the implementation:
 
-    * ``native``: a grouped convolution then a 1x1 convolution (the fast path on GPU/TPU).
+    * ``native``: a depthwise convolution then a 1x1 convolution (the fast path on GPU/TPU;
+      on CPU off the branch path they run as shifted views and a matrix product, see
+      :func:`_conv`).
     * ``dense``: the composition of the two linear maps is itself a convolution with kernel
       ``K[i,j,c,o] = dw[i,j,c] * pw[c,o]``; one dense convolution computes it. Same function,
-      same gradients (autodiff through the product), far faster on XLA:CPU where grouped
-      convolutions are slow.
+      same gradients (autodiff through the product); on XLA:CPU far faster than the grouped
+      convolution, and what runs inside conditionals and loops (the branch path).
+    * ``auto`` (CPU default): ``native`` off the branch path (1.1-2.3x faster than ``dense``
+      with all gradients, 1.5-10x with the input gradient only; ``docs/benchmarks.md``),
+      ``dense`` on it.
     """
     padding = dilation * (kernel - 1) // 2
     impl_r = depthwise_impl(impl)
@@ -244,8 +260,8 @@ def separable_conv(c_in: int, c_out: int, kernel: int, stride: int = 1,
                 "pw": _he_normal(k2, (1, 1, c_in, c_out), c_in)}, ()
 
     def apply(p, s, x, ctx):
-        if impl_r == "native":
-            y = _conv(x, p["dw"], stride, padding, dilation, groups=c_in)
+        if impl_r == "native" or (impl_r == "auto" and not (ctx.branch or ctx.members)):
+            y = _conv(x, p["dw"], stride, padding, dilation, groups=c_in, branch=ctx.branch, members=ctx.members)
             return _conv(y, p["pw"], 1, 0, 1, branch=ctx.branch, members=ctx.members), s
         fused = p["dw"][:, :, 0, :, None] * p["pw"][0, 0][None, None]
         return _conv(x, fused, stride, padding, dilation, branch=ctx.branch, members=ctx.members), s

@@ -1,0 +1,105 @@
+"""A depthwise convolution written as a weighted sum of shifted views, for XLA:CPU.
+
+XLA:CPU's grouped convolution is slow for depthwise kernels (B=64, 32x32x16, 3x3: 19 ms
+forward, 43 ms with its gradients; ``benchmarks/bench_separable_conv.py``). A depthwise
+convolution is ``k*k`` multiply-adds per output element:
+
+    y[n, h, w, c] = sum_{i, j} x_pad[n, s*h + d*i, s*w + d*j, c] * w[i, j, c]
+
+(stride ``s``, dilation ``d``, ``x_pad`` zero-padded), which XLA fuses into one elementwise
+loop over the ``k*k`` strided views of the padded input. Its input gradient is the same kind
+of sum (the transpose of a slice is a pad). With the pointwise convolution after it, the
+forward pass is 1.4-8x faster than one dense convolution with the fused kernel, forward and
+input gradient 1.5-10x, everything 1.1-2.3x (``docs/benchmarks.md``).
+
+The kernel gradient is the exception: autodiff writes it as ``k*k`` reductions over
+``(n, h, w)`` of products of sliced views, and XLA:CPU materialises every slice before
+reducing (~12 ms at 32x16x3x3, ~38 ms at 5x5). So :func:`depthwise_conv` has a custom JVP
+whose kernel-tangent term is the same linear map written as a dense convolution with the
+diagonal kernel ``K[i, j, c, o] = t[i, j, c] * [c == o]``; reverse mode transposes it into
+one dense weight-gradient convolution followed by taking the diagonal (~4 ms at 32x16x3x3).
+The JVP is exact, so forward mode, reverse mode and their compositions (the Hessian-vector
+products of the hypergradients) all hold; tested against ``lax.conv_general_dilated`` with
+``feature_group_count`` in ``tests/test_ops.py``.
+"""
+from __future__ import annotations
+
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.custom_derivatives import SymbolicZero
+
+_DN = ("NHWC", "HWIO", "NHWC")
+
+
+def _out_size(n: int, k: int, stride: int, pad: int, dilation: int) -> int:
+    return (n + 2 * pad - dilation * (k - 1) - 1) // stride + 1
+
+
+def _shifted_views(x, w, stride, padding, dilation):
+    """``sum_{i,j} view_{i,j}(pad(x)) * w[i, j]`` (the primal and the input-tangent map)."""
+    k = w.shape[0]
+    n, h, wd, c = x.shape
+    ho = _out_size(h, k, stride, padding, dilation)
+    wo = _out_size(wd, k, stride, padding, dilation)
+    xp = jnp.pad(x, ((0, 0), (padding, padding), (padding, padding), (0, 0)))
+    out = None
+    for i in range(k):
+        for j in range(w.shape[1]):
+            start = (0, i * dilation, j * dilation, 0)
+            limit = (n, start[1] + stride * (ho - 1) + 1, start[2] + stride * (wo - 1) + 1, c)
+            term = lax.slice(xp, start, limit, (1, stride, stride, 1)) * w[i, j].astype(x.dtype)
+            out = term if out is None else out + term
+    return out
+
+
+def _pinned(t):
+    """``t``, through a product with the identity matrix (exact at ``HIGHEST`` precision).
+
+    Its transpose is the same product, so in the backward pass the input gradient (the sum of
+    the ``k*k`` padded views of the cotangent) is that dot's operand: one fusion, stored once.
+    Without it XLA:CPU merged the padded views of every op into the node's cotangent sum,
+    gave up fusing them at that size and stored each padded view: 290-operand fusions, and a
+    DARTS-space step (C=16, 3 cells) of 14.8 s instead of 6.6 s with the dense formulation.
+    (``lax.optimization_barrier`` does not help: XLA:CPU removes it before fusing.)
+    """
+    c = t.shape[-1]
+    return jnp.einsum("...c,cd->...d", t, jnp.eye(c, dtype=t.dtype), precision=lax.Precision.HIGHEST)
+
+
+def _diagonal_conv(x, w, stride, padding, dilation):
+    """The same map as :func:`_shifted_views`, as a dense convolution with a diagonal kernel
+    (used for the kernel tangent, whose transpose is then a dense weight-gradient convolution)."""
+    c = x.shape[-1]
+    kernel = w[:, :, :, None] * jnp.eye(c, dtype=w.dtype)
+    return lax.conv_general_dilated(x, kernel.astype(x.dtype), (stride, stride),
+                                   ((padding, padding), (padding, padding)),
+                                   rhs_dilation=(dilation, dilation), dimension_numbers=_DN)
+
+
+@partial(jax.custom_jvp, nondiff_argnums=(2, 3, 4))
+def depthwise_conv(x: jax.Array, w: jax.Array, stride: int = 1, padding: int = 0,
+                   dilation: int = 1) -> jax.Array:
+    """Depthwise convolution of NHWC ``x`` with the ``[k, k, C]`` kernel ``w`` (one filter per
+    channel, channel multiplier 1): ``lax.conv_general_dilated(x, w[:, :, None, :], ...,
+    feature_group_count=C)``, computed as shifted views (see the module docstring)."""
+    return _shifted_views(x, w, stride, padding, dilation)
+
+
+def _depthwise_jvp(stride, padding, dilation, primals, tangents):
+    x, w = primals
+    tx, tw = tangents
+    y = _shifted_views(x, w, stride, padding, dilation)
+    terms = []
+    if not isinstance(tx, SymbolicZero):
+        terms.append(_shifted_views(_pinned(tx), w, stride, padding, dilation))
+    if not isinstance(tw, SymbolicZero):
+        terms.append(_diagonal_conv(x, tw, stride, padding, dilation))
+    if not terms:
+        return y, jnp.zeros_like(y)
+    return y, terms[0] if len(terms) == 1 else terms[0] + terms[1]
+
+
+depthwise_conv.defjvp(_depthwise_jvp, symbolic_zeros=True)
