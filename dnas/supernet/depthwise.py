@@ -31,11 +31,10 @@ import jax.numpy as jnp
 from jax import lax
 from jax.custom_derivatives import SymbolicZero
 
+from dnas.supernet.branch_conv import _out_size
+from dnas.supernet.pin import pinned
+
 _DN = ("NHWC", "HWIO", "NHWC")
-
-
-def _out_size(n: int, k: int, stride: int, pad: int, dilation: int) -> int:
-    return (n + 2 * pad - dilation * (k - 1) - 1) // stride + 1
 
 
 def _shifted_views(x, w, stride, padding, dilation):
@@ -47,26 +46,12 @@ def _shifted_views(x, w, stride, padding, dilation):
     xp = jnp.pad(x, ((0, 0), (padding, padding), (padding, padding), (0, 0)))
     out = None
     for i in range(k):
-        for j in range(w.shape[1]):
+        for j in range(k):
             start = (0, i * dilation, j * dilation, 0)
             limit = (n, start[1] + stride * (ho - 1) + 1, start[2] + stride * (wo - 1) + 1, c)
             term = lax.slice(xp, start, limit, (1, stride, stride, 1)) * w[i, j].astype(x.dtype)
             out = term if out is None else out + term
     return out
-
-
-def _pinned(t):
-    """``t``, through a product with the identity matrix (exact at ``HIGHEST`` precision).
-
-    Its transpose is the same product, so in the backward pass the input gradient (the sum of
-    the ``k*k`` padded views of the cotangent) is that dot's operand: one fusion, stored once.
-    Without it XLA:CPU merged the padded views of every op into the node's cotangent sum,
-    gave up fusing them at that size and stored each padded view: 290-operand fusions, and a
-    DARTS-space step (C=16, 3 cells) of 14.8 s instead of 6.6 s with the dense formulation.
-    (``lax.optimization_barrier`` does not help: XLA:CPU removes it before fusing.)
-    """
-    c = t.shape[-1]
-    return jnp.einsum("...c,cd->...d", t, jnp.eye(c, dtype=t.dtype), precision=lax.Precision.HIGHEST)
 
 
 def _diagonal_conv(x, w, stride, padding, dilation):
@@ -94,12 +79,16 @@ def _depthwise_jvp(stride, padding, dilation, primals, tangents):
     y = _shifted_views(x, w, stride, padding, dilation)
     terms = []
     if not isinstance(tx, SymbolicZero):
-        terms.append(_shifted_views(_pinned(tx), w, stride, padding, dilation))
+        # pinned: in the backward pass each op's input gradient (the sum of its k*k padded
+        # views of the cotangent) is then one fusion, stored once. Without it XLA:CPU merged
+        # the padded views of every op into the node's cotangent sum, gave up fusing at that
+        # size and stored each padded view (290-operand fusions; DARTS space, C=16, 3 cells:
+        # 14.8 s per step instead of 6.6 s with the dense kernel). lax.optimization_barrier
+        # does not help: XLA:CPU removes it before fusing
+        terms.append(_shifted_views(pinned(tx), w, stride, padding, dilation))
     if not isinstance(tw, SymbolicZero):
         terms.append(_diagonal_conv(x, tw, stride, padding, dilation))
-    if not terms:
-        return y, jnp.zeros_like(y)
-    return y, terms[0] if len(terms) == 1 else terms[0] + terms[1]
+    return y, sum(terms[1:], terms[0]) if terms else jnp.zeros_like(y)
 
 
 depthwise_conv.defjvp(_depthwise_jvp, symbolic_zeros=True)
