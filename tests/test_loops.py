@@ -15,13 +15,19 @@ import pytest
 from dnas.search import make_searcher
 from dnas.supernet import layers as L
 
+# darts: cells 3,4 form a scanned run. The DARTS space uses the dense separable-conv kernel in
+# every mode, so that only the loops differ here (unrolled with the CPU default's shifted-view
+# depthwise convolutions its compile took 84 s instead of 50 s on 2 cores; the views are
+# checked against the native convolution in tests/test_ops.py, and in a whole supernet by the
+# slow case below)
 SMALL = {"nb201": {"channels": 4, "cells_per_stage": 2, "num_classes": 5},
-         "darts": {"channels": 4, "layers": 5, "num_classes": 5}}   # darts: cells 3,4 form a scanned run
+         "darts": {"channels": 4, "layers": 5, "num_classes": 5, "impl": "dense"}}
 
 
 @functools.lru_cache(maxsize=None)   # the unrolled reference is compiled once per space
-def _loss_and_grads(space, unroll, relaxation="darts"):
-    s = make_searcher(space, relaxation, space_options={**SMALL[space], "unroll": unroll})
+def _loss_and_grads(space, unroll, relaxation="darts", impl=None):
+    opts = {**SMALL[space], "unroll": unroll, **({"impl": impl} if impl else {})}
+    s = make_searcher(space, relaxation, space_options=opts)
     st = s.init(jax.random.PRNGKey(0))
     x = jax.random.normal(jax.random.PRNGKey(1), (4, 8, 8, 3))
     y = jnp.arange(4) % 5
@@ -35,13 +41,24 @@ def _loss_and_grads(space, unroll, relaxation="darts"):
 
 @pytest.mark.parametrize("space,mode", [
     ("nb201", False), ("nb201", "scan_cells"), ("darts", False),
-    # the DARTS space unrolled runs its depthwise convolutions as shifted views and scanned
-    # as dense kernels, so this also checks the two formulations equal in a whole supernet;
     # scan_cells on DARTS compiles for ~90 s on 2 cores: pytest -m slow
     pytest.param("darts", "scan_cells", marks=pytest.mark.slow)])
 def test_scanned_loops_equal_unrolled(space, mode):
     v_ref, g_ref = _loss_and_grads(space, True)
     v, g = _loss_and_grads(space, mode)
+    _assert_same(v, g, v_ref, g_ref)
+
+
+@pytest.mark.slow
+def test_shifted_view_supernet_equals_the_dense_kernel_one():
+    """The CPU default unrolled (depthwise convolutions as shifted views, dnas.supernet.depthwise)
+    against the dense fused kernel scanned: the two formulations agree in a whole supernet."""
+    v_ref, g_ref = _loss_and_grads("darts", True, impl="auto")
+    v, g = _loss_and_grads("darts", False)
+    _assert_same(v, g, v_ref, g_ref)
+
+
+def _assert_same(v, g, v_ref, g_ref):
     np.testing.assert_allclose(float(v), float(v_ref), rtol=1e-5)
     flat_ref, tree_ref = jax.tree_util.tree_flatten(g_ref)
     flat, tree = jax.tree_util.tree_flatten(g)

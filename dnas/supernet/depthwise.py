@@ -92,3 +92,43 @@ def _depthwise_jvp(stride, padding, dilation, primals, tangents):
 
 
 depthwise_conv.defjvp(_depthwise_jvp, symbolic_zeros=True)
+
+
+def branch_depthwise_conv(x: jax.Array, w: jax.Array, stride: int = 1, padding: int = 0,
+                          dilation: int = 1) -> jax.Array:
+    """:func:`depthwise_conv` for the branch path (inside ``lax.switch`` / loops on XLA:CPU).
+
+    A ``custom_vjp`` whose backward pass has no convolution at all: the input gradient is the
+    transpose of the shifted views (pads of ``g * w[i, j]``, one fusion), the kernel gradient
+    ``k*k`` reductions ``sum_{n,h,w} view_ij(pad(x)) * g``. Autodiff's grouped convolutions
+    are XLA:CPU's slow path and slower still inside a conditional, and the dense diagonal
+    kernel of :func:`depthwise_conv`'s JVP is a convolution too. Differentiable in reverse
+    mode (twice as well: the backward pass is made of differentiable ops), not in forward
+    mode, as :func:`dnas.supernet.branch_conv.conv2d`. Inside ``shard_map`` the (replicated)
+    kernel is marked varying as ``conv2d`` does.
+    """
+    from dnas.supernet.branch_conv import _vma
+
+    axes = tuple(sorted(set(_vma(x)) - set(_vma(w))))
+    if axes:
+        w = lax.pcast(w, axes, to="varying")
+    return _branch_dw(x, w, stride, padding, dilation)
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
+def _branch_dw(x, w, stride, padding, dilation):
+    return _shifted_views(x, w, stride, padding, dilation)
+
+
+def _branch_dw_fwd(x, w, stride, padding, dilation):
+    return _shifted_views(x, w, stride, padding, dilation), (x, w)
+
+
+def _branch_dw_bwd(stride, padding, dilation, res, g):
+    x, w = res
+    _, vjp = jax.vjp(lambda x_, w_: _shifted_views(x_, w_, stride, padding, dilation), x, w)
+    gx, gw = vjp(g)
+    return gx, gw
+
+
+_branch_dw.defvjp(_branch_dw_fwd, _branch_dw_bwd)
