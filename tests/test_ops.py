@@ -1,8 +1,6 @@
 """Candidate ops, layers and mixed ops: shapes, closed forms, equivalences."""
 from __future__ import annotations
 
-from functools import partial
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -143,44 +141,6 @@ def test_depthwise_conv_as_shifted_views_equals_grouped_conv(kernel, stride, dil
         for a, b in zip(derivatives(views), derivatives(grouped)):
             assert a.shape == b.shape and a.dtype == jnp.float64
             np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-10, atol=1e-10)
-
-
-@pytest.mark.parametrize("kernel,stride,dilation", [(3, 1, 1), (7, 2, 1), (5, 1, 2)])
-def test_branch_depthwise_conv_equals_grouped_conv_inside_a_switch(kernel, stride, dilation):
-    """``depthwise.branch_depthwise_conv`` (shifted views, custom VJP without convolutions:
-    what a sampled op's depthwise convolutions run on the CPU) equals XLA's grouped
-    convolution in float64 inside a ``lax.switch``: values, gradients and reverse-over-reverse
-    (the backward pass is differentiable); ``layers._conv`` routes a depthwise convolution on
-    the branch path to it."""
-    from jax import lax
-
-    from dnas.supernet.depthwise import branch_depthwise_conv
-    pad = dilation * (kernel - 1) // 2
-    grouped = partial(_grouped_conv, stride=stride, pad=pad, dilation=dilation)
-    views = partial(branch_depthwise_conv, stride=stride, padding=pad, dilation=dilation)
-    rng = np.random.default_rng(kernel + 10 * stride + 100 * dilation)
-
-    def routed(x, w):   # the layer on the branch path
-        return L._conv(x, w[:, :, None, :], stride, pad, dilation, groups=x.shape[-1], branch=True)
-
-    with jax.enable_x64(True):
-        x = jnp.asarray(rng.standard_normal((2, 11, 11, 5)))
-        w = jnp.asarray(rng.standard_normal((kernel, kernel, 5)))
-
-        def derivatives(conv):
-            def loss(x, w, i=0):
-                return lax.switch(i, [lambda x, w: jnp.sum(jnp.sin(conv(x, w))), lambda x, w: jnp.sum(x * x)], x, w)
-            grad = jax.grad(loss, (0, 1))
-            return (conv(x, w), *grad(x, w), *grad(x, w, 1),
-                    jax.grad(lambda x, w: jnp.sum(jax.grad(loss, 1)(x, w) ** 2), (0, 1))(x, w))
-
-        want = jax.tree_util.tree_leaves(derivatives(grouped))
-        for conv in (views, routed):
-            got = jax.tree_util.tree_leaves(derivatives(conv))
-            assert len(got) == len(want)
-            for a, b in zip(got, want):
-                assert a.shape == b.shape and a.dtype == jnp.float64
-                np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-10, atol=1e-10)
 
 
 def test_factorized_reduce_odd_size_and_channels():
