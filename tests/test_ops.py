@@ -104,25 +104,21 @@ def test_separable_conv_dense_equals_native(kernel, stride, dilation):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-4)
 
 
-def _grouped_conv(x, w, stride, pad, dilation):
-    """XLA's depthwise convolution (``feature_group_count`` = channels), the reference."""
-    from jax import lax
-    return lax.conv_general_dilated(x, w[:, :, None, :], (stride, stride), ((pad, pad), (pad, pad)),
-                                    rhs_dilation=(dilation, dilation), feature_group_count=x.shape[-1],
-                                    dimension_numbers=("NHWC", "HWIO", "NHWC"))
-
-
 @pytest.mark.parametrize("kernel,stride,dilation", [(3, 1, 1), (5, 2, 1), (3, 2, 2), (5, 1, 2)])
 def test_depthwise_conv_as_shifted_views_equals_grouped_conv(kernel, stride, dilation):
     """``depthwise.depthwise_conv`` (shifted views, custom JVP) equals XLA's grouped
     convolution in float64: values, gradients, forward mode, and the second-order products the
     hypergradients take (forward-over-reverse and reverse-over-reverse)."""
+    from jax import lax
+
     from dnas.supernet.depthwise import depthwise_conv
     pad = dilation * (kernel - 1) // 2
     rng = np.random.default_rng(kernel + 10 * stride + 100 * dilation)
 
     def grouped(x, w):
-        return _grouped_conv(x, w, stride, pad, dilation)
+        return lax.conv_general_dilated(x, w[:, :, None, :], (stride, stride), ((pad, pad), (pad, pad)),
+                                        rhs_dilation=(dilation, dilation), feature_group_count=x.shape[-1],
+                                        dimension_numbers=("NHWC", "HWIO", "NHWC"))
 
     def views(x, w):
         return depthwise_conv(x, w, stride, pad, dilation)
