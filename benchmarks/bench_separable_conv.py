@@ -11,6 +11,12 @@ and 2, stride 1 and 2) it times the forward pass, the forward pass with the inpu
 (what the alpha step needs), and the forward pass with all gradients (the weight step), and
 checks that every formulation computes the same gradients. Prints one JSON object per shape.
 Run: ``python benchmarks/bench_separable_conv.py`` (``--quick`` for the 32x32 3x3 shape only).
+
+``--branch``: the same inside a ``lax.switch`` (a sampled op: GDAS, ProxylessNAS), where
+``grouped`` is what autodiff of the grouped convolution gives there and ``branch_views`` is
+``depthwise.branch_depthwise_conv`` (the views with a convolution-free backward pass, what
+``layers._conv`` runs on CPU on the branch path); ``branch_dense`` is the dense fused kernel
+through ``branch_conv.conv2d`` (``separable_conv(impl="dense")`` on the branch path).
 The ``dnas`` command's XLA flag is applied here too (``dnas.xla_flags``).
 """
 from __future__ import annotations
@@ -29,7 +35,7 @@ from jax import lax  # noqa: E402
 
 from dnas.bench import median_ms  # noqa: E402
 from dnas.supernet import layers  # noqa: E402
-from dnas.supernet.depthwise import depthwise_conv  # noqa: E402
+from dnas.supernet.depthwise import branch_depthwise_conv, depthwise_conv  # noqa: E402
 
 _DN = ("NHWC", "HWIO", "NHWC")
 SHAPES = [  # (H, C, kernel, stride, dilation)
@@ -59,10 +65,30 @@ def views(x, dw, pw, stride, pad, dil):
     return _pointwise(depthwise_conv(x, dw, stride, pad, dil), pw)
 
 
+def branch_views(x, dw, pw, stride, pad, dil):
+    return _pointwise(branch_depthwise_conv(x, dw, stride, pad, dil), pw)
+
+
 FORMS = {"grouped": grouped, "dense": dense, "views": views}
+def branch_dense(x, dw, pw, stride, pad, dil):
+    kernel = dw[:, :, :, None] * pw[None, None]
+    return layers._conv(x, kernel, stride, pad, dil, branch=True)
 
 
-def measure(h, c, k, stride, dil, forms=FORMS):
+BRANCH_FORMS = {"grouped": grouped, "branch_dense": branch_dense, "branch_views": branch_views}
+
+
+def in_switch(form):
+    """``form`` as the taken branch of a two-way ``lax.switch`` (the other branch a
+    same-shaped cheap map), as a sampled op runs."""
+    def switched(x, dw, pw, stride, pad, dil):
+        other = lambda x, dw, pw: form(x, dw, pw, stride, pad, dil) * 0.0 + 1.0
+        return lax.switch(jnp.int32(0) + (x[0, 0, 0, 0] > 1e9).astype(jnp.int32),
+                          [lambda x, dw, pw: form(x, dw, pw, stride, pad, dil), other], x, dw, pw)
+    return switched
+
+
+def measure(h, c, k, stride, dil, forms=FORMS, repeats=15):
     keys = jax.random.split(jax.random.PRNGKey(0), 4)
     pad = dil * (k - 1) // 2
     x = jax.random.normal(keys[0], (64, h, h, c))
@@ -84,9 +110,9 @@ def measure(h, c, k, stride, dil, forms=FORMS):
             return y, back(g)
 
         grads[name] = jax.jit(with_all_grads)(x, dw, pw, g)[1]
-        row[name] = {"forward_ms": median_ms(jax.jit(fwd), x, dw, pw, n=15),
-                     "forward_input_grad_ms": median_ms(jax.jit(with_input_grad), x, dw, pw, g, n=15),
-                     "forward_all_grads_ms": median_ms(jax.jit(with_all_grads), x, dw, pw, g, n=15)}
+        row[name] = {"forward_ms": median_ms(jax.jit(fwd), x, dw, pw, n=repeats),
+                     "forward_input_grad_ms": median_ms(jax.jit(with_input_grad), x, dw, pw, g, n=repeats),
+                     "forward_all_grads_ms": median_ms(jax.jit(with_all_grads), x, dw, pw, g, n=repeats)}
     ref = grads["grouped"] if "grouped" in grads else next(iter(grads.values()))
     row["max_rel_grad_diff"] = max(
         float(jnp.max(jnp.abs(a - b)) / jnp.max(jnp.abs(b)))
@@ -97,9 +123,15 @@ def measure(h, c, k, stride, dil, forms=FORMS):
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="only the 32x32x16 3x3 shape")
+    ap.add_argument("--branch", action="store_true",
+                    help="inside a lax.switch: grouped vs branch_depthwise_conv")
+    ap.add_argument("--repeats", type=int, default=15, help="timed calls per figure (median)")
     args = ap.parse_args()
+    forms = {n: in_switch(f) for n, f in BRANCH_FORMS.items()} if args.branch else FORMS
     for shape in SHAPES[:1] if args.quick else SHAPES:
-        print(json.dumps(measure(*shape)), flush=True)
+        row = measure(*shape, forms=forms, repeats=args.repeats)
+        row["inside_switch"] = args.branch
+        print(json.dumps(row), flush=True)
 
 
 if __name__ == "__main__":

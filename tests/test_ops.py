@@ -1,6 +1,8 @@
 """Candidate ops, layers and mixed ops: shapes, closed forms, equivalences."""
 from __future__ import annotations
 
+from functools import partial
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -104,21 +106,23 @@ def test_separable_conv_dense_equals_native(kernel, stride, dilation):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-4)
 
 
+def _grouped_depthwise(x, w, stride, pad, dilation):
+    """The reference depthwise convolution: XLA's grouped convolution (one group per channel)."""
+    return jax.lax.conv_general_dilated(x, w[:, :, None, :], (stride, stride), ((pad, pad), (pad, pad)),
+                                        rhs_dilation=(dilation, dilation), feature_group_count=x.shape[-1],
+                                        dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+
 @pytest.mark.parametrize("kernel,stride,dilation", [(3, 1, 1), (5, 2, 1), (3, 2, 2), (5, 1, 2)])
 def test_depthwise_conv_as_shifted_views_equals_grouped_conv(kernel, stride, dilation):
     """``depthwise.depthwise_conv`` (shifted views, custom JVP) equals XLA's grouped
     convolution in float64: values, gradients, forward mode, and the second-order products the
     hypergradients take (forward-over-reverse and reverse-over-reverse)."""
-    from jax import lax
-
     from dnas.supernet.depthwise import depthwise_conv
     pad = dilation * (kernel - 1) // 2
     rng = np.random.default_rng(kernel + 10 * stride + 100 * dilation)
 
-    def grouped(x, w):
-        return lax.conv_general_dilated(x, w[:, :, None, :], (stride, stride), ((pad, pad), (pad, pad)),
-                                        rhs_dilation=(dilation, dilation), feature_group_count=x.shape[-1],
-                                        dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    grouped = partial(_grouped_depthwise, stride=stride, pad=pad, dilation=dilation)
 
     def views(x, w):
         return depthwise_conv(x, w, stride, pad, dilation)
@@ -127,6 +131,7 @@ def test_depthwise_conv_as_shifted_views_equals_grouped_conv(kernel, stride, dil
         x, tx = (jnp.asarray(rng.standard_normal((2, 9, 9, 5))) for _ in range(2))
         w, tw = (jnp.asarray(rng.standard_normal((kernel, kernel, 5))) for _ in range(2))
 
+        @partial(jax.jit, static_argnums=0)
         def derivatives(conv):
             loss = lambda x, w: jnp.sum(jnp.sin(conv(x, w)))  # noqa: E731
             grad = jax.grad(loss, (0, 1))
@@ -137,6 +142,50 @@ def test_depthwise_conv_as_shifted_views_equals_grouped_conv(kernel, stride, dil
         for a, b in zip(derivatives(views), derivatives(grouped)):
             assert a.shape == b.shape and a.dtype == jnp.float64
             np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("kernel,stride,dilation", [(3, 1, 1), (7, 2, 1), (5, 1, 2)])
+def test_branch_depthwise_conv_equals_grouped_conv_inside_a_switch(kernel, stride, dilation):
+    """``depthwise.branch_depthwise_conv`` (shifted views; custom VJP without convolutions,
+    kernel gradient one tap per loop iteration: what a sampled op's depthwise convolutions
+    run on the CPU) equals XLA's grouped convolution in float64 inside a ``lax.switch``:
+    values, gradients and reverse-over-reverse (the backward pass is differentiable; its input
+    gradient is shifted views of the stride-dilated cotangent), at even and odd sizes;
+    ``layers._conv`` routes a depthwise convolution on the branch path to it."""
+    from dnas.supernet.depthwise import branch_depthwise_conv
+    pad = dilation * (kernel - 1) // 2
+    rng = np.random.default_rng(kernel + 10 * stride + 100 * dilation)
+
+    grouped = partial(_grouped_depthwise, stride=stride, pad=pad, dilation=dilation)
+
+    def views(x, w):
+        return branch_depthwise_conv(x, w, stride, pad, dilation)
+
+    def routed(x, w):   # the layer on the branch path
+        return L._conv(x, w[:, :, None, :], stride, pad, dilation, groups=x.shape[-1], branch=True)
+
+    with jax.enable_x64(True):
+        x = jnp.asarray(rng.standard_normal((2, 12, 11, 5)))   # even and odd sizes (stride 2)
+        w = jnp.asarray(rng.standard_normal((kernel, kernel, 5)))
+
+        @partial(jax.jit, static_argnums=0)
+        def derivatives(conv):
+            def loss(x, w, i=0):
+                return jax.lax.switch(i, [lambda x, w: jnp.sum(jnp.sin(conv(x, w))), lambda x, w: jnp.sum(x * x)], x, w)
+            grad = jax.grad(loss, (0, 1))
+            return (conv(x, w), *grad(x, w), *grad(x, w, 1),
+                    jax.grad(lambda x, w: jnp.sum(jax.grad(loss, 1)(x, w) ** 2), (0, 1))(x, w))
+
+        want = jax.tree_util.tree_leaves(derivatives(grouped))
+        got = jax.tree_util.tree_leaves(derivatives(views))
+        assert len(got) == len(want)
+        for a, b in zip(got, want):
+            assert a.shape == b.shape and a.dtype == jnp.float64
+            np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-10, atol=1e-10)
+        # the layer on the branch path runs it: same values and gradients (not just close)
+        for a, b in zip(jax.grad(lambda x, w: jnp.sum(jnp.sin(routed(x, w))), (0, 1))(x, w),
+                        jax.grad(lambda x, w: jnp.sum(jnp.sin(views(x, w))), (0, 1))(x, w)):
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
 def test_factorized_reduce_odd_size_and_channels():

@@ -21,6 +21,11 @@ one dense weight-gradient convolution followed by taking the diagonal (~4 ms at 
 The JVP is exact, so forward mode, reverse mode and their compositions (the Hessian-vector
 products of the hypergradients) all hold; tested against ``lax.conv_general_dilated`` with
 ``feature_group_count`` in ``tests/test_ops.py``.
+
+Inside ``lax.switch`` (a sampled op) that dense kernel gradient, like any convolution
+autodiff emits there, hits XLA:CPU's control-flow penalty, so the branch path has
+:func:`branch_depthwise_conv`: a custom VJP whose backward pass is shifted views and a loop
+of per-tap reductions, no convolution at all.
 """
 from __future__ import annotations
 
@@ -40,16 +45,23 @@ _DN = ("NHWC", "HWIO", "NHWC")
 def _shifted_views(x, w, stride, padding, dilation):
     """``sum_{i,j} view_{i,j}(pad(x)) * w[i, j]`` (the primal and the input-tangent map)."""
     k = w.shape[0]
-    n, h, wd, c = x.shape
+    _, h, wd, _ = x.shape
     ho = _out_size(h, k, stride, padding, dilation)
     wo = _out_size(wd, k, stride, padding, dilation)
     xp = jnp.pad(x, ((0, 0), (padding, padding), (padding, padding), (0, 0)))
+    return _views_of_padded(xp, w, stride, dilation, ho, wo)
+
+
+def _views_of_padded(xp, w, stride, dilation, ho, wo):
+    """``sum_{i,j} xp[:, d*i + s*h, d*j + s*w] * w[i, j]`` over the ``ho x wo`` output grid."""
+    k = w.shape[0]
+    n, c = xp.shape[0], xp.shape[-1]
     out = None
     for i in range(k):
         for j in range(k):
             start = (0, i * dilation, j * dilation, 0)
             limit = (n, start[1] + stride * (ho - 1) + 1, start[2] + stride * (wo - 1) + 1, c)
-            term = lax.slice(xp, start, limit, (1, stride, stride, 1)) * w[i, j].astype(x.dtype)
+            term = lax.slice(xp, start, limit, (1, stride, stride, 1)) * w[i, j].astype(xp.dtype)
             out = term if out is None else out + term
     return out
 
@@ -92,3 +104,80 @@ def _depthwise_jvp(stride, padding, dilation, primals, tangents):
 
 
 depthwise_conv.defjvp(_depthwise_jvp, symbolic_zeros=True)
+
+
+def branch_depthwise_conv(x: jax.Array, w: jax.Array, stride: int = 1, padding: int = 0,
+                          dilation: int = 1) -> jax.Array:
+    """:func:`depthwise_conv` for the branch path (inside ``lax.switch`` and loops on XLA:CPU).
+
+    A ``custom_vjp`` whose backward pass has no convolution: the input gradient is the
+    transpose of the shifted views (pads of ``g * w[i, j]``, one fusion), and the kernel
+    gradient is computed one tap at a time, ``gw[i, j] = sum_{n,h,w} view_ij(pad(x)) * g``,
+    in a loop over the ``k*k`` taps, so that one strided view is alive at a time (written
+    out, XLA:CPU materialised all ``k*k`` views of the padded input at once). Autodiff's
+    grouped convolutions are XLA:CPU's slow path and slower still inside a conditional; the
+    dense diagonal kernel of :func:`depthwise_conv`'s JVP is a convolution too. Reverse mode
+    only (twice as well: the backward pass is made of differentiable ops), like
+    :func:`dnas.supernet.branch_conv.conv2d`; inside ``shard_map`` the replicated kernel is
+    marked varying as there.
+    """
+    from dnas.supernet.branch_conv import _vma
+
+    axes = tuple(sorted(set(_vma(x)) - set(_vma(w))))
+    if axes:
+        w = lax.pcast(w, axes, to="varying")
+    return _branch_dw(x, w, stride, padding, dilation)
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
+def _branch_dw(x, w, stride, padding, dilation):
+    return _shifted_views(x, w, stride, padding, dilation)
+
+
+def _branch_dw_fwd(x, w, stride, padding, dilation):
+    return _shifted_views(x, w, stride, padding, dilation), (x, w)
+
+
+def _tapwise_kernel_grad(x, g, k, stride, padding, dilation):
+    """``gw[i, j, c] = sum_{n,h,w} pad(x)[n, s*h + d*i, s*w + d*j, c] * g[n, h, w, c]``, one
+    tap per loop iteration (a dynamic window of the padded input, then a static stride)."""
+    n, ho, wo, c = g.shape
+    xp = jnp.pad(x, ((0, 0), (padding, padding), (padding, padding), (0, 0)))
+    span_h, span_w = stride * (ho - 1) + 1, stride * (wo - 1) + 1
+
+    def tap(t, gw):
+        i, j = t // k, t % k
+        window = lax.dynamic_slice(xp, (0, i * dilation, j * dilation, 0), (n, span_h, span_w, c))
+        view = window[:, ::stride, ::stride, :] if stride > 1 else window
+        return gw.at[t].set(jnp.sum(view * g, axis=(0, 1, 2)))
+
+    gw = lax.fori_loop(0, k * k, tap, jnp.zeros((k * k, c), g.dtype))
+    return gw.reshape(k, k, c)
+
+
+def _views_input_grad(g, w, x_shape, stride, padding, dilation):
+    """The input gradient of :func:`_shifted_views` as shifted views itself: the cotangent,
+    dilated by the stride (interior zeros) and padded so that output pixel ``h`` reads
+    ``g_dil[h + p - d*i]``, correlated with the flipped kernel at stride 1. One fusion; the
+    transpose autodiff writes (``k*k`` pads summed) stayed unfused inside a conditional
+    (each pad stored, 3 input-sized temporaries instead of 1)."""
+    k = w.shape[0]
+    _, h, wd, _ = x_shape
+    _, ho, wo, _ = g.shape
+    low = dilation * (k - 1) - padding
+    config = ((0, 0, 0),
+              (low, h + padding - (stride * (ho - 1) + 1), stride - 1),
+              (low, wd + padding - (stride * (wo - 1) + 1), stride - 1),
+              (0, 0, 0))
+    gp = lax.pad(g, jnp.zeros((), g.dtype), config)
+    return _views_of_padded(gp, w[::-1, ::-1], 1, dilation, h, wd)
+
+
+def _branch_dw_bwd(stride, padding, dilation, res, g):
+    x, w = res
+    gx = _views_input_grad(g, w, x.shape, stride, padding, dilation)
+    gw = _tapwise_kernel_grad(x, g, w.shape[0], stride, padding, dilation)
+    return gx, gw.astype(w.dtype)
+
+
+_branch_dw.defvjp(_branch_dw_fwd, _branch_dw_bwd)

@@ -25,7 +25,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from dnas.supernet.branch_conv import conv2d as branch_conv2d
-from dnas.supernet.depthwise import depthwise_conv
+from dnas.supernet.depthwise import branch_depthwise_conv, depthwise_conv
 
 Params = Any
 State = Any
@@ -173,9 +173,9 @@ def _he_normal(key, shape, fan_in):
 
 def _conv(x, w, stride, padding, dilation, groups=1, branch=False, members=False):
     """``branch``/``members``: the :mod:`branch_conv` path (custom backward pass; with
-    ``members`` one convolution per member under ``vmap``). On CPU, off those paths, 1x1
-    convolutions run as a matrix product and depthwise ones as shifted views
-    (:mod:`dnas.supernet.depthwise`)."""
+    ``members`` one convolution per member under ``vmap``). On CPU 1x1 convolutions run as a
+    matrix product, and depthwise ones (off the ``members`` path) as shifted views
+    (:mod:`dnas.supernet.depthwise`; on the branch path with a convolution-free backward pass)."""
     if w.shape[:2] == (1, 1) and stride == 1 and padding == 0 and groups == 1 and jax.default_backend() == "cpu":
         # a 1x1 convolution as a matrix product over the pixels (on every path: top level,
         # sampled branch, scanned loop, vmapped members): on XLA:CPU its backward pass is then
@@ -186,11 +186,13 @@ def _conv(x, w, stride, padding, dilation, groups=1, branch=False, members=False
         flat = x.reshape(-1, x.shape[-1]) @ w[0, 0]
         return flat.reshape(x.shape[:-1] + (w.shape[-1],))
     if (groups > 1 and groups == x.shape[-1] == w.shape[-1] and w.shape[2] == 1
-            and not (branch or members) and jax.default_backend() == "cpu"):
+            and not members and jax.default_backend() == "cpu"):
         # depthwise (one filter per channel): k*k shifted views, with its gradients 4-20x
-        # faster on XLA:CPU than its grouped convolution (docs/benchmarks.md). Not on the
-        # branch path: the kernel gradient is a dense convolution, slow inside XLA:CPU
-        # conditionals and loops
+        # faster on XLA:CPU than its grouped convolution (docs/benchmarks.md). On the branch
+        # path with a backward pass free of convolutions (custom VJP): there the grouped
+        # convolution's gradient is 190-600x slower (inside a lax.switch)
+        if branch:
+            return branch_depthwise_conv(x, w[:, :, 0, :], stride, padding, dilation)
         return depthwise_conv(x, w[:, :, 0, :], stride, padding, dilation)
     if (branch or members) and groups == 1:
         return branch_conv2d(x, w, stride, padding, dilation, members=members)
@@ -241,15 +243,15 @@ def separable_conv(c_in: int, c_out: int, kernel: int, stride: int = 1,
     Params ``{"dw": (k,k,1,c_in), "pw": (1,1,c_in,c_out)}`` whatever the implementation:
 
     * ``native``: a depthwise convolution then a 1x1 convolution (the fast path on GPU/TPU;
-      on CPU off the branch path they run as shifted views and a matrix product, see
-      :func:`_conv`).
+      on CPU they run as shifted views and a matrix product, see :func:`_conv`).
     * ``dense``: the composition of the two linear maps is itself a convolution with kernel
       ``K[i,j,c,o] = dw[i,j,c] * pw[c,o]``; one dense convolution computes it. Same function,
       same gradients (autodiff through the product); on XLA:CPU far faster than the grouped
       convolution, and what runs inside conditionals and loops (the branch path).
     * ``auto`` (CPU default): ``native`` off the branch path (1.1-2.3x faster than ``dense``
       with all gradients, 1.5-10x with the input gradient only; ``docs/benchmarks.md``),
-      ``dense`` on it.
+      ``dense`` on it (there the views are faster still per op, but a DARTS-space GDAS step's
+      compile grows past 11 minutes).
     """
     padding = dilation * (kernel - 1) // 2
     impl_r = depthwise_impl(impl)
