@@ -69,22 +69,24 @@ def branch_views(x, dw, pw, stride, pad, dil):
     return _pointwise(branch_depthwise_conv(x, dw, stride, pad, dil), pw)
 
 
-FORMS = {"grouped": grouped, "dense": dense, "views": views}
 def branch_dense(x, dw, pw, stride, pad, dil):
     kernel = dw[:, :, :, None] * pw[None, None]
     return layers._conv(x, kernel, stride, pad, dil, branch=True)
 
 
+FORMS = {"grouped": grouped, "dense": dense, "views": views}
 BRANCH_FORMS = {"grouped": grouped, "branch_dense": branch_dense, "branch_views": branch_views}
 
 
 def in_switch(form):
-    """``form`` as the taken branch of a two-way ``lax.switch`` (the other branch a
-    same-shaped cheap map), as a sampled op runs."""
+    """``form`` as the taken branch of a two-way ``lax.switch`` (the other branch a constant
+    of the same shape), as a sampled op runs; the index is 0 at run time but unknown to XLA."""
     def switched(x, dw, pw, stride, pad, dil):
-        other = lambda x, dw, pw: form(x, dw, pw, stride, pad, dil) * 0.0 + 1.0
-        return lax.switch(jnp.int32(0) + (x[0, 0, 0, 0] > 1e9).astype(jnp.int32),
-                          [lambda x, dw, pw: form(x, dw, pw, stride, pad, dil), other], x, dw, pw)
+        def taken(x, dw, pw):
+            return form(x, dw, pw, stride, pad, dil)
+        out = jax.eval_shape(taken, x, dw, pw)
+        index = (x[0, 0, 0, 0] > 1e9).astype(jnp.int32)
+        return lax.switch(index, [taken, lambda x, dw, pw: jnp.ones(out.shape, out.dtype)], x, dw, pw)
     return switched
 
 
@@ -124,7 +126,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="only the 32x32x16 3x3 shape")
     ap.add_argument("--branch", action="store_true",
-                    help="inside a lax.switch: grouped vs branch_depthwise_conv")
+                    help="inside a lax.switch: grouped, branch_dense, branch_views")
     ap.add_argument("--repeats", type=int, default=15, help="timed calls per figure (median)")
     args = ap.parse_args()
     forms = {n: in_switch(f) for n, f in BRANCH_FORMS.items()} if args.branch else FORMS

@@ -39,10 +39,15 @@ def conv2d(x: jax.Array, w: jax.Array, stride: int, padding: int, dilation: int,
     (sharded) input varies over, so the custom backward pass returns a per-device weight
     gradient of the type it must; the transpose of that cast sums it over the devices, as
     autodiff of the plain convolution does."""
+    return _conv2d(x, varying_like(w, x), stride, padding, dilation, bool(members))
+
+
+def varying_like(w: jax.Array, x: jax.Array) -> jax.Array:
+    """``w`` marked as varying over the ``shard_map`` axes that ``x`` varies over and ``w``
+    does not (``lax.pcast``); ``w`` itself outside ``shard_map``. For a custom backward pass
+    that returns a per-device gradient of a replicated parameter."""
     axes = tuple(sorted(set(_vma(x)) - set(_vma(w))))
-    if axes:
-        w = lax.pcast(w, axes, to="varying")
-    return _conv2d(x, w, stride, padding, dilation, bool(members))
+    return lax.pcast(w, axes, to="varying") if axes else w
 
 
 def _vma(a) -> frozenset:
