@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -26,7 +27,9 @@ def test_two_processes_equal_one_process_on_the_same_global_batch(tmp_path):
     """Two processes (one device each, each feeding half of every global batch) derive the
     same architecture with the same α as one process with two devices; only process 0 writes."""
     port = _free_port()
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
+    # one device per process; the session's other XLA flags (conftest.py) kept
+    flags = re.sub(r"--xla_force_host_platform_device_count=\d+", "", os.environ.get("XLA_FLAGS", ""))
+    env = dict(os.environ, XLA_FLAGS=f"{flags.strip()} --xla_force_host_platform_device_count=1".strip())
     procs = [subprocess.Popen([sys.executable, "-m", "dnas.cli", *ARGS, "--out", str(tmp_path / f"mp{i}"),
                                "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2", "--process-id", str(i)],
                               env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)

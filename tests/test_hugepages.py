@@ -1,6 +1,6 @@
 """The `dnas` command restarts itself once with glibc's huge-page tunable (dnas.hugepages)."""
 import pytest
-from tiny_bench import tiny_bench
+from tiny_bench import with_defaults, without_defaults
 
 from dnas import hugepages
 
@@ -26,11 +26,7 @@ def test_no_restart_when_disabled_done_or_set(monkeypatch):
     assert not hugepages.should_reexec({})
 
 
-def _bench_tunables(env_extra):
-    return tiny_bench(env_extra, clear=("GLIBC_TUNABLES", "DNAS_HUGEPAGES_REEXEC"))["glibc_tunables"]
-
-
 @pytest.mark.skipif(not hugepages.should_reexec({}), reason="no glibc >= 2.35 with transparent huge pages here")
 def test_dnas_command_runs_with_the_tunable():
-    assert _bench_tunables({}) == "glibc.malloc.hugetlb=1"
-    assert _bench_tunables({"DNAS_HUGEPAGES": "0"}) is None
+    assert with_defaults()["glibc_tunables"] == "glibc.malloc.hugetlb=1"
+    assert without_defaults()["glibc_tunables"] is None

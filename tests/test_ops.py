@@ -208,8 +208,10 @@ def test_mixed_op_with_one_hot_weights_is_that_op(space, names, stride):
         y, _ = mixed.apply(params, state, x, jax.nn.one_hot(i, len(names)), dense_mix, CTX)
         np.testing.assert_allclose(np.asarray(y), np.asarray(alone), rtol=1e-6, atol=1e-6)
         # evaluating only candidate i (lax.switch) gives the same output and touches only its state
+        # (inside the switch the branch path's formulations run, e.g. a separable convolution
+        # as one dense convolution: float32 rounding differs, amplified by the BatchNorm's 1/σ)
         y1, st1 = Candidates(mixed.layers, params, state, CTX).one(jnp.int32(i), x)
-        np.testing.assert_allclose(np.asarray(y1), np.asarray(alone), rtol=1e-6, atol=1e-6)
+        np.testing.assert_allclose(np.asarray(y1), np.asarray(alone), rtol=1e-5, atol=1e-5)
         for j in range(len(names)):
             if j != i:
                 for a, b in zip(jax.tree_util.tree_leaves(st1[j]), jax.tree_util.tree_leaves(state[j])):

@@ -1,5 +1,5 @@
 """The `dnas` command sets its measured XLA:CPU flags before JAX starts (dnas.xla_flags)."""
-from tiny_bench import tiny_bench
+from tiny_bench import BASE_XLA_FLAGS, with_defaults, without_defaults
 
 from dnas.xla_flags import apply_cpu_defaults, with_cpu_defaults
 
@@ -15,14 +15,10 @@ def test_defaults_are_appended_and_the_users_choice_kept():
     assert apply_cpu_defaults(env) == env["XLA_FLAGS"] == "--xla_cpu_use_fusion_emitters=false"
 
 
-def _bench(env_extra):
-    return tiny_bench(env_extra, clear=("XLA_FLAGS", "DNAS_XLA_DEFAULTS"))
-
-
 def test_dnas_command_compiles_with_the_flag_and_computes_the_same_step():
     """The flag reaches XLA (a mistyped or removed flag would abort the process) and changes
     only how fusions are emitted: the step's loss equals the one compiled without it."""
-    with_flag, without = _bench({}), _bench({"DNAS_XLA_DEFAULTS": "0"})
-    assert "--xla_cpu_use_fusion_emitters=false" in with_flag["xla_flags"]
-    assert without["xla_flags"] is None
+    with_flag, without = with_defaults(), without_defaults()
+    assert with_flag["xla_flags"] == BASE_XLA_FLAGS + " --xla_cpu_use_fusion_emitters=false"
+    assert without["xla_flags"] == BASE_XLA_FLAGS
     assert abs(with_flag["final_train_loss"] - without["final_train_loss"]) < 1e-5
