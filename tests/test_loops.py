@@ -61,6 +61,32 @@ def test_shifted_view_supernet_equals_the_dense_kernel_one():
     _assert_same(v, g, v_ref, g_ref)
 
 
+@pytest.mark.slow
+def test_scanned_shifted_view_supernet_equals_unrolled():
+    """With cells and edges scanned the CPU default's separable convolutions are shifted views
+    too (their convolution-free backward pass, dnas.supernet.depthwise.branch_depthwise_conv)."""
+    v_ref, g_ref = _loss_and_grads("darts", True, impl="auto")
+    v, g = _loss_and_grads("darts", False, impl="auto")
+    _assert_same(v, g, v_ref, g_ref)
+
+
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="the CPU formulations")
+def test_scanned_edges_keep_shifted_views_unrolled_edges_in_scanned_cells_the_dense_kernel():
+    assert L.loop_ctx(L.Ctx(), False, True) == L.Ctx()
+    assert L.loop_ctx(L.Ctx(loop_convs=False), True, False) == L.Ctx(loop_convs=False)
+    scanned, cells_only = L.loop_ctx(L.Ctx(), True, False), L.loop_ctx(L.Ctx(), True, True)
+    assert scanned.branch and not scanned.dense_separable
+    assert cells_only.branch and cells_only.dense_separable
+    layer = L.separable_conv(4, 6, 3, impl="auto")
+    p, st = layer.init(jax.random.PRNGKey(0))
+    x = jnp.ones((2, 8, 8, 4))
+
+    def convolves(ctx):  # the dense kernel is one convolution; the views and the 1x1 dot none
+        return "conv_general_dilated" in str(jax.make_jaxpr(lambda x: layer.apply(p, st, x, ctx)[0])(x))
+    assert not convolves(L.Ctx()) and not convolves(scanned)
+    assert convolves(cells_only) and convolves(L.Ctx(branch=True, dense_separable=True))
+
+
 def _assert_same(v, g, v_ref, g_ref):
     np.testing.assert_allclose(float(v), float(v_ref), rtol=1e-5)
     flat_ref, tree_ref = jax.tree_util.tree_flatten(g_ref)

@@ -46,7 +46,9 @@ class Ctx(NamedTuple):
     instead of as one slow grouped convolution. ``loop_convs``: whether a space whose loops are
     scanned on CPU may switch its convolutions to the branch path (:func:`loop_mode`); the
     searcher clears it for estimators that differentiate twice (the branch convolution's
-    ``custom_vjp`` has no forward mode).
+    ``custom_vjp`` has no forward mode). ``dense_separable``: :func:`separable_conv`'s
+    ``auto`` runs as one dense convolution (set in a sampled op's branch and in scanned cells
+    whose edges are unrolled: where the shifted views' larger graph makes compiles too long).
     """
 
     train: bool = True
@@ -54,6 +56,7 @@ class Ctx(NamedTuple):
     branch: bool = False
     members: bool = False
     loop_convs: bool = True
+    dense_separable: bool = False
 
 
 class Layer(NamedTuple):
@@ -143,10 +146,13 @@ def loop_mode(unroll: bool | str | None = None) -> tuple[bool, bool, bool]:
     return cells, edges, cpu and not (cells and edges)
 
 
-def loop_ctx(ctx: Ctx, loop_convs: bool) -> Ctx:
+def loop_ctx(ctx: Ctx, loop_convs: bool, edges_unrolled: bool) -> Ctx:
     """``ctx`` for a network whose loops are scanned: convolutions on the branch path when the
-    space's loop mode asks for it (:func:`loop_mode`) and the caller allows it (``ctx.loop_convs``)."""
-    return ctx._replace(branch=True) if loop_convs and ctx.loop_convs else ctx
+    space's loop mode asks for it (:func:`loop_mode`) and the caller allows it (``ctx.loop_convs``),
+    separable ones as a dense convolution when the edges inside the scanned cells are unrolled."""
+    if not (loop_convs and ctx.loop_convs):
+        return ctx
+    return ctx._replace(branch=True, dense_separable=ctx.dense_separable or edges_unrolled)
 
 
 def scan(body, carry, xs, unroll: bool = False):
@@ -248,10 +254,13 @@ def separable_conv(c_in: int, c_out: int, kernel: int, stride: int = 1,
       ``K[i,j,c,o] = dw[i,j,c] * pw[c,o]``; one dense convolution computes it. Same function,
       same gradients (autodiff through the product); on XLA:CPU far faster than the grouped
       convolution, and what runs inside conditionals and loops (the branch path).
-    * ``auto`` (CPU default): ``native`` off the branch path (1.1-2.3x faster than ``dense``
-      with all gradients, 1.5-10x with the input gradient only; ``docs/benchmarks.md``),
-      ``dense`` on it (there the views are faster still per op, but a DARTS-space GDAS step's
-      compile grows past 11 minutes).
+    * ``auto`` (CPU default): ``native`` (1.1-2.3x faster than ``dense`` with all gradients,
+      1.5-10x with the input gradient only; ``docs/benchmarks.md``), also where cells and
+      edges are scanned (DARTS space, ``--loops scan``: 1.7-1.9x faster steps for a 1.4-1.5x
+      longer compile), except where ``ctx.dense_separable`` (a sampled op's branch, scanned cells
+      with unrolled edges) or ``ctx.members`` (``vmap`` over seeds): ``dense`` there (the views
+      are faster still per op, but graphs that trace many of them compile for too long: a
+      DARTS-space GDAS step past 11 minutes, ``--loops scan-cells`` 890 s against 113 s).
     """
     padding = dilation * (kernel - 1) // 2
     impl_r = depthwise_impl(impl)
@@ -262,7 +271,7 @@ def separable_conv(c_in: int, c_out: int, kernel: int, stride: int = 1,
                 "pw": _he_normal(k2, (1, 1, c_in, c_out), c_in)}, ()
 
     def apply(p, s, x, ctx):
-        if impl_r == "native" or (impl_r == "auto" and not (ctx.branch or ctx.members)):
+        if impl_r == "native" or (impl_r == "auto" and not (ctx.dense_separable or ctx.members)):
             y = _conv(x, p["dw"], stride, padding, dilation, groups=c_in, branch=ctx.branch, members=ctx.members)
             return _conv(y, p["pw"], 1, 0, 1, branch=ctx.branch, members=ctx.members), s
         fused = p["dw"][:, :, 0, :, None] * p["pw"][0, 0][None, None]

@@ -54,7 +54,7 @@ class Candidates:
         ``state`` lets a relaxation thread the state through several calls (two sampled paths).
         """
         state = self.state if state is None else state
-        ctx = self.ctx._replace(branch=True)
+        ctx = self.ctx._replace(branch=True, dense_separable=True)
         branches = tuple(_Branch(layer, i, ctx) for i, layer in enumerate(self.layers))
         if not RECOMPUTE_SAMPLED:
             return lax.switch(index, [b.apply for b in branches], self.params, state, x)

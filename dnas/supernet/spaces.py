@@ -121,7 +121,7 @@ class NB201Space(SearchSpace):
     def apply(self, params, state, x, samples, mix, ctx):
         sample = samples["cell"]
         new_state = {}
-        ctx = L.loop_ctx(ctx, self.loop_convs)
+        ctx = L.loop_ctx(ctx, self.loop_convs, self.unroll_edges)
         x, new_state["stem"] = self.stem.apply(params["stem"], state["stem"], x, ctx)
         for i in range(3):
             def body(h, ps, i=i):
@@ -260,7 +260,7 @@ class DartsSpace(SearchSpace):
 
     def apply(self, params, state, x, samples, mix, ctx):
         new_state = {}
-        ctx = L.loop_ctx(ctx, self.loop_convs)
+        ctx = L.loop_ctx(ctx, self.loop_convs, self.unroll_edges)
         x, new_state["stem"] = self.stem.apply(params["stem"], state["stem"], x, ctx)
         s0 = s1 = x
         for r, run in enumerate(self.runs):
