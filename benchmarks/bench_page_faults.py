@@ -41,7 +41,9 @@ def main() -> None:
                 rng.integers(0, 10, args.batch_size).astype(np.int32))
 
     state, tb, vb = s.init(jax.random.PRNGKey(0)), batch(), batch()
+    t0 = time.perf_counter()
     step = s.compiled_step(donate=True).lower(state, tb, vb).compile()
+    compile_s = time.perf_counter() - t0
     steps = []
     for _ in range(args.steps):
         r0, t0 = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
@@ -52,6 +54,8 @@ def main() -> None:
                       "user_s": round(r1.ru_utime - r0.ru_utime, 3), "sys_s": round(r1.ru_stime - r0.ru_stime, 3)})
     print(json.dumps({"space": args.space, "relaxation": args.relaxation, "config": opts, "batch_size": args.batch_size,
                       "temp_bytes": int(step.memory_analysis().temp_size_in_bytes),
+                      "compile_s": round(compile_s, 2),
+                      "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
                       "glibc_tunables": os.environ.get("GLIBC_TUNABLES"), "load_average": os.getloadavg(),
                       "steps": steps}))
 
