@@ -176,9 +176,11 @@ class DnasSide:
 
     def prepare(self) -> None:
         from dnas.bench import compiled_costs
+        from dnas.hugepages import trim_heap
         t0 = time.perf_counter()
         self.compiled = self.searcher.compiled_step(donate=True).lower(self.state, self.tb, self.vb).compile()
         self.compile_s = time.perf_counter() - t0
+        trim_heap()  # as `dnas search` and `dnas bench` do after compiling
         self.costs = compiled_costs(self.compiled)
 
     def step(self) -> float:

@@ -37,6 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from dnas.distributed import is_primary, to_host
+from dnas.hugepages import trim_heap
 from dnas.data import Dataset, augment_batch, darts_split, epoch_batches, load_dataset, num_batches
 from dnas.search import Hyper, NonFiniteLossError, SearchState, Searcher, check_finite, make_searcher
 from dnas.supernet.genotype import genotype_to_json, save_genotype
@@ -256,6 +257,7 @@ def run_search(cfg: SearchConfig) -> dict:
                 if compile_s is None:
                     jax.block_until_ready(metrics)
                     compile_s = time.perf_counter() - t0
+                    trim_heap()  # the compiler's freed memory back to the kernel
                 step += 1
                 meter.add(step, metrics)
                 if step % cfg.log_every == 0 or step == total:
