@@ -43,7 +43,8 @@ def _space_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--conv-impl", choices=["auto", "native", "dense"], default="auto",
                    help="separable convolution formulation: native (depthwise then pointwise; on CPU as shifted "
                         "views and a matrix product), dense (one convolution with the fused kernel); auto = native, "
-                        "except dense inside CPU conditionals and loops")
+                        "except dense on CPU inside sampled ops' conditionals, in scanned cells with unrolled edges and "
+                        "for --seeds")
     p.add_argument("--loops", choices=["auto", *LOOP_FLAGS], default="auto",
                    help="the supernet's loops over cells and edges: unrolled at trace time (fastest steps on CPU, "
                         "long compiles), scan-cells (runs of equal cells under lax.scan, edges unrolled) or scan "

@@ -27,7 +27,8 @@ def _space_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--conv-impl", choices=["auto", "native", "dense"], default="auto",
                    help="separable convolution formulation: native (depthwise then pointwise; on CPU as shifted "
                         "views and a matrix product), dense (one convolution with the fused kernel); auto = native, "
-                        "except dense inside CPU conditionals and loops")
+                        "except dense on CPU inside sampled ops' conditionals, in scanned cells with unrolled edges and "
+                        "for --seeds")
     p.add_argument("--input-size", type=int, default=None,
                    help="input resolution H=W (default: the table's, else 32 for nb201/darts, 224 for chain)")
 

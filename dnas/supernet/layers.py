@@ -253,7 +253,7 @@ def separable_conv(c_in: int, c_out: int, kernel: int, stride: int = 1,
     * ``dense``: the composition of the two linear maps is itself a convolution with kernel
       ``K[i,j,c,o] = dw[i,j,c] * pw[c,o]``; one dense convolution computes it. Same function,
       same gradients (autodiff through the product); on XLA:CPU far faster than the grouped
-      convolution, and what runs inside conditionals and loops (the branch path).
+      convolution; ``auto`` picks it where ``ctx.dense_separable`` (below).
     * ``auto`` (CPU default): ``native`` (1.1-2.3x faster than ``dense`` with all gradients,
       1.5-10x with the input gradient only; ``docs/benchmarks.md``), also where cells and
       edges are scanned (DARTS space, ``--loops scan``: 1.7-1.9x faster steps for a 1.4-1.5x
