@@ -89,14 +89,11 @@ def trim_heap() -> bool:
     (``docs/benchmarks.md``, "Page faults"). It costs milliseconds and changes nothing else.
     """
     import ctypes
-    import ctypes.util
 
-    name = ctypes.util.find_library("c") if sys.platform.startswith("linux") else None
-    if not name or _glibc_version() is None:
+    if _glibc_version() is None:
         return False
     try:
-        libc = ctypes.CDLL(name)
-        libc.malloc_trim(0)
+        ctypes.CDLL(None).malloc_trim(0)   # the process's own symbols: glibc's malloc_trim
     except (OSError, AttributeError):
         return False
     return True

@@ -36,9 +36,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from dnas.data import Dataset, augment_batch, darts_split, epoch_batches, load_dataset, num_batches
 from dnas.distributed import is_primary, to_host
 from dnas.hugepages import trim_heap
-from dnas.data import Dataset, augment_batch, darts_split, epoch_batches, load_dataset, num_batches
 from dnas.search import Hyper, NonFiniteLossError, SearchState, Searcher, check_finite, make_searcher
 from dnas.supernet.genotype import genotype_to_json, save_genotype
 
