@@ -105,7 +105,7 @@ def _augment_settings(data: Dataset) -> tuple[int, bool]:
 
 
 def save_checkpoint(ckpt_dir: Path, state: SearchState, step: int, max_to_keep: int = 2) -> Path:
-    """Save the search state (copied to the host) with orbax under ``ckpt_dir/<step>``.
+    """Save the search state (or any NamedTuple state: ``dnas train``'s) (copied to the host) with orbax under ``ckpt_dir/<step>``.
 
     Under ``jax.distributed`` only process 0 calls this (the state is replicated); orbax is
     told so, so it waits for no other process."""
@@ -122,7 +122,8 @@ def save_checkpoint(ckpt_dir: Path, state: SearchState, step: int, max_to_keep: 
 
 
 def restore_checkpoint(ckpt_dir: str | os.PathLike, template: SearchState, step: int | None = None) -> SearchState:
-    """Restore a :class:`SearchState` saved by :func:`save_checkpoint` (latest step by default)."""
+    """Restore a state saved by :func:`save_checkpoint` (latest step by default) into the type of
+    ``template`` (a :class:`SearchState`, or ``dnas train``'s :class:`~dnas.train.TrainState`)."""
     import orbax.checkpoint as ocp
 
     mgr = ocp.CheckpointManager(Path(ckpt_dir).resolve())
@@ -131,7 +132,7 @@ def restore_checkpoint(ckpt_dir: str | os.PathLike, template: SearchState, step:
         raise FileNotFoundError(f"no checkpoint found in {ckpt_dir}")
     restored = mgr.restore(step, args=ocp.args.StandardRestore(_to_host(template._asdict())))
     mgr.close()
-    return SearchState(**restored)
+    return type(template)(**restored)
 
 
 def write_alphas(path: Path, searcher: Searcher, state: SearchState) -> dict:

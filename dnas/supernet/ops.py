@@ -48,14 +48,20 @@ DARTS_OP_BUILDERS: dict[str, Callable[..., L.Layer]] = {
 assert tuple(DARTS_OP_BUILDERS) == DARTS_OPS
 
 
-def darts_op(name: str, c: int, stride: int, affine: bool = False, impl: str | None = None) -> L.Layer:
+def darts_op(name: str, c: int, stride: int, affine: bool = False, impl: str | None = None,
+             pool_bn: bool = True) -> L.Layer:
     """One DARTS candidate op mapping ``c`` channels to ``c`` channels at ``stride``.
 
     Used during search (with ``affine=False`` and pooling followed by BN) and, with
-    ``affine=True``, when retraining a derived network.
+    ``affine=True`` and ``pool_bn=False`` (plain pooling, as in the DARTS evaluation network),
+    when retraining a derived network (:mod:`dnas.supernet.derived`).
     """
     if name not in DARTS_OP_BUILDERS:
         raise _unknown(name, DARTS_OPS)
+    if not pool_bn and name == "max_pool_3x3":
+        return L.max_pool(3, stride, 1)
+    if not pool_bn and name == "avg_pool_3x3":
+        return L.avg_pool(3, stride, 1)
     return DARTS_OP_BUILDERS[name](c, stride, affine, impl)
 
 

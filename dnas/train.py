@@ -1,0 +1,474 @@
+"""Retraining a derived architecture from scratch: what ``dnas train`` runs.
+
+A search's ``genotype.json`` (or the search run's directory) becomes a stand-alone network
+(:func:`dnas.supernet.derived.build_network`) trained on the whole training split and
+evaluated on the test split after every epoch. The defaults follow each space's evaluation
+protocol (:data:`PROTOCOLS`), except the number of epochs (short by default; the papers'
+``--epochs`` are given there):
+
+* ``darts`` (DARTS, App. A.2): SGD, momentum 0.9, learning rate 0.025 cosine-annealed to 0,
+  weight decay 3e-4, gradient-norm clip 5, batch 96, drop path 0.2 (raised linearly from 0 over
+  the epochs), cutout 16 px (DeVries & Taylor 2017) at 32x32 (half the image side), auxiliary
+  head weight 0.4 where the images are large enough for it; 600 epochs, C=36, 20 layers.
+* ``nb201`` (NAS-Bench-201, Sec. 2.3): SGD with Nesterov momentum 0.9, learning rate 0.1
+  cosine to 0, weight decay 5e-4, batch 256, no cutout, no drop path; 200 epochs, C=16, N=5.
+* ``chain``: SGD with Nesterov momentum 0.9, learning rate 0.05 cosine to 0, weight decay
+  4e-5, label smoothing 0.1, batch 128 (a small-batch version of ProxylessNAS's ImageNet
+  recipe), with the search run's chain options.
+
+Every batch is augmented like the search's (random crop from a zero-padded image, horizontal
+flip except on digits). The output directory receives ``config.json``, ``metrics.jsonl`` (one
+record per logged step and per epoch: train loss/accuracy, test loss/accuracy, learning rate,
+drop-path probability), ``checkpoints/<step>/`` (orbax; written only after the epoch's losses
+were checked finite), ``genotype.json`` and ``genotype.png`` (the architecture trained),
+``training.png`` (the curves) and ``summary.json`` (final and best test accuracy, parameters,
+wall and compile time).
+"""
+from __future__ import annotations
+
+import dataclasses
+import datetime as _dt
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax import lax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from dnas.data import DatasetError, augment_batch, epoch_batches, load_dataset, num_batches
+from dnas.hugepages import trim_heap
+from dnas.run import _augment_settings, _MetricsLog, restore_checkpoint, save_checkpoint
+from dnas.search import AXIS, NonFiniteLossError
+from dnas.supernet.derived import DARTS_DEFAULTS, NB201_DEFAULTS, DropPath, Network, build_network, count_params
+from dnas.supernet.genotype import DARTS_V2, Genotype, genotype_to_json, load_genotype, parse_nb201, save_genotype
+from dnas.supernet.layers import Ctx
+
+#: Per space: optimisation and regularisation defaults of its evaluation protocol, and the
+#: network size (``cutout`` in pixels at 32x32, scaled with the image side).
+PROTOCOLS: dict[str, dict[str, Any]] = {
+    "darts": {"batch_size": 96, "lr": 0.025, "nesterov": False, "weight_decay": 3e-4, "grad_clip": 5.0,
+              "drop_path": 0.2, "cutout": 16, "auxiliary_weight": 0.4, "label_smoothing": 0.0,
+              "paper_epochs": 600, "network": dict(DARTS_DEFAULTS)},
+    "nb201": {"batch_size": 256, "lr": 0.1, "nesterov": True, "weight_decay": 5e-4, "grad_clip": None,
+              "drop_path": 0.0, "cutout": 0, "auxiliary_weight": 0.0, "label_smoothing": 0.0,
+              "paper_epochs": 200, "network": dict(NB201_DEFAULTS)},
+    "chain": {"batch_size": 128, "lr": 0.05, "nesterov": True, "weight_decay": 4e-5, "grad_clip": None,
+              "drop_path": 0.0, "cutout": 0, "auxiliary_weight": 0.0, "label_smoothing": 0.1,
+              "paper_epochs": None, "network": {}},
+}
+_PROTOCOL_KEYS = ("batch_size", "lr", "nesterov", "weight_decay", "grad_clip", "drop_path", "cutout",
+                  "auxiliary_weight", "label_smoothing")
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    """A retraining run (the ``dnas train`` flags map one to one). ``None`` means: the space's
+    protocol default (:data:`PROTOCOLS`) or, for the dataset, the search run's dataset."""
+
+    genotype: str                          # genotype.json, or a search run's directory holding one
+    dataset: str | None = None
+    data_dir: str | None = None
+    limit_examples: int | None = None
+    epochs: int = 20
+    max_steps: int | None = None
+    seed: int = 0
+    devices: int = 1
+    out: str | None = None
+    network_options: dict = dataclasses.field(default_factory=dict)
+    batch_size: int | None = None
+    lr: float | None = None
+    lr_min: float = 0.0
+    momentum: float = 0.9
+    nesterov: bool | None = None
+    weight_decay: float | None = None
+    grad_clip: float | None = None         # 0 disables clipping
+    drop_path: float | None = None
+    cutout: int | None = None              # side in pixels at 32x32 images (scaled); 0 disables
+    auxiliary_weight: float | None = None  # darts: weight of the auxiliary head's loss; 0 removes the head
+    label_smoothing: float | None = None
+    augment: bool = True
+    eval_batch_size: int = 500
+    log_every: int = 10
+    checkpoint_every: int = 1
+    progress: bool = True
+
+
+class TrainState(NamedTuple):
+    step: jax.Array
+    params: Any
+    batch_stats: Any
+    opt_state: Any
+    key: jax.Array
+
+
+# ------------------------------------------------------------------------------ inputs
+
+#: Published architectures ``dnas train`` knows by name.
+PUBLISHED: dict[str, Genotype] = {"darts-v2": DARTS_V2}
+
+
+def resolve_genotype(path: str | Path) -> tuple[Genotype, dict]:
+    """The genotype at ``path`` (a genotype JSON file, or a search run directory holding
+    ``genotype.json``) and that search's ``config.json`` (``{}`` when there is none). A name of
+    :data:`PUBLISHED` (``darts-v2``) or a NAS-Bench-201 arch string (``|nor_conv_3x3~0|+...``)
+    stands for itself."""
+    if not Path(path).exists():
+        named = PUBLISHED.get(str(path).lower().replace("_", "-"))
+        if named is not None:
+            return named, {}
+        if str(path).startswith("|"):
+            return parse_nb201(str(path)), {}
+    path = Path(path)
+    search_cfg: dict = {}
+    if path.is_dir():
+        if not (path / "genotype.json").is_file():
+            hint = " (a --seeds run: pick one of its seed-<s>/ directories)" if any(path.glob("seed-*")) else ""
+            raise DatasetError(f"{path} holds no genotype.json{hint}; pass a search run directory or a "
+                               "genotype JSON file")
+        cfg_path = next((p for p in (path / "config.json", path.parent / "config.json") if p.is_file()), None)
+        if cfg_path is not None:
+            search_cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
+        path = path / "genotype.json"
+    return load_genotype(path), search_cfg
+
+
+def _chain_options(search_cfg: dict) -> dict:
+    """The chain space options of the search run (its block layout), without the data-given ones."""
+    from dnas.supernet.chain import ChainConfig
+
+    opts = dict(search_cfg.get("space_options") or {})
+    fields = {f.name for f in dataclasses.fields(ChainConfig)} - {"num_classes", "in_channels", "unroll", "impl"}
+    return {k: (tuple(v) if isinstance(v, list) else v) for k, v in opts.items() if k in fields}
+
+
+def resolve_protocol(cfg: TrainConfig, space: str, image_side: int) -> dict:
+    """The protocol values of this run: the space's defaults overridden by ``cfg``'s set fields."""
+    proto = {k: PROTOCOLS[space][k] for k in _PROTOCOL_KEYS}
+    for k in _PROTOCOL_KEYS:
+        v = getattr(cfg, k)
+        if v is not None:
+            proto[k] = v
+    if cfg.cutout is None and proto["cutout"]:
+        proto["cutout"] = max(1, round(proto["cutout"] * image_side / 32))
+    if cfg.auxiliary_weight is None and space == "darts" and image_side < 24:
+        proto["auxiliary_weight"] = 0.0  # the head needs >= 6x6 maps at 2/3 depth
+    for k in ("lr", "batch_size"):
+        if not proto[k] or proto[k] <= 0:
+            raise ValueError(f"{k} must be positive, got {proto[k]}")
+    for k in ("weight_decay", "cutout", "auxiliary_weight", "label_smoothing"):
+        if proto[k] < 0:
+            raise ValueError(f"{k} must be non-negative, got {proto[k]}")
+    if not 0.0 <= proto["drop_path"] < 1.0:
+        raise ValueError(f"drop path probability must be in [0, 1), got {proto['drop_path']}")
+    if proto["auxiliary_weight"] and space != "darts":
+        raise ValueError(f"an auxiliary head exists only in the DARTS network, not in {space!r}")
+    return proto
+
+
+# ------------------------------------------------------------------------------ augmentation
+
+def cutout_batch(key: jax.Array, x: jax.Array, size: int) -> jax.Array:
+    """Cutout (DeVries & Taylor 2017, as in DARTS's CIFAR pipeline): per image, a ``size`` x
+    ``size`` square centred at a uniformly random pixel is set to zero (the channel mean of
+    standardised data); the square is clipped at the image border."""
+    b, h, w, _ = x.shape
+    ky, kx = jax.random.split(key)
+    cy = jax.random.randint(ky, (b, 1, 1), 0, h)
+    cx = jax.random.randint(kx, (b, 1, 1), 0, w)
+    rows, cols = jnp.arange(h)[None, :, None], jnp.arange(w)[None, None, :]
+    lo = size // 2
+    inside = (rows >= cy - lo) & (rows < cy - lo + size) & (cols >= cx - lo) & (cols < cx - lo + size)
+    return jnp.where(inside[..., None], jnp.zeros((), x.dtype), x)
+
+
+# ------------------------------------------------------------------------------ the trainer
+
+def _cross_entropy(logits, labels, smoothing: float):
+    n = logits.shape[-1]
+    onehot = jax.nn.one_hot(labels, n, dtype=jnp.float32)
+    if smoothing:
+        onehot = onehot * (1.0 - smoothing) + smoothing / n
+    return jnp.mean(optax.softmax_cross_entropy(logits.astype(jnp.float32), onehot))
+
+
+class Trainer:
+    """Pure init/step/evaluate functions of one network under one protocol.
+
+    ``step(state, x, y, drop_prob) -> (state, metrics)``: the loss (plus ``auxiliary_weight`` x
+    the auxiliary head's loss) on the batch, SGD with the cosine schedule; over
+    ``num_devices > 1`` data parallel (``jit`` of ``shard_map``: replicated state, the batch
+    split over devices, losses, gradients and BatchNorm moments averaged, as in the search).
+    """
+
+    def __init__(self, network: Network, proto: dict, total_steps: int, *, momentum: float = 0.9,
+                 lr_min: float = 0.0, num_devices: int = 1):
+        self.network, self.proto, self.num_devices = network, proto, num_devices
+        self.schedule = optax.cosine_decay_schedule(proto["lr"], max(int(total_steps), 1),
+                                                    alpha=lr_min / proto["lr"])
+        parts = [optax.clip_by_global_norm(proto["grad_clip"])] if proto["grad_clip"] else []
+        # PyTorch's SGD(weight_decay=...): decay added to the (clipped) gradient, then momentum
+        self.tx = optax.chain(*parts, optax.add_decayed_weights(proto["weight_decay"]),
+                              optax.sgd(self.schedule, momentum=momentum, nesterov=proto["nesterov"]))
+        self.axis_name = AXIS if num_devices > 1 else None
+        self._mesh: Mesh | None = None
+
+        def eval_sums(params, stats, x, y):
+            logits = network.apply(params, stats, x, Ctx(train=False)).logits
+            ce = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), y)
+            return jnp.sum(ce), jnp.sum(jnp.argmax(logits, -1) == y)
+        self._eval_sums = jax.jit(eval_sums)
+
+    def init(self, key: jax.Array) -> TrainState:
+        k_init, k_run = jax.random.split(key)
+        params, stats = self.network.init(k_init)
+        return TrainState(jnp.zeros((), jnp.int32), params, stats, self.tx.init(params), k_run)
+
+    def _mean(self, tree):
+        return tree if self.axis_name is None else lax.pmean(tree, self.axis_name)
+
+    def step(self, state: TrainState, x, y, drop_prob):
+        ctx = Ctx(train=True, axis_name=self.axis_name)
+        key = jax.random.fold_in(state.key, state.step)
+        drop = DropPath(key, drop_prob) if self.proto["drop_path"] else None
+        aux_w, smoothing = self.proto["auxiliary_weight"], self.proto["label_smoothing"]
+
+        def loss_fn(params):
+            out = self.network.apply(params, state.batch_stats, x, ctx, drop)
+            loss = self._mean(_cross_entropy(out.logits, y, smoothing))
+            total = loss
+            if aux_w and out.aux_logits is not None:
+                total = total + aux_w * self._mean(_cross_entropy(out.aux_logits, y, smoothing))
+            return total, (loss, out.logits, out.state)
+
+        (_, (loss, logits, stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+        updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        acc = self._mean(jnp.mean((jnp.argmax(logits, -1) == y).astype(jnp.float32)))
+        metrics = {"train_loss": loss, "train_acc": acc, "lr": self.schedule(state.step),
+                   "grad_norm": optax.tree.norm(grads)}
+        return TrainState(state.step + 1, params, stats, opt_state, state.key), metrics
+
+    @property
+    def mesh(self) -> Mesh:
+        if self._mesh is None:
+            if self.num_devices > jax.local_device_count():
+                raise ValueError(f"{self.num_devices} devices requested but JAX sees {jax.local_device_count()} "
+                                 f"({jax.default_backend()}); on a CPU set "
+                                 f"XLA_FLAGS=--xla_force_host_platform_device_count={self.num_devices}")
+            self._mesh = Mesh(np.asarray(jax.local_devices()[: self.num_devices]), (AXIS,))
+        return self._mesh
+
+    def compiled_step(self, donate: bool = True):
+        donate_argnums = (0,) if donate else ()
+        if self.num_devices == 1:
+            return jax.jit(self.step, donate_argnums=donate_argnums)
+        step = jax.shard_map(self.step, mesh=self.mesh, in_specs=(P(), P(AXIS), P(AXIS), P()),
+                             out_specs=(P(), P()))
+        return jax.jit(step, donate_argnums=donate_argnums)
+
+    def replicate(self, state: TrainState) -> TrainState:
+        return state if self.num_devices == 1 else jax.device_put(state, NamedSharding(self.mesh, P()))
+
+    def shard(self, a):
+        if self.num_devices == 1:
+            return a
+        if a.shape[0] % self.num_devices:
+            raise ValueError(f"batch {a.shape[0]} is not divisible by {self.num_devices} devices")
+        return jax.device_put(a, NamedSharding(self.mesh, P(AXIS)))
+
+    def evaluate(self, state: TrainState, x: np.ndarray, y: np.ndarray, batch_size: int = 500) -> dict:
+        """Loss and accuracy over ``(x, y)`` with BatchNorm's running statistics (one device)."""
+        params, stats = jax.device_get((state.params, state.batch_stats))
+        loss_sum, correct = 0.0, 0
+        for i in range(0, len(y), batch_size):
+            l, c = self._eval_sums(params, stats, jnp.asarray(x[i:i + batch_size]), jnp.asarray(y[i:i + batch_size]))
+            loss_sum, correct = loss_sum + float(l), correct + int(c)
+        return {"test_loss": loss_sum / len(y), "test_acc": correct / len(y)}
+
+
+
+
+# ------------------------------------------------------------------------------ the run
+
+def default_out_dir() -> Path:
+    return Path("runs") / ("train-" + _dt.datetime.now().strftime("%Y%m%d-%H%M%S"))
+
+
+def _network_options(cfg: TrainConfig, space: str, search_cfg: dict, data) -> dict:
+    opts = dict(PROTOCOLS[space]["network"])
+    if space == "chain":
+        opts.update(_chain_options(search_cfg))
+    opts.update(cfg.network_options)
+    opts.update(num_classes=data.num_classes, in_channels=data.image_shape[-1])
+    return opts
+
+
+def run_train(cfg: TrainConfig) -> dict:
+    """Train the derived architecture ``cfg.genotype`` from scratch; returns the summary
+    (also ``summary.json``)."""
+    t_start = time.perf_counter()
+    genotype, search_cfg = resolve_genotype(cfg.genotype)
+    space = genotype.space
+    dataset = cfg.dataset if cfg.dataset is not None else search_cfg.get("dataset")
+    data_dir = cfg.data_dir if cfg.data_dir is not None else search_cfg.get("data_dir")
+    data = load_dataset(dataset, limit_examples=cfg.limit_examples, seed=cfg.seed, data_dir=data_dir)
+    proto = resolve_protocol(cfg, space, data.image_shape[0])
+    net_opts = _network_options(cfg, space, search_cfg, data)
+    if space == "darts":
+        net_opts["auxiliary"] = proto["auxiliary_weight"] > 0
+    network = build_network(genotype, **net_opts)
+
+    if cfg.devices < 1:
+        raise ValueError(f"--devices must be positive, got {cfg.devices}")
+    bs = int(proto["batch_size"])
+    if bs % cfg.devices:
+        raise ValueError(f"batch size {bs} is not divisible by {cfg.devices} devices")
+    x_train, y_train = data.train_x, data.train_y.astype(np.int32)
+    steps_per_epoch = num_batches(len(y_train), bs)
+    if steps_per_epoch < 1:
+        raise ValueError(f"batch size {bs} is larger than the training split ({len(y_train)} examples): "
+                         "lower --batch-size or raise --limit-examples")
+    total = steps_per_epoch * cfg.epochs
+    if cfg.max_steps is not None:
+        total = min(total, int(cfg.max_steps))
+    epochs = math.ceil(total / steps_per_epoch)
+
+    out = Path(cfg.out) if cfg.out else default_out_dir()
+    out.mkdir(parents=True, exist_ok=True)
+    trainer = Trainer(network, proto, total, momentum=cfg.momentum, lr_min=cfg.lr_min, num_devices=cfg.devices)
+    state = trainer.init(jax.random.PRNGKey(cfg.seed))
+    n_params = count_params({k: v for k, v in state.params.items() if k != "aux"})
+    resolved = dataclasses.asdict(cfg)
+    resolved.update(out=str(out), space=space, genotype_json=genotype_to_json(genotype), network=network.config,
+                    protocol=proto, total_steps=total, steps_per_epoch=steps_per_epoch, epochs_run=epochs,
+                    dataset_name=data.name, num_train=int(len(y_train)), num_test=data.num_test,
+                    params=n_params, backend=jax.default_backend(), jax_version=jax.__version__)
+    (out / "config.json").write_text(json.dumps(resolved, indent=2, default=str) + "\n", encoding="utf-8")
+    save_genotype(genotype, out / "genotype.json")
+
+    state = trainer.replicate(state)
+    step_fn = trainer.compiled_step(donate=True)
+    pad, flip = _augment_settings(data)
+    aug = jax.jit(augment_batch, static_argnames=("pad", "flip"))
+    cut = jax.jit(cutout_batch, static_argnames=("size",))
+    k_aug = jax.random.fold_in(jax.random.PRNGKey(cfg.seed), 0xA06)
+    log = _MetricsLog(out / "metrics.jsonl")
+    bar = None
+    if cfg.progress:
+        from tqdm.auto import tqdm
+        bar = tqdm(total=total, desc=f"train {space}", unit="step", dynamic_ncols=True)
+    step, compile_s, history = 0, None, []
+    try:
+        for epoch in range(epochs):
+            t_epoch = time.perf_counter()
+            drop_prob = jnp.float32(proto["drop_path"] * epoch / max(cfg.epochs, 1))
+            sums, n, pending = {}, 0, []
+            for xb, yb in epoch_batches(x_train, y_train, bs, seed=cfg.seed, epoch=epoch):
+                if step >= total:
+                    break
+                xb = jnp.asarray(xb)
+                if cfg.augment:
+                    ka, kc = jax.random.split(jax.random.fold_in(k_aug, step))
+                    xb = aug(ka, xb, pad=pad, flip=flip)
+                    if proto["cutout"]:
+                        xb = cut(kc, xb, size=int(proto["cutout"]))
+                t0 = time.perf_counter()
+                state, metrics = step_fn(state, trainer.shard(xb), trainer.shard(jnp.asarray(yb)), drop_prob)
+                if compile_s is None:
+                    jax.block_until_ready(metrics)
+                    compile_s = time.perf_counter() - t0
+                    trim_heap()
+                step += 1
+                pending.append((step, metrics))
+                if step % cfg.log_every == 0 or step == total:
+                    for s_, m in jax.device_get(pending):
+                        _check_finite(m, s_)
+                        for k, v in m.items():
+                            sums[k] = sums.get(k, 0.0) + float(v)
+                        n += 1
+                    s_, m = pending[-1]
+                    log.write({"kind": "step", "step": s_, "epoch": epoch,
+                               **{k: float(v) for k, v in jax.device_get(m).items()}})
+                    pending.clear()
+                    if bar is not None:
+                        bar.set_postfix(loss=f"{float(m['train_loss']):.3f}")
+                if bar is not None:
+                    bar.update(1)
+            for s_, m in jax.device_get(pending):
+                _check_finite(m, s_)
+                for k, v in m.items():
+                    sums[k] = sums.get(k, 0.0) + float(v)
+                n += 1
+            record = {"kind": "epoch", "step": step, "epoch": epoch, **{k: v / max(n, 1) for k, v in sums.items()},
+                      "drop_path": float(drop_prob), "epoch_time_s": time.perf_counter() - t_epoch}
+            if data.test_x is not None:
+                record.update(trainer.evaluate(state, data.test_x, data.test_y.astype(np.int32), cfg.eval_batch_size))
+            log.write(record)
+            history.append(record)
+            if bar is not None and "test_acc" in record:
+                bar.set_postfix(loss=f"{record['train_loss']:.3f}", test_acc=f"{record['test_acc']:.3f}")
+            if (epoch + 1) % cfg.checkpoint_every == 0 or step >= total:
+                save_checkpoint(out / "checkpoints", state, step)
+    finally:
+        if bar is not None:
+            bar.close()
+        log.close()
+
+    final = history[-1] if history else {}
+    tests = [r["test_acc"] for r in history if "test_acc" in r]
+    summary = {"out": str(out), "space": space, "genotype": genotype_to_json(genotype), "params": n_params,
+               "steps": step, "epochs": epochs, "final": final,
+               "final_test_acc": final.get("test_acc"), "best_test_acc": max(tests) if tests else None,
+               "wall_time_s": time.perf_counter() - t_start, "compile_s": compile_s}
+    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+    _plots(out, genotype, history)
+    return summary
+
+
+def _check_finite(metrics: dict, step: int) -> None:
+    v = float(metrics["train_loss"])
+    if not math.isfinite(v):
+        raise NonFiniteLossError(f"train_loss is {v} at step {step}: the training diverged (try a lower "
+                                 "--lr or check the data); no checkpoint was written for this epoch")
+
+
+def _plots(out: Path, genotype, history: list) -> None:
+    from dnas.supernet.plot import plot_genotype
+
+    plot_genotype(genotype, out / "genotype.png")
+    if not history:
+        return
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax_l, ax_a) = plt.subplots(1, 2, figsize=(9, 3.4), dpi=110)
+    ep = [r["epoch"] + 1 for r in history]
+    ax_l.plot(ep, [r["train_loss"] for r in history], label="train")
+    ax_a.plot(ep, [r["train_acc"] for r in history], label="train")
+    if "test_acc" in history[0]:
+        ax_l.plot(ep, [r["test_loss"] for r in history], label="test")
+        ax_a.plot(ep, [r["test_acc"] for r in history], label="test")
+    ax_l.set(xlabel="epoch", ylabel="loss")
+    ax_a.set(xlabel="epoch", ylabel="accuracy")
+    for ax in (ax_l, ax_a):
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(out / "training.png")
+    plt.close(fig)
+
+
+def restore_train_state(ckpt_dir, template: TrainState, step: int | None = None) -> TrainState:
+    """Restore a :class:`TrainState` written by :func:`run_train` (latest step by default)."""
+    return restore_checkpoint(ckpt_dir, template, step)
+
+
+__all__ = ["TrainConfig", "TrainState", "Trainer", "PROTOCOLS", "run_train", "resolve_genotype", "cutout_batch",
+           "restore_train_state"]

@@ -1,0 +1,193 @@
+"""Derived (stand-alone) networks: published parameter counts, equality with the supernet at a
+one-hot architecture, drop path, and errors naming the problem."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from dnas.relaxations.base import dense_mix
+from dnas.supernet.derived import build_network, count_params, drop_path
+from dnas.supernet.genotype import (DARTS_EDGES, DARTS_OPS, DARTS_V2, NB201_EDGES, NB201_OPS, ChainGenotype,
+                                    DartsGenotype, GenotypeError, parse_nb201)
+from dnas.supernet.layers import Ctx
+from dnas.supernet.spaces import build_space
+
+
+def _n_params(net) -> int:
+    shapes = jax.eval_shape(net.init, jax.random.PRNGKey(0))[0]
+    return count_params({k: v for k, v in shapes.items() if k != "aux"})
+
+
+def test_parameter_counts_equal_the_published_ones():
+    # NAS-Bench-201's largest CIFAR-10 network (every edge a 3x3 conv): 1.531546 MB of parameters
+    all_conv = parse_nb201("|nor_conv_3x3~0|+|nor_conv_3x3~0|nor_conv_3x3~1|+"
+                           "|nor_conv_3x3~0|nor_conv_3x3~1|nor_conv_3x3~2|")
+    assert _n_params(build_network(all_conv)) == 1_531_546
+    # DARTS-V2 at C=36, 20 layers (the paper's CIFAR-10 network; DARTS's train.py logs
+    # "param size = 3.349342MB", the auxiliary head excluded as there)
+    assert _n_params(build_network(DARTS_V2, auxiliary=True)) == 3_349_342
+
+
+def _transplant(src, dst):
+    """``dst`` with every leaf that ``src`` has at the same path replaced by ``src``'s (the
+    supernet's affine-free BatchNorms have no scale/bias: the derived network keeps 1 and 0)."""
+    if isinstance(dst, dict):
+        return {k: _transplant(src[k], v) if k in src else v for k, v in dst.items()}
+    if isinstance(dst, (tuple, list)):
+        assert len(src) == len(dst)
+        return type(dst)(_transplant(s, d) for s, d in zip(src, dst))
+    assert src.shape == dst.shape
+    return src
+
+
+def _at(tree, *idx):
+    return jax.tree_util.tree_map(lambda a: a[idx], tree)
+
+
+def _onehot(ops, names):
+    w = np.zeros((len(ops), len(names)), np.float32)
+    for i, op in enumerate(ops):
+        w[i, names.index(op)] = 1.0
+    return jnp.asarray(w)
+
+
+def test_nb201_network_equals_the_supernet_at_a_one_hot_architecture():
+    g = parse_nb201("|nor_conv_3x3~0|+|none~0|avg_pool_3x3~1|+|skip_connect~0|nor_conv_1x1~1|nor_conv_3x3~2|")
+    opts = dict(channels=4, cells_per_stage=2, num_classes=5, in_channels=3)
+    space = build_space("nb201", affine=True, **opts)
+    sp, ss = space.init(jax.random.PRNGKey(1))
+    net = build_network(g, **opts)
+    dp, ds = net.init(jax.random.PRNGKey(2))
+    kept = [e for e, op in enumerate(g.ops) if op != "none"]
+    for i in range(3):
+        dp[f"stage{i}"] = [tuple(_at(sp[f"stage{i}"][NB201_OPS.index(g.ops[e])], c, e) for e in kept)
+                           for c in range(2)]
+        ds[f"stage{i}"] = [tuple(_at(ss[f"stage{i}"][NB201_OPS.index(g.ops[e])], c, e) for e in kept)
+                           for c in range(2)]
+    for k in ("stem", "reduce0", "reduce1", "head_bn", "classifier"):
+        dp[k] = sp[k]
+        ds[k] = ss.get(k, ds.get(k))
+    x = jax.random.normal(jax.random.PRNGKey(3), (6, 8, 8, 3))
+    samples = {"cell": _onehot(g.ops, NB201_OPS)}
+    for train in (True, False):
+        ref, _ = space.apply(sp, ss, x, samples, dense_mix, Ctx(train=train))
+        out = net.apply(dp, ds, x, Ctx(train=train))
+        np.testing.assert_allclose(out.logits, ref, rtol=1e-5, atol=1e-5)
+        assert out.aux_logits is None
+
+
+def test_darts_network_equals_the_supernet_at_a_one_hot_architecture():
+    # pooling is plain pooling in the derived network but pooling + BN in the supernet, so the
+    # chosen ops here are convolutions and skips (unchosen pools still run in the supernet)
+    g = DartsGenotype(
+        normal=[("sep_conv_3x3", 0), ("sep_conv_5x5", 1), ("skip_connect", 0), ("dil_conv_3x3", 2),
+                ("sep_conv_3x3", 1), ("dil_conv_5x5", 3), ("skip_connect", 2), ("sep_conv_3x3", 4)],
+        normal_concat=[2, 3, 4, 5],
+        reduce=[("skip_connect", 0), ("sep_conv_3x3", 1), ("dil_conv_3x3", 2), ("skip_connect", 1),
+                ("sep_conv_5x5", 0), ("skip_connect", 3), ("dil_conv_5x5", 4), ("sep_conv_3x3", 2)],
+        reduce_concat=[2, 3, 4, 5])
+    opts = dict(channels=4, layers=4, num_classes=5, in_channels=3)
+    space = build_space("darts", affine=True, **opts)
+    sp, ss = space.init(jax.random.PRNGKey(1))
+    net = build_network(g, **opts)
+    dp, ds = net.init(jax.random.PRNGKey(2))
+    dp["stem"], dp["classifier"] = sp["stem"], sp["classifier"]
+    in_edges = [e for e, (s, _) in enumerate(DARTS_EDGES) if s < 2]
+    inner_edges = [e for e, (s, _) in enumerate(DARTS_EDGES) if s >= 2]
+    cell = 0
+    for r, run in enumerate(space.runs):
+        for j in range(len(run)):
+            src = _at(sp[f"cells{r}"], j)
+            kind = "reduce" if space.cells[run[0]].reduction else "normal"
+            ops = []
+            for (op, idx), (s, d) in zip(g.cell(kind), [(idx, 2 + k // 2) for k, (_, idx) in enumerate(g.cell(kind))]):
+                e = DARTS_EDGES.index((s, d))
+                part, pos = ("in", in_edges.index(e)) if e in in_edges else ("inner", inner_edges.index(e))
+                ops.append(_at(src[part][DARTS_OPS.index(op)], pos))
+            dp["cells"][cell] = _transplant({"pre0": src["pre0"], "pre1": src["pre1"], "ops": tuple(ops)},
+                                            dp["cells"][cell])
+            cell += 1
+    assert cell == 4
+    x = jax.random.normal(jax.random.PRNGKey(3), (4, 8, 8, 3))
+    samples = {k: _onehot([op for op in _edge_ops(g, k)], DARTS_OPS) for k in ("normal", "reduce")}
+    ref, _ = space.apply(sp, ss, x, samples, dense_mix, Ctx(train=True))
+    out = net.apply(dp, ds, x, Ctx(train=True))
+    np.testing.assert_allclose(out.logits, ref, rtol=1e-5, atol=1e-5)
+
+
+def _edge_ops(g: DartsGenotype, kind: str) -> list[str]:
+    """Per supernet edge the chosen op, ``none`` where the genotype keeps no op."""
+    chosen = {(idx, 2 + k // 2): op for k, (op, idx) in enumerate(g.cell(kind))}
+    return [chosen.get(edge, "none") for edge in DARTS_EDGES]
+
+
+def test_chain_network_equals_the_supernet_and_skips_zero_blocks():
+    opts = dict(width_mult=0.25, stage_depths=(2, 2, 1, 1, 1, 1), stem_stride=1, num_classes=5, in_channels=3)
+    space = build_space("chain", **opts)
+    ops = []
+    for b, (group, *_rest) in enumerate(space.blocks):
+        names = space.group_op_names(group)
+        ops.append("zero" if group == "keep" else names[b % len(names)])
+    assert "zero" in ops
+    g = ChainGenotype(tuple(ops))
+    sp, ss = space.init(jax.random.PRNGKey(1))
+    net = build_network(g, **opts)
+    dp, ds = net.init(jax.random.PRNGKey(2))
+    for b, (op, (group, *_rest)) in enumerate(zip(ops, space.blocks)):
+        k = space.group_op_names(group).index(op)
+        dp["blocks"][b], ds["blocks"][b] = ((), ()) if op == "zero" else (sp["blocks"][b][k], ss["blocks"][b][k])
+    for k in ("stem", "head", "classifier"):
+        dp[k] = sp[k]
+    assert [p for p in dp["blocks"] if p == ()] == [()] * ops.count("zero")
+    samples = {grp: jnp.stack([_onehot([op], space.group_op_names(grp))[0]
+                               for op, (g_, *_r) in zip(ops, space.blocks) if g_ == grp]) for grp in space.groups}
+    x = jax.random.normal(jax.random.PRNGKey(3), (4, 16, 16, 3))
+    ref, _ = space.apply(sp, ss, x, samples, dense_mix, Ctx(train=True))
+    out = net.apply(dp, ds, x, Ctx(train=True))
+    np.testing.assert_allclose(out.logits, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_drop_path_statistics():
+    x = jnp.ones((40_000, 1, 1, 2))
+    y = np.asarray(drop_path(x, jax.random.PRNGKey(0), 0.3))
+    dropped = (y[:, 0, 0, 0] == 0)
+    assert np.array_equal(dropped, y[:, 0, 0, 1] == 0)          # one decision per example
+    assert abs(dropped.mean() - 0.3) < 4 * np.sqrt(0.3 * 0.7 / 40_000)
+    np.testing.assert_allclose(y[~dropped], 1 / 0.7, rtol=1e-6)  # survivors rescaled: E[y] = x
+    np.testing.assert_array_equal(drop_path(x, jax.random.PRNGKey(0), 0.0), x)
+
+
+def test_drop_path_spares_identity_ops_and_the_auxiliary_head_runs_in_training_only():
+    from dnas.supernet.derived import DropPath
+
+    skips = [("skip_connect", i) for i in (0, 1, 0, 2, 1, 3, 2, 4)]
+    all_skip = DartsGenotype(normal=skips, normal_concat=[2, 3, 4, 5], reduce=skips, reduce_concat=[2, 3, 4, 5])
+    one_conv = DartsGenotype(normal=[("sep_conv_3x3", 0)] + skips[1:], normal_concat=[2, 3, 4, 5],
+                             reduce=skips, reduce_concat=[2, 3, 4, 5])
+    x = jax.random.normal(jax.random.PRNGKey(1), (8, 8, 8, 3))
+    drop = DropPath(jax.random.PRNGKey(2), 0.5)
+    outs = {}
+    for name, g in (("skip", all_skip), ("conv", one_conv)):
+        net = build_network(g, channels=4, layers=2, num_classes=3, auxiliary=True)  # 2 layers: normal cells only
+        p, s = net.init(jax.random.PRNGKey(0))
+        with_drop = net.apply(p, s, x, Ctx(train=True), drop)
+        outs[name] = (with_drop.logits, net.apply(p, s, x, Ctx(train=True)).logits)
+        assert with_drop.aux_logits.shape == (8, 3)
+        assert net.apply(p, s, x, Ctx(train=False)).aux_logits is None
+    np.testing.assert_array_equal(*outs["skip"])          # identities are never dropped
+    assert not np.allclose(*outs["conv"])                  # the convolution's path is
+
+
+def test_errors_name_the_problem():
+    with pytest.raises(ValueError, match="no option"):
+        build_network(DARTS_V2, cells=3)
+    with pytest.raises(GenotypeError, match="blocks"):
+        build_network(ChainGenotype(("mb_k3_e3",) * 3), width_mult=0.25)
+    space = build_space("chain", width_mult=0.25)
+    bad = ["zero" if g == "reshape" else "mb_k3_e3" for g, *_ in space.blocks]
+    with pytest.raises(GenotypeError, match="cannot be 'zero'"):
+        build_network(ChainGenotype(tuple(bad)), width_mult=0.25)
+    net = build_network(DARTS_V2, channels=4, layers=3, num_classes=3, auxiliary=True)
+    p, s = net.init(jax.random.PRNGKey(0))
+    with pytest.raises(ValueError, match="auxiliary head needs feature maps"):
+        net.apply(p, s, jnp.zeros((2, 8, 8, 3)), Ctx(train=True))
