@@ -194,6 +194,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--compile-cache", default=None, metavar="DIR|off",
                    help="JAX's persistent compilation cache: a search of a configuration compiled before starts in "
                         "seconds (default: $DNAS_COMPILE_CACHE or ~/.cache/dnas/jax; 'off' disables it)")
+    s.add_argument("--nb201-table", default=None, metavar="CSV",
+                   help="nb201: NAS-Bench-201's accuracy table (NATS-Bench CSV, dnas/nb201_table.py); every epoch "
+                        "record and genotype.json get the benchmark's test accuracies of the derived cell")
     s.add_argument("--no-augment", action="store_true", help="disable random crop / flip")
     s.add_argument("--log-every", type=_positive, default=10, help="write a step record every N steps")
     s.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -258,6 +261,9 @@ def _train_parser(sub) -> None:
     o.add_argument("--cutout", type=int, default=None, help="cutout square side in pixels (0: none)")
     o.add_argument("--auxiliary-weight", type=float, default=None, help="darts: auxiliary head loss weight (0: no head)")
     o.add_argument("--label-smoothing", type=float, default=None)
+    t.add_argument("--nb201-table", default=None, metavar="CSV",
+                   help="nb201: NAS-Bench-201's accuracy table; summary.json gets the benchmark's 200-epoch test "
+                        "accuracies of the cell, for comparison")
     t.add_argument("--compile-cache", default=None, metavar="DIR|off", help="as for `dnas search`")
     t.add_argument("--no-augment", action="store_true", help="disable random crop / flip / cutout")
     t.add_argument("--log-every", type=_positive, default=10, help="write a step record every N steps")
@@ -282,7 +288,8 @@ def _cmd_train(args) -> int:
         network_options=net, batch_size=args.batch_size, lr=args.lr, lr_min=args.lr_min, momentum=args.momentum,
         nesterov=args.nesterov, weight_decay=args.weight_decay, grad_clip=args.grad_clip, drop_path=args.drop_path,
         cutout=args.cutout, auxiliary_weight=args.auxiliary_weight, label_smoothing=args.label_smoothing,
-        augment=not args.no_augment, log_every=args.log_every, progress=not args.no_progress)
+        augment=not args.no_augment, log_every=args.log_every, progress=not args.no_progress,
+        nb201_table=args.nb201_table)
     try:
         if cells is not None:
             from dnas.train import resolve_genotype
@@ -300,6 +307,9 @@ def _cmd_train(args) -> int:
     if summary.get("final_test_acc") is not None:
         print(f"test accuracy: final {summary['final_test_acc']:.4f}, best {summary['best_test_acc']:.4f} "
               f"(train loss {final.get('train_loss', float('nan')):.3f})")
+    if "nb201" in summary:
+        print(f"NAS-Bench-201 (C=16, N=5, 200 epochs) CIFAR-10 test accuracy of this cell: "
+              f"{summary['nb201']['cifar10']:.2f} %")
     print(f"{summary['steps']} steps in {summary['wall_time_s']:.1f} s "
           f"(first step incl. compile {summary['compile_s']:.1f} s)")
     print(f"outputs in {summary['out']}/")
@@ -348,7 +358,7 @@ def _cmd_search(args) -> int:
             "weight": args.latency_weight, "input_size": args.latency_input_size,
             "space_options": _key_values(args.latency_space_option, "--latency-space-option")},
         augment=not args.no_augment, log_every=args.log_every, data_dir=args.data_dir,
-        progress=not args.no_progress)
+        progress=not args.no_progress, nb201_table=args.nb201_table)
     try:
         summary = run_search(cfg)
     except (DatasetError, NonFiniteLossError, ValueError, OSError) as e:
@@ -365,6 +375,10 @@ def _cmd_search(args) -> int:
           f"(first step incl. compile {summary['compile_s']:.1f} s)")
     if "table_latency_ms" in summary:
         print(f"table latency of the derived architecture: {summary['table_latency_ms']:.2f} ms")
+    if "nb201" in summary:
+        b = summary["nb201"]
+        print(f"NAS-Bench-201 (200 epochs) test accuracy of the derived cell: CIFAR-10 {b['cifar10']:.2f} %, "
+              f"CIFAR-100 {b['cifar100']:.2f} %, ImageNet16-120 {b['imagenet16_120']:.2f} %")
     print(f"outputs in {summary['out']}/")
     return 0
 

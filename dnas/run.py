@@ -70,6 +70,7 @@ class SearchConfig:
     checkpoint_every: int = 1             # epochs
     data_dir: str | None = None           # tfds data dir
     progress: bool = True
+    nb201_table: str | None = None        # NAS-Bench-201 accuracy CSV: look the derived cell up every epoch
 
 
 def default_out_dir() -> Path:
@@ -188,6 +189,13 @@ def run_search(cfg: SearchConfig) -> dict:
         raise ValueError(f"--seeds {','.join(map(str, seeds))}: every seed must be distinct")
     multi = len(seeds) > 1
 
+    table = None
+    if cfg.nb201_table is not None:
+        if cfg.space != "nb201":
+            raise ValueError(f"--nb201-table looks up NAS-Bench-201 cells; the search space is {cfg.space!r}")
+        from dnas.nb201_table import NB201Table
+        table = NB201Table.load(cfg.nb201_table)
+
     cache: dict = {}
     members = [_member_data(cfg, s, cache) for s in seeds]
     data, (wx, wy), (ax, ay) = members[0]
@@ -268,6 +276,9 @@ def run_search(cfg: SearchConfig) -> dict:
             epoch_time = time.perf_counter() - t_epoch
             for i, (log, means) in enumerate(zip(logs, meter.means())):
                 epoch_records[i] = {"kind": "epoch", "step": step, "epoch": epoch, **means, "epoch_time_s": epoch_time}
+                if table is not None:   # the benchmark's accuracies of the cell derived now
+                    g = searcher.derive(searcher.member(state, i) if multi else state)
+                    epoch_records[i].update(arch=g.arch, **{f"nb201_{k}": v for k, v in table.lookup(g).items()})
                 log.write(epoch_records[i])
             if primary and ((epoch + 1) % cfg.checkpoint_every == 0 or step >= total):
                 save_checkpoint(out / "checkpoints", state, step)
@@ -297,6 +308,10 @@ def run_search(cfg: SearchConfig) -> dict:
             extra["latency"] = searcher.latency.describe()
             if s == seeds[0]:
                 summary["table_latency_ms"] = extra["table_latency_ms"]
+        if table is not None:
+            extra["nb201"] = table.lookup(genotype)
+            if s == seeds[0]:
+                summary["nb201"] = extra["nb201"]
         save_genotype(genotype, d / "genotype.json", extra=extra)
         alphas = write_alphas(d / "alphas.json", searcher, st)
         _plots(d, genotype, alphas, searcher)

@@ -97,6 +97,7 @@ class TrainConfig:
     log_every: int = 10
     checkpoint_every: int = 1
     progress: bool = True
+    nb201_table: str | None = None         # NAS-Bench-201 accuracy CSV: the benchmark's figures for comparison
 
 
 class TrainState(NamedTuple):
@@ -315,6 +316,12 @@ def run_train(cfg: TrainConfig) -> dict:
     t_start = time.perf_counter()
     genotype, search_cfg = resolve_genotype(cfg.genotype)
     space = genotype.space
+    benchmark = None
+    if cfg.nb201_table is not None:
+        if space != "nb201":
+            raise ValueError(f"--nb201-table looks up NAS-Bench-201 cells; this genotype is of the {space!r} space")
+        from dnas.nb201_table import NB201Table
+        benchmark = NB201Table.load(cfg.nb201_table).lookup(genotype)
     dataset = cfg.dataset if cfg.dataset is not None else search_cfg.get("dataset")
     data_dir = cfg.data_dir if cfg.data_dir is not None else search_cfg.get("data_dir")
     data = load_dataset(dataset, limit_examples=cfg.limit_examples, seed=cfg.seed, data_dir=data_dir)
@@ -426,6 +433,8 @@ def run_train(cfg: TrainConfig) -> dict:
                "steps": step, "epochs": epochs, "final": final,
                "final_test_acc": final.get("test_acc"), "best_test_acc": max(tests) if tests else None,
                "wall_time_s": time.perf_counter() - t_start, "compile_s": compile_s}
+    if benchmark is not None:
+        summary["nb201"] = benchmark
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
     _plots(out, genotype, history)
     return summary

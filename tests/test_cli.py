@@ -13,6 +13,7 @@ from dnas.cli import build_parser, main
 from dnas.run import restore_checkpoint
 from dnas.search import make_searcher
 from dnas.supernet.genotype import load_genotype, nb201_string_to_ops
+from test_nb201_table import synthetic_accuracy, write_synthetic_table
 
 TINY = ["--channels", "4", "--cells", "1", "--batch-size", "32", "--no-progress", "--seed", "3"]
 
@@ -25,10 +26,22 @@ def compile_cache(tmp_path_factory):
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory, compile_cache):
     out = tmp_path_factory.mktemp("run")
+    table = write_synthetic_table(tmp_path_factory.mktemp("nb201") / "table.csv")
     rc = main(["search", "--epochs", "2", "--limit-examples", "256", "--log-every", "2", "--out", str(out),
-               "--compile-cache", str(compile_cache)] + TINY)
+               "--compile-cache", str(compile_cache), "--nb201-table", str(table)] + TINY)
     assert rc == 0
     return out
+
+
+def test_search_looks_the_derived_cell_up_in_the_nb201_table(tiny_run):
+    epochs = [r for r in map(json.loads, (tiny_run / "metrics.jsonl").read_text().splitlines()) if r["kind"] == "epoch"]
+    assert len(epochs) == 2
+    for r in epochs:   # the cell derived at the end of each epoch, and its table row
+        assert {k: r[f"nb201_{k}"] for k in ("index", "cifar10", "cifar100", "imagenet16_120")} == \
+            pytest.approx(synthetic_accuracy(r["arch"]))
+    g = json.loads((tiny_run / "genotype.json").read_text())
+    assert g["arch"] == epochs[-1]["arch"] and g["nb201"] == pytest.approx(synthetic_accuracy(g["arch"]))
+    assert json.loads((tiny_run / "summary.json").read_text())["nb201"] == g["nb201"]
 
 
 def test_search_writes_every_output(tiny_run):
