@@ -281,23 +281,15 @@ def _cmd_train(args) -> int:
         net["channels"] = args.channels
     if args.conv_impl != "auto":
         net["impl"] = args.conv_impl
-    cells = args.cells
     cfg = TrainConfig(
         genotype=args.genotype, dataset=args.dataset, data_dir=args.data_dir, limit_examples=args.limit_examples,
         epochs=args.epochs, max_steps=args.max_steps, seed=args.seed, devices=args.devices, out=args.out,
-        network_options=net, batch_size=args.batch_size, lr=args.lr, lr_min=args.lr_min, momentum=args.momentum,
+        network_options=net, cells=args.cells, batch_size=args.batch_size, lr=args.lr, lr_min=args.lr_min, momentum=args.momentum,
         nesterov=args.nesterov, weight_decay=args.weight_decay, grad_clip=args.grad_clip, drop_path=args.drop_path,
         cutout=args.cutout, auxiliary_weight=args.auxiliary_weight, label_smoothing=args.label_smoothing,
         augment=not args.no_augment, log_every=args.log_every, progress=not args.no_progress,
         nb201_table=args.nb201_table)
     try:
-        if cells is not None:
-            from dnas.train import resolve_genotype
-            space = resolve_genotype(args.genotype)[0].space
-            if space == "chain":
-                raise ValueError("--cells does not apply to retraining a chain genotype (its blocks are fixed by "
-                                 "the search); use --network-option")
-            net["cells_per_stage" if space == "nb201" else "layers"] = cells
         summary = run_train(cfg)
     except (DatasetError, GenotypeError, NonFiniteLossError, ValueError, OSError) as e:
         print(f"dnas train: error: {e}", file=sys.stderr)

@@ -106,7 +106,8 @@ def _augment_settings(data: Dataset) -> tuple[int, bool]:
 
 
 def save_checkpoint(ckpt_dir: Path, state: SearchState, step: int, max_to_keep: int = 2) -> Path:
-    """Save the search state (or any NamedTuple state: ``dnas train``'s) (copied to the host) with orbax under ``ckpt_dir/<step>``.
+    """Save a state (the search's, or any NamedTuple such as ``dnas train``'s), copied to the
+    host, with orbax under ``ckpt_dir/<step>``.
 
     Under ``jax.distributed`` only process 0 calls this (the state is replicated); orbax is
     told so, so it waits for no other process."""

@@ -284,16 +284,7 @@ class Searcher:
     def mesh(self) -> Mesh:
         """A 1-D device mesh over the first ``num_devices`` devices (axis :data:`AXIS`)."""
         if self._mesh is None:
-            devices = jax.devices()
-            if jax.process_count() > 1:  # the first num_devices/P devices of every process
-                per = self.num_devices // jax.process_count()
-                devices = [d for p in range(jax.process_count())
-                           for d in [d for d in devices if d.process_index == p][:per]]
-            if self.num_devices > len(devices):
-                raise ValueError(f"{self.num_devices} devices requested but JAX sees {len(devices)} "
-                                 f"({jax.default_backend()}); on a CPU set "
-                                 f"XLA_FLAGS=--xla_force_host_platform_device_count={self.num_devices}")
-            self._mesh = Mesh(np.asarray(devices[: self.num_devices]), (AXIS,))
+            self._mesh = device_mesh(self.num_devices)
         return self._mesh
 
     def compiled_step(self, donate: bool = True):
@@ -356,13 +347,27 @@ class Searcher:
         return self.space.derive(to_host(self.relax.derive_scores(to_host(state.arch))))
 
 
-def check_finite(metrics: dict, step: int) -> None:
-    """Raise :class:`NonFiniteLossError` naming the step if a loss is NaN/inf."""
-    for k in ("train_loss", "val_loss"):
+def device_mesh(num_devices: int) -> Mesh:
+    """A 1-D mesh (axis :data:`AXIS`) over ``num_devices`` devices: the first ones, or under
+    ``jax.distributed`` the first ``num_devices / P`` of every process."""
+    devices = jax.devices()
+    if jax.process_count() > 1:
+        per = num_devices // jax.process_count()
+        devices = [d for p in range(jax.process_count()) for d in [d for d in devices if d.process_index == p][:per]]
+    if num_devices > len(devices):
+        raise ValueError(f"{num_devices} devices requested but JAX sees {len(devices)} "
+                         f"({jax.default_backend()}); on a CPU set "
+                         f"XLA_FLAGS=--xla_force_host_platform_device_count={num_devices}")
+    return Mesh(np.asarray(devices[:num_devices]), (AXIS,))
+
+
+def check_finite(metrics: dict, step: int, keys=("train_loss", "val_loss"), what: str = "search") -> None:
+    """Raise :class:`NonFiniteLossError` naming the step if a loss (``keys``) is NaN/inf."""
+    for k in keys:
         v = float(metrics[k])
         if not math.isfinite(v):
             raise NonFiniteLossError(
-                f"{k} is {v} at step {step}: the search diverged (try a lower learning rate "
+                f"{k} is {v} at step {step}: the {what} diverged (try a lower learning rate "
                 "or check the data); no checkpoint was written for this step")
 
 

@@ -44,7 +44,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from dnas.data import DatasetError, augment_batch, epoch_batches, load_dataset, num_batches
 from dnas.hugepages import trim_heap
 from dnas.run import _augment_settings, _MetricsLog, restore_checkpoint, save_checkpoint
-from dnas.search import AXIS, NonFiniteLossError
+from dnas.search import AXIS, accuracy, check_finite, device_mesh
 from dnas.supernet.derived import DARTS_DEFAULTS, NB201_DEFAULTS, DropPath, Network, build_network, count_params
 from dnas.supernet.genotype import DARTS_V2, Genotype, genotype_to_json, load_genotype, parse_nb201, save_genotype
 from dnas.supernet.layers import Ctx
@@ -54,13 +54,13 @@ from dnas.supernet.layers import Ctx
 PROTOCOLS: dict[str, dict[str, Any]] = {
     "darts": {"batch_size": 96, "lr": 0.025, "nesterov": False, "weight_decay": 3e-4, "grad_clip": 5.0,
               "drop_path": 0.2, "cutout": 16, "auxiliary_weight": 0.4, "label_smoothing": 0.0,
-              "paper_epochs": 600, "network": dict(DARTS_DEFAULTS)},
+              "network": dict(DARTS_DEFAULTS)},
     "nb201": {"batch_size": 256, "lr": 0.1, "nesterov": True, "weight_decay": 5e-4, "grad_clip": None,
               "drop_path": 0.0, "cutout": 0, "auxiliary_weight": 0.0, "label_smoothing": 0.0,
-              "paper_epochs": 200, "network": dict(NB201_DEFAULTS)},
+              "network": dict(NB201_DEFAULTS)},
     "chain": {"batch_size": 128, "lr": 0.05, "nesterov": True, "weight_decay": 4e-5, "grad_clip": None,
               "drop_path": 0.0, "cutout": 0, "auxiliary_weight": 0.0, "label_smoothing": 0.1,
-              "paper_epochs": None, "network": {}},
+              "network": {}},
 }
 _PROTOCOL_KEYS = ("batch_size", "lr", "nesterov", "weight_decay", "grad_clip", "drop_path", "cutout",
                   "auxiliary_weight", "label_smoothing")
@@ -81,6 +81,7 @@ class TrainConfig:
     devices: int = 1
     out: str | None = None
     network_options: dict = dataclasses.field(default_factory=dict)
+    cells: int | None = None               # nb201: cells per stage; darts: layers (not for chain)
     batch_size: int | None = None
     lr: float | None = None
     lr_min: float = 0.0
@@ -191,11 +192,8 @@ def cutout_batch(key: jax.Array, x: jax.Array, size: int) -> jax.Array:
 # ------------------------------------------------------------------------------ the trainer
 
 def _cross_entropy(logits, labels, smoothing: float):
-    n = logits.shape[-1]
-    onehot = jax.nn.one_hot(labels, n, dtype=jnp.float32)
-    if smoothing:
-        onehot = onehot * (1.0 - smoothing) + smoothing / n
-    return jnp.mean(optax.softmax_cross_entropy(logits.astype(jnp.float32), onehot))
+    targets = optax.smooth_labels(jax.nn.one_hot(labels, logits.shape[-1], dtype=jnp.float32), smoothing)
+    return jnp.mean(optax.softmax_cross_entropy(logits.astype(jnp.float32), targets))
 
 
 class Trainer:
@@ -250,7 +248,7 @@ class Trainer:
         (_, (loss, logits, stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
         updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        acc = self._mean(jnp.mean((jnp.argmax(logits, -1) == y).astype(jnp.float32)))
+        acc = self._mean(accuracy(logits, y))
         metrics = {"train_loss": loss, "train_acc": acc, "lr": self.schedule(state.step),
                    "grad_norm": optax.tree.norm(grads)}
         return TrainState(state.step + 1, params, stats, opt_state, state.key), metrics
@@ -258,11 +256,7 @@ class Trainer:
     @property
     def mesh(self) -> Mesh:
         if self._mesh is None:
-            if self.num_devices > jax.local_device_count():
-                raise ValueError(f"{self.num_devices} devices requested but JAX sees {jax.local_device_count()} "
-                                 f"({jax.default_backend()}); on a CPU set "
-                                 f"XLA_FLAGS=--xla_force_host_platform_device_count={self.num_devices}")
-            self._mesh = Mesh(np.asarray(jax.local_devices()[: self.num_devices]), (AXIS,))
+            self._mesh = device_mesh(self.num_devices)
         return self._mesh
 
     def compiled_step(self, donate: bool = True):
@@ -293,8 +287,6 @@ class Trainer:
         return {"test_loss": loss_sum / len(y), "test_acc": correct / len(y)}
 
 
-
-
 # ------------------------------------------------------------------------------ the run
 
 def default_out_dir() -> Path:
@@ -306,6 +298,11 @@ def _network_options(cfg: TrainConfig, space: str, search_cfg: dict, data) -> di
     if space == "chain":
         opts.update(_chain_options(search_cfg))
     opts.update(cfg.network_options)
+    if cfg.cells is not None:
+        if space == "chain":
+            raise ValueError("--cells does not apply to retraining a chain genotype (its blocks are fixed by the "
+                             "search); use --network-option")
+        opts["cells_per_stage" if space == "nb201" else "layers"] = cfg.cells
     opts.update(num_classes=data.num_classes, in_channels=data.image_shape[-1])
     return opts
 
@@ -376,6 +373,17 @@ def run_train(cfg: TrainConfig) -> dict:
             t_epoch = time.perf_counter()
             drop_prob = jnp.float32(proto["drop_path"] * epoch / max(cfg.epochs, 1))
             sums, n, pending = {}, 0, []
+
+            def drain():   # the pending steps' metrics to the host: checked finite, summed, the last logged
+                nonlocal n
+                host = jax.device_get(pending)
+                for s_, m in host:
+                    check_finite(m, s_, keys=("train_loss",), what="training")
+                    for k, v in m.items():
+                        sums[k] = sums.get(k, 0.0) + float(v)
+                    n += 1
+                pending.clear()
+                return host[-1] if host else None
             for xb, yb in epoch_batches(x_train, y_train, bs, seed=cfg.seed, epoch=epoch):
                 if step >= total:
                     break
@@ -394,24 +402,13 @@ def run_train(cfg: TrainConfig) -> dict:
                 step += 1
                 pending.append((step, metrics))
                 if step % cfg.log_every == 0 or step == total:
-                    for s_, m in jax.device_get(pending):
-                        _check_finite(m, s_)
-                        for k, v in m.items():
-                            sums[k] = sums.get(k, 0.0) + float(v)
-                        n += 1
-                    s_, m = pending[-1]
-                    log.write({"kind": "step", "step": s_, "epoch": epoch,
-                               **{k: float(v) for k, v in jax.device_get(m).items()}})
-                    pending.clear()
+                    s_, m = drain()
+                    log.write({"kind": "step", "step": s_, "epoch": epoch, **{k: float(v) for k, v in m.items()}})
                     if bar is not None:
                         bar.set_postfix(loss=f"{float(m['train_loss']):.3f}")
                 if bar is not None:
                     bar.update(1)
-            for s_, m in jax.device_get(pending):
-                _check_finite(m, s_)
-                for k, v in m.items():
-                    sums[k] = sums.get(k, 0.0) + float(v)
-                n += 1
+            drain()
             record = {"kind": "epoch", "step": step, "epoch": epoch, **{k: v / max(n, 1) for k, v in sums.items()},
                       "drop_path": float(drop_prob), "epoch_time_s": time.perf_counter() - t_epoch}
             if data.test_x is not None:
@@ -438,13 +435,6 @@ def run_train(cfg: TrainConfig) -> dict:
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
     _plots(out, genotype, history)
     return summary
-
-
-def _check_finite(metrics: dict, step: int) -> None:
-    v = float(metrics["train_loss"])
-    if not math.isfinite(v):
-        raise NonFiniteLossError(f"train_loss is {v} at step {step}: the training diverged (try a lower "
-                                 "--lr or check the data); no checkpoint was written for this epoch")
 
 
 def _plots(out: Path, genotype, history: list) -> None:

@@ -7,7 +7,7 @@ import pytest
 
 from dnas.relaxations.base import dense_mix
 from dnas.supernet.derived import build_network, count_params, drop_path
-from dnas.supernet.genotype import (DARTS_EDGES, DARTS_OPS, DARTS_V2, NB201_EDGES, NB201_OPS, ChainGenotype,
+from dnas.supernet.genotype import (DARTS_EDGES, DARTS_OPS, DARTS_V2, NB201_OPS, ChainGenotype,
                                     DartsGenotype, GenotypeError, parse_nb201)
 from dnas.supernet.layers import Ctx
 from dnas.supernet.spaces import build_space
@@ -102,7 +102,7 @@ def test_darts_network_equals_the_supernet_at_a_one_hot_architecture():
             src = _at(sp[f"cells{r}"], j)
             kind = "reduce" if space.cells[run[0]].reduction else "normal"
             ops = []
-            for (op, idx), (s, d) in zip(g.cell(kind), [(idx, 2 + k // 2) for k, (_, idx) in enumerate(g.cell(kind))]):
+            for s, d, op in g.edges(kind):
                 e = DARTS_EDGES.index((s, d))
                 part, pos = ("in", in_edges.index(e)) if e in in_edges else ("inner", inner_edges.index(e))
                 ops.append(_at(src[part][DARTS_OPS.index(op)], pos))
@@ -119,7 +119,7 @@ def test_darts_network_equals_the_supernet_at_a_one_hot_architecture():
 
 def _edge_ops(g: DartsGenotype, kind: str) -> list[str]:
     """Per supernet edge the chosen op, ``none`` where the genotype keeps no op."""
-    chosen = {(idx, 2 + k // 2): op for k, (op, idx) in enumerate(g.cell(kind))}
+    chosen = {(s, d): op for s, d, op in g.edges(kind)}
     return [chosen.get(edge, "none") for edge in DARTS_EDGES]
 
 

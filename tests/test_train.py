@@ -12,7 +12,7 @@ from dnas.cli import main
 from dnas.search import NonFiniteLossError
 from dnas.supernet.derived import build_network
 from dnas.supernet.genotype import DARTS_V2, parse_nb201, save_genotype
-from dnas.train import PROTOCOLS, Trainer, TrainConfig, TrainState, cutout_batch, resolve_protocol, run_train
+from dnas.train import PROTOCOLS, Trainer, TrainConfig, cutout_batch, resolve_protocol, run_train
 
 ARCH = "|nor_conv_3x3~0|+|nor_conv_1x1~0|skip_connect~1|+|skip_connect~0|nor_conv_3x3~1|avg_pool_3x3~2|"
 SMALL = {"channels": 8, "cells_per_stage": 1}

@@ -38,7 +38,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from dnas.supernet import layers as L
-from dnas.supernet.genotype import (NB201_EDGES, ChainGenotype, DartsGenotype, Genotype, GenotypeError,
+from dnas.supernet.genotype import (ChainGenotype, DartsGenotype, Genotype, GenotypeError,
                                     NB201Genotype)
 from dnas.supernet.ops import darts_op, nb201_op
 
@@ -106,7 +106,7 @@ def nb201_network(g: NB201Genotype, *, channels: int = 16, cells_per_stage: int 
     stem = L.sequential(L.conv(in_channels, channels, 3, 1, 1), L.batchnorm(channels, True))
     edges = [(s, d, op) for s, d, op in g.edges() if op != "none"]
     cell_ops = [[nb201_op(op, w, 1, affine=True, impl=impl) for _, _, op in edges] for w in widths]
-    reductions = [L.sequential()] + [_resnet_block(widths[i], widths[i + 1], 2) for i in range(2)]
+    reductions = [_resnet_block(widths[i], widths[i + 1], 2) for i in range(2)]
     head_bn = L.batchnorm(widths[-1], True)
     classifier = L.dense(widths[-1], num_classes)
 
@@ -116,7 +116,7 @@ def nb201_network(g: NB201Genotype, *, channels: int = 16, cells_per_stage: int 
         params["stem"], state["stem"] = stem.init(next(keys))
         for i in range(3):
             if i:
-                params[f"reduce{i - 1}"], state[f"reduce{i - 1}"] = reductions[i].init(next(keys))
+                params[f"reduce{i - 1}"], state[f"reduce{i - 1}"] = reductions[i - 1].init(next(keys))
             cells = [tuple(op.init(k) for op, k in zip(cell_ops[i], jax.random.split(ck, max(len(edges), 1))))
                      for ck in jax.random.split(next(keys), cells_per_stage)]
             params[f"stage{i}"] = [tuple(p for p, _ in c) for c in cells]
@@ -127,15 +127,19 @@ def nb201_network(g: NB201Genotype, *, channels: int = 16, cells_per_stage: int 
 
     def cell(i, p, s, x, ctx):
         terms: list[list] = [[x], [], [], []]
+        nodes: dict[int, jax.Array] = {}
+
+        def node(j):   # summed once, when first read (edges are ordered by destination)
+            if j not in nodes:
+                nodes[j] = sum(terms[j][1:], terms[j][0]) if terms[j] else jnp.zeros_like(x)
+            return nodes[j]
+
         new_s = []
         for (src, dst, _), op, pe, se in zip(edges, cell_ops[i], p, s):
-            h = terms[src]
-            inp = h[0] if len(h) == 1 else sum(h[1:], h[0]) if h else jnp.zeros_like(x)
-            y, se = op.apply(pe, se, inp, ctx)
+            y, se = op.apply(pe, se, node(src), ctx)
             terms[dst].append(y)
             new_s.append(se)
-        out = terms[3]
-        return (sum(out[1:], out[0]) if out else jnp.zeros_like(x)), tuple(new_s)
+        return node(3), tuple(new_s)
 
     def apply(params, state, x, ctx, drop=None):
         new = {}
@@ -143,7 +147,7 @@ def nb201_network(g: NB201Genotype, *, channels: int = 16, cells_per_stage: int 
         for i in range(3):
             if i:
                 r = f"reduce{i - 1}"
-                x, new[r] = reductions[i].apply(params[r], state[r], x, ctx)
+                x, new[r] = reductions[i - 1].apply(params[r], state[r], x, ctx)
             new[f"stage{i}"] = []
             for p, s in zip(params[f"stage{i}"], state[f"stage{i}"]):
                 x, s = cell(i, p, s, x, ctx)

@@ -35,15 +35,22 @@ def _dil_conv(c: int, kernel: int, stride: int, affine: bool, impl) -> L.Layer:
     return L.sequential(L.relu(), L.separable_conv(c, c, kernel, stride, 2, impl), L.batchnorm(c, affine))
 
 
+def _pool(pool: L.Layer, c: int, pool_bn: bool) -> L.Layer:
+    """Pooling followed by an affine-free BN during search (DARTS's search code), plain pooling
+    in the evaluation network."""
+    return L.sequential(pool, L.batchnorm(c, False)) if pool_bn else pool
+
+
 DARTS_OP_BUILDERS: dict[str, Callable[..., L.Layer]] = {
-    "none": lambda c, stride, affine, impl: L.zero(stride),
-    "max_pool_3x3": lambda c, stride, affine, impl: L.sequential(L.max_pool(3, stride, 1), L.batchnorm(c, False)),
-    "avg_pool_3x3": lambda c, stride, affine, impl: L.sequential(L.avg_pool(3, stride, 1), L.batchnorm(c, False)),
-    "skip_connect": lambda c, stride, affine, impl: L.identity() if stride == 1 else L.factorized_reduce(c, c, affine),
-    "sep_conv_3x3": lambda c, stride, affine, impl: _sep_conv(c, 3, stride, affine, impl),
-    "sep_conv_5x5": lambda c, stride, affine, impl: _sep_conv(c, 5, stride, affine, impl),
-    "dil_conv_3x3": lambda c, stride, affine, impl: _dil_conv(c, 3, stride, affine, impl),
-    "dil_conv_5x5": lambda c, stride, affine, impl: _dil_conv(c, 5, stride, affine, impl),
+    "none": lambda c, stride, affine, impl, pool_bn: L.zero(stride),
+    "max_pool_3x3": lambda c, stride, affine, impl, pool_bn: _pool(L.max_pool(3, stride, 1), c, pool_bn),
+    "avg_pool_3x3": lambda c, stride, affine, impl, pool_bn: _pool(L.avg_pool(3, stride, 1), c, pool_bn),
+    "skip_connect": lambda c, stride, affine, impl, pool_bn: (L.identity() if stride == 1
+                                                              else L.factorized_reduce(c, c, affine)),
+    "sep_conv_3x3": lambda c, stride, affine, impl, pool_bn: _sep_conv(c, 3, stride, affine, impl),
+    "sep_conv_5x5": lambda c, stride, affine, impl, pool_bn: _sep_conv(c, 5, stride, affine, impl),
+    "dil_conv_3x3": lambda c, stride, affine, impl, pool_bn: _dil_conv(c, 3, stride, affine, impl),
+    "dil_conv_5x5": lambda c, stride, affine, impl, pool_bn: _dil_conv(c, 5, stride, affine, impl),
 }
 assert tuple(DARTS_OP_BUILDERS) == DARTS_OPS
 
@@ -58,11 +65,7 @@ def darts_op(name: str, c: int, stride: int, affine: bool = False, impl: str | N
     """
     if name not in DARTS_OP_BUILDERS:
         raise _unknown(name, DARTS_OPS)
-    if not pool_bn and name == "max_pool_3x3":
-        return L.max_pool(3, stride, 1)
-    if not pool_bn and name == "avg_pool_3x3":
-        return L.avg_pool(3, stride, 1)
-    return DARTS_OP_BUILDERS[name](c, stride, affine, impl)
+    return DARTS_OP_BUILDERS[name](c, stride, affine, impl, pool_bn)
 
 
 def nb201_op(name: str, c: int, stride: int = 1, affine: bool = False, impl: str | None = None) -> L.Layer:
