@@ -28,6 +28,13 @@ Configurations (``--config``, comma-separated, default all three):
   ``make_searcher("darts", "darts")`` vs ``torch_darts_reference.DartsSearchNetwork`` (this
   folder; written from the DARTS paper's description).
 
+On a machine with a GPU both sides run on it (``--torch-device auto``; JAX uses its default
+backend) and the PyTorch step is timed between ``torch.cuda.synchronize()`` calls; with
+``--memory`` the workers then also report each side's peak GPU memory (``device_peak_mb``).
+``--precision bfloat16`` times ``dnas --precision bfloat16`` against PyTorch's
+``autocast(bfloat16)``. ``--out`` is rewritten after every configuration, so a run stopped at a
+time limit keeps what it measured. ``benchmarks/gpu_figures.sh`` runs the GPU figures.
+
 ``--channels/--cells/--batch-size`` override every chosen configuration (small smoke runs:
 ``--cells 1 --batch-size 8``). ``--memory`` also runs each side once in a fresh subprocess
 (this script with ``--worker dnas|torch``: build, compile, two steps) and reports the RSS after
@@ -157,7 +164,7 @@ def summary(times: list[float]) -> dict:
 class DnasSide:
     name = "dnas"
 
-    def __init__(self, cfg: dict, batches, seed: int, loops: str = "auto"):
+    def __init__(self, cfg: dict, batches, seed: int, loops: str = "auto", precision: str = "float32"):
         import jax
 
         from dnas.search import make_searcher
@@ -166,7 +173,8 @@ class DnasSide:
                 ("cells_per_stage" if cfg["space"] == "nb201" else "layers"): cfg["cells"]}
         if loops != "auto":   # the space's loop mode, as `dnas search --loops`
             opts["unroll"] = LOOP_FLAGS[loops]
-        self.searcher = s = make_searcher(cfg["space"], cfg["relaxation"], space_options=opts, total_steps=1000)
+        self.searcher = s = make_searcher(cfg["space"], cfg["relaxation"], space_options=opts, total_steps=1000,
+                                          precision=precision)
         self.state = s.replicate(s.init(jax.random.PRNGKey(seed)))
         self.tb, self.vb = (s.shard(jax.device_put(b)) for b in batches)
         self.params = int(sum(x.size for x in jax.tree_util.tree_leaves(self.state.params)))
@@ -206,6 +214,7 @@ class DnasSide:
         return {"compile_s": self.compile_s, "params": self.params, "flops": self.costs.get("flops"),
                 "temp_bytes": self.costs.get("temp_bytes"),
                 "final_train_loss": float(self.metrics["train_loss"]) if self.metrics else None,
+                "device": str(self.jax.devices()[0]), "precision": self.searcher.precision,
                 "what": f"dnas make_searcher({self.searcher.space.name!r}, {self.searcher.relax.name!r})"
                         " compiled_step(), first-order hypergradient"}
 
@@ -215,10 +224,19 @@ class DnasSide:
 class TorchSide:
     name = "reference"
 
-    def __init__(self, cfg: dict, batches, seed: int, arch_backward: str = "alpha", threads: int | None = None):
+    def __init__(self, cfg: dict, batches, seed: int, arch_backward: str = "alpha", threads: int | None = None,
+                 device: str = "cpu", precision: str = "float32"):
+        import contextlib
+
         import torch
         import torch.nn.functional as F
         self.torch, self.F = torch, F
+        self.device = torch.device(device)
+        # bfloat16: PyTorch's own mixed precision (autocast: convolutions and matrix products in
+        # bfloat16, weights and the optimiser in float32), the counterpart of dnas --precision
+        self.precision = precision
+        self.autocast = ((lambda: torch.autocast(self.device.type, dtype=torch.bfloat16)) if precision == "bfloat16"
+                         else contextlib.nullcontext)
         torch.set_num_threads(threads or os.cpu_count() or 1)
         torch.manual_seed(seed)
         self.arch_backward = arch_backward
@@ -246,11 +264,16 @@ class TorchSide:
             self.forward = net
             self.what = (f"benchmarks/torch_darts_reference.py DartsSearchNetwork, C={cfg['channels']}, "
                          f"{cfg['cells']} cells")
-        self.net = net.train()
+        self.net = net.to(self.device).train()
+        if cfg["space"] == "nb201":   # get_weights/get_alphas again: the same tensors, now on the device
+            self.weights, self.alphas = list(net.get_weights()), list(net.get_alphas())
+        else:
+            self.weights, self.alphas = net.weights(), net.alphas()
         (xt, yt), (xv, yv) = batches
 
         def to_torch(x, y):
-            return torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2))), torch.from_numpy(y.astype(np.int64))
+            return (torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2))).to(self.device),
+                    torch.from_numpy(y.astype(np.int64)).to(self.device))
         self.tb, self.vb = to_torch(xt, yt), to_torch(xv, yv)
         self.a_opt = torch.optim.Adam(self.alphas, lr=3e-4, betas=(0.5, 0.999), weight_decay=1e-3)
         self.w_opt = torch.optim.SGD(self.weights, lr=0.025, momentum=0.9, weight_decay=3e-4)
@@ -260,20 +283,28 @@ class TorchSide:
     def prepare(self) -> None:
         pass
 
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            self.torch.cuda.synchronize(self.device)
+
     def step(self) -> float:
         torch, F = self.torch, self.F
+        self._sync()
         t0 = time.perf_counter()
         # 1. architecture step on the validation batch (first order: the weights are constants)
         self.a_opt.zero_grad(set_to_none=True)
-        v_loss = F.cross_entropy(self.forward(self.vb[0]), self.vb[1])
+        with self.autocast():
+            v_loss = F.cross_entropy(self.forward(self.vb[0]).float(), self.vb[1])
         v_loss.backward(inputs=self.alphas if self.arch_backward == "alpha" else None)
         self.a_opt.step()
         # 2. weight step on the training batch with the updated alpha
         self.w_opt.zero_grad(set_to_none=True)
-        t_loss = F.cross_entropy(self.forward(self.tb[0]), self.tb[1])
+        with self.autocast():
+            t_loss = F.cross_entropy(self.forward(self.tb[0]).float(), self.tb[1])
         t_loss.backward(inputs=self.weights)
         torch.nn.utils.clip_grad_norm_(self.weights, 5.0)
         self.w_opt.step()
+        self._sync()   # CUDA runs asynchronously: the step ends when its kernels have
         dt = time.perf_counter() - t0
         self.last = {"v_loss": v_loss.detach(), "t_loss": t_loss.detach()}
         return dt
@@ -292,6 +323,7 @@ class TorchSide:
 
     def facts(self) -> dict:
         return {"params": self.params, "threads": self.torch.get_num_threads(), "arch_backward": self.arch_backward,
+                "device": str(self.device), "precision": self.precision,
                 "final_train_loss": float(self.last["t_loss"]) if self.last else None, "what": self.what}
 
 
@@ -308,8 +340,18 @@ def resolve(name: str, args) -> dict:
 def build_side(which: str, cfg: dict, args):
     batches = make_batches(cfg["batch_size"], args.image_size, args.seed)
     if which == "dnas":
-        return DnasSide(cfg, batches, args.seed, args.loops)
-    return TorchSide(cfg, batches, args.seed, args.reference_arch_backward, args.torch_threads)
+        return DnasSide(cfg, batches, args.seed, args.loops, args.precision)
+    return TorchSide(cfg, batches, args.seed, args.reference_arch_backward, args.torch_threads,
+                     torch_device(args.torch_device), args.precision)
+
+
+def torch_device(choice: str) -> str:
+    """``--torch-device``: ``auto`` is ``cuda`` when PyTorch sees a GPU (and JAX then runs on
+    its GPU backend too), else ``cpu``."""
+    if choice != "auto":
+        return choice
+    import torch
+    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def run_config(name: str, args) -> dict:
@@ -359,13 +401,16 @@ def memory_runs(name: str, args) -> dict:
                "--channels", str(cfg["channels"]), "--cells", str(cfg["cells"]), "--batch-size", str(cfg["batch_size"]),
                "--image-size", str(args.image_size), "--seed", str(args.seed), "--steps", str(max(args.steps, 2)),
                "--reference-arch-backward", args.reference_arch_backward, "--loops", args.loops,
-               "--torch-threads", str(args.torch_threads or os.cpu_count() or 1)]
+               "--torch-threads", str(args.torch_threads or os.cpu_count() or 1),
+               "--torch-device", args.torch_device, "--precision", args.precision]
         log(f"{name}: memory run of {which} in a subprocess")
         proc = subprocess.run(cmd, check=False, capture_output=True, text=True)
         if proc.returncode:
             raise RuntimeError(f"worker {which} failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
         res["dnas" if which == "dnas" else "reference"] = json.loads(proc.stdout.strip().splitlines()[-1])
     res["ratio"] = res["dnas"]["peak_rss_mb"] / res["reference"]["peak_rss_mb"]
+    if "device_peak_mb" in res["dnas"] and "device_peak_mb" in res["reference"]:
+        res["device_ratio"] = res["dnas"]["device_peak_mb"] / res["reference"]["device_peak_mb"]
     return res
 
 
@@ -394,8 +439,13 @@ def worker(args) -> None:
     if args.worker == "dnas":
         out["rss_after_compile_mb"] = rss_prepared
         out["compile_s"] = side.compile_s
+        stats = side.jax.devices()[0].memory_stats() or {}   # GPU/TPU allocators report; the CPU's not
+        if "peak_bytes_in_use" in stats:
+            out["device_peak_mb"] = stats["peak_bytes_in_use"] / 2**20
     else:
         out["threads"] = side.torch.get_num_threads()
+        if side.device.type == "cuda":
+            out["device_peak_mb"] = side.torch.cuda.max_memory_allocated(side.device) / 2**20
     print(json.dumps(out))
 
 
@@ -429,6 +479,11 @@ def main(argv=None) -> None:
                     help="torch.set_num_threads (default: os.cpu_count(), as the issue asks)")
     ap.add_argument("--loops", choices=["auto", *LOOP_FLAGS], default="auto",
                     help="dnas's loop mode (`dnas search --loops`): unroll (CPU default), scan-cells or scan")
+    ap.add_argument("--torch-device", default="auto",
+                    help="the PyTorch side's device: cpu, cuda, or auto (cuda when available; JAX uses its default "
+                         "backend, a GPU when one is there)")
+    ap.add_argument("--precision", choices=("float32", "bfloat16"), default="float32",
+                    help="bfloat16: dnas --precision bfloat16 against PyTorch autocast(bfloat16)")
     ap.add_argument("--memory", action="store_true", help="also measure each side's peak RSS in a subprocess")
     ap.add_argument("--out", default=None, help="also write the JSON here")
     ap.add_argument("--worker", choices=("dnas", "torch"), default=None, help=argparse.SUPPRESS)
@@ -459,19 +514,27 @@ def main(argv=None) -> None:
         "versions": versions(),
         "settings": {"rounds": args.rounds, "steps": args.steps, "warmup": args.warmup, "seed": args.seed,
                      "torch_threads": torch.get_num_threads(),
-                     "reference_arch_backward": args.reference_arch_backward, "loops": args.loops},
+                     "reference_arch_backward": args.reference_arch_backward, "loops": args.loops,
+                     "torch_device": torch_device(args.torch_device), "precision": args.precision},
         "configs": {},
     }
     for name in names:
         result["configs"][name] = run_config(name, args)
         if name in memory:
             result["configs"][name]["peak_rss_mb"] = memory[name]
+        if args.out:   # after every configuration: a run stopped at a time limit keeps what it measured
+            write_json(args.out, result)
     result["machine"]["load_average_after"] = os.getloadavg()
-    text = json.dumps(result, indent=1)
-    print(text)
+    print(json.dumps(result, indent=1))
     if args.out:
-        with open(args.out, "w") as f:
-            f.write(text + "\n")
+        write_json(args.out, result)
+
+
+def write_json(path: str, result: dict) -> None:
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        f.write(json.dumps(result, indent=1) + "\n")
+    os.replace(tmp, path)
 
 
 if __name__ == "__main__":

@@ -50,6 +50,9 @@ def _space_args(p: argparse.ArgumentParser) -> None:
                         "long compiles), scan-cells (runs of equal cells under lax.scan, edges unrolled) or scan "
                         "(cells and edges scanned: shortest compiles). On CPU scanning trades step time for compile "
                         "time (docs/benchmarks.md, 'Loop modes'); auto = unroll on CPU, scan on GPU/TPU")
+    p.add_argument("--precision", choices=["float32", "bfloat16"], default="float32",
+                   help="bfloat16: mixed precision, convolutions read bfloat16 inputs and kernels (GPU/TPU tensor "
+                        "cores; slow on CPU); weights, BatchNorm, α, the mixing and the loss stay float32")
     p.add_argument("--devices", type=_positive, default=1,
                    help="data-parallel devices (per process; state replicated, batch split); on a CPU-only machine "
                         "this many host devices are simulated")
@@ -350,7 +353,7 @@ def _cmd_search(args) -> int:
             "weight": args.latency_weight, "input_size": args.latency_input_size,
             "space_options": _key_values(args.latency_space_option, "--latency-space-option")},
         augment=not args.no_augment, log_every=args.log_every, data_dir=args.data_dir,
-        progress=not args.no_progress, nb201_table=args.nb201_table)
+        progress=not args.no_progress, nb201_table=args.nb201_table, precision=args.precision)
     try:
         summary = run_search(cfg)
     except (DatasetError, NonFiniteLossError, ValueError, OSError) as e:
@@ -386,7 +389,7 @@ def _cmd_bench(args) -> int:
                        warmup=args.warmup, num_devices=args.devices, seed=args.seed,
                        relaxation_options=_key_values(args.relaxation_option, "--relaxation-option"),
                        hypergrad=args.hypergrad, hypergrad_options=_hypergrad_options(args), tune=_tune(args),
-                       hyper=Hyper(hyper_lr=args.hyper_lr))
+                       hyper=Hyper(hyper_lr=args.hyper_lr), precision=args.precision)
     print(json.dumps(result))
     return 0
 

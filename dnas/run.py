@@ -71,6 +71,7 @@ class SearchConfig:
     data_dir: str | None = None           # tfds data dir
     progress: bool = True
     nb201_table: str | None = None        # NAS-Bench-201 accuracy CSV: look the derived cell up every epoch
+    precision: str = "float32"            # "bfloat16": convolutions in bfloat16 (dnas.search.PRECISIONS)
 
 
 def default_out_dir() -> Path:
@@ -214,7 +215,7 @@ def run_search(cfg: SearchConfig) -> dict:
                              relaxation_options=cfg.relaxation_options, hyper=cfg.hyper,
                              total_steps=total, num_devices=num_devices, hypergrad=cfg.hypergrad,
                              hypergrad_options=cfg.hypergrad_options, tune=cfg.tune, latency=cfg.latency,
-                             num_seeds=len(seeds))
+                             num_seeds=len(seeds), precision=cfg.precision)
     resolved = dataclasses.asdict(cfg)
     resolved.update(out=str(out), space_options=searcher.space.describe(), total_steps=total,
                     steps_per_epoch=steps_per_epoch, dataset_name=data.name,

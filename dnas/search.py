@@ -59,6 +59,10 @@ class NonFiniteLossError(FloatingPointError):
     """The loss became NaN or infinite; raised before anything of that step is saved."""
 
 
+# ``--precision``: the convolutions' compute dtype (``Ctx.compute_dtype``); None = float32 throughout.
+PRECISIONS = {"float32": None, "bfloat16": jnp.bfloat16}
+
+
 class SearchState(NamedTuple):
     step: jax.Array          # int32 scalar: number of completed search steps
     params: Any              # supernet weights
@@ -129,8 +133,11 @@ class Searcher:
     def __init__(self, space: SearchSpace, relaxation: Relaxation, hyper: Hyper = Hyper(),
                  total_steps: int = 1, num_devices: int = 1, hypergrad: str = "first",
                  hypergrad_options: dict | None = None, tune: tuple[str, ...] = (), latency=None,
-                 num_seeds: int = 1):
+                 num_seeds: int = 1, precision: str = "float32"):
         self.space, self.relax, self.hyper = space, relaxation, hyper
+        if precision not in PRECISIONS:
+            raise ValueError(f"unknown precision {precision!r}; expected one of {', '.join(PRECISIONS)}")
+        self.precision = precision
         self.latency = latency  # a dnas.latency.objective.LatencyObjective, or None
         self.total_steps = max(int(total_steps), 1)
         self.num_devices = int(num_devices)
@@ -204,7 +211,8 @@ class Searcher:
     def _forward(self, params, stats, arch, x, key, progress, train: bool = True):
         samples = self.relax.sample(arch, key, progress)
         ctx = Ctx(train=train, axis_name=self.axis_name, members=self.member_convs,
-                  loop_convs=self.hypergrad_name in FIRST_DERIVATIVES_ONLY)
+                  loop_convs=self.hypergrad_name in FIRST_DERIVATIVES_ONLY,
+                  compute_dtype=PRECISIONS[self.precision])
         return self.space.apply(params, stats, x, samples, self.relax.mix, ctx)
 
     def val_loss(self, arch, params, stats, batch, key, progress):
@@ -395,7 +403,7 @@ def make_searcher(space: str, relaxation: str = "darts", *, space_options: dict 
                   relaxation_options: dict | None = None, hyper: Hyper = Hyper(),
                   total_steps: int = 1, num_devices: int = 1, hypergrad: str = "first",
                   hypergrad_options: dict | None = None, tune=(), latency: dict | None = None,
-                  num_seeds: int = 1) -> Searcher:
+                  num_seeds: int = 1, precision: str = "float32") -> Searcher:
     """Build a :class:`Searcher` by names. ``latency``: keyword arguments of
     :func:`dnas.latency.objective.make_latency_objective` (``table_path``, ``loss``, ``target``,
     ``weight``, ``input_size``), plus ``space_options`` of the deployed network, or None."""
@@ -408,4 +416,5 @@ def make_searcher(space: str, relaxation: str = "darts", *, space_options: dict 
     if relax.partial_channels != 1:  # the space's candidate ops see 1/K of the channels
         built = build_space(space, **{**space_options, "partial_channels": relax.partial_channels})
     return Searcher(built, relax, hyper, total_steps, num_devices, hypergrad=hypergrad,
-                    hypergrad_options=hypergrad_options, tune=tuple(tune), latency=objective, num_seeds=num_seeds)
+                    hypergrad_options=hypergrad_options, tune=tuple(tune), latency=objective, num_seeds=num_seeds,
+                    precision=precision)

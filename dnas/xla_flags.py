@@ -24,6 +24,26 @@ import os
 CPU_DEFAULTS: dict[str, str] = {"xla_cpu_use_fusion_emitters": "false"}
 
 
+# XLA aborts the process on a flag it does not know, and newer XLA dropped this one (jaxlib
+# 0.11.2 on an H100 machine: "Unknown flag in XLA_FLAGS: --xla_cpu_use_fusion_emitters=false").
+# The defaults were measured with jaxlib 0.10 and are set only up to that version.
+LAST_JAXLIB_WITH_DEFAULTS = (0, 10)
+
+
+def _jaxlib_version() -> tuple[int, ...] | None:
+    from importlib import metadata
+    try:
+        return tuple(int(p) for p in metadata.version("jaxlib").split(".")[:2])
+    except (metadata.PackageNotFoundError, ValueError):
+        return None
+
+
+def defaults_apply(version: tuple[int, ...] | None = None) -> bool:
+    """Whether the installed jaxlib (or ``version``, ``(major, minor)``) takes :data:`CPU_DEFAULTS`."""
+    version = _jaxlib_version() if version is None else version
+    return version is not None and version <= LAST_JAXLIB_WITH_DEFAULTS
+
+
 def with_cpu_defaults(flags: str) -> str:
     """``flags`` (an ``XLA_FLAGS`` value) with every :data:`CPU_DEFAULTS` flag it does not
     already name appended."""
@@ -33,8 +53,8 @@ def with_cpu_defaults(flags: str) -> str:
 
 
 def apply_cpu_defaults(environ=os.environ) -> str:
-    """Add :data:`CPU_DEFAULTS` to ``environ["XLA_FLAGS"]`` (unless ``DNAS_XLA_DEFAULTS=0``);
-    returns the resulting value. Has an effect only before JAX starts a backend."""
-    if environ.get("DNAS_XLA_DEFAULTS", "1") != "0":
+    """Add :data:`CPU_DEFAULTS` to ``environ["XLA_FLAGS"]`` (unless ``DNAS_XLA_DEFAULTS=0`` or the
+    installed jaxlib is newer than :data:`LAST_JAXLIB_WITH_DEFAULTS`); returns the resulting value. Has an effect only before JAX starts a backend."""
+    if environ.get("DNAS_XLA_DEFAULTS", "1") != "0" and defaults_apply():
         environ["XLA_FLAGS"] = with_cpu_defaults(environ.get("XLA_FLAGS", ""))
     return environ.get("XLA_FLAGS", "")

@@ -49,6 +49,9 @@ class Ctx(NamedTuple):
     ``custom_vjp`` has no forward mode). ``dense_separable``: :func:`separable_conv`'s
     ``auto`` runs as one dense convolution (set in a sampled op's branch and in scanned cells
     whose edges are unrolled: where the shifted views' larger graph makes compiles too long).
+    ``compute_dtype``: when set (``jnp.bfloat16``: ``--precision bfloat16``), convolutions
+    read their input and kernel in that dtype and return float32 (:func:`_conv`); weights,
+    BatchNorm statistics, the mixed ops' weighted sums, α and the loss stay float32.
     """
 
     train: bool = True
@@ -57,6 +60,7 @@ class Ctx(NamedTuple):
     members: bool = False
     loop_convs: bool = True
     dense_separable: bool = False
+    compute_dtype: Any = None
 
 
 class Layer(NamedTuple):
@@ -177,11 +181,30 @@ def _he_normal(key, shape, fan_in):
     return jax.random.normal(key, shape, jnp.float32) * math.sqrt(2.0 / fan_in)
 
 
-def _conv(x, w, stride, padding, dilation, groups=1, branch=False, members=False):
+def _conv(x, w, stride, padding, dilation, groups=1, branch=False, members=False, dtype=None):
+    """A convolution, NHWC input, HWIO kernel.
+
+    ``dtype`` (``Ctx.compute_dtype``): mixed precision, as in Micikevicius et al. 2018, "Mixed
+    Precision Training": input and kernel are cast to ``dtype`` (bfloat16: float32's exponent
+    range, so no loss scaling) and the output back to the input's dtype, so that everything
+    around the convolution (BatchNorm's statistics, α's softmax and mixing, the loss and every
+    weight) stays float32. XLA fuses the casts into the neighbouring elementwise fusions.
+    """
+    if dtype is not None:
+        out = _conv_impl(x.astype(dtype), w.astype(dtype), stride, padding, dilation, groups, branch, members)
+        return out.astype(x.dtype)
+    return _conv_impl(x, w, stride, padding, dilation, groups, branch, members)
+
+
+def _conv_impl(x, w, stride, padding, dilation, groups=1, branch=False, members=False):
     """``branch``/``members``: the :mod:`branch_conv` path (custom backward pass; with
     ``members`` one convolution per member under ``vmap``). On CPU 1x1 convolutions run as a
     matrix product, and depthwise ones (off the ``members`` path) as shifted views
-    (:mod:`dnas.supernet.depthwise`; on the branch path with a convolution-free backward pass)."""
+    (:mod:`dnas.supernet.depthwise`; on the branch path with a convolution-free backward pass).
+    Input and kernel must share a dtype on every path, as XLA's convolution demands on GPU (the
+    CPU formulations would silently promote a bfloat16 input to float32)."""
+    if x.dtype != w.dtype:
+        raise TypeError(f"convolution of a {x.dtype} input with a {w.dtype} kernel; cast both (Ctx.compute_dtype)")
     if w.shape[:2] == (1, 1) and stride == 1 and padding == 0 and groups == 1 and jax.default_backend() == "cpu":
         # a 1x1 convolution as a matrix product over the pixels (on every path: top level,
         # sampled branch, scanned loop, vmapped members): on XLA:CPU its backward pass is then
@@ -234,7 +257,8 @@ def conv(c_in: int, c_out: int, kernel: int, stride: int = 1, padding: int | Non
         return p, ()
 
     def apply(p, s, x, ctx):
-        y = _conv(x, p["w"], stride, padding, dilation, groups=groups, branch=ctx.branch, members=ctx.members)
+        y = _conv(x, p["w"], stride, padding, dilation, groups=groups, branch=ctx.branch, members=ctx.members,
+                  dtype=ctx.compute_dtype)
         if bias:
             y = y + p["b"]
         return y, s
@@ -272,10 +296,12 @@ def separable_conv(c_in: int, c_out: int, kernel: int, stride: int = 1,
 
     def apply(p, s, x, ctx):
         if impl_r == "native" or (impl_r == "auto" and not (ctx.dense_separable or ctx.members)):
-            y = _conv(x, p["dw"], stride, padding, dilation, groups=c_in, branch=ctx.branch, members=ctx.members)
-            return _conv(y, p["pw"], 1, 0, 1, branch=ctx.branch, members=ctx.members), s
+            y = _conv(x, p["dw"], stride, padding, dilation, groups=c_in, branch=ctx.branch, members=ctx.members,
+                      dtype=ctx.compute_dtype)
+            return _conv(y, p["pw"], 1, 0, 1, branch=ctx.branch, members=ctx.members, dtype=ctx.compute_dtype), s
         fused = p["dw"][:, :, 0, :, None] * p["pw"][0, 0][None, None]
-        return _conv(x, fused, stride, padding, dilation, branch=ctx.branch, members=ctx.members), s
+        return _conv(x, fused, stride, padding, dilation, branch=ctx.branch, members=ctx.members,
+                     dtype=ctx.compute_dtype), s
 
     return Layer(init, apply)
 

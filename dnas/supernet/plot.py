@@ -145,8 +145,6 @@ class _Graph:
     # -- drawing
     def prepare(self) -> tuple[float, float, float, float]:
         """Route the edges; returns the data limits ``(x0, x1, y0, y1)`` of the drawing."""
-        xs = np.array([n["xy"][0] for n in self.nodes.values()])
-        ys = np.array([n["xy"][1] for n in self.nodes.values()])
         used: dict = {}
         for e in self.edges:
             e["rad"] = self._route(e, used)
