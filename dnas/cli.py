@@ -271,6 +271,8 @@ def _train_parser(sub) -> None:
     t.add_argument("--no-augment", action="store_true", help="disable random crop / flip / cutout")
     t.add_argument("--log-every", type=_positive, default=10, help="write a step record every N steps")
     t.add_argument("--no-progress", action="store_true", help="no progress bar")
+    t.add_argument("--precision", choices=["float32", "bfloat16"], default="float32",
+                   help="bfloat16: convolutions read bfloat16 (as for `dnas search`)")
 
 
 def _cmd_train(args) -> int:
@@ -291,7 +293,7 @@ def _cmd_train(args) -> int:
         nesterov=args.nesterov, weight_decay=args.weight_decay, grad_clip=args.grad_clip, drop_path=args.drop_path,
         cutout=args.cutout, auxiliary_weight=args.auxiliary_weight, label_smoothing=args.label_smoothing,
         augment=not args.no_augment, log_every=args.log_every, progress=not args.no_progress,
-        nb201_table=args.nb201_table)
+        nb201_table=args.nb201_table, precision=args.precision)
     try:
         summary = run_train(cfg)
     except (DatasetError, GenotypeError, NonFiniteLossError, ValueError, OSError) as e:

@@ -17,9 +17,9 @@ def _searcher(space, precision, relaxation="darts"):
                          precision=precision)
 
 
-def _batch(seed, n=16):
+def _batch(seed, n=16, side=16):
     rng = np.random.default_rng(seed)
-    return (jnp.asarray(rng.standard_normal((n, 16, 16, 3)).astype(np.float32)),
+    return (jnp.asarray(rng.standard_normal((n, side, side, 3)).astype(np.float32)),
             jnp.asarray(rng.integers(0, 10, n).astype(np.int32)))
 
 
@@ -96,3 +96,38 @@ def test_unknown_precision_is_named():
         build_parser().parse_args(["search", "--precision", "float16"])
     args = build_parser().parse_args(["bench", "--precision", "bfloat16"])
     assert args.precision == "bfloat16"
+
+
+@pytest.mark.parametrize("which", ["nb201", "darts"])
+def test_retraining_step_in_bfloat16(which):
+    """``dnas train --precision bfloat16``: the derived network's convolutions read bfloat16
+    (DARTS: with drop path and the auxiliary head), and the step's loss and gradient norm
+    agree with float32's to bfloat16's precision."""
+    from dnas.supernet.derived import build_network
+    from dnas.supernet.genotype import parse_nb201
+    from dnas.train import DARTS_V2, TrainConfig, Trainer, resolve_protocol
+
+    if which == "nb201":
+        net = build_network(parse_nb201("|nor_conv_3x3~0|+|nor_conv_1x1~0|skip_connect~1|+|avg_pool_3x3~0|"
+                                        "nor_conv_3x3~1|none~2|"), channels=4, cells_per_stage=1, num_classes=10)
+    else:
+        net = build_network(DARTS_V2, channels=4, layers=3, num_classes=10, auxiliary=True)
+    side = 16 if which == "nb201" else 32   # DARTS's auxiliary head needs 32x32 images
+    proto = resolve_protocol(TrainConfig(genotype=""), which, side)
+    x, y = _batch(2, n=8, side=side)
+    out = {}
+    for precision in ("float32", "bfloat16"):
+        trainer = Trainer(net, proto, 10, precision=precision)
+        state = trainer.init(jax.random.PRNGKey(0))
+        jaxpr = jax.make_jaxpr(trainer.step)(state, x, y, 0.2).jaxpr
+        out[precision] = {str(v.aval.dtype) for e in _equations(jaxpr)
+                          if e.primitive.name == "conv_general_dilated" for v in e.invars}
+        _, metrics = jax.jit(trainer.step)(state, x, y, 0.2)
+        out[precision, "m"] = {k: float(v) for k, v in metrics.items()}
+    assert out["bfloat16"] <= {"bfloat16"} and out["float32"] <= {"float32"}
+    m32, m16 = out["float32", "m"], out["bfloat16", "m"]
+    assert m16["train_loss"] != m32["train_loss"]
+    assert m16["train_loss"] == pytest.approx(m32["train_loss"], rel=2e-2)
+    assert m16["grad_norm"] == pytest.approx(m32["grad_norm"], rel=0.1)
+    with pytest.raises(ValueError, match="unknown precision"):
+        Trainer(net, proto, 10, precision="half")
