@@ -98,7 +98,7 @@ def test_unknown_precision_is_named():
     assert args.precision == "bfloat16"
 
 
-@pytest.mark.parametrize("which", ["nb201", "darts"])
+@pytest.mark.parametrize("which", ["nb201", pytest.param("darts", marks=pytest.mark.slow)])  # darts: ~14 s
 def test_retraining_step_in_bfloat16(which):
     """``dnas train --precision bfloat16``: the derived network's convolutions read bfloat16
     (DARTS: with drop path and the auxiliary head), and the step's loss and gradient norm

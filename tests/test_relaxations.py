@@ -165,7 +165,7 @@ def test_pc_darts_bypassed_channels_pass_through_unchanged(stride):
 
 @pytest.mark.parametrize("space_name,opts", [
     ("nb201", dict(channels=4, cells_per_stage=1, in_channels=1)),
-    ("darts", dict(channels=4, layers=3, in_channels=1)),
+    pytest.param("darts", dict(channels=4, layers=3, in_channels=1), marks=pytest.mark.slow),  # ~20 s; nb201 covers it
 ])
 def test_pc_darts_with_k1_reduces_to_darts(space_name, opts):
     """K=1 without edge normalisation is DARTS exactly; K=1 with uniform β is DARTS with each
