@@ -69,17 +69,18 @@ def _bn_reference(x, scale, bias, axis_name=None, eps=1e-5):
     return ((x - mean) * lax.rsqrt(var + eps)) * scale + bias
 
 
-@pytest.mark.parametrize("axis_name", [None, "d"])
-def test_batchnorm_output_form_derivative_matches_autodiff(axis_name):
-    """``layers.batch_normalize`` (custom_jvp written in terms of the output): values,
-    gradients, forward-over-reverse (Hessian-vector products) and reverse-over-reverse equal
-    autodiff through the formula, also with synchronised statistics (``axis_name``)."""
+@pytest.mark.parametrize("axis_name,c", [(None, 5), ("d", 5), (None, 8), ("d", 8)])
+def test_batchnorm_output_form_derivative_matches_autodiff(axis_name, c):
+    """``layers.batch_normalize`` (custom_jvp written in terms of the output; on the CPU its
+    output pinned, in blocks of 4 channels where they divide ``c``): values, gradients,
+    forward-over-reverse (Hessian-vector products) and reverse-over-reverse equal autodiff
+    through the formula, also with synchronised statistics (``axis_name``)."""
     from dnas.supernet import layers as L
-    bn = L.batchnorm(5, True)
+    bn = L.batchnorm(c, True)
     _, s = bn.init(None)
     k = jax.random.split(jax.random.PRNGKey(0), 5)
-    x = jax.random.normal(k[0], (2, 4, 3, 3, 5)) * 2 + 1
-    p = {"scale": jax.random.normal(k[1], (5,)), "bias": jax.random.normal(k[2], (5,))}
+    x = jax.random.normal(k[0], (2, 4, 3, 3, c)) * 2 + 1
+    p = {"scale": jax.random.normal(k[1], (c,)), "bias": jax.random.normal(k[2], (c,))}
     h = jax.random.normal(k[3], x.shape)
     v = jax.random.normal(k[4], x.shape)
 
@@ -98,6 +99,39 @@ def test_batchnorm_output_form_derivative_matches_autodiff(axis_name):
     np.testing.assert_allclose(np.asarray(hvp(ours)), np.asarray(hvp(ref)), rtol=1e-4, atol=1e-4)
     rr = lambda f: jax.grad(lambda x: jnp.sum(jax.grad(f)(x, p) ** 2))(x)  # noqa: E731
     np.testing.assert_allclose(np.asarray(rr(ours)), np.asarray(rr(ref)), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("group", [None, 4, 3])
+def test_pinned_is_the_identity_with_itself_as_transpose(group):
+    """``pin.pinned`` (whole or in channel blocks; 3 does not divide 8: whole) returns its
+    input exactly, and its gradient is the cotangent unchanged."""
+    from dnas.supernet.pin import pinned
+    t = jax.random.normal(jax.random.PRNGKey(0), (2, 3, 3, 8))
+    g = jax.random.normal(jax.random.PRNGKey(1), t.shape)
+    np.testing.assert_array_equal(np.asarray(pinned(t, group)), np.asarray(t))
+    np.testing.assert_array_equal(np.asarray(jax.vjp(lambda a: pinned(a, group), t)[1](g)[0]), np.asarray(g))
+
+
+def test_pinned_batchnorm_output_cuts_the_search_steps_memory(monkeypatch):
+    """BatchNorm's output stored once (``layers.PIN_BN_OUTPUT``) lowers XLA's temporary memory
+    of a NAS-Bench-201 DARTS search step (XLA:CPU otherwise keeps the convolution's output and
+    the normalised one), and leaves its loss unchanged."""
+    from dnas.search import make_searcher
+    from dnas.supernet import layers as L
+    searcher = make_searcher("nb201", "darts", space_options={"channels": 8, "cells_per_stage": 1, "unroll": True})
+    state = searcher.init(jax.random.PRNGKey(0))
+    rng = np.random.default_rng(0)
+    batch = lambda: (rng.standard_normal((16, 16, 16, 3)).astype(np.float32),  # noqa: E731
+                     rng.integers(0, 10, 16).astype(np.int32))
+    tb, vb = batch(), batch()
+    temp, losses = {}, {}
+    for pin in (False, True):
+        monkeypatch.setattr(L, "PIN_BN_OUTPUT", pin)
+        compiled = jax.jit(searcher.step).lower(state, tb, vb).compile()
+        temp[pin] = compiled.memory_analysis().temp_size_in_bytes
+        losses[pin] = float(compiled(state, tb, vb)[1]["val_loss"])
+    assert temp[True] < 0.85 * temp[False], temp
+    np.testing.assert_allclose(losses[True], losses[False], rtol=1e-6)
 
 
 def test_unrolled_edges_equal_the_scanned_buffer_form():

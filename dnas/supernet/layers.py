@@ -26,6 +26,7 @@ from jax import lax
 
 from dnas.supernet.branch_conv import conv2d as branch_conv2d
 from dnas.supernet.depthwise import branch_depthwise_conv, depthwise_conv
+from dnas.supernet.pin import pinned
 
 Params = Any
 State = Any
@@ -323,12 +324,27 @@ def batch_normalize(x: jax.Array, eps: float, axis_name: str | None = None):
     in terms of the output: ``dx̂ = rstd · (dx - mean(dx) - x̂ · mean(x̂ · dx))``. Reverse mode
     (the transpose of that linear map) then needs only ``x̂`` and ``rstd`` for the backward
     pass, where autodiff kept ``x``, ``x - mean`` and ``x̂``; ``x̂`` is usually kept anyway (a
-    mixed op's α gradient needs every candidate's output). (XLA:CPU may still keep ``x`` as
-    well when it fuses the cheap normalisation into backward ops instead of reading ``x̂``.) A ``custom_jvp`` (not ``custom_vjp``) so that forward-over-reverse
-    (Hessian-vector products of the hypergradients) still works.
+    mixed op's α gradient needs every candidate's output). A ``custom_jvp`` (not
+    ``custom_vjp``) so that forward-over-reverse (Hessian-vector products of the
+    hypergradients) still works.
+
+    On the CPU ``x̂`` is :func:`~dnas.supernet.pin.pinned` (:data:`PIN_BN_OUTPUT`): XLA:CPU
+    otherwise fuses the cheap normalisation into the backward ops and so keeps ``x`` *and*
+    ``x̂``. Stored once, XLA's temporary memory of a search step falls by a quarter to a third
+    (NAS-Bench-201 DARTS step 1.26 → 0.81 GB, DARTS space 6.72 → 4.95 GB;
+    ``docs/benchmarks.md``) for 8 FLOPs per element.
     """
     mean, var = _moments(x, axis_name)
-    return (x - mean) * lax.rsqrt(var + eps), mean, var
+    return _store_once((x - mean) * lax.rsqrt(var + eps)), mean, var
+
+
+PIN_BN_OUTPUT: bool | None = None  # None: on the CPU backend only (GPU/TPU fuse differently; not measured)
+
+
+def _store_once(xhat):
+    """BatchNorm's output ``x̂``, pinned where :data:`PIN_BN_OUTPUT` says (see :func:`batch_normalize`)."""
+    pin = jax.default_backend() == "cpu" if PIN_BN_OUTPUT is None else PIN_BN_OUTPUT
+    return pinned(xhat, group=4) if pin else xhat
 
 
 @batch_normalize.defjvp
@@ -336,7 +352,7 @@ def _batch_normalize_jvp(eps, axis_name, primals, tangents):
     (x,), (t,) = primals, tangents
     mean, var = _moments(x, axis_name)
     rstd = lax.rsqrt(var + eps)
-    xhat = (x - mean) * rstd
+    xhat = _store_once((x - mean) * rstd)
     t_mean, t_xs = jnp.mean(t, axis=(0, 1, 2)), jnp.mean(xhat * t, axis=(0, 1, 2))
     if axis_name is not None:
         t_mean, t_xs = lax.pmean((t_mean, t_xs), axis_name)
