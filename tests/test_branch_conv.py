@@ -112,26 +112,35 @@ def test_pinned_is_the_identity_with_itself_as_transpose(group):
     np.testing.assert_array_equal(np.asarray(jax.vjp(lambda a: pinned(a, group), t)[1](g)[0]), np.asarray(g))
 
 
-def test_pinned_batchnorm_output_cuts_the_search_steps_memory(monkeypatch):
+def test_pinned_batchnorm_output_cuts_xla_memory(monkeypatch):
     """BatchNorm's output stored once (``layers.PIN_BN_OUTPUT``) lowers XLA's temporary memory
-    of a NAS-Bench-201 DARTS search step (XLA:CPU otherwise keeps the convolution's output and
-    the normalised one), and leaves its loss unchanged."""
-    from dnas.search import make_searcher
+    of the gradient through two NAS-Bench-201 mixed ops (XLA:CPU otherwise keeps each
+    convolution's output as well as the normalised one), with the same loss and gradients.
+    (The NB201 search step at C=16, N=5: 1.26 → 0.81 GB, ``docs/benchmarks.md``.)"""
+    from dnas.relaxations import get_relaxation
     from dnas.supernet import layers as L
-    searcher = make_searcher("nb201", "darts", space_options={"channels": 8, "cells_per_stage": 1, "unroll": True})
-    state = searcher.init(jax.random.PRNGKey(0))
-    rng = np.random.default_rng(0)
-    batch = lambda: (rng.standard_normal((16, 16, 16, 3)).astype(np.float32),  # noqa: E731
-                     rng.integers(0, 10, 16).astype(np.int32))
-    tb, vb = batch(), batch()
-    temp, losses = {}, {}
+    from dnas.supernet.genotype import NB201_OPS
+    from dnas.supernet.mixed import MixedOp
+    from dnas.supernet.ops import candidate_ops
+    mixed = MixedOp(candidate_ops("nb201", NB201_OPS, 8, 1))
+    params, state = mixed.init(jax.random.PRNGKey(0))
+    x = jax.random.normal(jax.random.PRNGKey(1), (16, 16, 16, 8))
+    w = jax.nn.softmax(jax.random.normal(jax.random.PRNGKey(2), (len(NB201_OPS),)))
+    mix = get_relaxation("darts").mix
+
+    def loss(p, w, x):
+        y = mixed.apply(p, state, x, w, mix, L.Ctx(train=True))[0]
+        return jnp.sum(jnp.sin(mixed.apply(p, state, jax.nn.relu(y), w, mix, L.Ctx(train=True))[0]))
+
+    temp, results = {}, {}
     for pin in (False, True):
         monkeypatch.setattr(L, "PIN_BN_OUTPUT", pin)
-        compiled = jax.jit(searcher.step).lower(state, tb, vb).compile()
+        compiled = jax.jit(jax.value_and_grad(loss, (0, 1))).lower(params, w, x).compile()
         temp[pin] = compiled.memory_analysis().temp_size_in_bytes
-        losses[pin] = float(compiled(state, tb, vb)[1]["val_loss"])
-    assert temp[True] < 0.85 * temp[False], temp
-    np.testing.assert_allclose(losses[True], losses[False], rtol=1e-6)
+        results[pin] = jax.tree_util.tree_leaves(compiled(params, w, x))
+    assert temp[True] < 0.9 * temp[False], temp
+    for a, b in zip(results[True], results[False]):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
 
 
 def test_unrolled_edges_equal_the_scanned_buffer_form():
