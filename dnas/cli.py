@@ -19,6 +19,10 @@ DEFAULT_SPACE_OPTIONS = {
 }
 
 
+# dnas.search.PRECISIONS's names (not imported here: JAX must start after the arguments are parsed)
+PRECISION_CHOICES = ("float32", "bfloat16")
+
+
 def _positive(x: str) -> int:
     v = int(x)
     if v < 1:
@@ -50,7 +54,7 @@ def _space_args(p: argparse.ArgumentParser) -> None:
                         "long compiles), scan-cells (runs of equal cells under lax.scan, edges unrolled) or scan "
                         "(cells and edges scanned: shortest compiles). On CPU scanning trades step time for compile "
                         "time (docs/benchmarks.md, 'Loop modes'); auto = unroll on CPU, scan on GPU/TPU")
-    p.add_argument("--precision", choices=["float32", "bfloat16"], default="float32",
+    p.add_argument("--precision", choices=PRECISION_CHOICES, default="float32",
                    help="bfloat16: mixed precision, convolutions read bfloat16 inputs and kernels (GPU/TPU tensor "
                         "cores; slow on CPU); weights, BatchNorm, α, the mixing and the loss stay float32")
     p.add_argument("--devices", type=_positive, default=1,
@@ -271,7 +275,7 @@ def _train_parser(sub) -> None:
     t.add_argument("--no-augment", action="store_true", help="disable random crop / flip / cutout")
     t.add_argument("--log-every", type=_positive, default=10, help="write a step record every N steps")
     t.add_argument("--no-progress", action="store_true", help="no progress bar")
-    t.add_argument("--precision", choices=["float32", "bfloat16"], default="float32",
+    t.add_argument("--precision", choices=PRECISION_CHOICES, default="float32",
                    help="bfloat16: convolutions read bfloat16 (as for `dnas search`)")
 
 

@@ -63,6 +63,13 @@ class NonFiniteLossError(FloatingPointError):
 PRECISIONS = {"float32": None, "bfloat16": jnp.bfloat16}
 
 
+def compute_dtype(precision: str):
+    """The ``Ctx.compute_dtype`` of a ``--precision`` name; an unknown name is a ValueError."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"unknown precision {precision!r}; expected one of {', '.join(PRECISIONS)}")
+    return PRECISIONS[precision]
+
+
 class SearchState(NamedTuple):
     step: jax.Array          # int32 scalar: number of completed search steps
     params: Any              # supernet weights
@@ -135,9 +142,7 @@ class Searcher:
                  hypergrad_options: dict | None = None, tune: tuple[str, ...] = (), latency=None,
                  num_seeds: int = 1, precision: str = "float32"):
         self.space, self.relax, self.hyper = space, relaxation, hyper
-        if precision not in PRECISIONS:
-            raise ValueError(f"unknown precision {precision!r}; expected one of {', '.join(PRECISIONS)}")
-        self.precision = precision
+        self.precision, self.compute_dtype = precision, compute_dtype(precision)
         self.latency = latency  # a dnas.latency.objective.LatencyObjective, or None
         self.total_steps = max(int(total_steps), 1)
         self.num_devices = int(num_devices)
@@ -212,7 +217,7 @@ class Searcher:
         samples = self.relax.sample(arch, key, progress)
         ctx = Ctx(train=train, axis_name=self.axis_name, members=self.member_convs,
                   loop_convs=self.hypergrad_name in FIRST_DERIVATIVES_ONLY,
-                  compute_dtype=PRECISIONS[self.precision])
+                  compute_dtype=self.compute_dtype)
         return self.space.apply(params, stats, x, samples, self.relax.mix, ctx)
 
     def val_loss(self, arch, params, stats, batch, key, progress):

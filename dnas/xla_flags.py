@@ -54,7 +54,8 @@ def with_cpu_defaults(flags: str) -> str:
 
 def apply_cpu_defaults(environ=os.environ) -> str:
     """Add :data:`CPU_DEFAULTS` to ``environ["XLA_FLAGS"]`` (unless ``DNAS_XLA_DEFAULTS=0`` or the
-    installed jaxlib is newer than :data:`LAST_JAXLIB_WITH_DEFAULTS`); returns the resulting value. Has an effect only before JAX starts a backend."""
+    installed jaxlib is newer than :data:`LAST_JAXLIB_WITH_DEFAULTS`); returns the resulting
+    value. Has an effect only before JAX starts a backend."""
     if environ.get("DNAS_XLA_DEFAULTS", "1") != "0" and defaults_apply():
         environ["XLA_FLAGS"] = with_cpu_defaults(environ.get("XLA_FLAGS", ""))
     return environ.get("XLA_FLAGS", "")
