@@ -104,3 +104,36 @@ def test_loop_mode_resolution_and_errors():
     assert L.loop_mode(None) == ((True, True, False) if cpu else (False, False, False))
     with pytest.raises(ValueError, match="unknown loop mode"):
         L.loop_mode("sideways")
+
+
+@pytest.mark.parametrize("reduction", [False, pytest.param(True, marks=pytest.mark.slow)])  # 13 s each
+def test_scanned_darts_cell_equals_unrolled_and_scans_a_normal_cell_once(reduction):
+    """A scanned DARTS cell against the same cell unrolled: output, BatchNorm states and
+    gradients (weights, α's mixing weights, both inputs). A normal cell (every edge stride 1)
+    runs its 14 edges as one scan on a buffer that holds the cell inputs too, so one mixed op
+    is traced per cell; a reduction cell scans its stride-2 input edges and its inner edges apart."""
+    from dnas.relaxations import get_relaxation
+    from dnas.supernet.genotype import DARTS_EDGES, DARTS_OPS
+    from dnas.supernet.spaces import _DartsCell
+
+    cells = {u: _DartsCell(6, 5, 4, reduction, False, "dense", False, u) for u in (True, False)}
+    p, s = cells[True].init(jax.random.PRNGKey(0))
+    keys = jax.random.split(jax.random.PRNGKey(1), 3)
+    s0, s1 = jax.random.normal(keys[0], (2, 8, 8, 6)), jax.random.normal(keys[1], (2, 8, 8, 5))
+    w = jax.nn.softmax(jax.random.normal(keys[2], (len(DARTS_EDGES), len(DARTS_OPS))), -1)
+    mix = get_relaxation("darts").mix
+
+    def run(unroll, p, w, s0, s1):
+        out, st = cells[unroll].apply(p, s, s0, s1, w, mix, L.Ctx())
+        return jnp.sum(jnp.sin(out)), (out, st)
+
+    grad = jax.jit(jax.grad(run, (1, 2, 3, 4), has_aux=True), static_argnums=0)
+    (g_ref, (o_ref, st_ref)), (g, (o, st)) = (grad(u, p, w, s0, s1) for u in (True, False))
+    np.testing.assert_allclose(np.asarray(o), np.asarray(o_ref), rtol=1e-5, atol=1e-5)
+    assert jax.tree_util.tree_structure(st) == jax.tree_util.tree_structure(st_ref)
+    for a, b in zip(jax.tree_util.tree_leaves(st), jax.tree_util.tree_leaves(st_ref)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
+    for a, b in zip(jax.tree_util.tree_leaves(g), jax.tree_util.tree_leaves(g_ref)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-5)
+    jaxpr = jax.make_jaxpr(lambda p, w, s0, s1: run(False, p, w, s0, s1))(p, w, s0, s1)
+    assert sum(e.primitive.name == "scan" for e in jaxpr.jaxpr.eqns) == (2 if reduction else 1)
