@@ -244,8 +244,9 @@ def scan_edges(mixed: MixedOp, params, state, samples, src: Sequence[int], dst: 
     """Run a group of stacked edges in order: ``out_buf[dst_e] += mixed_e(source[src_e])``.
 
     ``source`` is ``in_buf`` when given (edges reading cell inputs), else ``out_buf`` itself
-    (edges between intermediate nodes, which must be ordered so that a node is complete before
-    an edge reads it). Returns the final buffer and the stacked new states.
+    (edges reading nodes of the buffer, which may hold the cell inputs too, as in a scanned
+    normal DARTS cell; the edges must be ordered so that a node is complete before an edge
+    reads it). Returns the final buffer and the stacked new states.
     ``unroll=True`` unrolls the loop at trace time (see :func:`dnas.supernet.layers.unroll_loops`)
     through :func:`unrolled_edges` (the spaces call that directly when unrolled, on a list of
     nodes).
