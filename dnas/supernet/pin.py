@@ -18,8 +18,9 @@ from jax import lax
 
 def pinned(t: jax.Array, group: int | None = None) -> jax.Array:
     """``t``, stored once. ``group``: the identity is applied to blocks of ``group`` channels
-    (``2·group`` FLOPs per element instead of ``2·C``; the last axis must divide evenly), which
-    pins just as well: the dot is what XLA does not fuse, not its width."""
+    (``2·group`` FLOPs per element instead of ``2·C``), which pins just as well: the dot is what
+    XLA does not fuse, not its width. Where ``group`` does not divide the last axis, the whole
+    axis is one block."""
     c = t.shape[-1]
     g = c if group is None or c % group else group
     blocks = t.reshape(t.shape[:-1] + (c // g, g))
