@@ -1,6 +1,8 @@
 """``dnas bench``: time one compiled search step and report XLA's own cost figures.
 
-Prints one JSON object: median step time after warm-up, compile time, XLA's FLOP estimate
+Prints one JSON object: median step time after warm-up, compile time (``compile_s``, split into
+JAX's tracing, the lowering to StableHLO and XLA's compilation in ``compile_split_s``; with the
+persistent compile cache on, the XLA part is a cache read), XLA's FLOP estimate
 and temporary-memory size of the compiled step (``Compiled.cost_analysis()`` /
 ``memory_analysis()``), device kind and count, jax version, and the configuration. Every
 later figure of the project (relaxations, hypergradients, latency, scaling) is measured with
@@ -82,8 +84,14 @@ def run_bench(space: str = "nb201", relaxation: str = "darts", *, batch_size: in
     step = searcher.compiled_step(donate=True)
     tb, vb = batch(), batch()
     t0 = time.perf_counter()
-    compiled = step.lower(state, tb, vb).compile()  # one jitted program, also over N devices
-    compile_s = time.perf_counter() - t0
+    traced = step.trace(state, tb, vb)  # one jitted program, also over N devices
+    t1 = time.perf_counter()
+    lowered = traced.lower()
+    t2 = time.perf_counter()
+    compiled = lowered.compile()
+    t3 = time.perf_counter()
+    compile_s = t3 - t0
+    split = {"trace": t1 - t0, "lower": t2 - t1, "xla": t3 - t2}
     trim_heap()  # the compiler's freed memory back to the kernel
     costs = compiled_costs(compiled)
     times = []
@@ -101,7 +109,7 @@ def run_bench(space: str = "nb201", relaxation: str = "darts", *, batch_size: in
         "space_config": searcher.space.describe(),
         "num_devices": num_devices, "median_step_ms": 1e3 * statistics.median(times),
         "min_step_ms": 1e3 * min(times), "steps_timed": len(times), "compile_s": compile_s,
-        **costs,
+        "compile_split_s": split, **costs,
         "device_kind": dev.device_kind, "platform": dev.platform, "jax_version": jax.__version__,
         "glibc_tunables": os.environ.get("GLIBC_TUNABLES"), "xla_flags": os.environ.get("XLA_FLAGS"),
         "final_train_loss": float(metrics["train_loss"]),

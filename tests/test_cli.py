@@ -169,6 +169,9 @@ def test_bench_prints_one_json_object(capsys):
         assert key in result
     assert result["median_step_ms"] > 0 and result["compile_s"] > 0
     assert result["flops"] > 1e6 and result["temp_bytes"] > 0
+    split = result["compile_split_s"]
+    assert set(split) == {"trace", "lower", "xla"} and min(split.values()) > 0
+    assert sum(split.values()) == pytest.approx(result["compile_s"], rel=1e-9)
 
 
 @pytest.mark.slow  # ~1 min: compiles a second-order step of the unrolled CPU supernet
