@@ -9,6 +9,7 @@ import argparse
 import json
 import os
 import sys
+from pathlib import Path
 
 DEFAULT_SPACE_OPTIONS = {
     # the default `dnas search`: a real but short NAS-Bench-201 search on the embedded digits
@@ -205,10 +206,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="nb201: NAS-Bench-201's accuracy table (NATS-Bench CSV, dnas/nb201_table.py); every epoch "
                         "record and genotype.json get the benchmark's test accuracies of the derived cell")
     s.add_argument("--no-augment", action="store_true", help="disable random crop / flip")
+    s.add_argument("--loop", choices=["auto", "host", "device"], default="auto",
+                   help="device: the dataset on the device, batches gathered and augmented there, --chunk-steps "
+                        "search steps per compiled call (dnas/device_loop.py; same result as host); host: one call "
+                        "per step, batches from the host; auto = device on GPU/TPU, host on CPU")
+    s.add_argument("--chunk-steps", type=_positive, default=50, help="--loop device: search steps per compiled call")
     s.add_argument("--log-every", type=_positive, default=10, help="write a step record every N steps")
     s.add_argument("--no-progress", action="store_true", help="no progress bar")
 
     _train_parser(sub)
+    _reproduce_parser(sub)
 
     b = sub.add_parser("bench", help="time one compiled search step; prints one JSON object",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -277,6 +284,50 @@ def _train_parser(sub) -> None:
     t.add_argument("--no-progress", action="store_true", help="no progress bar")
     t.add_argument("--precision", choices=PRECISION_CHOICES, default="float32",
                    help="bfloat16: convolutions read bfloat16 (as for `dnas search`)")
+
+
+def _reproduce_parser(sub) -> None:
+    r = sub.add_parser("reproduce", help="reproduce a benchmark's rows of the DNAS methods (NAS-Bench-201)",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                       description="Search NAS-Bench-201 with each method and seed under the benchmark's search "
+                                   "protocol (dnas/reproduce.py), look every epoch's derived cell up in the "
+                                   "benchmark's table and write report.md/.json and plots beside the published rows.")
+    r.add_argument("benchmark", choices=["nb201"])
+    r.add_argument("--dataset", required=True,
+                   help="CIFAR-10: an image folder PATH with PATH/train/<class>/*.jpg, or a tensorflow-datasets name")
+    r.add_argument("--data-dir", default=None, help="tensorflow-datasets data dir")
+    r.add_argument("--nb201-table", required=True, metavar="CSV", help="NAS-Bench-201's accuracy table (NATS-Bench CSV)")
+    r.add_argument("--methods", default="darts,gdas,snas,pc_darts,drnas", help="comma-separated relaxations")
+    r.add_argument("--seeds", type=_seed_list, default=(777, 888, 999), metavar="S1,S2,...")
+    r.add_argument("--budget", choices=["paper", "cpu", "smoke"], default="cpu",
+                   help="paper: the protocol itself; cpu: a proxy for 2 CPU cores (about an hour for 5 x 3); smoke: tests")
+    r.add_argument("--epochs", type=_positive, default=None, help="override the budget's epochs")
+    r.add_argument("--epochs-gdas", type=_positive, default=None, help="override GDAS's epochs (paper: 250)")
+    r.add_argument("--limit-examples", type=_positive, default=None, help="override the budget's training subset")
+    r.add_argument("--out", required=True, help="output directory (must be new or empty)")
+    r.add_argument("--compile-cache", default=None, metavar="DIR|off", help="as for `dnas search`")
+    r.add_argument("--no-progress", action="store_true")
+
+
+def _cmd_reproduce(args) -> int:
+    from dnas.data import DatasetError
+    from dnas.nb201_table import NB201TableError
+    from dnas.reproduce import ReproduceConfig, run_reproduce
+    from dnas.search import NonFiniteLossError
+
+    cfg = ReproduceConfig(dataset=args.dataset, nb201_table=args.nb201_table, out=args.out,
+                          methods=tuple(m.strip() for m in args.methods.split(",") if m.strip()),
+                          seeds=tuple(args.seeds), budget=args.budget, epochs=args.epochs,
+                          epochs_gdas=args.epochs_gdas, limit_examples=args.limit_examples,
+                          data_dir=args.data_dir, progress=not args.no_progress)
+    try:
+        report = run_reproduce(cfg)
+    except (DatasetError, NB201TableError, NonFiniteLossError, ValueError, OSError) as e:
+        print(f"dnas reproduce: error: {e}", file=sys.stderr)
+        return 2
+    print((Path(args.out) / "report.md").read_text(encoding="utf-8"))
+    print(f"outputs in {args.out}/ ({report['wall_time_s'] / 60:.1f} min)")
+    return 0
 
 
 def _cmd_train(args) -> int:
@@ -359,7 +410,8 @@ def _cmd_search(args) -> int:
             "weight": args.latency_weight, "input_size": args.latency_input_size,
             "space_options": _key_values(args.latency_space_option, "--latency-space-option")},
         augment=not args.no_augment, log_every=args.log_every, data_dir=args.data_dir,
-        progress=not args.no_progress, nb201_table=args.nb201_table, precision=args.precision)
+        progress=not args.no_progress, nb201_table=args.nb201_table, precision=args.precision,
+        loop=args.loop, chunk_steps=args.chunk_steps)
     try:
         summary = run_search(cfg)
     except (DatasetError, NonFiniteLossError, ValueError, OSError) as e:
@@ -410,6 +462,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "latency":
         from dnas.latency.cli import run_latency
         return run_latency(args)
+    if args.command == "reproduce":
+        enable_compile_cache(args.compile_cache)
+        return _cmd_reproduce(args)
     _set_host_devices(args.devices)
     if args.command == "train":
         enable_compile_cache(args.compile_cache)

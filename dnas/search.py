@@ -89,6 +89,7 @@ class Hyper:
     w_lr: float = 0.025
     w_lr_min: float = 0.001
     w_momentum: float = 0.9
+    w_nesterov: bool = False      # NAS-Bench-201's search protocol uses Nesterov momentum
     w_weight_decay: float = 3e-4
     w_grad_clip: float = 5.0
     a_lr: float = 3e-4
@@ -99,7 +100,8 @@ class Hyper:
 
 
 def weight_optimizer(h: Hyper, total_steps: int) -> tuple[optax.GradientTransformation, Callable]:
-    """SGD with momentum, L2 weight decay, global-norm clipping and a cosine schedule.
+    """SGD with momentum (Nesterov's with ``h.w_nesterov``), L2 weight decay, global-norm
+    clipping and a cosine schedule.
 
     The order matches DARTS's PyTorch code: the gradient is clipped first, then the decay
     term ``wd·w`` is added (``torch.optim.SGD(weight_decay=...)``), then momentum. The
@@ -111,7 +113,7 @@ def weight_optimizer(h: Hyper, total_steps: int) -> tuple[optax.GradientTransfor
 
     def make(learning_rate, weight_decay):
         return optax.chain(optax.clip_by_global_norm(h.w_grad_clip), optax.add_decayed_weights(weight_decay),
-                           optax.sgd(learning_rate, momentum=h.w_momentum))
+                           optax.sgd(learning_rate, momentum=h.w_momentum, nesterov=h.w_nesterov))
     tx = optax.inject_hyperparams(make)(learning_rate=h.w_lr, weight_decay=h.w_weight_decay)
     return tx, schedule
 
@@ -300,19 +302,22 @@ class Searcher:
             self._mesh = device_mesh(self.num_devices)
         return self._mesh
 
-    def compiled_step(self, donate: bool = True):
-        """The jitted step; over ``num_devices > 1`` it is ``jit(shard_map(step))``: the state
-        is replicated on every device of :attr:`mesh`, the batch is split along its leading
-        axis, and the per-device step averages losses and BN moments with ``lax.pmean``
-        (what ``jax.pmap`` does, in the sharded-jit form JAX now builds pmap on, which also
-        spans processes under ``jax.distributed``)."""
-        donate_argnums = (0,) if donate else ()
+    def step_function(self):
+        """The step over every member and device, not yet jitted: ``jax.vmap(step)`` with
+        several seeds, inside ``shard_map`` over :attr:`mesh` with several devices (the state
+        replicated, the batch split along its example axis; the per-device step averages
+        losses and BN moments with ``lax.pmean``: what ``jax.pmap`` does, in the sharded-jit
+        form JAX now builds pmap on, which also spans processes under ``jax.distributed``).
+        :meth:`compiled_step` jits it; :mod:`dnas.device_loop` scans it over a chunk of steps."""
         step = self.step if self.num_seeds == 1 else jax.vmap(self.step)
         if self.num_devices == 1:
-            return jax.jit(step, donate_argnums=donate_argnums)
+            return step
         rep, split = P(), self._batch_spec()
-        step = jax.shard_map(step, mesh=self.mesh, in_specs=(rep, split, split), out_specs=(rep, rep))
-        return jax.jit(step, donate_argnums=donate_argnums)
+        return jax.shard_map(step, mesh=self.mesh, in_specs=(rep, split, split), out_specs=(rep, rep))
+
+    def compiled_step(self, donate: bool = True):
+        """The jitted :meth:`step_function` (the state's buffers donated by default)."""
+        return jax.jit(self.step_function(), donate_argnums=(0,) if donate else ())
 
     def _batch_spec(self) -> P:
         """Batches are split over devices along the example axis (after the member axis)."""
