@@ -1,0 +1,46 @@
+"""A planted architecture is recovered (dnas/planted.py): labels from the supernet with a known
+op on every edge; the search must find those ops.
+
+Default run: DARTS (300 steps, 6/6 measured). ``pytest -m slow`` runs every relaxation on two
+plants; measured recovery and budgets are in docs/reproduce.md.
+"""
+from __future__ import annotations
+
+import pytest
+
+from dnas.planted import DEFAULT_PLANT, PlantedTask, planted_search
+
+OTHER_PLANT = ("nor_conv_1x1", "avg_pool_3x3", "skip_connect", "nor_conv_3x3", "nor_conv_3x3", "nor_conv_1x1")
+
+
+def test_darts_recovers_the_planted_cell():
+    r = planted_search("darts", 300, a_lr=0.01)
+    assert r["recovered"] >= 5, r
+
+
+def test_without_architecture_steps_nothing_is_recovered_beyond_chance():
+    """The control: α frozen at its initialisation (a_lr = 0) picks ops at random, so the
+    recovery above is the search's doing, not the task's."""
+    r = planted_search("darts", 20, a_lr=0.0)
+    assert r["recovered"] <= 3, r
+
+
+# (relaxation, steps, α learning rate, options): the budgets at which recovery was measured
+RECOVERING = [("darts", 300, 0.01, {}), ("pc_darts", 600, 0.003, {}), ("drnas", 600, 0.02, {})]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("plant", [DEFAULT_PLANT, OTHER_PLANT], ids=["plant-a", "plant-b"])
+@pytest.mark.parametrize("relaxation, steps, a_lr, options", RECOVERING, ids=[r[0] for r in RECOVERING])
+def test_relaxation_recovers_the_planted_cell(relaxation, steps, a_lr, options, plant):
+    r = planted_search(relaxation, steps, a_lr=a_lr, task=PlantedTask(plant=plant), relaxation_options=options)
+    assert r["recovered"] >= 5, r
+
+
+@pytest.mark.slow
+@pytest.mark.xfail(strict=True, reason="measured: GDAS and SNAS recover 2-3 of 6 edges at 600-2000 steps "
+                                       "(docs/reproduce.md, 'Planted architecture')")
+@pytest.mark.parametrize("relaxation", ["gdas", "snas"])
+def test_sampling_relaxations_recover_the_planted_cell(relaxation):
+    r = planted_search(relaxation, 2000, a_lr=0.01)
+    assert r["recovered"] >= 5, r
