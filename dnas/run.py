@@ -39,6 +39,7 @@ import numpy as np
 from dnas.data import Dataset, augment_batch, darts_split, epoch_batches, load_dataset, num_batches
 from dnas.distributed import is_primary, to_host
 from dnas.hugepages import trim_heap
+from dnas.loop_plan import plan_cpu_loops
 from dnas.search import Hyper, NonFiniteLossError, SearchState, Searcher, check_finite, make_searcher
 from dnas.supernet.genotype import genotype_to_json, save_genotype
 
@@ -72,6 +73,23 @@ class SearchConfig:
     progress: bool = True
     nb201_table: str | None = None        # NAS-Bench-201 accuracy CSV: look the derived cell up every epoch
     precision: str = "float32"            # "bfloat16": convolutions in bfloat16 (dnas.search.PRECISIONS)
+    loop: str = "auto"                    # "host", "device" (dnas.device_loop) or "auto": device on GPU/TPU
+    chunk_steps: int = 50                 # device loop: search steps per compiled call
+
+
+#: ``SearchConfig.loop`` values.
+LOOPS = ("auto", "host", "device")
+
+
+def resolve_loop(loop: str) -> str:
+    """``auto`` → the device-resident loop on accelerators, the host loop on XLA:CPU (where
+    scanned steps run autodiff's weight-gradient convolutions slowly and there are no kernel
+    launches to save); an unknown name is a ValueError."""
+    if loop not in LOOPS:
+        raise ValueError(f"unknown loop {loop!r}; expected one of {', '.join(LOOPS)}")
+    if loop == "auto":
+        return "host" if jax.default_backend() == "cpu" else "device"
+    return loop
 
 
 def default_out_dir() -> Path:
@@ -176,6 +194,9 @@ def run_search(cfg: SearchConfig) -> dict:
     """Run a search (or one per seed of ``cfg.seeds``, vmapped) and write its outputs; returns
     a summary dict (also ``summary.json``)."""
     t_start = time.perf_counter()
+    loop_kind = resolve_loop(cfg.loop)
+    if cfg.chunk_steps < 1:
+        raise ValueError(f"chunk_steps must be positive, got {cfg.chunk_steps}")
     out = Path(cfg.out) if cfg.out else default_out_dir()
     primary = is_primary()  # under jax.distributed only process 0 writes
     if primary:
@@ -211,24 +232,33 @@ def run_search(cfg: SearchConfig) -> dict:
     epochs = math.ceil(total / steps_per_epoch)
 
     opts = {"in_channels": data.image_shape[-1], "num_classes": data.num_classes, **cfg.space_options}
+    # on XLA:CPU, loop modes the user left open are chosen from the run's length (dnas.loop_plan)
+    opts, hypergrad_options, loop_plan = plan_cpu_loops(cfg.space, opts, cfg.hypergrad, cfg.hypergrad_options,
+                                                        total * len(seeds), cfg.batch_size, data.image_shape)
     searcher = make_searcher(cfg.space, cfg.relaxation, space_options=opts,
                              relaxation_options=cfg.relaxation_options, hyper=cfg.hyper,
                              total_steps=total, num_devices=num_devices, hypergrad=cfg.hypergrad,
-                             hypergrad_options=cfg.hypergrad_options, tune=cfg.tune, latency=cfg.latency,
+                             hypergrad_options=hypergrad_options, tune=cfg.tune, latency=cfg.latency,
                              num_seeds=len(seeds), precision=cfg.precision)
     resolved = dataclasses.asdict(cfg)
     resolved.update(out=str(out), space_options=searcher.space.describe(), total_steps=total,
                     steps_per_epoch=steps_per_epoch, dataset_name=data.name,
                     num_weight_examples=int(len(wy)), num_arch_examples=int(len(ay)),
                     backend=jax.default_backend(), jax_version=jax.__version__,
-                    processes=jax.process_count(), global_devices=num_devices)
+                    processes=jax.process_count(), global_devices=num_devices, loop_resolved=loop_kind,
+                    cpu_loop_plan=loop_plan)
     if primary:
         (out / "config.json").write_text(json.dumps(resolved, indent=2, default=str) + "\n", encoding="utf-8")
 
     state = searcher.init_members(seeds) if multi else searcher.init(jax.random.PRNGKey(seeds[0]))
     state = searcher.replicate(state)
-    step_fn = searcher.compiled_step(donate=True)
     pad, flip = _augment_settings(data)
+    if loop_kind == "device":
+        from dnas.device_loop import DeviceLoop
+        device_loop = DeviceLoop(searcher, [(m[1], m[2]) for m in members], seeds, cfg.batch_size,
+                                 cfg.augment, pad, flip)
+    else:
+        step_fn = searcher.compiled_step(donate=True)
     aug = jax.jit(augment_batch, static_argnames=("pad", "flip"))
     aug_keys = [jax.random.fold_in(jax.random.PRNGKey(s), 0xA06) for s in seeds]
     dirs = [out / f"seed-{s}" for s in seeds] if multi else [out]
@@ -249,7 +279,10 @@ def run_search(cfg: SearchConfig) -> dict:
         for epoch in range(epochs):
             t_epoch = time.perf_counter()
             meter = _EpochMeter(logs, epoch, seeds if multi else None, bar)
-            iters = [zip(epoch_batches(wx_, wy_, cfg.batch_size, seed=s, epoch=epoch),
+            if loop_kind == "device":
+                state, step, compile_s = _device_epoch(device_loop, state, epoch, step, total, cfg, meter,
+                                                       bar, compile_s)
+            iters = [] if loop_kind == "device" else [zip(epoch_batches(wx_, wy_, cfg.batch_size, seed=s, epoch=epoch),
                          epoch_batches(ax_, ay_, cfg.batch_size, seed=s + 1_000_003, epoch=epoch))
                      for s, (_, (wx_, wy_), (ax_, ay_)) in zip(seeds, members)]
             for batches in zip(*iters):
@@ -321,6 +354,30 @@ def run_search(cfg: SearchConfig) -> dict:
         summary["op_frequency"] = write_op_frequency(out, searcher, seeds, genotypes)
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
     return summary
+
+
+def _device_epoch(loop, state, epoch: int, step: int, total: int, cfg: SearchConfig, meter, bar, compile_s):
+    """One epoch of the device-resident loop (:mod:`dnas.device_loop`): chunks of
+    ``cfg.chunk_steps`` steps per call, each chunk's metrics fetched once and logged exactly as
+    the host loop logs them."""
+    idx_w, idx_a = loop.epoch_indices(epoch)
+    n = min(len(idx_w), total - step)
+    for i in range(0, n, cfg.chunk_steps):
+        j = min(n, i + cfg.chunk_steps)
+        t0 = time.perf_counter()
+        state, metrics = loop.run(state, idx_w[i:j], idx_a[i:j], step)
+        host = to_host(metrics)
+        if compile_s is None:   # the first chunk: compile plus the chunk's own steps
+            compile_s = time.perf_counter() - t0
+            trim_heap()
+        for k in range(j - i):
+            step += 1
+            meter.add(step, {name: v[k] for name, v in host.items()})
+            if step % cfg.log_every == 0 or step == total:
+                meter.flush()
+        if bar is not None:
+            bar.update(j - i)
+    return state, step, compile_s
 
 
 def op_frequency(space, genotypes) -> dict:
