@@ -1,0 +1,88 @@
+"""XLA:CPU loop modes chosen from a run's expected length.
+
+On XLA:CPU two choices trade compile time for step time (``docs/benchmarks.md``, "Loop modes"
+and "A short run starts stepping quickly"):
+
+* the DARTS space's cells and edges: unrolled at trace time (the fastest steps; an 8-cell step
+  compiles for 6-12 minutes) or scanned (``lax.scan``, one traced cell: compiles in about a
+  minute and a half, steps about 1.3× as long);
+* the implicit estimators' linear-solver loop (CG, Neumann): unrolled at trace time, so that
+  their Hessian-vector products run outside loops (XLA:CPU's autodiff convolutions are slow
+  inside loops), or a ``fori_loop`` (a short compile, slower steps).
+
+With ``--loops auto`` (no ``unroll`` option given) :func:`plan_cpu_loops` estimates each
+mode's step time over the run from figures measured on the 2-core CPU at a reference size
+(:data:`MEASURED`), the step scaled by the run's work (batch × pixels × channels² × cells)
+relative to the reference, and takes the fast mode only when the time it saves is at least
+twice its extra compile (:meth:`LoopCost.prefer_fast`). A short run then starts stepping
+within the two minutes a user will wait, and a long run keeps the fastest step.
+On accelerators nothing changes (their loops are scanned anyway).
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+
+
+@dataclasses.dataclass(frozen=True)
+class LoopCost:
+    """Measured ``(compile_s, step_s)`` of the fastest-step mode and of the short-compile mode
+    at a reference size, and that size's work (batch × pixels × channels² × cells)."""
+
+    ref_work: float
+    fast: tuple[float, float]
+    short: tuple[float, float]
+    measured: str
+
+    def prefer_fast(self, steps: int, work: float) -> bool:
+        """The fast mode when the step time it saves over the run is at least twice its extra
+        compile: it then wins the run by at least the wait it adds, so a run that waits longer
+        for its first step is one long enough for the wait to be under half of what it saves."""
+        saved = steps * (self.short[1] - self.fast[1]) * work / self.ref_work
+        return saved >= 2.0 * (self.fast[0] - self.short[0])
+
+
+def _work(batch: int, image_shape, channels: int, cells: int) -> float:
+    h, w = image_shape[:2]
+    return float(batch) * h * w * channels ** 2 * cells
+
+
+#: Measured on the 2-core CPU, jaxlib 0.10.2 (docs/benchmarks.md, "A short run starts stepping").
+MEASURED = {
+    # DARTS space, C=16, 8 cells, B=64, 32x32 (dnas bench --loops unroll|scan): unrolled compile
+    # 540.7 s, step 12.0 s; scanned 81.6 s, 15.4 s
+    "darts": LoopCost(_work(64, (32, 32), 16, 8), fast=(540.7, 12.0), short=(81.6, 15.4),
+                      measured="dnas bench --space darts --cells 8 --loops unroll|scan"),
+    # NB201 C=16 N=2 (6 cells), B=32, 8x8x1, implicit-cg with 10 CG iterations: fori_loop compile
+    # 55 s, step 2.98 s (measured); unrolled: compile over 600 s (the first step did not come
+    # within 10 minutes) and a step estimated at 9 first-order steps (0.081 s each; the K=5
+    # ratio of docs/hypergrad.md is 5.0x)
+    "implicit": LoopCost(_work(32, (8, 8), 16, 6), fast=(600.0, 0.73), short=(55.2, 2.98),
+                         measured="Searcher.compiled_step, implicit-cg unroll=False; unrolled bounded"),
+}
+
+
+def plan_cpu_loops(space: str, space_options: dict, hypergrad: str, hypergrad_options: dict,
+                   total_steps: int, batch_size: int, image_shape) -> tuple[dict, dict, dict]:
+    """``(space_options, hypergrad_options, plan)``: the options with the chosen loop modes
+    filled in where the user left them open, and what was chosen and why (for config.json).
+    A no-op off the CPU and where ``unroll`` is set."""
+    space_options, hypergrad_options = dict(space_options), dict(hypergrad_options)
+    plan: dict = {}
+    if jax.default_backend() != "cpu":
+        return space_options, hypergrad_options, plan
+    if space == "darts" and "unroll" not in space_options:
+        work = _work(batch_size, image_shape, space_options.get("channels", 16), space_options.get("layers", 8))
+        fast = MEASURED["darts"].prefer_fast(total_steps, work)
+        space_options["unroll"] = True if fast else False
+        plan["space_loops"] = "unroll" if fast else "scan"
+    if hypergrad.startswith("implicit") and "unroll" not in hypergrad_options:
+        cells = space_options.get("cells_per_stage", space_options.get("layers", 5)) * (3 if space == "nb201" else 1)
+        work = _work(batch_size, image_shape, space_options.get("channels", 16), cells)
+        fast = MEASURED["implicit"].prefer_fast(total_steps, work)
+        hypergrad_options["unroll"] = True if fast else False
+        plan["solver_loop"] = "unroll" if fast else "fori_loop"
+    if plan:
+        plan["total_steps"] = int(total_steps)
+    return space_options, hypergrad_options, plan
