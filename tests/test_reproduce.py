@@ -90,21 +90,24 @@ def test_random_baseline_from_the_table():
 
 
 @needs_data
-def test_smoke_budget_end_to_end(tmp_path):
-    """Two methods × two seeds (vmapped) on a 160-image CIFAR-10 subset: the report's cells are
-    the searches' final derived cells, its accuracies the table's, its statistics theirs."""
+@pytest.mark.parametrize("methods", [("darts",), pytest.param(("darts", "gdas"), marks=pytest.mark.slow)],
+                         ids=["darts", "darts-gdas"])
+def test_smoke_budget_end_to_end(tmp_path, methods):
+    """Two seeds (vmapped) on a 160-image CIFAR-10 subset: the report's cells are the searches'
+    final derived cells, its accuracies the table's, its statistics theirs."""
     from dnas.data import extract_image_subset
 
     data = extract_image_subset(CIFAR_TAR, tmp_path / "cifar", {"train": 16, "test": 1})
     out = tmp_path / "out"
     report = run_reproduce(ReproduceConfig(dataset=str(data), nb201_table=str(NB201_CSV), out=str(out),
-                                           methods=("darts", "gdas"), seeds=(777, 888), budget="smoke",
+                                           methods=methods, seeds=(777, 888), budget="smoke",
                                            progress=False))
     for name in ("report.json", "report.md", "accuracy.png", "param_free.png", "protocol.json"):
         assert (out / name).is_file() and (out / name).stat().st_size > 0, name
     assert json.loads((out / "report.json").read_text()) == json.loads(json.dumps(report))
     table = NB201Table.load(NB201_CSV)
-    for m in ("darts", "gdas"):
+    assert list(report["methods"]) == list(methods)
+    for m in methods:
         r = report["methods"][m]
         assert r["row"] == {"darts": "DARTS-V1", "gdas": "GDAS"}[m]
         assert set(r["seeds"]) == {"777", "888"}
