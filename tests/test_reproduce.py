@@ -122,4 +122,4 @@ def test_smoke_budget_end_to_end(tmp_path, methods):
         assert r["accuracy"]["cifar10"]["mean"] == pytest.approx(np.mean(accs))
         assert r["accuracy"]["cifar10"]["std"] == pytest.approx(np.std(accs))
     md = (out / "report.md").read_text()
-    assert "93.61 ± 0.09" in md and "random cell" in md
+    assert "54.30 ± 0.00" in md and "random cell" in md   # DARTS-V1's published row
