@@ -63,6 +63,26 @@ MEASURED = {
 }
 
 
+#: ``SearchConfig.loop`` / ``--loop`` values.
+LOOPS = ("auto", "host", "device")
+
+
+def on_cpu() -> bool:
+    """The one backend test of the loop policy: XLA:CPU gets the choices of this module."""
+    return jax.default_backend() == "cpu"
+
+
+def resolve_loop(loop: str) -> str:
+    """``auto`` → the device-resident loop (:mod:`dnas.device_loop`) on accelerators, the host
+    loop on XLA:CPU (where scanned steps run autodiff's weight-gradient convolutions slowly and
+    there are no kernel launches to save); an unknown name is a ValueError."""
+    if loop not in LOOPS:
+        raise ValueError(f"unknown loop {loop!r}; expected one of {', '.join(LOOPS)}")
+    if loop == "auto":
+        return "host" if on_cpu() else "device"
+    return loop
+
+
 def plan_cpu_loops(space: str, space_options: dict, hypergrad: str, hypergrad_options: dict,
                    total_steps: int, batch_size: int, image_shape) -> tuple[dict, dict, dict]:
     """``(space_options, hypergrad_options, plan)``: the options with the chosen loop modes
@@ -70,7 +90,7 @@ def plan_cpu_loops(space: str, space_options: dict, hypergrad: str, hypergrad_op
     A no-op off the CPU and where ``unroll`` is set."""
     space_options, hypergrad_options = dict(space_options), dict(hypergrad_options)
     plan: dict = {}
-    if jax.default_backend() != "cpu":
+    if not on_cpu():
         return space_options, hypergrad_options, plan
     if space == "darts" and "unroll" not in space_options:
         work = _work(batch_size, image_shape, space_options.get("channels", 16), space_options.get("layers", 8))

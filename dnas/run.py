@@ -39,7 +39,8 @@ import numpy as np
 from dnas.data import Dataset, augment_batch, darts_split, epoch_batches, load_dataset, num_batches
 from dnas.distributed import is_primary, to_host
 from dnas.hugepages import trim_heap
-from dnas.loop_plan import plan_cpu_loops
+from dnas.device_loop import ARCH_STREAM_OFFSET, AUG_SALT
+from dnas.loop_plan import plan_cpu_loops, resolve_loop
 from dnas.search import Hyper, NonFiniteLossError, SearchState, Searcher, check_finite, make_searcher
 from dnas.supernet.genotype import genotype_to_json, save_genotype
 
@@ -75,21 +76,6 @@ class SearchConfig:
     precision: str = "float32"            # "bfloat16": convolutions in bfloat16 (dnas.search.PRECISIONS)
     loop: str = "auto"                    # "host", "device" (dnas.device_loop) or "auto": device on GPU/TPU
     chunk_steps: int = 50                 # device loop: search steps per compiled call
-
-
-#: ``SearchConfig.loop`` values.
-LOOPS = ("auto", "host", "device")
-
-
-def resolve_loop(loop: str) -> str:
-    """``auto`` → the device-resident loop on accelerators, the host loop on XLA:CPU (where
-    scanned steps run autodiff's weight-gradient convolutions slowly and there are no kernel
-    launches to save); an unknown name is a ValueError."""
-    if loop not in LOOPS:
-        raise ValueError(f"unknown loop {loop!r}; expected one of {', '.join(LOOPS)}")
-    if loop == "auto":
-        return "host" if jax.default_backend() == "cpu" else "device"
-    return loop
 
 
 def default_out_dir() -> Path:
@@ -260,7 +246,7 @@ def run_search(cfg: SearchConfig) -> dict:
     else:
         step_fn = searcher.compiled_step(donate=True)
     aug = jax.jit(augment_batch, static_argnames=("pad", "flip"))
-    aug_keys = [jax.random.fold_in(jax.random.PRNGKey(s), 0xA06) for s in seeds]
+    aug_keys = [jax.random.fold_in(jax.random.PRNGKey(s), AUG_SALT) for s in seeds]
     dirs = [out / f"seed-{s}" for s in seeds] if multi else [out]
     if primary:
         for d in dirs:
@@ -283,7 +269,7 @@ def run_search(cfg: SearchConfig) -> dict:
                 state, step, compile_s = _device_epoch(device_loop, state, epoch, step, total, cfg, meter,
                                                        bar, compile_s)
             iters = [] if loop_kind == "device" else [zip(epoch_batches(wx_, wy_, cfg.batch_size, seed=s, epoch=epoch),
-                         epoch_batches(ax_, ay_, cfg.batch_size, seed=s + 1_000_003, epoch=epoch))
+                         epoch_batches(ax_, ay_, cfg.batch_size, seed=s + ARCH_STREAM_OFFSET, epoch=epoch))
                      for s, (_, (wx_, wy_), (ax_, ay_)) in zip(seeds, members)]
             for batches in zip(*iters):
                 if step >= total:

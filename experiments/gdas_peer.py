@@ -34,6 +34,7 @@ def run_seed(seed: int, args, table) -> dict:
     from xautodl.models import get_cell_based_tiny_net
 
     from dnas.data import augment_batch, darts_split, epoch_batches, load_dataset, num_batches
+    from dnas.device_loop import ARCH_STREAM_OFFSET, AUG_SALT
     from dnas.reproduce import BUDGETS, NB201_PROTOCOL, PAPER_ALPHA_TRAVEL
     from dnas.supernet.genotype import NB201_OPS
 
@@ -54,7 +55,7 @@ def run_seed(seed: int, args, table) -> dict:
                              weight_decay=p["a_weight_decay"])
     total = epochs * steps
     aug = jax.jit(augment_batch, static_argnames=("pad", "flip"))
-    k_aug = jax.random.fold_in(jax.random.PRNGKey(seed), 0xA06)   # dnas.run's augmentation stream
+    k_aug = jax.random.fold_in(jax.random.PRNGKey(seed), AUG_SALT)   # dnas.run's augmentation stream
 
     def to_torch(x, y):
         return torch.from_numpy(np.ascontiguousarray(np.asarray(x).transpose(0, 3, 1, 2))), torch.from_numpy(y.astype(np.int64))
@@ -66,7 +67,7 @@ def run_seed(seed: int, args, table) -> dict:
         net.train()
         accs = []
         for (xt, yt), (xv, yv) in zip(epoch_batches(wx, wy, budget.batch_size, seed=seed, epoch=epoch),
-                                      epoch_batches(ax, ay, budget.batch_size, seed=seed + 1_000_003, epoch=epoch)):
+                                      epoch_batches(ax, ay, budget.batch_size, seed=seed + ARCH_STREAM_OFFSET, epoch=epoch)):
             kt, kv = jax.random.split(jax.random.fold_in(k_aug, step))
             xt, xv = aug(kt, xt, pad=4, flip=True), aug(kv, xv, pad=4, flip=True)
             (xt, yt), (xv, yv) = to_torch(xt, yt), to_torch(xv, yv)
