@@ -30,7 +30,7 @@ def main() -> None:
     import jax
     import numpy as np
 
-    from dnas.search import make_searcher
+    from dnas.searcher import make_searcher
     opts = {"channels": 16, "in_channels": 3, "num_classes": 10}
     opts["cells_per_stage" if args.space == "nb201" else "layers"] = args.cells or (5 if args.space == "nb201" else 8)
     s = make_searcher(args.space, args.relaxation, space_options=opts, total_steps=1000)

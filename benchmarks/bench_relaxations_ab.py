@@ -23,7 +23,7 @@ import jax
 import numpy as np
 
 from dnas.bench import compiled_costs
-from dnas.search import make_searcher
+from dnas.searcher import make_searcher
 
 
 def main() -> None:

@@ -21,7 +21,7 @@ import time
 import jax
 import numpy as np
 
-from dnas.search import make_searcher
+from dnas.searcher import make_searcher
 
 
 def main() -> None:

@@ -167,7 +167,7 @@ class DnasSide:
     def __init__(self, cfg: dict, batches, seed: int, loops: str = "auto", precision: str = "float32"):
         import jax
 
-        from dnas.search import make_searcher
+        from dnas.searcher import make_searcher
         self.jax = jax
         opts = {"channels": cfg["channels"], "in_channels": IN_CHANNELS, "num_classes": NUM_CLASSES,
                 ("cells_per_stage" if cfg["space"] == "nb201" else "layers"): cfg["cells"]}
@@ -420,7 +420,7 @@ def worker(args) -> None:
     if args.worker == "dnas":
         import jax  # noqa: F401
 
-        import dnas.search  # noqa: F401
+        import dnas.searcher  # noqa: F401
     else:
         require_reference([args.config])
         import torch  # noqa: F401

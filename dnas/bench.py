@@ -19,7 +19,7 @@ import jax
 import numpy as np
 
 from dnas.hugepages import trim_heap
-from dnas.search import Hyper, make_searcher
+from dnas.searcher import Hyper, make_searcher
 
 
 def median_ms(f, *args, n: int = 5, digits: int = 3) -> float:

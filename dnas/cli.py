@@ -20,7 +20,7 @@ DEFAULT_SPACE_OPTIONS = {
 }
 
 
-# dnas.search.PRECISIONS's names (not imported here: JAX must start after the arguments are parsed)
+# dnas.searcher.PRECISIONS's names (not imported here: JAX must start after the arguments are parsed)
 PRECISION_CHOICES = ("float32", "bfloat16")
 
 
@@ -36,10 +36,17 @@ LOOP_FLAGS = {"unroll": True, "scan-cells": "scan_cells", "scan": False}
 
 
 def _space_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--space", choices=["nb201", "darts", "chain"], default="nb201",
-                   help="search space: NAS-Bench-201 cell (6 edges x 5 ops), DARTS CNN cells (14 edges x 8 ops) "
-                        "or the ProxylessNAS/MobileNetV2 chain (MBConv k3/5/7 x e3/6 + zero per block)")
-    p.add_argument("--relaxation", default="darts", help="relaxation of the architecture choice (default: darts)")
+    p.add_argument("--space", default="nb201",
+                   help="search space: nb201 (NAS-Bench-201 cell, 6 edges x 5 ops), darts (DARTS CNN cells, 14 edges "
+                        "x 8 ops), chain (the ProxylessNAS/MobileNetV2 chain, MBConv k3/5/7 x e3/6 + zero per block), "
+                        "a space registered by an installed package, or your own: an import spec "
+                        "'my_pkg.module:factory' (a Flax NNX model with dnas.nnx choice points or a SearchSpace, "
+                        "or a function of keyword options returning one; docs/own_model.md)")
+    p.add_argument("--space-option", action="append", metavar="KEY=VALUE",
+                   help="option of a space given by spec or registered name, passed to its factory (repeatable)")
+    p.add_argument("--relaxation", default="darts",
+                   help="relaxation of the architecture choice: darts, gdas, snas, pc_darts, drnas, proxyless, or an "
+                        "import spec 'my_pkg.module:factory' (default: darts)")
     p.add_argument("--channels", type=_positive, default=None,
                    help="initial channels C of the supernet (search default: 16 for nb201, 8 for darts; bench: 16)")
     p.add_argument("--cells", type=_positive, default=None,
@@ -135,6 +142,17 @@ def _tune(args) -> tuple[str, ...]:
 
 
 def _space_options(args, defaults: dict) -> dict:
+    if args.space not in DEFAULT_SPACE_OPTIONS:   # a user's space: only its own options
+        for flag, value, unset in (("--channels", args.channels, None), ("--cells", args.cells, None),
+                                   ("--width-mult", args.width_mult, None), ("--conv-impl", args.conv_impl, "auto"),
+                                   ("--loops", getattr(args, "loops", "auto"), "auto")):
+            if value != unset:
+                raise SystemExit(f"dnas: {flag} applies to the built-in spaces, not to {args.space!r}; "
+                                 "use --space-option KEY=VALUE")
+        return _key_values(args.space_option, "--space-option")
+    if args.space_option:
+        raise SystemExit(f"dnas: --space-option is for spaces given by spec or registered name; the built-in "
+                         f"{args.space!r} space takes --channels, --cells, ...")
     if args.space == "chain":
         from dnas.supernet.chain import ChainConfig
         if args.channels:
@@ -313,7 +331,7 @@ def _cmd_reproduce(args) -> int:
     from dnas.data import DatasetError
     from dnas.nb201_table import NB201TableError
     from dnas.reproduce import ReproduceConfig, run_reproduce
-    from dnas.search import NonFiniteLossError
+    from dnas.searcher import NonFiniteLossError
 
     cfg = ReproduceConfig(dataset=args.dataset, nb201_table=args.nb201_table, out=args.out,
                           methods=tuple(m.strip() for m in args.methods.split(",") if m.strip()),
@@ -332,7 +350,7 @@ def _cmd_reproduce(args) -> int:
 
 def _cmd_train(args) -> int:
     from dnas.data import DatasetError
-    from dnas.search import NonFiniteLossError
+    from dnas.searcher import NonFiniteLossError
     from dnas.supernet.genotype import GenotypeError
     from dnas.train import TrainConfig, run_train
 
@@ -394,13 +412,13 @@ def enable_compile_cache(where: str | None) -> str | None:
 def _cmd_search(args) -> int:
     from dnas.data import DatasetError
     from dnas.run import SearchConfig, run_search
-    from dnas.search import Hyper, NonFiniteLossError
+    from dnas.searcher import Hyper, NonFiniteLossError
 
     cfg = SearchConfig(
         space=args.space, relaxation=args.relaxation, dataset=args.dataset, epochs=args.epochs,
         batch_size=args.batch_size, seed=args.seed, seeds=args.seeds, out=args.out, devices=args.devices,
         limit_examples=args.limit_examples, max_steps=args.max_steps,
-        space_options=_space_options(args, DEFAULT_SPACE_OPTIONS[args.space]),
+        space_options=_space_options(args, DEFAULT_SPACE_OPTIONS.get(args.space, {})),
         hyper=Hyper(w_lr=args.w_lr, w_lr_min=args.w_lr_min, a_lr=args.a_lr, w_weight_decay=args.w_wd,
                     hyper_lr=args.hyper_lr),
         relaxation_options=_key_values(args.relaxation_option, "--relaxation-option"),
@@ -438,7 +456,7 @@ def _cmd_search(args) -> int:
 
 def _cmd_bench(args) -> int:
     from dnas.bench import run_bench
-    from dnas.search import Hyper
+    from dnas.searcher import Hyper
 
     result = run_bench(args.space, args.relaxation, batch_size=args.batch_size, image_size=args.image_size,
                        in_channels=args.in_channels, num_classes=args.num_classes,

@@ -12,7 +12,7 @@ and dispatches the step, once per step. :class:`DeviceLoop` instead
   draws, ``int32`` indices), and gathers, augments (:func:`dnas.data.augment_batch` with the
   host loop's keys, ``fold_in(key_aug, step)``) and steps on the device;
 * runs ``chunk`` search steps per call as one ``lax.scan`` over
-  :meth:`dnas.search.Searcher.step_function` (every seed vmapped, data parallel under
+  :meth:`dnas.searcher.Searcher.step_function` (every seed vmapped, data parallel under
   ``shard_map`` as in the host loop), returning the chunk's metrics stacked, fetched to the
   host once per chunk.
 

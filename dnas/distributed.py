@@ -2,7 +2,7 @@
 
 One search can span several processes — several hosts of a GPU cluster, a TPU pod slice, or
 several processes on one machine. Every process runs the same program: it calls
-:func:`initialize` first, builds the same :class:`~dnas.search.Searcher` over *all* devices
+:func:`initialize` first, builds the same :class:`~dnas.searcher.Searcher` over *all* devices
 of all processes (``jax.devices()`` is global after initialisation), computes the same global
 batch from the same seed, and feeds only its own rows of it (:meth:`Searcher.shard` uses
 ``jax.make_array_from_process_local_data``). The compiled step is one SPMD program; its

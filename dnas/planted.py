@@ -69,7 +69,7 @@ def planted_search(relaxation: str, steps: int, *, a_lr: float = 3e-3, task: Pla
                    num_devices: int = 1) -> dict:
     """Search ``task`` with ``relaxation`` for ``steps`` steps; returns ``{"chosen", "planted",
     "recovered" (count), "probs", "val_acc"}``."""
-    from dnas.search import Hyper, make_searcher
+    from dnas.searcher import Hyper, make_searcher
 
     plant_idx = [NB201_OPS.index(op) for op in task.plant]
     opts = dict(channels=task.channels, cells_per_stage=task.cells_per_stage, num_classes=task.num_classes,

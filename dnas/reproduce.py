@@ -73,7 +73,7 @@ NB201_PROTOCOL = {
 }
 
 #: Where the protocol differs from DARTS's own CIFAR-10 search settings (``dnas search``'s
-#: defaults: :class:`dnas.search.Hyper`).
+#: defaults: :class:`dnas.searcher.Hyper`).
 DIFFERS_FROM_DARTS = {
     "w_weight_decay": "5e-4 here, 3e-4 in DARTS",
     "w_nesterov": "Nesterov momentum here, plain momentum in DARTS",
@@ -161,7 +161,7 @@ def _check(cfg: ReproduceConfig) -> Budget:
 def search_config(cfg: ReproduceConfig, budget: Budget, method: str, steps_per_epoch: int | None = None):
     """The :class:`dnas.run.SearchConfig` of one method under the protocol and budget."""
     from dnas.run import SearchConfig
-    from dnas.search import Hyper
+    from dnas.searcher import Hyper
 
     p = NB201_PROTOCOL
     epochs = budget.epochs_gdas if method == "gdas" else budget.epochs

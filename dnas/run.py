@@ -9,13 +9,13 @@
 * ``genotype.png`` and ``alphas.png`` — the derived cell(s) and the α heatmaps;
 * ``hyperparams.png`` — the weight optimizer's learning rate and weight decay per logged step
   (learnt ones marked "tuned");
-* ``checkpoints/<step>/`` — the full :class:`~dnas.search.SearchState` (orbax), written only
+* ``checkpoints/<step>/`` — the full :class:`~dnas.searcher.SearchState` (orbax), written only
   after every loss of the epoch was checked finite, so a diverged run never overwrites a
   good checkpoint;
 * ``config.json`` — the resolved configuration of the run.
 
 With ``seeds`` (``dnas search --seeds 0,1,2,3``) the searches of every seed run as one vmapped
-program (:class:`~dnas.search.Searcher` with ``num_seeds``); each seed gets its own data split,
+program (:class:`~dnas.searcher.Searcher` with ``num_seeds``); each seed gets its own data split,
 data order, augmentation, initialisation and α exactly as ``--seed s`` alone would, and its
 own ``seed-<s>/`` directory with the files above (genotype, alphas, pictures, metrics). The
 top level holds ``config.json``, the stacked checkpoints, ``summary.json`` and
@@ -41,7 +41,7 @@ from dnas.distributed import is_primary, to_host
 from dnas.hugepages import trim_heap
 from dnas.device_loop import ARCH_STREAM_OFFSET, AUG_SALT
 from dnas.loop_plan import plan_cpu_loops, resolve_loop
-from dnas.search import Hyper, NonFiniteLossError, SearchState, Searcher, check_finite, make_searcher
+from dnas.searcher import Hyper, NonFiniteLossError, SearchState, Searcher, check_finite, make_searcher
 from dnas.supernet.genotype import genotype_to_json, save_genotype
 
 
@@ -49,7 +49,7 @@ from dnas.supernet.genotype import genotype_to_json, save_genotype
 class SearchConfig:
     """Everything that defines a search run (the CLI flags map one to one)."""
 
-    space: str = "nb201"
+    space: Any = "nb201"                  # a name or spec, or a space object / Flax NNX model (build_space)
     relaxation: str = "darts"
     dataset: str | None = None            # None: the embedded digits
     epochs: int = 30
@@ -73,7 +73,7 @@ class SearchConfig:
     data_dir: str | None = None           # tfds data dir
     progress: bool = True
     nb201_table: str | None = None        # NAS-Bench-201 accuracy CSV: look the derived cell up every epoch
-    precision: str = "float32"            # "bfloat16": convolutions in bfloat16 (dnas.search.PRECISIONS)
+    precision: str = "float32"            # "bfloat16": convolutions in bfloat16 (dnas.searcher.PRECISIONS)
     loop: str = "auto"                    # "host", "device" (dnas.device_loop) or "auto": device on GPU/TPU
     chunk_steps: int = 50                 # device loop: search steps per compiled call
 
@@ -179,6 +179,12 @@ def _member_data(cfg: SearchConfig, seed: int, cache: dict):
 def run_search(cfg: SearchConfig) -> dict:
     """Run a search (or one per seed of ``cfg.seeds``, vmapped) and write its outputs; returns
     a summary dict (also ``summary.json``)."""
+    return search_run(cfg)[0]
+
+
+def search_run(cfg: SearchConfig) -> tuple[dict, Searcher, SearchState]:
+    """:func:`run_search` that also returns the searcher and the final state (stacked over
+    members with several seeds), for the Python API (:func:`dnas.searcher`)."""
     t_start = time.perf_counter()
     loop_kind = resolve_loop(cfg.loop)
     if cfg.chunk_steps < 1:
@@ -226,7 +232,8 @@ def run_search(cfg: SearchConfig) -> dict:
                              total_steps=total, num_devices=num_devices, hypergrad=cfg.hypergrad,
                              hypergrad_options=hypergrad_options, tune=cfg.tune, latency=cfg.latency,
                              num_seeds=len(seeds), precision=cfg.precision)
-    resolved = dataclasses.asdict(cfg)
+    label = cfg.space if isinstance(cfg.space, str) else searcher.space.name
+    resolved = dataclasses.asdict(dataclasses.replace(cfg, space=label))
     resolved.update(out=str(out), space_options=searcher.space.describe(), total_steps=total,
                     steps_per_epoch=steps_per_epoch, dataset_name=data.name,
                     num_weight_examples=int(len(wy)), num_arch_examples=int(len(ay)),
@@ -256,7 +263,7 @@ def run_search(cfg: SearchConfig) -> dict:
     bar = None
     if cfg.progress and primary:
         from tqdm.auto import tqdm
-        bar = tqdm(total=total, desc=f"search {cfg.space}/{cfg.relaxation}" + (f" x{len(seeds)} seeds" if multi else ""),
+        bar = tqdm(total=total, desc=f"search {label}/{cfg.relaxation}" + (f" x{len(seeds)} seeds" if multi else ""),
                    unit="step", dynamic_ncols=True)
     step = 0
     compile_s = None
@@ -319,7 +326,7 @@ def run_search(cfg: SearchConfig) -> dict:
         summary.update(seeds=list(seeds), genotypes=[genotype_to_json(g) for g in genotypes],
                        finals=epoch_records)
     if not primary:
-        return summary
+        return summary, searcher, state
     for s, d, st, genotype in zip(seeds, dirs, states, genotypes):
         extra = {"relaxation": cfg.relaxation, "dataset": data.name, "seed": s,
                  "epochs": epochs, "steps": step, "devices": num_devices}
@@ -339,7 +346,7 @@ def run_search(cfg: SearchConfig) -> dict:
     if multi:
         summary["op_frequency"] = write_op_frequency(out, searcher, seeds, genotypes)
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
-    return summary
+    return summary, searcher, state
 
 
 def _device_epoch(loop, state, epoch: int, step: int, total: int, cfg: SearchConfig, meter, bar, compile_s):

@@ -44,7 +44,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from dnas.data import DatasetError, augment_batch, epoch_batches, load_dataset, num_batches
 from dnas.hugepages import trim_heap
 from dnas.run import _augment_settings, _MetricsLog, restore_checkpoint, save_checkpoint
-from dnas.search import AXIS, accuracy, check_finite, compute_dtype, device_mesh
+from dnas.searcher import AXIS, accuracy, check_finite, compute_dtype, device_mesh
 from dnas.supernet.derived import DARTS_DEFAULTS, NB201_DEFAULTS, DropPath, Network, build_network, count_params
 from dnas.supernet.genotype import DARTS_V2, Genotype, genotype_to_json, load_genotype, parse_nb201, save_genotype
 from dnas.supernet.layers import Ctx

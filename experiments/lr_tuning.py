@@ -56,7 +56,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
 
     from dnas.run import SearchConfig, run_search
-    from dnas.search import Hyper, NonFiniteLossError
+    from dnas.searcher import Hyper, NonFiniteLossError
 
     out = Path(args.out)
     data = extract_subset(out / "cifar10-subset", args.train_per_class, 10)

@@ -11,7 +11,7 @@ from PIL import Image
 
 from dnas.cli import build_parser, main
 from dnas.run import restore_checkpoint
-from dnas.search import make_searcher
+from dnas.searcher import make_searcher
 from dnas.supernet.genotype import load_genotype, nb201_string_to_ops
 from test_nb201_table import synthetic_accuracy, write_synthetic_table
 

@@ -12,7 +12,7 @@ import pytest
 from dnas.data import epoch_batches
 from dnas.device_loop import epoch_order
 from dnas.run import SearchConfig, restore_checkpoint, run_search
-from dnas.search import make_searcher
+from dnas.searcher import make_searcher
 
 OPTS = {"channels": 4, "cells_per_stage": 1}
 

@@ -98,7 +98,7 @@ def test_anchor_penalty_is_off_by_default_and_l2_when_set():
 
 
 def test_registry_and_one_jitted_nb201_search_step():
-    from dnas.search import make_searcher
+    from dnas.searcher import make_searcher
     from dnas.supernet.genotype import NB201Genotype
 
     assert "drnas" in REGISTRY and get_relaxation("drnas").name == "drnas"

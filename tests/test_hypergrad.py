@@ -244,7 +244,7 @@ def test_bad_estimator_names_options_and_zero_hypergradient_combinations():
 
 
 # ---------------------------------------------------------------------- on the supernet
-from dnas.search import Hyper, make_searcher  # noqa: E402
+from dnas.searcher import Hyper, make_searcher  # noqa: E402
 
 TINY = dict(channels=4, cells_per_stage=1, num_classes=10, in_channels=1, unroll=False)  # scanned: short compiles
 

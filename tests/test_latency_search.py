@@ -11,7 +11,7 @@ from dnas.cli import main
 from dnas.latency.objective import genotype_indices, make_latency_objective
 from dnas.latency.space_latency import FIXED_KEY, op_key
 from dnas.latency.table import LatencyTable
-from dnas.search import make_searcher
+from dnas.searcher import make_searcher
 from dnas.supernet.genotype import NB201_OPS, load_genotype
 from dnas.supernet.spaces import build_space
 

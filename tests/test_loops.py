@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dnas.search import make_searcher
+from dnas.searcher import make_searcher
 from dnas.supernet import layers as L
 
 # darts: cells 3,4 form a scanned run. The DARTS space uses the dense separable-conv kernel in

@@ -1,12 +1,12 @@
 """``--precision bfloat16``: convolutions read bfloat16, everything else stays float32
-(dnas.supernet.layers._conv, dnas.search.PRECISIONS)."""
+(dnas.supernet.layers._conv, dnas.searcher.PRECISIONS)."""
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from dnas.cli import build_parser
-from dnas.search import make_searcher
+from dnas.searcher import make_searcher
 
 SPACES = {"nb201": {"channels": 8, "cells_per_stage": 1},
           "darts": {"channels": 8, "layers": 1, "impl": "native"}}

@@ -170,7 +170,7 @@ def test_pc_darts_bypassed_channels_pass_through_unchanged(stride):
 def test_pc_darts_with_k1_reduces_to_darts(space_name, opts):
     """K=1 without edge normalisation is DARTS exactly; K=1 with uniform β is DARTS with each
     edge scaled by 1/(number of edges into its node)."""
-    from dnas.search import make_searcher
+    from dnas.searcher import make_searcher
     x = jnp.asarray(np.random.default_rng(0).standard_normal((2, 8, 8, 1)), jnp.float32)
     ref = make_searcher(space_name, "darts", space_options=opts)
     params, stats = ref.space.init(jax.random.PRNGKey(0))

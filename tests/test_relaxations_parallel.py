@@ -5,7 +5,7 @@ import jax
 import numpy as np
 import pytest
 
-from dnas.search import make_searcher
+from dnas.searcher import make_searcher
 
 CASES = [pytest.param("gdas", "nb201", {"channels": 4, "cells_per_stage": 1}, id="gdas"),
          pytest.param("proxyless", "chain", {"width_mult": 0.25, "stage_depths": (1, 1, 1, 1, 1, 1), "stem_stride": 1},

@@ -7,7 +7,7 @@ import numpy as np
 import optax
 import pytest
 
-from dnas.search import Hyper, NonFiniteLossError, arch_optimizer, check_finite, make_searcher, weight_optimizer
+from dnas.searcher import Hyper, NonFiniteLossError, arch_optimizer, check_finite, make_searcher, weight_optimizer
 
 TINY = dict(channels=4, cells_per_stage=1, num_classes=10, in_channels=1)
 

@@ -9,7 +9,7 @@ import pytest
 from jax import lax
 
 from dnas.run import SearchConfig, op_frequency, run_search
-from dnas.search import make_searcher
+from dnas.searcher import make_searcher
 from dnas.supernet.branch_conv import conv2d, member_conv
 
 _DN = ("NHWC", "HWIO", "NHWC")

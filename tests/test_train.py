@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from dnas.cli import main
-from dnas.search import NonFiniteLossError
+from dnas.searcher import NonFiniteLossError
 from dnas.supernet.derived import build_network
 from dnas.supernet.genotype import DARTS_V2, parse_nb201, save_genotype
 from dnas.train import PROTOCOLS, Trainer, TrainConfig, cutout_batch, resolve_protocol, run_train

@@ -58,9 +58,12 @@ def make_latency_objective(space, table_path: str, loss: str = "hinge", *, targe
 
 def genotype_indices(space, genotype) -> dict[str, np.ndarray]:
     """The op column chosen at every choice point of ``space`` by a derived ``genotype``
-    (DARTS: edges not kept by derivation count as ``none``)."""
+    (DARTS: edges not kept by derivation count as ``none``). A space that defines its own
+    ``genotype_indices`` (a user model's, :class:`~dnas.supernet.nnx_space.NNXSpace`) answers itself."""
     from dnas.supernet.genotype import DARTS_EDGES
 
+    if hasattr(space, "genotype_indices"):
+        return space.genotype_indices(genotype)
     if space.name == "nb201":
         names = list(space.group_op_names("cell"))
         return {"cell": np.array([names.index(op) for op in genotype.ops])}

@@ -1,7 +1,9 @@
 """Relaxations of the discrete architecture choice; one file each, one registry entry each.
 
-To add one: write ``dnas/relaxations/<name>.py`` with a function returning a
-:class:`~dnas.relaxations.base.Relaxation`, and add it to ``REGISTRY`` below.
+To add one to dnas: write ``dnas/relaxations/<name>.py`` with a function returning a
+:class:`~dnas.relaxations.base.Relaxation`, and add it to ``REGISTRY`` below. From user code,
+without editing dnas: :func:`dnas.plugins.register_relaxation`, the ``dnas.relaxations``
+entry-point group, or an import spec ``"my_pkg.relax:factory"`` as the name.
 """
 from __future__ import annotations
 
@@ -30,10 +32,19 @@ class UnknownRelaxationError(ValueError):
 
 
 def get_relaxation(name: str, space=None, **options) -> Relaxation:
-    """Build relaxation ``name`` with ``options``; ``space`` is passed to factories that take it."""
-    if name not in REGISTRY:
-        raise UnknownRelaxationError(f"unknown relaxation {name!r}; available: {', '.join(sorted(REGISTRY))}")
-    factory = REGISTRY[name]
+    """Build relaxation ``name`` with ``options``; ``space`` is passed to factories that take it.
+    ``name``: a registered name, an entry point of group ``dnas.relaxations``, or an import spec
+    ``"package.module:factory"`` (:mod:`dnas.plugins`)."""
+    from dnas import plugins
+    factory = REGISTRY.get(name) if isinstance(name, str) else None
+    if factory is None and plugins.is_spec(name):
+        factory = plugins.load_spec(name, "relaxation")
+    if factory is None and isinstance(name, str):
+        factory = plugins.entry_point(plugins.RELAXATION_GROUP, name)
+    if factory is None or not callable(factory):
+        known = sorted(REGISTRY) + plugins.entry_point_names(plugins.RELAXATION_GROUP)
+        raise UnknownRelaxationError(f"unknown relaxation {name!r}; available: {', '.join(known)} "
+                                     "(or an import spec 'package.module:factory')")
     params = inspect.signature(factory).parameters
     bad = sorted(set(options) - set(params) - {"space"})
     if bad:
@@ -43,7 +54,11 @@ def get_relaxation(name: str, space=None, **options) -> Relaxation:
         if space is None:
             raise ValueError(f"relaxation {name!r} needs the search space (get_relaxation(..., space=...))")
         options["space"] = space
-    return factory(**options)
+    relax = factory(**options)
+    if not isinstance(relax, Relaxation):
+        raise UnknownRelaxationError(f"relaxation {name!r}: its factory returned {type(relax).__name__}, "
+                                     "not a dnas.relaxations.Relaxation")
+    return relax
 
 
 __all__ = ["Relaxation", "REGISTRY", "get_relaxation", "dense_mix", "entropy", "init_alpha", "UnknownRelaxationError"]

@@ -1,7 +1,7 @@
 """Architecture encodings (genotypes) of the search spaces, their validation, derivation
 from architecture scores, and JSON I/O.
 
-Three spaces are supported:
+Four kinds of genotype are supported:
 
 * ``darts`` — the DARTS CNN cell (Liu, Simonyan & Yang, ICLR 2019). Nodes 0 and 1 are the
   cell inputs (outputs of the previous-previous and previous cells), nodes 2..5 are the
@@ -13,6 +13,8 @@ Three spaces are supported:
   ``|op~0|+|op~0|op~1|+|op~0|op~1|op~2|`` (:class:`NB201Genotype`).
 * ``chain`` — a ProxylessNAS-style chain of searchable blocks, one op name per block
   (:class:`ChainGenotype`).
+* ``choices`` — any model with labelled choice points (:mod:`dnas.nnx`): label -> op name,
+  or label -> chosen input indices (:class:`ChoiceGenotype`).
 
 Everything that parses or validates raises :class:`GenotypeError` (a ``ValueError``) with a
 message naming the offending token; nothing is silently repaired.
@@ -30,7 +32,7 @@ import numpy as np
 
 __all__ = [
     "DARTS_OPS", "NB201_OPS", "DARTS_EDGES", "NB201_EDGES", "DARTS_STEPS", "DARTS_CONCAT",
-    "SPACES", "GenotypeError", "DartsGenotype", "NB201Genotype", "ChainGenotype", "Genotype",
+    "SPACES", "GenotypeError", "DartsGenotype", "NB201Genotype", "ChainGenotype", "ChoiceGenotype", "Genotype",
     "DARTS_V2", "derive_darts", "derive_darts_cell", "derive_nb201", "derive_chain",
     "nb201_ops_to_string", "nb201_string_to_ops", "parse_nb201", "validate_chain_ops",
     "darts_genotype_repr", "parse_darts_genotype_repr", "genotype_to_json",
@@ -54,7 +56,7 @@ DARTS_CONCAT: tuple[int, ...] = tuple(range(2, 2 + DARTS_STEPS))
 #: NAS-Bench-201's (src, dst) edges in arch-string order.
 NB201_EDGES: list[tuple[int, int]] = [(s, d) for d in range(1, 4) for s in range(d)]
 
-SPACES: tuple[str, ...] = ("darts", "nb201", "chain")
+SPACES: tuple[str, ...] = ("darts", "nb201", "chain", "choices")
 
 _DARTS_NONE = DARTS_OPS.index("none")
 _DARTS_CELL_OPS = tuple(op for op in DARTS_OPS if op != "none")
@@ -244,7 +246,52 @@ class ChainGenotype:
         return self
 
 
-Genotype = Union[DartsGenotype, NB201Genotype, ChainGenotype]
+@dataclasses.dataclass(frozen=True)
+class ChoiceGenotype:
+    """The architecture of a model with labelled choice points (:mod:`dnas.nnx`): a mapping
+    from each choice point's label to what was chosen there, an op name for a
+    :class:`dnas.nnx.Choice`, a sorted tuple of input indices for a :class:`dnas.nnx.InputChoice`.
+    ``model`` names the searched model (its class or the space's name), for the record."""
+
+    choices: Mapping[str, Any]
+    model: str = "model"
+    space: ClassVar[str] = "choices"
+
+    def __post_init__(self):
+        if not isinstance(self.choices, Mapping) or not self.choices:
+            raise GenotypeError(f"choice genotype: choices must be a non-empty mapping label -> choice, "
+                                f"got {self.choices!r}")
+        clean = {}
+        for label, choice in self.choices.items():
+            if not isinstance(label, str) or not label:
+                raise GenotypeError(f"choice genotype: label {label!r} is not a non-empty string")
+            if isinstance(choice, str):
+                clean[label] = choice
+            elif isinstance(choice, (list, tuple)) and choice and all(isinstance(i, (int, np.integer))
+                                                                      and not isinstance(i, bool) for i in choice):
+                clean[label] = tuple(sorted(int(i) for i in choice))
+            else:
+                raise GenotypeError(f"choice genotype: choice {choice!r} of {label!r} is neither an op name "
+                                    "nor a non-empty list of input indices")
+        object.__setattr__(self, "choices", dict(sorted(clean.items())))
+
+    def __getitem__(self, label: str):
+        return self.choices[label]
+
+    def __iter__(self):
+        return iter(self.choices)
+
+    def __len__(self) -> int:
+        return len(self.choices)
+
+    def items(self):
+        return self.choices.items()
+
+    def __str__(self) -> str:
+        return ", ".join(f"{k}={v if isinstance(v, str) else list(v)}" for k, v in self.choices.items())
+
+
+Genotype = Union[DartsGenotype, NB201Genotype, ChainGenotype, ChoiceGenotype]
 
 #: DARTS (second order) published cell, from the DARTS paper's genotypes.py.
 DARTS_V2 = DartsGenotype(
@@ -486,6 +533,9 @@ def genotype_to_json(g: Genotype) -> dict:
                 "reduce": [[op, idx] for op, idx in g.reduce], "reduce_concat": list(g.reduce_concat)}
     if isinstance(g, ChainGenotype):
         return {"space": "chain", "ops": list(g.ops)}
+    if isinstance(g, ChoiceGenotype):
+        return {"space": "choices", "model": g.model,
+                "choices": {k: v if isinstance(v, str) else list(v) for k, v in g.choices.items()}}
     raise GenotypeError(f"genotype_to_json: not a genotype: {type(g).__name__} {g!r}")
 
 
@@ -514,6 +564,9 @@ def genotype_from_json(d: Mapping, chain_op_names: Sequence[str] | None = None) 
     if space == "darts":
         _require(d, list(_REPR_FIELDS), space)
         return DartsGenotype(**{k: d[k] for k in _REPR_FIELDS})
+    if space == "choices":
+        _require(d, ["choices"], space)
+        return ChoiceGenotype(d["choices"], str(d.get("model", "model")))
     _require(d, ["ops"], space)
     g = ChainGenotype(d["ops"])
     if chain_op_names is not None:

@@ -24,7 +24,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.patches import Circle, FancyArrowPatch, FancyBboxPatch
 
-from dnas.supernet.genotype import (DARTS_EDGES, DARTS_OPS, NB201_EDGES, NB201_OPS, ChainGenotype,
+from dnas.supernet.genotype import (DARTS_EDGES, DARTS_OPS, NB201_EDGES, NB201_OPS, ChainGenotype, ChoiceGenotype,
                                     DartsGenotype, GenotypeError, NB201Genotype, genotype_from_json,
                                     parse_nb201)
 
@@ -328,8 +328,8 @@ def _plot_nb201(g: NB201Genotype, path, title, dpi) -> Path:
 
 
 def _chain_color(op: str, ops: Sequence[str]) -> str:
-    if op == "zero":
-        return OP_COLORS["zero"]
+    if op in ("zero", "none"):
+        return OP_COLORS[op]
     m = re.search(r"k(\d+)", op)
     if m:
         hue = {"3": "#1565c0", "5": "#ef6c00", "7": "#2e7d32"}.get(m.group(1))
@@ -339,7 +339,18 @@ def _chain_color(op: str, ops: Sequence[str]) -> str:
 
 
 def _plot_chain(g: ChainGenotype, path, title, dpi, per_row: int = 8) -> Path:
-    ops = list(g.ops)
+    return _plot_boxes(list(g.ops), [f"block {i}" for i in range(len(g.ops))],
+                       title or f"chain genotype ({len(g.ops)} blocks)", path, dpi, per_row)
+
+
+def _plot_choices(g: ChoiceGenotype, path, title, dpi, per_row: int = 6) -> Path:
+    """A model's choice points in label order, each box its choice (inputs as ``in 0+2``)."""
+    ops = [v if isinstance(v, str) else "in " + "+".join(map(str, v)) for v in g.choices.values()]
+    return _plot_boxes(ops, list(g.choices), title or f"{g.model}: {len(ops)} choice points", path, dpi, per_row)
+
+
+def _plot_boxes(ops: list, labels: list, title: str, path, dpi, per_row: int) -> Path:
+    """A row-wrapped sequence of boxes joined by arrows, ``ops[i]`` inside and ``labels[i]`` above."""
     n = len(ops)
     per_row = max(1, min(per_row, n))
     rows = math.ceil(n / per_row)
@@ -356,14 +367,14 @@ def _plot_chain(g: ChainGenotype, path, title, dpi, per_row: int = 8) -> Path:
     ax.set_ylim(y0, y1)
     ax.set_aspect("equal", adjustable="box")
     ax.set_axis_off()
-    fig.text(0.15 / fig_w, 1 - 0.1 / (ah + band), title or f"chain genotype ({n} blocks)", fontsize=12,
+    fig.text(0.15 / fig_w, 1 - 0.1 / (ah + band), title, fontsize=12,
              ha="left", va="top")
     centers = []
     for i, op in enumerate(ops):
         r, c = divmod(i, per_row)
         x0, y0 = c * (bw + gap), -r * (bh + rgap) - bh
         color = _chain_color(op, ops)
-        zero = op == "zero"
+        zero = op in ("zero", "none")
         ax.add_patch(FancyBboxPatch((x0, y0), bw, bh, boxstyle="round,pad=0.02,rounding_size=0.12",
                                     fc="white" if zero else color, ec="none", lw=0,
                                     alpha=1.0 if zero else 0.22, zorder=2))
@@ -372,7 +383,7 @@ def _plot_chain(g: ChainGenotype, path, title, dpi, per_row: int = 8) -> Path:
         fs = 9 if len(op) <= 10 else max(6, 9 * 10 / len(op))
         ax.text(x0 + bw / 2, y0 + bh * 0.42, op, ha="center", va="center", fontsize=fs,
                 color="#555555" if zero else "black", fontweight="bold", zorder=4)
-        ax.text(x0 + bw / 2, y0 + bh + 0.1, f"block {i}", ha="center", va="bottom", fontsize=7,
+        ax.text(x0 + bw / 2, y0 + bh + 0.1, labels[i], ha="center", va="bottom", fontsize=7,
                 color="#666666", zorder=4)
         centers.append((x0, y0))
     arrow_kw = dict(arrowstyle="-|>,head_length=0.5,head_width=0.25", mutation_scale=12,
@@ -391,7 +402,7 @@ def _plot_chain(g: ChainGenotype, path, title, dpi, per_row: int = 8) -> Path:
 
 
 def _as_genotype(g: Any):
-    if isinstance(g, (DartsGenotype, NB201Genotype, ChainGenotype)):
+    if isinstance(g, (DartsGenotype, NB201Genotype, ChainGenotype, ChoiceGenotype)):
         return g
     if isinstance(g, Mapping):
         return genotype_from_json(g)
@@ -408,6 +419,8 @@ def plot_genotype(g: Any, path: str | os.PathLike, title: str | None = None, dpi
         return _plot_darts(g, path, title, dpi)
     if isinstance(g, NB201Genotype):
         return _plot_nb201(g, path, title, dpi)
+    if isinstance(g, ChoiceGenotype):
+        return _plot_choices(g, path, title, dpi)
     return _plot_chain(g, path, title, dpi)
 
 

@@ -317,13 +317,68 @@ SPACES = {"nb201": (NB201Space, NB201Config), "darts": (DartsSpace, DartsConfig)
           "chain": (ChainSpace, ChainConfig)}
 
 
-def build_space(name: str, **options) -> SearchSpace:
-    """Build a search space by name with config overrides (unknown options are errors)."""
-    if name not in SPACES:
-        raise UnknownSpaceError(f"unknown search space {name!r}; available: {', '.join(sorted(SPACES))}")
-    cls, config_cls = SPACES[name]
-    fields = {f.name for f in dataclasses.fields(config_cls)}
-    bad = sorted(set(options) - fields)
+def build_space(name, **options) -> SearchSpace:
+    """Build a search space with config overrides (unknown options are errors).
+
+    ``name`` is a built-in name (:data:`SPACES`), a name registered from user code or published
+    under the ``dnas.spaces`` entry points, an import spec ``"pkg.module:attribute"``
+    (:mod:`dnas.plugins`), or an object: a :class:`SearchSpace`, a Flax NNX model with choice
+    points or a factory ``rngs -> model`` (:class:`~dnas.supernet.nnx_space.NNXSpace`). For
+    objects only the data's ``in_channels`` / ``num_classes`` may be given (as checks)."""
+    if not isinstance(name, str):
+        return as_space(name, options)
+    if name in SPACES:
+        cls, config_cls = SPACES[name]
+        fields = {f.name for f in dataclasses.fields(config_cls)}
+        bad = sorted(set(options) - fields)
+        if bad:
+            raise ValueError(f"search space {name!r} has no option(s) {bad}; options: {sorted(fields)}")
+        return cls(config_cls(**options))
+    from dnas import plugins
+    factory = plugins.USER_SPACES.get(name)
+    if factory is None and plugins.is_spec(name):
+        factory = plugins.load_spec(name, "search space")
+    if factory is None:
+        factory = plugins.entry_point(plugins.SPACE_GROUP, name)
+    if factory is None:
+        known = sorted(SPACES) + sorted(plugins.USER_SPACES) + plugins.entry_point_names(plugins.SPACE_GROUP)
+        raise UnknownSpaceError(f"unknown search space {name!r}; available: {', '.join(known)} "
+                                "(or an import spec 'package.module:attribute')")
+    if isinstance(factory, SearchSpace) or _is_nnx_module(factory):
+        return as_space(factory, options, name)
+    built = plugins.call_with_options(factory, dict(options), f"search space {name!r}")
+    data = {k: v for k, v in options.items() if k in ("in_channels", "num_classes")}
+    return as_space(built, data, name)
+
+
+def _is_nnx_module(obj) -> bool:
+    try:
+        from flax import nnx
+    except ImportError:  # pragma: no cover - flax is a dependency
+        return False
+    return isinstance(obj, nnx.Module)
+
+
+def as_space(obj, options: dict | None = None, name: str | None = None) -> SearchSpace:
+    """``obj`` as a :class:`SearchSpace`: itself, or a Flax NNX model (or a factory ``rngs ->
+    model``) wrapped in :class:`~dnas.supernet.nnx_space.NNXSpace`."""
+    options = dict(options or {})
+    bad = sorted(set(options) - {"in_channels", "num_classes"})
     if bad:
-        raise ValueError(f"search space {name!r} has no option(s) {bad}; options: {sorted(fields)}")
-    return cls(config_cls(**options))
+        raise ValueError(f"space options {bad} apply to spaces built by name; a {type(obj).__name__} object "
+                         "is already built")
+    if isinstance(obj, SearchSpace):
+        return obj
+    if _is_nnx_module(obj) or callable(obj):
+        from dnas.supernet.nnx_space import NNXSpace
+        return NNXSpace(obj, num_classes=options.get("num_classes"), in_channels=options.get("in_channels"))
+    raise TypeError(f"{name or 'the space'}: expected a SearchSpace, a Flax NNX model or a factory of one, "
+                    f"got {type(obj).__name__}")
+
+
+def space_label(space) -> str:
+    """A name for a space argument, for configs and titles: the name itself, or the object's
+    class name."""
+    if isinstance(space, str):
+        return space
+    return getattr(space, "name", None) or getattr(space, "__name__", None) or type(space).__name__

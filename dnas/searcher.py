@@ -50,7 +50,25 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from dnas.hypergrad import FIRST_DERIVATIVES_ONLY, Bilevel, check_tunable, get_hypergrad
 from dnas.relaxations import Relaxation, entropy, get_relaxation
 from dnas.supernet.layers import Ctx
-from dnas.supernet.spaces import SearchSpace, build_space
+from dnas.supernet.spaces import SPACES, SearchSpace, build_space, space_label
+
+#: The spaces built from dnas's own layer kit (they read ``Ctx.compute_dtype``).
+BUILTIN_SPACE_TYPES = tuple(cls for cls, _ in SPACES.values())
+
+
+def _takes_partial_channels(space: str) -> bool:
+    """Whether the named space builds its candidate ops for a fraction of the channels."""
+    import dataclasses as dc
+    import inspect
+    if space in SPACES:
+        return "partial_channels" in {f.name for f in dc.fields(SPACES[space][1])}
+    from dnas import plugins
+    factory = plugins.USER_SPACES.get(space) or (plugins.load_spec(space, "search space")
+                                                 if plugins.is_spec(space) else plugins.entry_point(plugins.SPACE_GROUP, space))
+    try:
+        return callable(factory) and "partial_channels" in inspect.signature(factory).parameters
+    except (TypeError, ValueError):
+        return False
 
 AXIS = "devices"
 
@@ -398,6 +416,8 @@ def _latency_objective(space: str, built: SearchSpace, space_options: dict, late
 
     latency = dict(latency)
     deploy = latency.pop("space_options", None)
+    if deploy and not isinstance(space, str):
+        raise ValueError("latency space options rebuild a space by name; the space was given as an object")
     if deploy:
         target = build_space(space, **{**space_options, **deploy})
         shapes = {g: tuple(v) for g, v in target.groups.items()}
@@ -409,12 +429,13 @@ def _latency_objective(space: str, built: SearchSpace, space_options: dict, late
     return make_latency_objective(built, **latency)
 
 
-def make_searcher(space: str, relaxation: str = "darts", *, space_options: dict | None = None,
+def make_searcher(space, relaxation: str = "darts", *, space_options: dict | None = None,
                   relaxation_options: dict | None = None, hyper: Hyper = Hyper(),
                   total_steps: int = 1, num_devices: int = 1, hypergrad: str = "first",
                   hypergrad_options: dict | None = None, tune=(), latency: dict | None = None,
                   num_seeds: int = 1, precision: str = "float32") -> Searcher:
-    """Build a :class:`Searcher` by names. ``latency``: keyword arguments of
+    """Build a :class:`Searcher` by names (``space``: a name, an import spec, or a space object or
+    Flax NNX model, see :func:`~dnas.supernet.spaces.build_space`). ``latency``: keyword arguments of
     :func:`dnas.latency.objective.make_latency_objective` (``table_path``, ``loss``, ``target``,
     ``weight``, ``input_size``), plus ``space_options`` of the deployed network, or None."""
     space_options = dict(space_options or {})
@@ -424,7 +445,14 @@ def make_searcher(space: str, relaxation: str = "darts", *, space_options: dict 
     if latency:  # of the full-width network (before PC-DARTS narrows the candidate ops)
         objective = _latency_objective(space, built, space_options, latency)
     if relax.partial_channels != 1:  # the space's candidate ops see 1/K of the channels
+        if not isinstance(space, str) or not _takes_partial_channels(space):
+            raise ValueError(f"relaxation {relax.name!r} runs the candidate ops on 1/{relax.partial_channels} of "
+                             f"the channels, and the space {space_label(space)!r} cannot build its ops that narrow "
+                             "(for PC-DARTS use the relaxation option k=1)")
         built = build_space(space, **{**space_options, "partial_channels": relax.partial_channels})
+    if precision != "float32" and not isinstance(built, BUILTIN_SPACE_TYPES):
+        raise ValueError(f"--precision {precision} sets the compute dtype of dnas's built-in convolutions; for "
+                         f"{space_label(space)!r} set dtype on your own layers instead")
     return Searcher(built, relax, hyper, total_steps, num_devices, hypergrad=hypergrad,
                     hypergrad_options=hypergrad_options, tune=tuple(tune), latency=objective, num_seeds=num_seeds,
                     precision=precision)

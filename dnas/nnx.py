@@ -1,0 +1,291 @@
+"""Choice points inside your own Flax NNX model, and the model with the choices made.
+
+A researcher marks what is to be searched where it lives, in the model's own code:
+
+* :class:`Choice` — a layer choice (NNI's ``LayerChoice``; a DARTS edge): the candidates are any
+  Flax modules (or functions) mapping the same input to outputs of one shape, e.g. a 3x3 and a
+  5x5 convolution, :class:`Identity` (skip) and :class:`Zero` (drop the layer);
+* :class:`InputChoice` — pick ``n_chosen`` of ``n`` incoming tensors (a DARTS cell node picks
+  2 of its predecessors), summed (or averaged) in the chosen network.
+
+Every choice point has a ``label``; a genotype (:class:`dnas.supernet.genotype.ChoiceGenotype`)
+maps labels to what was chosen. :class:`dnas.supernet.nnx_space.NNXSpace` turns such a model
+into a search space, so every relaxation, hypergradient estimator, latency loss,
+multi-device and multi-seed search applies to it unchanged; :func:`fix` returns the model with
+each choice point replaced by its choice.
+
+How a choice point combines its candidates during the search is the relaxation's ``mix``
+(:mod:`dnas.relaxations.base`): DARTS's ``Σ_o softmax(α)_o · o(x)`` (Liu et al., ICLR 2019,
+eq. 2) evaluates every candidate, GDAS's hard sample evaluates one (``lax.switch``). Outside a
+search (:func:`mixing`) a choice point has nothing to mix with and refuses to run: call the
+model that :func:`fix` returns instead.
+"""
+from __future__ import annotations
+
+import contextlib
+import contextvars
+from typing import Any, Callable, Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from jax import lax
+
+__all__ = ["Choice", "InputChoice", "Identity", "Zero", "FixedInputs", "fix", "choice_points", "mixing"]
+
+
+class Identity(nnx.Module):
+    """``x ↦ x``: the skip connection candidate."""
+
+    def __call__(self, x):
+        return x
+
+
+class Zero(nnx.Module):
+    """``x ↦ 0`` (DARTS's ``none``): choosing it removes the layer's contribution."""
+
+    def __call__(self, x):
+        return jnp.zeros_like(x)
+
+
+class _Function(nnx.Module):
+    """A plain function (``jax.nn.relu``, a lambda) as a candidate without parameters."""
+
+    def __init__(self, fn: Callable):
+        self.fn = fn
+
+    def __call__(self, x):
+        return self.fn(x)
+
+
+def _check_label(label: Any, what: str) -> str:
+    if not isinstance(label, str) or not label or label != label.strip():
+        raise ValueError(f"{what}: label must be a non-empty string without surrounding spaces, got {label!r}")
+    return label
+
+
+class Choice(nnx.Module):
+    """A layer choice: one of ``options`` (name -> Flax module or function) at this place.
+
+    During a search the relaxation mixes the candidates; :func:`fix` replaces the choice point by
+    the chosen candidate. All candidates must map an input to outputs of the same shape.
+    """
+
+    def __init__(self, options: Mapping[str, Any], label: str):
+        self.label = _check_label(label, "Choice")
+        if not isinstance(options, Mapping) or len(options) < 2:
+            raise ValueError(f"Choice {label!r}: options must be a mapping name -> module with at least two "
+                             f"candidates, got {options!r}")
+        for name, op in options.items():
+            if not isinstance(name, str) or not name:
+                raise ValueError(f"Choice {label!r}: option name {name!r} is not a non-empty string")
+            if not callable(op):
+                raise ValueError(f"Choice {label!r}: option {name!r} is not callable ({type(op).__name__})")
+        self.names = tuple(options)
+        self.candidates = nnx.List([op if isinstance(op, nnx.Module) else _Function(op) for op in options.values()])
+
+    def __call__(self, x):
+        return _active(self.label).choose(self, x)
+
+
+class FixedInputs(nnx.Module):
+    """What an :class:`InputChoice` becomes in the chosen network: the sum (or mean) of the
+    chosen inputs ``indices``."""
+
+    def __init__(self, indices: Sequence[int], reduction: str = "sum"):
+        self.indices, self.reduction = tuple(int(i) for i in indices), reduction
+
+    def __call__(self, inputs: Sequence[jax.Array]):
+        chosen = [inputs[i] for i in self.indices]
+        out = sum(chosen[1:], chosen[0])
+        return out / len(chosen) if self.reduction == "mean" else out
+
+
+class InputChoice(nnx.Module):
+    """Pick ``n_chosen`` of ``n_candidates`` incoming tensors (all of one shape).
+
+    During a search the relaxation mixes the inputs as it mixes candidate ops (the inputs are
+    the candidates' outputs); derivation keeps the ``n_chosen`` best-scored inputs, which the
+    chosen network sums (``reduction="sum"``, as a DARTS cell node sums its two inputs) or
+    averages (``"mean"``).
+    """
+
+    def __init__(self, n_candidates: int, n_chosen: int = 1, *, label: str, reduction: str = "sum"):
+        self.label = _check_label(label, "InputChoice")
+        if not isinstance(n_candidates, int) or n_candidates < 2:
+            raise ValueError(f"InputChoice {label!r}: n_candidates must be an integer >= 2, got {n_candidates!r}")
+        if not isinstance(n_chosen, int) or not 1 <= n_chosen < n_candidates:
+            raise ValueError(f"InputChoice {label!r}: n_chosen must be in 1..{n_candidates - 1}, got {n_chosen!r}")
+        if reduction not in ("sum", "mean"):
+            raise ValueError(f"InputChoice {label!r}: reduction must be 'sum' or 'mean', got {reduction!r}")
+        self.n_candidates, self.n_chosen, self.reduction = n_candidates, n_chosen, reduction
+        self.names = tuple(f"in{i}" for i in range(n_candidates))
+
+    def __call__(self, inputs: Sequence[jax.Array]):
+        if len(inputs) != self.n_candidates:
+            raise ValueError(f"InputChoice {self.label!r} expects {self.n_candidates} inputs, got {len(inputs)}")
+        return _active(self.label).choose_input(self, list(inputs))
+
+
+# --------------------------------------------------------------------------- the mixing context
+
+class _OpCandidates:
+    """A :class:`Choice`'s candidates in the form relaxations consume
+    (:class:`dnas.supernet.mixed.Candidates`): ``all(x)`` evaluates every candidate, ``one(i,
+    x)`` only candidate ``i`` (a traced index) under ``lax.switch``.
+
+    ``all`` runs the modules in place (their BatchNorm statistics update as usual) and returns
+    no state; ``one`` runs them functionally (split, switch over merged copies) and returns
+    the candidates' new NNX state, which :meth:`_Mixing.choose` writes back."""
+
+    def __init__(self, candidates: nnx.List, ctx):
+        self.modules, self.ctx = candidates, ctx
+
+    @property
+    def num(self) -> int:
+        return len(self.modules)
+
+    def all(self, x):
+        return [op(x) for op in self.modules], None
+
+    def one(self, index, x, state=None):
+        graphdef, current = nnx.split(self.modules)
+
+        def branch(i):
+            def run(st, x_):
+                ops = nnx.merge(graphdef, st)
+                y = ops[i](x_)
+                return y, nnx.state(ops)
+            return run
+        return lax.switch(index, [branch(i) for i in range(self.num)], current if state is None else state, x)
+
+
+class _InputCandidates:
+    """An :class:`InputChoice`'s inputs as candidates whose outputs are the inputs themselves."""
+
+    def __init__(self, inputs: list, ctx):
+        self.inputs, self.ctx = inputs, ctx
+
+    @property
+    def num(self) -> int:
+        return len(self.inputs)
+
+    def all(self, x):
+        return list(self.inputs), None
+
+    def one(self, index, x, state=None):
+        return lax.switch(index, [lambda i=i: self.inputs[i] for i in range(self.num)]), state
+
+
+class _Mixing:
+    """The samples of one forward pass of the supernet, by label, and the relaxation's mix."""
+
+    def __init__(self, samples: Mapping[str, Any], mix: Callable, ctx):
+        self.samples, self.mix, self.ctx = samples, mix, ctx
+
+    def _sample(self, label: str):
+        if label not in self.samples:
+            raise KeyError(f"choice point {label!r} has no sample in this forward pass (known: {sorted(self.samples)}); "
+                           "was the model changed after the search space was built?")
+        return jax.tree_util.tree_map(lambda a: a[0], self.samples[label])
+
+    def choose(self, choice: Choice, x):
+        y, state = self.mix(self._sample(choice.label), _OpCandidates(choice.candidates, self.ctx), x)
+        if state is not None:
+            nnx.update(choice.candidates, state)
+        return y
+
+    def choose_input(self, choice: InputChoice, inputs: list):
+        y, _ = self.mix(self._sample(choice.label), _InputCandidates(inputs, self.ctx), inputs[0])
+        return y
+
+
+_ACTIVE: contextvars.ContextVar[_Mixing | None] = contextvars.ContextVar("dnas_nnx_mixing", default=None)
+
+
+def _active(label: str) -> _Mixing:
+    active = _ACTIVE.get()
+    if active is None:
+        raise RuntimeError(f"choice point {label!r} was called outside a search: a supernet has no single "
+                           "architecture. Search it (dnas.search), or call dnas.fix(model, genotype) and run the "
+                           "model it returns")
+    return active
+
+
+@contextlib.contextmanager
+def mixing(samples: Mapping[str, Any], mix: Callable, ctx=None):
+    """Within this context every choice point of a model mixes its candidates with ``mix``
+    (a relaxation's) and its sample ``samples[label]`` (leading axis of length 1)."""
+    token = _ACTIVE.set(_Mixing(samples, mix, ctx))
+    try:
+        yield
+    finally:
+        _ACTIVE.reset(token)
+
+
+# --------------------------------------------------------------------------- structure
+
+def choice_points(model: nnx.Module) -> dict[str, tuple[tuple, Choice | InputChoice]]:
+    """``{label: (path, choice point)}`` in the model's graph order; duplicate labels are an
+    error (a genotype could not tell them apart)."""
+    found: dict = {}
+    for path, module in nnx.iter_modules(model):
+        if isinstance(module, (Choice, InputChoice)):
+            if module.label in found and found[module.label][1] is not module:
+                raise ValueError(f"two choice points share the label {module.label!r} (at {_path(found[module.label][0])} "
+                                 f"and {_path(path)}); labels must be unique")
+            found.setdefault(module.label, (tuple(path), module))
+    return found
+
+
+def _path(path) -> str:
+    return ".".join(map(str, path)) or "<model>"
+
+
+def _replace(model, path: tuple, new) -> None:
+    parent = model
+    for key in path[:-1]:
+        parent = parent[key] if isinstance(key, int) or isinstance(parent, (nnx.List, nnx.Dict, list, dict)) \
+            else getattr(parent, key)
+    key = path[-1]
+    if isinstance(key, int) or isinstance(parent, (nnx.List, nnx.Dict, list, dict)):
+        parent[key] = new
+    else:
+        setattr(parent, key, new)
+
+
+def fix(model: nnx.Module, genotype) -> nnx.Module:
+    """A copy of ``model`` in which every choice point is replaced by its choice in ``genotype``
+    (a :class:`~dnas.supernet.genotype.ChoiceGenotype` or a mapping label -> choice): a plain
+    NNX module holding only the chosen candidates and their current weights.
+
+    Every choice point of the model must have a choice, and every label of the genotype must be
+    a choice point of the model; a choice that is not one of the point's candidates is an error.
+    """
+    choices = dict(genotype.choices if hasattr(genotype, "choices") else genotype)
+    fixed = nnx.clone(model)
+    points = choice_points(fixed)
+    missing, extra = sorted(set(points) - set(choices)), sorted(set(choices) - set(points))
+    if missing or extra:
+        raise ValueError("the genotype does not match the model's choice points: "
+                         + "; ".join(p for p in (f"no choice for {missing}" if missing else "",
+                                                 f"unknown labels {extra}" if extra else "") if p)
+                         + f" (the model's labels: {sorted(points)})")
+    # deepest first, so that a choice point inside a candidate is fixed before its parent moves
+    for label, (path, point) in sorted(points.items(), key=lambda kv: -len(kv[1][0])):
+        choice = choices[label]
+        if isinstance(point, Choice):
+            if choice not in point.names:
+                raise ValueError(f"choice point {label!r}: {choice!r} is not one of its candidates {list(point.names)}")
+            new = point.candidates[point.names.index(choice)]
+        else:
+            idx = tuple(sorted(int(i) for i in (choice if isinstance(choice, (list, tuple)) else [choice])))
+            if len(idx) != point.n_chosen or len(set(idx)) != len(idx) or not all(0 <= i < point.n_candidates for i in idx):
+                raise ValueError(f"input choice {label!r}: {list(idx)} is not {point.n_chosen} distinct indices "
+                                 f"in 0..{point.n_candidates - 1}")
+            new = FixedInputs(idx, point.reduction)
+        if path:
+            _replace(fixed, path, new)
+        else:
+            fixed = new
+    return fixed

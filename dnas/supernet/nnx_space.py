@@ -1,0 +1,120 @@
+"""A Flax NNX model with choice points (:mod:`dnas.nnx`) as a search space.
+
+:class:`NNXSpace` implements the :class:`~dnas.supernet.space_base.SearchSpace` interface the
+searcher, the relaxations and the hypergradient estimators consume: ``init`` gives the weights
+and BatchNorm statistics as plain pytrees (``nnx.split`` + ``nnx.to_pure_dict``, done outside
+the jitted step), ``apply`` merges them into the model's graph at trace time and runs it with
+every choice point mixing its candidates by the relaxation's ``mix``. The module system's
+bookkeeping therefore costs tracing time only; the compiled step sees the model's arithmetic.
+
+Each choice point is a group of one row named by its label (``{label: (1, num_candidates)}``),
+so candidate sets of any size coexist and α, ``alphas.json`` and the pictures are keyed by
+label. Derivation takes the best-scored candidate of a :class:`~dnas.nnx.Choice` and the
+``n_chosen`` best inputs of an :class:`~dnas.nnx.InputChoice`.
+
+What a user model does not get: PC-DARTS's partial channels (its candidates would have to be
+built for ``C/K`` channels; ``k=1`` works), ``--precision bfloat16`` (set ``dtype`` on the Flax
+layers instead), and dropout during the search (``deterministic`` is set: the search state
+holds no RNG stream for it).
+"""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from dnas.nnx import Choice, InputChoice, choice_points, mixing
+from dnas.supernet.genotype import ChoiceGenotype
+from dnas.supernet.space_base import SearchSpace
+
+
+class NNXSpace(SearchSpace):
+    """``model``: an ``nnx.Module`` instance (every seed starts from its weights), or a factory
+    ``rngs -> nnx.Module`` (each seed's weights are initialised from its own key).
+    ``num_classes``: when given, the model's logits are checked to have that many columns."""
+
+    def __init__(self, model: nnx.Module | Callable[[nnx.Rngs], nnx.Module], name: str | None = None,
+                 num_classes: int | None = None, in_channels: int | None = None):
+        self.factory = None if isinstance(model, nnx.Module) else model
+        if self.factory is not None and not callable(model):
+            raise TypeError(f"expected an nnx.Module or a factory rngs -> nnx.Module, got {type(model).__name__}")
+        instance = model if self.factory is None else self.factory(nnx.Rngs(0))
+        if not isinstance(instance, nnx.Module):
+            raise TypeError(f"the model factory returned {type(instance).__name__}, not an nnx.Module")
+        self.points = {label: point for label, (_, point) in choice_points(instance).items()}
+        if not self.points:
+            raise ValueError(f"{type(instance).__name__} has no choice points (dnas.nnx.Choice / InputChoice): "
+                             "nothing to search")
+        self.name = name or type(instance).__name__
+        self.num_classes, self.in_channels = num_classes, in_channels
+        self.graphdef, params, stats, self._rest = nnx.split(instance, nnx.Param, nnx.BatchStat, ...)
+        self._params0, self._stats0 = nnx.to_pure_dict(params), nnx.to_pure_dict(stats)
+        self.groups = {label: (1, len(p.names)) for label, p in self.points.items()}
+        self.op_names = tuple(dict.fromkeys(n for p in self.points.values() for n in p.names))
+        self.config = None
+
+    # ------------------------------------------------------------------ weights
+    def init(self, key):
+        if self.factory is None:
+            return jax.tree_util.tree_map(lambda a: jnp.array(a, copy=True), (self._params0, self._stats0))
+        _, params, stats, _ = nnx.split(self.factory(nnx.Rngs(key)), nnx.Param, nnx.BatchStat, ...)
+        return nnx.to_pure_dict(params), nnx.to_pure_dict(stats)
+
+    def module(self, params, stats) -> nnx.Module:
+        """The supernet as an ``nnx.Module`` holding ``params`` and ``stats`` (e.g. a search's
+        final state, for :func:`dnas.nnx.fix`)."""
+        params, stats = jax.tree_util.tree_map(jnp.asarray, (params, stats))
+        return nnx.merge(self.graphdef, params, stats, self._rest, copy=True)
+
+    def apply(self, params, state, x, samples, mix, ctx):
+        model = nnx.merge(self.graphdef, params, state, self._rest, copy=True)
+        train, axis = bool(getattr(ctx, "train", True)), getattr(ctx, "axis_name", None)
+        for _, m in nnx.iter_modules(model):
+            if isinstance(m, nnx.BatchNorm):     # synchronised BatchNorm across data-parallel devices
+                m.axis_name = axis
+            if hasattr(m, "use_running_average"):
+                m.use_running_average = not train
+            if hasattr(m, "deterministic"):
+                m.deterministic = True
+        with mixing(samples, mix, ctx):
+            logits = model(x)
+        if self.num_classes is not None and logits.shape[-1] != self.num_classes:
+            raise ValueError(f"{self.name} returns {logits.shape[-1]} logits per example; the data has "
+                             f"{self.num_classes} classes")
+        return logits, nnx.to_pure_dict(nnx.state(model, nnx.BatchStat))
+
+    # ------------------------------------------------------------------ architecture
+    def group_op_names(self, group):
+        return tuple(self.points[group].names)
+
+    def choice_point_names(self, group):
+        return [group]
+
+    def choice_point_nodes(self, group):
+        return [0]
+
+    def derive(self, scores) -> ChoiceGenotype:
+        choices: dict[str, Any] = {}
+        for label, point in self.points.items():
+            row = np.asarray(scores[label]).reshape(-1)
+            if isinstance(point, InputChoice):   # the n_chosen best-scored inputs (ties: lower index)
+                order = np.argsort(-row, kind="stable")
+                choices[label] = tuple(sorted(int(i) for i in order[:point.n_chosen]))
+            else:
+                choices[label] = point.names[int(np.argmax(row))]
+        return ChoiceGenotype(choices, self.name)
+
+    def genotype_indices(self, genotype) -> dict[str, np.ndarray]:
+        """The chosen column of every group (an input choice: its best chosen input)."""
+        out = {}
+        for label, point in self.points.items():
+            c = genotype[label]
+            out[label] = np.array([point.names.index(c) if isinstance(point, Choice) else int(c[0])])
+        return out
+
+    def describe(self) -> dict:
+        return {"space": self.name, "kind": "nnx",
+                "choice_points": {label: list(p.names) for label, p in self.points.items()}}

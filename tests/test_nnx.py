@@ -1,0 +1,301 @@
+"""Choice points in a user's own Flax NNX model (dnas.nnx, dnas.supernet.nnx_space, dnas.search).
+
+The supernet's output is checked against mixtures written by hand from the model's own
+submodules, its one-hot case against the model dnas.fix returns, data parallel against one
+device, and the second-order hypergradient against jax.grad of the explicit DARTS objective."""
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+import dnas
+from dnas.hypergrad import ESTIMATORS
+from dnas.nnx import Choice, Identity, InputChoice, Zero
+from dnas.relaxations import dense_mix, get_relaxation
+from dnas.relaxations.gumbel import _sampled_mix
+from dnas.searcher import Hyper, make_searcher
+from dnas.supernet.genotype import ChoiceGenotype, load_genotype
+from dnas.supernet.layers import Ctx
+from dnas.supernet.nnx_space import NNXSpace
+
+
+class ConvBN(nnx.Module):
+    def __init__(self, c, k, rngs):
+        self.conv = nnx.Conv(c, c, (k, k), use_bias=False, rngs=rngs)
+        self.bn = nnx.BatchNorm(c, rngs=rngs)
+
+    def __call__(self, x):
+        return self.bn(self.conv(jax.nn.relu(x)))
+
+
+class Net(nnx.Module):
+    def __init__(self, rngs, c=4):
+        self.stem = nnx.Conv(1, c, (3, 3), rngs=rngs)
+        self.bn = nnx.BatchNorm(c, rngs=rngs)
+        self.op = Choice({"conv3": ConvBN(c, 3, rngs), "conv5": ConvBN(c, 5, rngs), "skip": Identity(),
+                          "zero": Zero()}, label="op")
+        self.act = Choice({"relu": jax.nn.relu, "tanh": jnp.tanh}, label="act")
+        self.merge = InputChoice(3, 2, label="merge")
+        self.head = nnx.Linear(c, 10, rngs=rngs)
+
+    def __call__(self, x):
+        h0 = self.bn(self.stem(x))
+        h1 = self.act(self.op(h0))
+        return self.head(self.merge([h0, h1, 0.5 * h0 + h1]).mean((1, 2)))
+
+
+def _x(n=8, seed=0):
+    return jnp.asarray(np.random.RandomState(seed).randn(n, 6, 6, 1), jnp.float32)
+
+
+def _set_train(model, train):
+    for _, m in nnx.iter_modules(model):
+        if isinstance(m, nnx.BatchNorm):
+            m.use_running_average = not train
+
+
+def _weights(space, seed):
+    rng = np.random.RandomState(seed)
+    return {g: jnp.asarray(rng.dirichlet(np.ones(n))[None], jnp.float32) for g, (_, n) in space.groups.items()}
+
+
+@pytest.mark.parametrize("train", [False, True], ids=["eval", "train"])
+def test_soft_mixture_equals_hand_written(train):
+    model = Net(nnx.Rngs(0))
+    space = NNXSpace(model)
+    params, stats = space.init(jax.random.PRNGKey(0))
+    w = _weights(space, 1)
+    x = _x()
+    logits, new_stats = space.apply(params, stats, x, w, dense_mix, Ctx(train=train))
+
+    ref = nnx.clone(model)
+    _set_train(ref, train)
+    h0 = ref.bn(ref.stem(x))
+    h1 = sum(w["op"][0, i] * op(h0) for i, op in enumerate(ref.op.candidates))
+    h2 = w["act"][0, 0] * jax.nn.relu(h1) + w["act"][0, 1] * jnp.tanh(h1)
+    ins = [h0, h2, 0.5 * h0 + h2]
+    want = ref.head(sum(w["merge"][0, i] * ins[i] for i in range(3)).mean((1, 2)))
+    np.testing.assert_allclose(logits, want, rtol=1e-5, atol=1e-6)
+    want_stats = nnx.to_pure_dict(nnx.state(ref, nnx.BatchStat))
+    for a, b in zip(jax.tree_util.tree_leaves(new_stats), jax.tree_util.tree_leaves(want_stats)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+    if train:  # the candidates' BatchNorm statistics moved (all candidates ran)
+        assert not np.allclose(new_stats["op"]["candidates"][1]["bn"]["mean"], stats["op"]["candidates"][1]["bn"]["mean"])
+
+
+@pytest.mark.parametrize("choice", [("conv5", (0, 2), "tanh"), ("conv3", (1, 2), "relu"), ("skip", (0, 1), "relu")])
+@pytest.mark.parametrize("mix", ["dense", "sampled"])
+def test_one_hot_equals_fixed_model(choice, mix):
+    """Indicator weights (dense mix), or a hard sample that runs one candidate under lax.switch
+    (GDAS's mix), give the fixed model's logits and BatchNorm statistics, in training mode."""
+    op, inputs, act = choice
+    model = Net(nnx.Rngs(3))
+    space = NNXSpace(model)
+    params, stats = space.init(jax.random.PRNGKey(0))
+    genotype = ChoiceGenotype({"op": op, "merge": inputs, "act": act})
+    hot = {label: np.zeros((1, n), np.float32) for label, (_, n) in space.groups.items()}
+    hot["op"][0, space.group_op_names("op").index(op)] = 1
+    hot["act"][0, space.group_op_names("act").index(act)] = 1
+    hot["merge"][0, list(inputs)] = 1
+    if mix == "dense":
+        samples, fn = {k: jnp.asarray(v) for k, v in hot.items()}, dense_mix
+    else:  # the input choice picks one input when sampled: make it pick the first chosen one
+        hot["merge"][0] = 0
+        hot["merge"][0, inputs[0]] = 1
+        samples = {k: {"index": jnp.asarray([int(np.argmax(v[0]))]), "weights": jnp.asarray(v)} for k, v in hot.items()}
+        fn = _sampled_mix
+    x = _x(seed=2)
+    logits, new_stats = jax.jit(lambda p, s: space.apply(p, s, x, samples, fn, Ctx(train=True)))(params, stats)
+
+    fixed = dnas.fix(model, genotype)
+    if mix == "sampled":
+        fixed.merge.indices = (inputs[0],)
+    _set_train(fixed, True)
+    np.testing.assert_allclose(logits, fixed(x), rtol=1e-5, atol=1e-5)
+    got = {k: v for k, v in new_stats.items() if k != "op"}
+    want = nnx.to_pure_dict(nnx.state(fixed, nnx.BatchStat))
+    np.testing.assert_allclose(got["bn"]["mean"], want["bn"]["mean"], rtol=1e-5, atol=1e-7)
+    if op.startswith("conv"):   # the chosen candidate's statistics are the fixed op's
+        i = space.group_op_names("op").index(op)
+        np.testing.assert_allclose(new_stats["op"]["candidates"][i]["bn"]["var"], want["op"]["bn"]["var"], rtol=1e-5)
+
+
+def test_fixed_model_holds_only_the_chosen_parameters():
+    model = Net(nnx.Rngs(0))
+    fixed = dnas.fix(model, {"op": "conv3", "act": "relu", "merge": [0, 2]})
+    assert isinstance(fixed.op, ConvBN) and fixed.op.conv.kernel.shape == (3, 3, 4, 4)
+    assert isinstance(fixed.merge, dnas.nnx.FixedInputs) and fixed.merge.indices == (0, 2)
+    size = lambda m: sum(int(np.prod(a.shape)) for a in jax.tree_util.tree_leaves(nnx.state(m, nnx.Param)))
+    assert size(fixed) == size(model.stem) + size(model.bn) + size(model.op.candidates[0]) + size(model.head)
+    assert not dnas.nnx.choice_points(fixed)
+    x = _x()
+    _set_train(fixed, False)
+    with pytest.raises(RuntimeError, match="outside a search"):
+        model(x)
+    assert fixed(x).shape == (8, 10)
+
+
+def test_bad_choice_points_and_genotypes_are_refused():
+    with pytest.raises(ValueError, match="at least two"):
+        Choice({"a": Identity()}, label="x")
+    with pytest.raises(ValueError, match="label"):
+        Choice({"a": Identity(), "b": Zero()}, label="")
+    with pytest.raises(ValueError, match="n_chosen"):
+        InputChoice(2, 2, label="m")
+    model = Net(nnx.Rngs(0))
+    with pytest.raises(ValueError, match="no choice for"):
+        dnas.fix(model, {"op": "conv3", "act": "relu"})
+    with pytest.raises(ValueError, match="not one of its candidates"):
+        dnas.fix(model, {"op": "conv7", "act": "relu", "merge": [0, 1]})
+    with pytest.raises(ValueError, match="distinct indices"):
+        dnas.fix(model, {"op": "conv3", "act": "relu", "merge": [0, 0]})
+
+    class Twice(nnx.Module):
+        def __init__(self):
+            self.a = Choice({"x": Identity(), "y": Zero()}, label="same")
+            self.b = Choice({"x": Identity(), "y": Zero()}, label="same")
+    with pytest.raises(ValueError, match="share the label 'same'"):
+        NNXSpace(Twice())
+    with pytest.raises(ValueError, match="no choice points"):
+        NNXSpace(nnx.Linear(2, 2, rngs=nnx.Rngs(0)))
+    with pytest.raises(ValueError, match="1/4 of the channels"):
+        make_searcher(Net(nnx.Rngs(0)), "pc_darts")
+    with pytest.raises(ValueError, match="precision"):
+        make_searcher(Net(nnx.Rngs(0)), "darts", precision="bfloat16")
+
+
+def _step_twice(s, x, y):
+    state = s.replicate(s.init(jax.random.PRNGKey(0)))
+    f = s.compiled_step(donate=False)
+    for i in range(2):
+        state, m = f(state, s.shard((x, y)), s.shard((x[::-1], y[::-1])))
+    return jax.device_get(state), jax.device_get(m)
+
+
+@pytest.mark.skipif(jax.local_device_count() < 8, reason="needs 8 (simulated) devices; see tests/conftest.py")
+@pytest.mark.parametrize("relaxation", ["darts", "gdas"])
+def test_user_model_eight_devices_equal_one(relaxation):
+    """BatchNorm is synchronised over the devices (its axis_name set by the space), so the
+    data-parallel step is the one-device step on the global batch."""
+    x, y = _x(16, seed=4), jnp.arange(16) % 10
+    out = [_step_twice(make_searcher(Net(nnx.Rngs(0)), relaxation, num_devices=n, total_steps=4), x, y) for n in (1, 8)]
+    (s1, m1), (s8, m8) = out
+    assert abs(float(m1["val_loss"]) - float(m8["val_loss"])) < 1e-5
+    for a, b in zip(jax.tree_util.tree_leaves((s1.arch, s1.params, s1.batch_stats)),
+                    jax.tree_util.tree_leaves((s8.arch, s8.params, s8.batch_stats))):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_user_model_unrolled_hypergradient_equals_explicit_objective():
+    """DARTS's second-order hypergradient through a user model: jax.grad of
+    L_val(w - ξ(∇_w L_train(w, α) + wd·w), α), written out by hand."""
+    s = make_searcher(Net(nnx.Rngs(0)), "darts", hypergrad="unrolled",
+                      hyper=Hyper(w_lr=0.5, w_grad_clip=1e9))
+    state = s.init(jax.random.PRNGKey(0))
+    tb, vb = (_x(8, 5), jnp.arange(8) % 10), (_x(8, 6), (jnp.arange(8) + 3) % 10)
+    k = jax.random.PRNGKey(1)
+    lr, wd = s.hparams({}, 0)
+
+    def objective(arch):
+        g = jax.grad(lambda w_: s.train_loss(w_, arch, state.batch_stats, tb, k, 0.0)[0])(state.params)
+        w1 = jax.tree_util.tree_map(lambda wi, gi: wi - lr * (gi + wd * wi), state.params, g)
+        return s.val_loss(arch, w1, state.batch_stats, vb, k, 0.0)[0]
+
+    truth = jax.jit(jax.grad(objective))(state.arch)
+    got, _ = jax.jit(lambda st: s.outer_grad(st, tb, vb, k, k, 0.0))(state)
+    for label in truth:
+        np.testing.assert_allclose(got["arch"][label], truth[label], rtol=1e-3, atol=1e-7)
+    first = jax.grad(lambda a: s.val_loss(a, state.params, state.batch_stats, vb, k, 0.0)[0])(state.arch)
+    # the second-order term is far above the tolerance: dropping it would fail the comparison
+    gap = max(float(jnp.abs(first[g] - truth[g]).max()) for g in truth)
+    assert gap > 10 * (1e-7 + 1e-3 * max(float(jnp.abs(truth[g]).max()) for g in truth))
+
+
+@pytest.mark.parametrize("estimator", [e if not e.startswith("implicit") else pytest.param(e, marks=pytest.mark.slow)
+                                       for e in sorted(set(ESTIMATORS) - {"first", "unrolled"})])
+def test_every_estimator_runs_on_a_user_model(estimator):
+    s = make_searcher(Net(nnx.Rngs(0)), "darts", hypergrad=estimator, total_steps=2)
+    state, m = _step_twice(s, _x(8), jnp.arange(8) % 10)
+    assert all(np.isfinite(float(v)) for v in m.values())
+    assert float(m["a_grad_norm"]) > 0
+
+
+def test_search_api_writes_a_run_and_its_genotype(tmp_path):
+    """dnas.search on the embedded digits with a model factory and two seeds (vmapped): each
+    seed's weights start from its own key, and each seed's genotype file reads back."""
+    calls = []
+
+    def factory(rngs):
+        calls.append(1)
+        return Net(rngs)
+    result = dnas.search(factory, "digits", relaxation="gdas", epochs=1, max_steps=3, batch_size=16,
+                         seeds=(0, 1), out=str(tmp_path / "run"), progress=False)
+    assert isinstance(result.genotype, ChoiceGenotype) and set(result.genotype) == {"op", "act", "merge"}
+    for seed, g in zip((0, 1), result.genotypes):
+        assert load_genotype(tmp_path / "run" / f"seed-{seed}" / "genotype.json") == g
+        alphas = json.loads((tmp_path / "run" / f"seed-{seed}" / "alphas.json").read_text())
+        assert alphas["groups"]["op"]["op_names"] == ["conv3", "conv5", "skip", "zero"]
+    assert (tmp_path / "run" / "seed-0" / "genotype.png").stat().st_size > 0
+    stem = [np.asarray(result.searcher.member(result.state, i).params["stem"]["kernel"]) for i in (0, 1)]
+    assert not np.allclose(stem[0], stem[1])
+    config = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert config["space"] == "Net" and config["space_options"]["kind"] == "nnx"
+    fixed = dnas.fix(result.supernet(1), result.genotypes[1])
+    assert fixed(_x(2)).shape == (2, 10)
+
+
+def test_plugin_space_and_relaxation_through_the_cli(tmp_path):
+    """A space (with a candidate op dnas does not ship) and a relaxation from a user module
+    (tests/dnas_test_plugin.py), loaded by import spec: the run's α probabilities are the
+    plugin's tempered softmax of its α, not DARTS's."""
+    from dnas.cli import main
+    out = tmp_path / "run"
+    rc = main(["search", "--space", "dnas_test_plugin:space", "--space-option", "width=4",
+               "--relaxation", "dnas_test_plugin:sharp_softmax", "--relaxation-option", "temperature=0.25",
+               "--epochs", "1", "--max-steps", "3", "--batch-size", "16", "--no-progress", "--out", str(out)])
+    assert rc == 0
+    g = json.loads((out / "genotype.json").read_text())
+    assert g["space"] == "choices" and g["model"] == "Tiny" and g["choices"]["block"] in ("gated", "conv1", "skip", "zero")
+    a = json.loads((out / "alphas.json").read_text())
+    assert a["relaxation"] == "sharp_softmax"
+    alpha = np.asarray(a["groups"]["block"]["alpha"])
+    np.testing.assert_allclose(a["groups"]["block"]["probs"], jax.nn.softmax(alpha / 0.25, axis=-1), rtol=1e-5)
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["space_options"]["choice_points"]["block"] == ["gated", "conv1", "skip", "zero"]
+    # the built-in spaces' flags are refused for a plugin space, before anything is written
+    with pytest.raises(SystemExit, match="--channels applies to the built-in spaces"):
+        main(["search", "--space", "dnas_test_plugin:space", "--channels", "4", "--out", str(tmp_path / "x")])
+    assert not (tmp_path / "x").exists()
+
+
+def test_unknown_specs_name_the_problem():
+    with pytest.raises(ValueError, match="cannot import module 'no_such_pkg.spaces'"):
+        make_searcher("no_such_pkg.spaces:net")
+    with pytest.raises(ValueError, match="has no attribute 'nope'"):
+        make_searcher("dnas_test_plugin:nope")
+    with pytest.raises(ValueError, match="has no option"):
+        make_searcher("dnas_test_plugin:space", space_options={"in_channels": 1, "num_classes": 10, "depth": 3})
+    with pytest.raises(ValueError, match="unknown relaxation"):
+        make_searcher(Net(nnx.Rngs(0)), "no_such_relaxation")
+    with pytest.raises(ValueError, match="not a dnas.relaxations.Relaxation"):
+        get_relaxation("dnas_test_plugin:space", in_channels=1, num_classes=10)
+
+
+def test_registered_names():
+    from dnas import plugins
+    from dnas.relaxations import REGISTRY
+    import dnas_test_plugin as plugin
+    dnas.register_space("tiny-test", plugin.space)
+    dnas.register_relaxation("sharp-test", plugin.sharp_softmax)
+    try:
+        s = make_searcher("tiny-test", "sharp-test", space_options={"in_channels": 1, "num_classes": 10, "width": 4},
+                          relaxation_options={"temperature": 2.0})
+        assert s.relax.name == "sharp_softmax" and s.space.name == "Tiny"
+        with pytest.raises(ValueError, match="built-in space"):
+            dnas.register_space("nb201", plugin.space)
+    finally:
+        plugins.USER_SPACES.pop("tiny-test", None)
+        REGISTRY.pop("sharp-test", None)
