@@ -147,10 +147,12 @@ def test_search_bad_input_is_a_clear_error(tmp_path, capsys, args, message):
     assert message in capsys.readouterr().err
 
 
-def test_unknown_space_is_rejected_by_the_parser(capsys):
-    with pytest.raises(SystemExit):
-        build_parser().parse_args(["search", "--space", "resnet"])
-    assert "invalid choice: 'resnet'" in capsys.readouterr().err
+def test_unknown_space_is_refused_with_the_known_ones(capsys, tmp_path):
+    """--space also takes registered names and import specs, so an unknown one is refused when
+    it is looked up, with the list of what exists."""
+    assert main(["search", "--space", "resnet", "--no-progress", "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert "unknown search space 'resnet'; available: chain, darts, nb201" in err
 
 
 def test_help_lists_the_options():

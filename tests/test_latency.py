@@ -445,5 +445,6 @@ def test_cli_parses_and_reports_errors(tmp_path, capsys):
     assert main(["show", "--space", "nb201", "--channels", "4", "--cells", "1", "--table", str(missing)]) == 2
     err = capsys.readouterr().err
     assert "lacks" in err and "nb201/stem-input:32x32x3-output:32x32x4-kernel:3" in err
-    with pytest.raises(SystemExit):
-        main(["profile", "--space", "nope", "--out", str(tmp_path / "o.json")])
+    assert main(["profile", "--space", "nope", "--out", str(tmp_path / "o.json")]) == 2
+    assert "unknown search space 'nope'; available: chain, darts, nb201" in capsys.readouterr().err
+    assert not (tmp_path / "o.json").exists()

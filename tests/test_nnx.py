@@ -299,3 +299,25 @@ def test_registered_names():
     finally:
         plugins.USER_SPACES.pop("tiny-test", None)
         REGISTRY.pop("sharp-test", None)
+
+
+def test_latency_profile_and_objective_of_a_user_model(tmp_path):
+    """`dnas latency profile` of a plugin model gives a table keyed by its choice point; the
+    search's expected latency is Σ_o p_o · table[o] + fixed under that table."""
+    from dnas.cli import main
+    from dnas.latency.table import LatencyTable
+    path = tmp_path / "tiny.json"
+    assert main(["latency", "profile", "--space", "dnas_test_plugin:space", "--space-option", "width=8",
+                 "--input-size", "8", "--in-channels", "1", "--repeats", "3", "--warmup", "1", "--no-progress",
+                 "--out", str(path)]) == 0
+    table = LatencyTable.load(path)
+    ops = ("gated", "conv1", "skip", "zero")
+    assert set(table.keys()) == {f"choice/block/0/{o}" for o in ops} | {"fixed"}
+    assert table.meta["granularity"] == "choice_point" and table.meta["space"] == "Tiny"
+    ms = {o: table.entries[f"choice/block/0/{o}"]["mean_ms"] for o in ops}
+    assert all(np.isfinite(v) and v >= 0 for v in ms.values())
+    s = make_searcher("dnas_test_plugin:space", "darts", space_options={"in_channels": 1, "num_classes": 10},
+                      latency={"table_path": str(path), "loss": "hinge", "target": 1.0, "weight": 0.1})
+    probs = {"block": jnp.asarray([[0.1, 0.2, 0.3, 0.4]])}
+    want = sum(p * ms[o] for p, o in zip([0.1, 0.2, 0.3, 0.4], ops)) + table.entries["fixed"]["mean_ms"]
+    np.testing.assert_allclose(float(s.latency.expected(probs)), want, rtol=1e-5)

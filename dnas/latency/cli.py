@@ -17,13 +17,19 @@ import sys
 
 
 def _space_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--space", choices=["nb201", "darts", "chain"], required=True, help="search space")
+    p.add_argument("--space", required=True,
+                   help="search space: nb201, darts, chain, or a user's space by import spec 'my_pkg.module:factory' "
+                        "(profile: a table keyed by choice point, docs/own_model.md)")
+    p.add_argument("--space-option", action="append", metavar="KEY=VALUE",
+                   help="option of a space given by spec or registered name (repeatable)")
+    p.add_argument("--in-channels", type=int, default=None,
+                   help="input channels (a user's space: default 3; built-in spaces: the space's)")
     p.add_argument("--channels", type=int, default=None, help="nb201/darts: initial channels C (default: the space's)")
     p.add_argument("--cells", type=int, default=None,
                    help="nb201: cells per stage; darts: number of cells; chain: max blocks per stage")
     p.add_argument("--width-mult", type=float, default=None, help="chain: width multiplier (1.0 = ProxylessNAS mobile)")
     p.add_argument("--stem-stride", type=int, default=None, help="chain: stride of the first conv (2 at 224 px, 1 at 32 px)")
-    p.add_argument("--num-classes", type=int, default=None, help="classifier outputs (default: the space's)")
+    p.add_argument("--num-classes", type=int, default=None, help="classifier outputs (default: the space's; a user's space: 10)")
     p.add_argument("--conv-impl", choices=["auto", "native", "dense"], default="auto",
                    help="separable convolution formulation: native (depthwise then pointwise; on CPU as shifted "
                         "views and a matrix product), dense (one convolution with the fused kernel); auto = native, "
@@ -39,9 +45,18 @@ def space_options(args) -> dict:
     8 cells) unless a flag says otherwise."""
     from dnas.cli import _space_options
 
+    from dnas.cli import DEFAULT_SPACE_OPTIONS
+
     ns = argparse.Namespace(space=args.space, channels=args.channels, cells=args.cells, width_mult=args.width_mult,
-                            conv_impl=args.conv_impl)
+                            conv_impl=args.conv_impl, space_option=getattr(args, "space_option", None))
     opts = _space_options(ns, {})
+    if args.space not in DEFAULT_SPACE_OPTIONS:   # a user's space
+        if args.stem_stride is not None:
+            raise SystemExit("dnas latency: --stem-stride applies to the chain space only")
+        opts.update(in_channels=args.in_channels or 3, num_classes=args.num_classes or 10)
+        return opts
+    if args.in_channels is not None:
+        opts["in_channels"] = args.in_channels
     if args.space == "chain":
         if args.stem_stride is not None:
             opts["stem_stride"] = args.stem_stride
@@ -161,6 +176,17 @@ def _profile(args) -> int:
     from dnas.latency.profile import profile_space
 
     space = _build(args)
+    if hasattr(space, "points"):   # a user's Flax model: a table keyed by choice point
+        from dnas.latency.nnx_profile import profile_choice_points
+        table = profile_choice_points(space, (args.input_size or 32, args.input_size or 32, args.in_channels or 3),
+                                      batch_size=args.batch_size, repeats=args.repeats, warmup=args.warmup,
+                                      seed=args.seed, statistic=args.statistic, subtract_overhead=not args.keep_overhead,
+                                      progress=not args.no_progress)
+        table.save(args.out)
+        total = sum(e["mean_ms"] for e in table.entries.values())
+        print(f"wrote {args.out}: {len(table)} entries keyed by choice point ({table.meta['backend']}, batch "
+              f"{args.batch_size}, input {table.meta['input_size']}; sum of entries {total:.3f} ms)")
+        return 0
     table = profile_space(space, batch_size=args.batch_size, input_size=args.input_size, repeats=args.repeats,
                           warmup=args.warmup, dtype=args.dtype, subtract_overhead=not args.keep_overhead,
                           progress=not args.no_progress, seed=args.seed, method=args.method, chain=args.chain,
