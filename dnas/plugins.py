@@ -7,7 +7,7 @@ A search space or a relaxation is found by
 * a name published by an installed package under the entry-point groups ``dnas.spaces`` /
   ``dnas.relaxations`` (``[project.entry-points."dnas.relaxations"] mine = "my_pkg.relax:factory"``);
 * an import spec ``"my_pkg.module:attribute"`` (``dnas search --space my_pkg.spaces:net
-  --relaxation my_pkg.relax:factory``).
+  --relaxation my_pkg.relax:factory``); modules of the working directory are found too.
 
 A space factory takes keyword options and returns a
 :class:`~dnas.supernet.space_base.SearchSpace` or a Flax NNX model with choice points
@@ -44,6 +44,10 @@ def load_spec(spec: str, what: str) -> Any:
     module_name, _, attr = spec.partition(":")
     if not module_name or not attr:
         raise PluginError(f"{what} {spec!r}: expected 'package.module:attribute'")
+    import os
+    import sys
+    if os.getcwd() not in sys.path and "" not in sys.path:   # as `python -m` would: modules of the working directory
+        sys.path.append(os.getcwd())
     try:
         obj = importlib.import_module(module_name)
     except ImportError as e:

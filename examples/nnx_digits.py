@@ -83,6 +83,14 @@ class DigitsNet(nnx.Module):
         return self.head(jax.nn.relu(features).mean(axis=(1, 2)))
 
 
+def space(in_channels: int = 1, num_classes: int = 10, channels: int = 16):
+    """The network as a space factory, for the command line:
+    ``dnas search --space examples.nnx_digits:space`` (from the repository root)."""
+    if in_channels != 1:
+        raise ValueError(f"DigitsNet's stem reads 1 channel, the data has {in_channels}")
+    return DigitsNet(nnx.Rngs(0), c=channels, num_classes=num_classes)
+
+
 def retrain(model: nnx.Module, epochs: int, seed: int = 0, batch_size: int = 64, lr: float = 0.05):
     """Train the fixed network from its initial weights on the digits' training split (SGD,
     cosine schedule); returns its test accuracy."""
