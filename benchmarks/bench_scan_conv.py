@@ -35,9 +35,9 @@ def scanned(x, w):
 
 
 def scanned_branch(x, w):
-    """``scanned`` with :func:`dnas.supernet.branch_conv.conv2d` (backward pass written as
+    """``scanned`` with :func:`dnas.kernels.cpu.branch_conv.conv2d` (backward pass written as
     forward-style convolutions)."""
-    from dnas.supernet.branch_conv import conv2d
+    from dnas.kernels.cpu.branch_conv import conv2d
     return lax.scan(lambda h, wi: (jax.nn.relu(conv2d(h, wi, 1, 1, 1)), None), x, w)[0]
 
 

@@ -4,7 +4,7 @@
 
 Compiles (a) the single-search step and (b) the ``--seeds S`` step (``Searcher(num_seeds=S)``,
 ``jax.vmap`` over members; on the CPU with per-member convolutions, see
-``dnas.supernet.branch_conv.member_conv``) and, with ``--jax-rule``, (c) the same vmapped step
+``dnas.kernels.cpu.branch_conv.member_conv``) and, with ``--jax-rule``, (c) the same vmapped step
 with JAX's own batching of convolutions (grouped convolutions). Then times, in interleaved
 rounds, S single steps in a row against one vmapped step, and prints one JSON object:
 seconds per round of S search steps for each, and the throughput ratio sequential / vmapped

@@ -3,7 +3,7 @@
 * ``grouped``: XLA's grouped convolution (``feature_group_count=C``), then the pointwise conv.
 * ``dense``: one dense kxk convolution with the kernel ``dw[i,j,c] * pw[c,o]``
   (``layers.separable_conv(impl="dense")``).
-* ``views``: the depthwise convolution as shifted views (``dnas.supernet.depthwise``), then
+* ``views``: the depthwise convolution as shifted views (``dnas.kernels.cpu.depthwise``), then
   the pointwise conv as a matrix product (what ``impl="auto"`` runs on CPU off the branch path).
 
 For each shape of the DARTS space (B=64; 32x32x16, 16x16x32, 8x8x64; 3x3 and 5x5, dilation 1
@@ -35,7 +35,7 @@ from jax import lax  # noqa: E402
 
 from dnas.bench import median_ms  # noqa: E402
 from dnas.supernet import layers  # noqa: E402
-from dnas.supernet.depthwise import branch_depthwise_conv, depthwise_conv  # noqa: E402
+from dnas.kernels.cpu.depthwise import branch_depthwise_conv, depthwise_conv  # noqa: E402
 
 _DN = ("NHWC", "HWIO", "NHWC")
 SHAPES = [  # (H, C, kernel, stride, dilation)

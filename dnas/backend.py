@@ -12,11 +12,14 @@ the same function (and gradient) differ by large factors on XLA:CPU only (``docs
   (:mod:`dnas.kernels.cpu.branch_conv`);
 * ``pin_bn_output`` / ``pin_nodes`` — BatchNorm outputs and cell-node sums stored once
   (:mod:`dnas.kernels.cpu.pin`);
+* ``recompute_sampled`` — a sampled op differentiated by its own backward pass
+  (:func:`dnas.supernet.mixed.switch_sampled`) rather than autodiff of ``lax.switch``, which
+  keeps every candidate's residuals: a memory saving on every backend, on in both policies;
 * ``unroll_loops`` — the default loop mode of the built-in spaces (loops over cells and edges
   unrolled at trace time; on XLA:CPU a weight-gradient convolution inside ``lax.scan`` is
   70-500x slower).
 
-:data:`XLA_CPU` turns every one on; :data:`NATIVE` (what GPUs and TPUs run) turns every one off:
+:data:`XLA_CPU` turns every one on; :data:`NATIVE` (what GPUs and TPUs run) turns the CPU ones off:
 JAX's own convolutions, ``lax.scan`` loops, no pins. The searcher, ``dnas train`` and the
 benchmarks resolve the policy once (:func:`resolve`, ``--kernels auto|xla_cpu|native``) and
 pass it down: the spaces receive it when built (their loop modes) and put it into the
@@ -38,6 +41,7 @@ class KernelPolicy:
     pin_bn_output: bool
     pin_nodes: bool
     unroll_loops: bool
+    recompute_sampled: bool = True
 
 
 XLA_CPU = KernelPolicy("xla_cpu", matmul_1x1=True, shifted_depthwise=True, branch_convs=True, pin_bn_output=True,

@@ -67,12 +67,12 @@ def run_bench(space: str = "nb201", relaxation: str = "darts", *, batch_size: in
               space_options: dict | None = None, relaxation_options: dict | None = None,
               steps: int = 10, warmup: int = 2, num_devices: int = 1, seed: int = 0,
               hyper: Hyper = Hyper(), hypergrad: str = "first", hypergrad_options: dict | None = None,
-              tune=(), precision: str = "float32") -> dict[str, Any]:
+              tune=(), precision: str = "float32", kernels: str = "auto") -> dict[str, Any]:
     """Compile and time the search step on random data of the given shape."""
     opts = {"in_channels": in_channels, "num_classes": num_classes, **(space_options or {})}
     searcher = make_searcher(space, relaxation, space_options=opts, relaxation_options=relaxation_options,
                              hyper=hyper, total_steps=1000, num_devices=num_devices, hypergrad=hypergrad,
-                             hypergrad_options=hypergrad_options, tune=tune, precision=precision)
+                             hypergrad_options=hypergrad_options, tune=tune, precision=precision, kernels=kernels)
     rng = np.random.default_rng(seed)
 
     def batch():

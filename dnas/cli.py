@@ -22,6 +22,8 @@ DEFAULT_SPACE_OPTIONS = {
 
 # dnas.searcher.PRECISIONS's names (not imported here: JAX must start after the arguments are parsed)
 PRECISION_CHOICES = ("float32", "bfloat16")
+# dnas.backend.KERNEL_CHOICES (dnas.backend imports JAX only inside its functions)
+from dnas.backend import KERNEL_CHOICES  # noqa: E402
 
 
 def _positive(x: str) -> int:
@@ -62,6 +64,11 @@ def _space_args(p: argparse.ArgumentParser) -> None:
                         "long compiles), scan-cells (runs of equal cells under lax.scan, edges unrolled) or scan "
                         "(cells and edges scanned: shortest compiles). On CPU scanning trades step time for compile "
                         "time (docs/benchmarks.md, 'Loop modes'); auto = unroll on CPU, scan on GPU/TPU")
+    p.add_argument("--kernels", choices=KERNEL_CHOICES, default="auto",
+                   help="kernel formulations (dnas.backend, docs/cpu.md): xla_cpu (XLA:CPU's: 1x1 convolutions as "
+                        "matrix products, depthwise as shifted views, custom-VJP convolutions in conditionals and "
+                        "loops, pinned BatchNorm outputs and cell nodes, unrolled loops), native (JAX's own "
+                        "convolutions and scanned loops, what GPUs/TPUs run); auto = xla_cpu on the CPU, else native")
     p.add_argument("--precision", choices=PRECISION_CHOICES, default="float32",
                    help="bfloat16: mixed precision, convolutions read bfloat16 inputs and kernels (GPU/TPU tensor "
                         "cores; slow on CPU); weights, BatchNorm, α, the mixing and the loss stay float32")
@@ -300,6 +307,8 @@ def _train_parser(sub) -> None:
     t.add_argument("--no-augment", action="store_true", help="disable random crop / flip / cutout")
     t.add_argument("--log-every", type=_positive, default=10, help="write a step record every N steps")
     t.add_argument("--no-progress", action="store_true", help="no progress bar")
+    t.add_argument("--kernels", choices=KERNEL_CHOICES, default="auto",
+                   help="kernel formulations, as for dnas search (xla_cpu, native; auto: the backend's)")
     t.add_argument("--precision", choices=PRECISION_CHOICES, default="float32",
                    help="bfloat16: convolutions read bfloat16 (as for `dnas search`)")
 
@@ -366,7 +375,7 @@ def _cmd_train(args) -> int:
         nesterov=args.nesterov, weight_decay=args.weight_decay, grad_clip=args.grad_clip, drop_path=args.drop_path,
         cutout=args.cutout, auxiliary_weight=args.auxiliary_weight, label_smoothing=args.label_smoothing,
         augment=not args.no_augment, log_every=args.log_every, progress=not args.no_progress,
-        nb201_table=args.nb201_table, precision=args.precision)
+        nb201_table=args.nb201_table, precision=args.precision, kernels=args.kernels)
     try:
         summary = run_train(cfg)
     except (DatasetError, GenotypeError, NonFiniteLossError, ValueError, OSError) as e:
@@ -429,7 +438,7 @@ def _cmd_search(args) -> int:
             "space_options": _key_values(args.latency_space_option, "--latency-space-option")},
         augment=not args.no_augment, log_every=args.log_every, data_dir=args.data_dir,
         progress=not args.no_progress, nb201_table=args.nb201_table, precision=args.precision,
-        loop=args.loop, chunk_steps=args.chunk_steps)
+        loop=args.loop, chunk_steps=args.chunk_steps, kernels=args.kernels)
     try:
         summary = run_search(cfg)
     except (DatasetError, NonFiniteLossError, ValueError, OSError) as e:
@@ -465,7 +474,7 @@ def _cmd_bench(args) -> int:
                        warmup=args.warmup, num_devices=args.devices, seed=args.seed,
                        relaxation_options=_key_values(args.relaxation_option, "--relaxation-option"),
                        hypergrad=args.hypergrad, hypergrad_options=_hypergrad_options(args), tune=_tune(args),
-                       hyper=Hyper(hyper_lr=args.hyper_lr), precision=args.precision)
+                       hyper=Hyper(hyper_lr=args.hyper_lr), precision=args.precision, kernels=args.kernels)
     print(json.dumps(result))
     return 0
 

@@ -46,9 +46,30 @@ def _thp_mode() -> str | None:
     return text[start + 1:end] if 0 <= start < end else None
 
 
+def _accelerator_installed() -> bool:
+    """Whether a JAX plugin for a GPU or TPU is installed (then JAX's default backend is that
+    accelerator, whose memory is not the process heap)."""
+    import importlib.util
+    names = ("jax_cuda12_plugin", "jax_cuda13_plugin", "jax_rocm60_plugin", "jax_rocm7_plugin", "libtpu")
+    return any(importlib.util.find_spec(n) is not None for n in names)
+
+
+def jax_runs_on_cpu(environ=os.environ) -> bool:
+    """Whether JAX will run on the CPU backend, decided before JAX starts: ``JAX_PLATFORMS``'
+    first platform when set, else whether no accelerator plugin is installed."""
+    platforms = environ.get("JAX_PLATFORMS", "").strip()
+    if platforms:
+        return platforms.split(",")[0].strip().lower() == "cpu"
+    return not _accelerator_installed()
+
+
 def should_reexec(environ=os.environ) -> bool:
-    """Whether :func:`reexec_with_hugepages` would restart this process."""
+    """Whether :func:`reexec_with_hugepages` would restart this process: on Linux with a glibc
+    that has the tunable and transparent huge pages available, and only when JAX runs on the
+    CPU (the huge pages are for XLA:CPU's buffers on the process heap)."""
     if environ.get("DNAS_HUGEPAGES", "1") == "0" or environ.get(_GUARD):
+        return False
+    if not jax_runs_on_cpu(environ):
         return False
     if "glibc.malloc.hugetlb" in environ.get("GLIBC_TUNABLES", ""):
         return False

@@ -84,13 +84,15 @@ def resolve_loop(loop: str) -> str:
 
 
 def plan_cpu_loops(space: str, space_options: dict, hypergrad: str, hypergrad_options: dict,
-                   total_steps: int, batch_size: int, image_shape) -> tuple[dict, dict, dict]:
+                   total_steps: int, batch_size: int, image_shape, kernels: str = "auto") -> tuple[dict, dict, dict]:
     """``(space_options, hypergrad_options, plan)``: the options with the chosen loop modes
     filled in where the user left them open, and what was chosen and why (for config.json).
-    A no-op off the CPU and where ``unroll`` is set."""
+    A no-op unless the kernel policy is XLA:CPU's (:mod:`dnas.backend`; the measured costs are
+    XLA:CPU's), and where ``unroll`` is set."""
+    from dnas.backend import resolve
     space_options, hypergrad_options = dict(space_options), dict(hypergrad_options)
     plan: dict = {}
-    if not on_cpu():
+    if resolve(kernels).name != "xla_cpu":
         return space_options, hypergrad_options, plan
     if space == "darts" and "unroll" not in space_options:
         work = _work(batch_size, image_shape, space_options.get("channels", 16), space_options.get("layers", 8))

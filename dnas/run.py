@@ -76,6 +76,7 @@ class SearchConfig:
     precision: str = "float32"            # "bfloat16": convolutions in bfloat16 (dnas.searcher.PRECISIONS)
     loop: str = "auto"                    # "host", "device" (dnas.device_loop) or "auto": device on GPU/TPU
     chunk_steps: int = 50                 # device loop: search steps per compiled call
+    kernels: str = "auto"                 # dnas.backend kernel policy: auto, xla_cpu or native
 
 
 def default_out_dir() -> Path:
@@ -226,12 +227,13 @@ def search_run(cfg: SearchConfig) -> tuple[dict, Searcher, SearchState]:
     opts = {"in_channels": data.image_shape[-1], "num_classes": data.num_classes, **cfg.space_options}
     # on XLA:CPU, loop modes the user left open are chosen from the run's length (dnas.loop_plan)
     opts, hypergrad_options, loop_plan = plan_cpu_loops(cfg.space, opts, cfg.hypergrad, cfg.hypergrad_options,
-                                                        total * len(seeds), cfg.batch_size, data.image_shape)
+                                                        total * len(seeds), cfg.batch_size, data.image_shape,
+                                                        kernels=cfg.kernels)
     searcher = make_searcher(cfg.space, cfg.relaxation, space_options=opts,
                              relaxation_options=cfg.relaxation_options, hyper=cfg.hyper,
                              total_steps=total, num_devices=num_devices, hypergrad=cfg.hypergrad,
                              hypergrad_options=hypergrad_options, tune=cfg.tune, latency=cfg.latency,
-                             num_seeds=len(seeds), precision=cfg.precision)
+                             num_seeds=len(seeds), precision=cfg.precision, kernels=cfg.kernels)
     label = cfg.space if isinstance(cfg.space, str) else searcher.space.name
     resolved = dataclasses.asdict(dataclasses.replace(cfg, space=label))
     resolved.update(out=str(out), space_options=searcher.space.describe(), total_steps=total,

@@ -28,7 +28,7 @@ With ``num_seeds = S > 1`` the searcher runs S independent searches in one progr
 Every member has its own initialisation, PRNG stream, data order and α; nothing is shared, so
 member i computes what a search with seed i computes alone (up to float reassociation of the
 batched convolutions). On the CPU the members' convolutions run one after another
-(:func:`dnas.supernet.branch_conv.member_conv`) rather than as JAX's batched form, a grouped
+(:func:`dnas.kernels.cpu.branch_conv.member_conv`) rather than as JAX's batched form, a grouped
 convolution that XLA:CPU runs 2x slower for a whole step; estimators that differentiate twice
 (all but :data:`dnas.hypergrad.FIRST_DERIVATIVES_ONLY`) keep JAX's form. Sampling
 relaxations (GDAS, ProxylessNAS) lose their "only the sampled op" saving under ``vmap``:
@@ -47,6 +47,7 @@ import optax
 from jax import lax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from dnas.backend import resolve as resolve_kernels
 from dnas.hypergrad import FIRST_DERIVATIVES_ONLY, Bilevel, check_tunable, get_hypergrad
 from dnas.relaxations import Relaxation, entropy, get_relaxation
 from dnas.supernet.layers import Ctx
@@ -180,8 +181,10 @@ class Searcher:
         self.num_seeds = int(num_seeds)
         if self.num_seeds < 1:
             raise ValueError(f"num_seeds must be positive, got {num_seeds}")
-        # per-member convolutions under vmap on the CPU (see the module docstring and Ctx.members)
-        self.member_convs = (self.num_seeds > 1 and jax.default_backend() == "cpu"
+        # the kernel policy (dnas.backend): the space's, as built, for every forward pass
+        self.kernels = resolve_kernels(getattr(space, "kernels", None))
+        # per-member convolutions under vmap on XLA:CPU (see the module docstring and Ctx.members)
+        self.member_convs = (self.num_seeds > 1 and self.kernels.branch_convs
                              and hypergrad in FIRST_DERIVATIVES_ONLY)
 
     # ------------------------------------------------------------------ state
@@ -237,7 +240,7 @@ class Searcher:
         samples = self.relax.sample(arch, key, progress)
         ctx = Ctx(train=train, axis_name=self.axis_name, members=self.member_convs,
                   loop_convs=self.hypergrad_name in FIRST_DERIVATIVES_ONLY,
-                  compute_dtype=self.compute_dtype)
+                  compute_dtype=self.compute_dtype, kernels=self.kernels)
         return self.space.apply(params, stats, x, samples, self.relax.mix, ctx)
 
     def val_loss(self, arch, params, stats, batch, key, progress):
@@ -433,12 +436,19 @@ def make_searcher(space, relaxation: str = "darts", *, space_options: dict | Non
                   relaxation_options: dict | None = None, hyper: Hyper = Hyper(),
                   total_steps: int = 1, num_devices: int = 1, hypergrad: str = "first",
                   hypergrad_options: dict | None = None, tune=(), latency: dict | None = None,
-                  num_seeds: int = 1, precision: str = "float32") -> Searcher:
+                  num_seeds: int = 1, precision: str = "float32", kernels: str = "auto") -> Searcher:
     """Build a :class:`Searcher` by names (``space``: a name, an import spec, or a space object or
     Flax NNX model, see :func:`~dnas.supernet.spaces.build_space`). ``latency``: keyword arguments of
     :func:`dnas.latency.objective.make_latency_objective` (``table_path``, ``loss``, ``target``,
-    ``weight``, ``input_size``), plus ``space_options`` of the deployed network, or None."""
+    ``weight``, ``input_size``), plus ``space_options`` of the deployed network, or None.
+    ``kernels``: the kernel policy (:mod:`dnas.backend`; ``auto``: the backend's), given to a
+    built-in space and to the implicit estimators' loop default."""
     space_options = dict(space_options or {})
+    policy = resolve_kernels(kernels)
+    if isinstance(space, str) and space in SPACES:
+        space_options.setdefault("kernels", policy.name)
+    if hypergrad.startswith("implicit"):
+        hypergrad_options = {"unroll": policy.unroll_loops, **(hypergrad_options or {})}
     built = build_space(space, **space_options)
     relax = get_relaxation(relaxation, space=built, **(relaxation_options or {}))
     objective = None

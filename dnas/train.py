@@ -44,6 +44,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from dnas.data import DatasetError, augment_batch, epoch_batches, load_dataset, num_batches
 from dnas.hugepages import trim_heap
 from dnas.run import _augment_settings, _MetricsLog, restore_checkpoint, save_checkpoint
+from dnas.backend import resolve as resolve_kernels
 from dnas.searcher import AXIS, accuracy, check_finite, compute_dtype, device_mesh
 from dnas.supernet.derived import DARTS_DEFAULTS, NB201_DEFAULTS, DropPath, Network, build_network, count_params
 from dnas.supernet.genotype import DARTS_V2, Genotype, genotype_to_json, load_genotype, parse_nb201, save_genotype
@@ -99,6 +100,7 @@ class TrainConfig:
     checkpoint_every: int = 1
     progress: bool = True
     precision: str = "float32"             # "bfloat16": convolutions in bfloat16 (as dnas search --precision)
+    kernels: str = "auto"                  # dnas.backend kernel policy (as dnas search --kernels)
     nb201_table: str | None = None         # NAS-Bench-201 accuracy CSV: the benchmark's figures for comparison
 
 
@@ -207,9 +209,10 @@ class Trainer:
     """
 
     def __init__(self, network: Network, proto: dict, total_steps: int, *, momentum: float = 0.9,
-                 lr_min: float = 0.0, num_devices: int = 1, precision: str = "float32"):
+                 lr_min: float = 0.0, num_devices: int = 1, precision: str = "float32", kernels: str = "auto"):
         self.network, self.proto, self.num_devices = network, proto, num_devices
         self.precision, self.compute_dtype = precision, compute_dtype(precision)
+        self.kernels = resolve_kernels(kernels)
         self.schedule = optax.cosine_decay_schedule(proto["lr"], max(int(total_steps), 1),
                                                     alpha=lr_min / proto["lr"])
         parts = [optax.clip_by_global_norm(proto["grad_clip"])] if proto["grad_clip"] else []
@@ -220,7 +223,8 @@ class Trainer:
         self._mesh: Mesh | None = None
 
         def eval_sums(params, stats, x, y):
-            logits = network.apply(params, stats, x, Ctx(train=False, compute_dtype=self.compute_dtype)).logits
+            logits = network.apply(params, stats, x, Ctx(train=False, compute_dtype=self.compute_dtype,
+                                                            kernels=self.kernels)).logits
             ce = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), y)
             return jnp.sum(ce), jnp.sum(jnp.argmax(logits, -1) == y)
         self._eval_sums = jax.jit(eval_sums)
@@ -234,7 +238,7 @@ class Trainer:
         return tree if self.axis_name is None else lax.pmean(tree, self.axis_name)
 
     def step(self, state: TrainState, x, y, drop_prob):
-        ctx = Ctx(train=True, axis_name=self.axis_name, compute_dtype=self.compute_dtype)
+        ctx = Ctx(train=True, axis_name=self.axis_name, compute_dtype=self.compute_dtype, kernels=self.kernels)
         key = jax.random.fold_in(state.key, state.step)
         drop = DropPath(key, drop_prob) if self.proto["drop_path"] else None
         aux_w, smoothing = self.proto["auxiliary_weight"], self.proto["label_smoothing"]
@@ -348,7 +352,7 @@ def run_train(cfg: TrainConfig) -> dict:
     out = Path(cfg.out) if cfg.out else default_out_dir()
     out.mkdir(parents=True, exist_ok=True)
     trainer = Trainer(network, proto, total, momentum=cfg.momentum, lr_min=cfg.lr_min, num_devices=cfg.devices,
-                      precision=cfg.precision)
+                      precision=cfg.precision, kernels=cfg.kernels)
     state = trainer.init(jax.random.PRNGKey(cfg.seed))
     n_params = count_params({k: v for k, v in state.params.items() if k != "aux"})
     resolved = dataclasses.asdict(cfg)

@@ -1,13 +1,16 @@
 """The branch convolution: same values and gradients as lax's, usable inside lax.switch."""
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax import lax
 
-from dnas.supernet.branch_conv import conv2d
+from dnas.backend import XLA_CPU
+from dnas.kernels.cpu.branch_conv import conv2d
 
 
 def _lax_conv(x, w, s, p, d):
@@ -105,15 +108,15 @@ def test_batchnorm_output_form_derivative_matches_autodiff(axis_name, c):
 def test_pinned_is_the_identity_with_itself_as_transpose(group):
     """``pin.pinned`` (whole or in channel blocks; 3 does not divide 8: whole) returns its
     input exactly, and its gradient is the cotangent unchanged."""
-    from dnas.supernet.pin import pinned
+    from dnas.kernels.cpu.pin import pinned
     t = jax.random.normal(jax.random.PRNGKey(0), (2, 3, 3, 8))
     g = jax.random.normal(jax.random.PRNGKey(1), t.shape)
     np.testing.assert_array_equal(np.asarray(pinned(t, group)), np.asarray(t))
     np.testing.assert_array_equal(np.asarray(jax.vjp(lambda a: pinned(a, group), t)[1](g)[0]), np.asarray(g))
 
 
-def test_pinned_batchnorm_output_cuts_xla_memory(monkeypatch):
-    """BatchNorm's output stored once (``layers.PIN_BN_OUTPUT``) lowers XLA's temporary memory
+def test_pinned_batchnorm_output_cuts_xla_memory():
+    """BatchNorm's output stored once (the kernel policy's ``pin_bn_output``) lowers XLA's temporary memory
     of the gradient through two NAS-Bench-201 mixed ops (XLA:CPU otherwise keeps each
     convolution's output as well as the normalised one), with the same loss and gradients.
     (The NB201 search step at C=16, N=5: 1.26 → 0.81 GB, ``docs/benchmarks.md``.)"""
@@ -128,13 +131,13 @@ def test_pinned_batchnorm_output_cuts_xla_memory(monkeypatch):
     w = jax.nn.softmax(jax.random.normal(jax.random.PRNGKey(2), (len(NB201_OPS),)))
     mix = get_relaxation("darts").mix
 
-    def loss(p, w, x):
-        y = mixed.apply(p, state, x, w, mix, L.Ctx(train=True))[0]
-        return jnp.sum(jnp.sin(mixed.apply(p, state, jax.nn.relu(y), w, mix, L.Ctx(train=True))[0]))
-
     temp, results = {}, {}
     for pin in (False, True):
-        monkeypatch.setattr(L, "PIN_BN_OUTPUT", pin)
+        ctx = L.Ctx(train=True, kernels=dataclasses.replace(XLA_CPU, pin_bn_output=pin))
+
+        def loss(p, w, x):
+            y = mixed.apply(p, state, x, w, mix, ctx)[0]
+            return jnp.sum(jnp.sin(mixed.apply(p, state, jax.nn.relu(y), w, mix, ctx)[0]))
         compiled = jax.jit(jax.value_and_grad(loss, (0, 1))).lower(params, w, x).compile()
         temp[pin] = compiled.memory_analysis().temp_size_in_bytes
         results[pin] = jax.tree_util.tree_leaves(compiled(params, w, x))

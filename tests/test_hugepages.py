@@ -18,11 +18,17 @@ def test_tunables_are_appended():
 def test_no_restart_when_disabled_done_or_set(monkeypatch):
     monkeypatch.setattr(hugepages, "_glibc_version", lambda: (2, 36))
     monkeypatch.setattr(hugepages, "_thp_mode", lambda: "madvise")
+    monkeypatch.setattr(hugepages, "_accelerator_installed", lambda: False)
     monkeypatch.setattr(hugepages.sys, "platform", "linux")
     assert hugepages.should_reexec({})
     assert not hugepages.should_reexec({"DNAS_HUGEPAGES": "0"})
     assert not hugepages.should_reexec({"DNAS_HUGEPAGES_REEXEC": "1"})           # already restarted once
     assert not hugepages.should_reexec({"GLIBC_TUNABLES": "glibc.malloc.hugetlb=0"})  # the user's choice
+    monkeypatch.setattr(hugepages, "_accelerator_installed", lambda: True)   # a GPU/TPU plugin: not XLA:CPU
+    assert not hugepages.should_reexec({})
+    assert hugepages.should_reexec({"JAX_PLATFORMS": "cpu"})
+    assert not hugepages.should_reexec({"JAX_PLATFORMS": "cuda,cpu"})
+    monkeypatch.setattr(hugepages, "_accelerator_installed", lambda: False)
     monkeypatch.setattr(hugepages, "_thp_mode", lambda: "never")
     assert not hugepages.should_reexec({})
     monkeypatch.setattr(hugepages, "_thp_mode", lambda: "always")

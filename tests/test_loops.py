@@ -54,7 +54,7 @@ def test_scanned_loops_equal_unrolled(space, mode):
 
 @pytest.mark.slow
 def test_shifted_view_supernet_equals_the_dense_kernel_one():
-    """The CPU default unrolled (depthwise convolutions as shifted views, dnas.supernet.depthwise)
+    """The CPU default unrolled (depthwise convolutions as shifted views, dnas.kernels.cpu.depthwise)
     against the dense fused kernel scanned: the two formulations agree in a whole supernet."""
     v_ref, g_ref = _loss_and_grads("darts", True, impl="auto")
     v, g = _loss_and_grads("darts", False)
@@ -64,7 +64,7 @@ def test_shifted_view_supernet_equals_the_dense_kernel_one():
 @pytest.mark.slow
 def test_scanned_shifted_view_supernet_equals_unrolled():
     """With cells and edges scanned the CPU default's separable convolutions are shifted views
-    too (their convolution-free backward pass, dnas.supernet.depthwise.branch_depthwise_conv)."""
+    too (their convolution-free backward pass, dnas.kernels.cpu.depthwise.branch_depthwise_conv)."""
     v_ref, g_ref = _loss_and_grads("darts", True, impl="auto")
     v, g = _loss_and_grads("darts", False, impl="auto")
     _assert_same(v, g, v_ref, g_ref)

@@ -118,7 +118,7 @@ def test_depthwise_conv_as_shifted_views_equals_grouped_conv(kernel, stride, dil
     """``depthwise.depthwise_conv`` (shifted views, custom JVP) equals XLA's grouped
     convolution in float64: values, gradients, forward mode, and the second-order products the
     hypergradients take (forward-over-reverse and reverse-over-reverse)."""
-    from dnas.supernet.depthwise import depthwise_conv
+    from dnas.kernels.cpu.depthwise import depthwise_conv
     pad = dilation * (kernel - 1) // 2
     rng = np.random.default_rng(kernel + 10 * stride + 100 * dilation)
 
@@ -152,7 +152,7 @@ def test_branch_depthwise_conv_equals_grouped_conv_inside_a_switch(kernel, strid
     values, gradients and reverse-over-reverse (the backward pass is differentiable; its input
     gradient is shifted views of the stride-dilated cotangent), at even and odd sizes;
     ``layers._conv`` routes a depthwise convolution on the branch path to it."""
-    from dnas.supernet.depthwise import branch_depthwise_conv
+    from dnas.kernels.cpu.depthwise import branch_depthwise_conv
     pad = dilation * (kernel - 1) // 2
     rng = np.random.default_rng(kernel + 10 * stride + 100 * dilation)
 

@@ -10,7 +10,7 @@ from jax import lax
 
 from dnas.run import SearchConfig, op_frequency, run_search
 from dnas.searcher import make_searcher
-from dnas.supernet.branch_conv import conv2d, member_conv
+from dnas.kernels.cpu.branch_conv import conv2d, member_conv
 
 _DN = ("NHWC", "HWIO", "NHWC")
 

@@ -1,6 +1,7 @@
 """A sampled op differentiated by its own backward pass (``mixed.switch_sampled``): the same
 values and gradients as autodiff of ``lax.switch``, the memory of the sampled path only, and
 no second forward pass of a convolution that ends in an affine-free BatchNorm."""
+import dataclasses
 import re
 
 import jax
@@ -8,8 +9,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from dnas.backend import XLA_CPU
 from dnas.bench import compiled_costs
-from dnas.supernet import mixed as mx
 from dnas.supernet.chain import KEEP_OPS, chain_op
 from dnas.supernet.layers import Ctx
 from dnas.supernet.mixed import Candidates, MixedOp
@@ -17,13 +18,11 @@ from dnas.supernet.ops import candidate_ops
 from dnas.supernet.genotype import DARTS_OPS, NB201_OPS
 
 
-def _edge_loss(mixed, recompute):
+def _edge_loss(mixed, recompute, pin_bn_output=True):
+    kernels = dataclasses.replace(XLA_CPU, recompute_sampled=recompute, pin_bn_output=pin_bn_output)
+
     def loss(params, state, x, index):
-        old, mx.RECOMPUTE_SAMPLED = mx.RECOMPUTE_SAMPLED, recompute
-        try:
-            y, new_state = Candidates(mixed.layers, params, state, Ctx(train=True)).one(index, x)
-        finally:
-            mx.RECOMPUTE_SAMPLED = old
+        y, new_state = Candidates(mixed.layers, params, state, Ctx(train=True, kernels=kernels)).one(index, x)
         return jnp.sum(jnp.sin(y) * y), new_state
     return loss
 
@@ -75,22 +74,22 @@ def _conv_and_dot_count(hlo: str) -> int:
     return len(re.findall(r"= \S+ (?:convolution|dot)\(", hlo))
 
 
-def test_backward_starts_from_the_saved_output(monkeypatch):
+def test_backward_starts_from_the_saved_output():
     """ReLU-conv-BN (affine-free) candidates: the gradient of the sampled op runs, per
     convolution, the forward, the input gradient and the weight gradient, and no second
     forward (the backward pass starts from the op's output ``x̂`` and the BN's ``rstd``).
     The same count as differentiating the two conv ops unconditionally. (BatchNorm's output
     unpinned here: on the CPU its pin is a dot too, which the count would include.)"""
-    from dnas.supernet import layers as L
-    monkeypatch.setattr(L, "PIN_BN_OUTPUT", False)
+    unpinned = dataclasses.replace(XLA_CPU, pin_bn_output=False)
     mixed = MixedOp(candidate_ops("nb201", NB201_OPS, 4, 1))
     params, state = mixed.init(jax.random.PRNGKey(0))
     x = jnp.ones((4, 6, 6, 4))
-    loss = lambda p, x, i: _edge_loss(mixed, True)(p, state, x, i)[0]
+    loss = lambda p, x, i: _edge_loss(mixed, True, pin_bn_output=False)(p, state, x, i)[0]
     hlo = jax.jit(jax.grad(loss, (0, 1))).lower(params, x, jnp.int32(3)).compile().as_text()
 
     def dense(p, x):  # every candidate, no conditional
-        return sum(jnp.sum(jnp.sin(y) * y) for y in Candidates(mixed.layers, p, state, Ctx(train=True)).all(x)[0])
+        return sum(jnp.sum(jnp.sin(y) * y)
+                   for y in Candidates(mixed.layers, p, state, Ctx(train=True, kernels=unpinned)).all(x)[0])
     dense_hlo = jax.jit(jax.grad(dense, (0, 1))).lower(params, x).compile().as_text()
     conv_ops = sum(n.startswith("nor_conv") for n in NB201_OPS)
     assert _conv_and_dot_count(dense_hlo) == 3 * conv_ops

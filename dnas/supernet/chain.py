@@ -85,6 +85,7 @@ class ChainConfig:
     last_channels: int = 1280
     impl: str | None = None       # accepted for a uniform interface; depthwise convs are native
     unroll: bool | None = None    # the chain is always a Python loop (every block differs)
+    kernels: str = "auto"         # dnas.backend kernel policy: auto, xla_cpu or native
 
 
 class ChainSpace(SearchSpace):
@@ -92,7 +93,9 @@ class ChainSpace(SearchSpace):
     op_names = KEEP_OPS
 
     def __init__(self, config: ChainConfig = ChainConfig()):
+        from dnas.backend import resolve
         self.config = c = config
+        self.kernels = resolve(c.kernels)
         w = lambda ch: make_divisible(ch * c.width_mult)  # noqa: E731
         self.stem = L.sequential(_conv_bn(c.in_channels, w(c.stem_channels), 3, c.stem_stride),
                                  mbconv(w(c.stem_channels), w(c.first_channels), 3, 1, 1))
@@ -128,6 +131,8 @@ class ChainSpace(SearchSpace):
         return params, state
 
     def apply(self, params, state, x, samples, mix, ctx):
+        from dnas.supernet.spaces import with_kernels
+        ctx = with_kernels(ctx, self.kernels)
         new_state = {}
         x, new_state["stem"] = self.stem.apply(params["stem"], state["stem"], x, ctx)
         block_states = []

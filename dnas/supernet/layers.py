@@ -24,9 +24,10 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from dnas.supernet.branch_conv import conv2d as branch_conv2d
-from dnas.supernet.depthwise import branch_depthwise_conv, depthwise_conv
-from dnas.supernet.pin import pinned
+from dnas.backend import KernelPolicy, default_policy, resolve
+from dnas.kernels.cpu.branch_conv import conv2d as branch_conv2d
+from dnas.kernels.cpu.depthwise import branch_depthwise_conv, depthwise_conv
+from dnas.kernels.cpu.pin import pinned
 
 Params = Any
 State = Any
@@ -40,10 +41,10 @@ class Ctx(NamedTuple):
     averages its batch statistics over that device axis (synchronised BN), so a data-parallel
     step computes exactly what one device computes on the global batch. ``branch``: true
     while evaluating inside a ``lax.switch`` branch (a sampled op); convolutions then use
-    :func:`dnas.supernet.branch_conv.conv2d`, whose backward pass stays fast inside control
+    :func:`dnas.kernels.cpu.branch_conv.conv2d`, whose backward pass stays fast inside control
     flow on XLA:CPU. ``members``: true while tracing under a ``vmap`` over independent
     searches (``dnas search --seeds``) on the CPU: convolutions take the same branch path,
-    whose convolutions run one per member there (:func:`dnas.supernet.branch_conv.member_conv`)
+    whose convolutions run one per member there (:func:`dnas.kernels.cpu.branch_conv.member_conv`)
     instead of as one slow grouped convolution. ``loop_convs``: whether a space whose loops are
     scanned on CPU may switch its convolutions to the branch path (:func:`loop_mode`); the
     searcher clears it for estimators that differentiate twice (the branch convolution's
@@ -53,6 +54,8 @@ class Ctx(NamedTuple):
     ``compute_dtype``: when set (``jnp.bfloat16``: ``--precision bfloat16``), convolutions
     read their input and kernel in that dtype and return float32 (:func:`_conv`); weights,
     BatchNorm statistics, the mixed ops' weighted sums, α and the loss stay float32.
+    ``kernels``: the :class:`dnas.backend.KernelPolicy` the layers follow (which of XLA:CPU's
+    formulations run); ``None``: the backend's default (:func:`policy`).
     """
 
     train: bool = True
@@ -62,6 +65,12 @@ class Ctx(NamedTuple):
     loop_convs: bool = True
     dense_separable: bool = False
     compute_dtype: Any = None
+    kernels: Any = None
+
+
+def policy(ctx: Ctx) -> KernelPolicy:
+    """The kernel policy of a forward pass: ``ctx.kernels``, else the backend's default."""
+    return ctx.kernels if ctx.kernels is not None else default_policy()
 
 
 class Layer(NamedTuple):
@@ -100,55 +109,55 @@ def sequential(*layers: Layer) -> Layer:
     return Layer(init, apply, parts=tuple(layers))
 
 
-def depthwise_impl(impl: str | None = None) -> str:
+def depthwise_impl(impl: str | None = None, kernels: KernelPolicy | None = None) -> str:
     """Resolve a separable convolution's formulation: ``native``, ``dense`` or ``auto``.
 
-    ``None``/``"auto"`` stays ``auto`` on the CPU backend (:func:`separable_conv` then picks
-    per call) and is ``native`` elsewhere.
+    ``None``/``"auto"`` stays ``auto`` under a policy with shifted depthwise convolutions
+    (XLA:CPU's; :func:`separable_conv` then picks per call) and is ``native`` otherwise.
     """
     if impl in (None, "auto"):
-        return "auto" if jax.default_backend() == "cpu" else "native"
+        return "auto" if resolve(kernels).shifted_depthwise else "native"
     if impl not in ("native", "dense"):
         raise ValueError(f"unknown conv implementation {impl!r}; expected 'auto', 'native' or 'dense'")
     return impl
 
 
-def unroll_loops(unroll: bool | str | None = None) -> bool:
+def unroll_loops(unroll: bool | str | None = None, kernels: KernelPolicy | None = None) -> bool:
     """Whether to unroll the supernet's loops over equal edges and cells at trace time.
 
-    ``None`` resolves to true on the CPU backend: XLA:CPU runs the weight-gradient
+    ``None`` resolves to the kernel policy's ``unroll_loops`` (true for XLA:CPU's): XLA:CPU runs the weight-gradient
     convolution of autodiff inside a while loop (``lax.scan``) 70-500x slower than the same
     convolution at the top level (``benchmarks/bench_scan_conv.py``), which made a scanned
     NAS-Bench-201 step 45 s instead of 2.3 s. On GPU/TPU the scanned loops keep the traced
     graph, and so the compile time, small. See :func:`loop_mode` for the full choice.
     """
-    return loop_mode(unroll)[0]
+    return loop_mode(unroll, kernels)[0]
 
 
 LOOP_MODES = (None, True, False, "scan_cells")
 
 
-def loop_mode(unroll: bool | str | None = None) -> tuple[bool, bool, bool]:
+def loop_mode(unroll: bool | str | None = None, kernels: KernelPolicy | None = None) -> tuple[bool, bool, bool]:
     """``(unroll_cells, unroll_edges, loop_convs)`` for a space's ``unroll`` option.
 
     ``True``: every loop unrolled at trace time (one traced copy per cell and edge: the fastest
     steps on XLA:CPU, the longest compiles). ``False``: cells and edges run under ``lax.scan``
     (one traced body). ``"scan_cells"``: runs of equal cells scanned, the edges inside a cell
-    unrolled. ``None``: ``True`` on CPU, ``False`` elsewhere.
+    unrolled. ``None``: the policy's ``unroll_loops`` (``True`` for XLA:CPU, ``False`` natively).
 
-    ``loop_convs``: on CPU, when any loop is scanned, convolutions take the
-    :mod:`dnas.supernet.branch_conv` path (:class:`Ctx` ``branch``), whose backward pass is
+    ``loop_convs``: under a policy with branch convolutions (XLA:CPU's), when any loop is scanned, convolutions take the
+    :mod:`dnas.kernels.cpu.branch_conv` path (:class:`Ctx` ``branch``), whose backward pass is
     written as forward-style convolutions that XLA:CPU runs at full speed inside loops. With
     it a scanned NAS-Bench-201 step (C=16, N=5, B=64) is 2.1 s against 1.6 s unrolled while
     compiling in 8.7 s instead of 22 s (``docs/benchmarks.md``).
     """
     if unroll not in LOOP_MODES:
         raise ValueError(f"unknown loop mode unroll={unroll!r}; expected one of {LOOP_MODES}")
-    cpu = jax.default_backend() == "cpu"
+    kernels = resolve(kernels)
     if unroll is None:
-        unroll = cpu
+        unroll = kernels.unroll_loops
     cells, edges = (False, True) if unroll == "scan_cells" else (bool(unroll), bool(unroll))
-    return cells, edges, cpu and not (cells and edges)
+    return cells, edges, kernels.branch_convs and not (cells and edges)
 
 
 def loop_ctx(ctx: Ctx, loop_convs: bool, edges_unrolled: bool) -> Ctx:
@@ -182,7 +191,7 @@ def _he_normal(key, shape, fan_in):
     return jax.random.normal(key, shape, jnp.float32) * math.sqrt(2.0 / fan_in)
 
 
-def _conv(x, w, stride, padding, dilation, groups=1, branch=False, members=False, dtype=None):
+def _conv(x, w, stride, padding, dilation, groups=1, branch=False, members=False, dtype=None, kernels=None):
     """A convolution, NHWC input, HWIO kernel.
 
     ``dtype`` (``Ctx.compute_dtype``): mixed precision, as in Micikevicius et al. 2018, "Mixed
@@ -192,21 +201,23 @@ def _conv(x, w, stride, padding, dilation, groups=1, branch=False, members=False
     weight) stays float32. XLA fuses the casts into the neighbouring elementwise fusions.
     """
     if dtype is not None:
-        out = _conv_impl(x.astype(dtype), w.astype(dtype), stride, padding, dilation, groups, branch, members)
+        out = _conv_impl(x.astype(dtype), w.astype(dtype), stride, padding, dilation, groups, branch, members, kernels)
         return out.astype(x.dtype)
-    return _conv_impl(x, w, stride, padding, dilation, groups, branch, members)
+    return _conv_impl(x, w, stride, padding, dilation, groups, branch, members, kernels)
 
 
-def _conv_impl(x, w, stride, padding, dilation, groups=1, branch=False, members=False):
+def _conv_impl(x, w, stride, padding, dilation, groups=1, branch=False, members=False, kernels=None):
     """``branch``/``members``: the :mod:`branch_conv` path (custom backward pass; with
-    ``members`` one convolution per member under ``vmap``). On CPU 1x1 convolutions run as a
-    matrix product, and depthwise ones (off the ``members`` path) as shifted views
-    (:mod:`dnas.supernet.depthwise`; on the branch path with a convolution-free backward pass).
+    ``members`` one convolution per member under ``vmap``). Under XLA:CPU's kernel policy
+    (``kernels``) 1x1 convolutions run as a matrix product, and depthwise ones (off the
+    ``members`` path) as shifted views
+    (:mod:`dnas.kernels.cpu.depthwise`; on the branch path with a convolution-free backward pass).
     Input and kernel must share a dtype on every path, as XLA's convolution demands on GPU (the
     CPU formulations would silently promote a bfloat16 input to float32)."""
     if x.dtype != w.dtype:
         raise TypeError(f"convolution of a {x.dtype} input with a {w.dtype} kernel; cast both (Ctx.compute_dtype)")
-    if w.shape[:2] == (1, 1) and stride == 1 and padding == 0 and groups == 1 and jax.default_backend() == "cpu":
+    kernels = resolve(kernels)
+    if w.shape[:2] == (1, 1) and stride == 1 and padding == 0 and groups == 1 and kernels.matmul_1x1:
         # a 1x1 convolution as a matrix product over the pixels (on every path: top level,
         # sampled branch, scanned loop, vmapped members): on XLA:CPU its backward pass is then
         # two dots, 1.5-2x faster than the convolutions of autodiff or of branch_conv
@@ -216,7 +227,7 @@ def _conv_impl(x, w, stride, padding, dilation, groups=1, branch=False, members=
         flat = x.reshape(-1, x.shape[-1]) @ w[0, 0]
         return flat.reshape(x.shape[:-1] + (w.shape[-1],))
     if (groups > 1 and groups == x.shape[-1] == w.shape[-1] and w.shape[2] == 1
-            and not members and jax.default_backend() == "cpu"):
+            and not members and kernels.shifted_depthwise):
         # depthwise (one filter per channel): k*k shifted views, with its gradients 4-20x
         # faster on XLA:CPU than its grouped convolution (docs/benchmarks.md). On the branch
         # path with a backward pass free of convolutions (custom VJP): there the grouped
@@ -259,7 +270,7 @@ def conv(c_in: int, c_out: int, kernel: int, stride: int = 1, padding: int | Non
 
     def apply(p, s, x, ctx):
         y = _conv(x, p["w"], stride, padding, dilation, groups=groups, branch=ctx.branch, members=ctx.members,
-                  dtype=ctx.compute_dtype)
+                  dtype=ctx.compute_dtype, kernels=policy(ctx))
         if bias:
             y = y + p["b"]
         return y, s
@@ -288,7 +299,8 @@ def separable_conv(c_in: int, c_out: int, kernel: int, stride: int = 1,
       DARTS-space GDAS step past 11 minutes, ``--loops scan-cells`` 890 s against 113 s).
     """
     padding = dilation * (kernel - 1) // 2
-    impl_r = depthwise_impl(impl)
+    if impl not in (None, "auto", "native", "dense"):
+        raise ValueError(f"unknown conv implementation {impl!r}; expected 'auto', 'native' or 'dense'")
 
     def init(key):
         k1, k2 = jax.random.split(key)
@@ -296,13 +308,14 @@ def separable_conv(c_in: int, c_out: int, kernel: int, stride: int = 1,
                 "pw": _he_normal(k2, (1, 1, c_in, c_out), c_in)}, ()
 
     def apply(p, s, x, ctx):
+        kernels = policy(ctx)
+        impl_r = depthwise_impl(impl, kernels)
+        conv_kw = dict(branch=ctx.branch, members=ctx.members, dtype=ctx.compute_dtype, kernels=kernels)
         if impl_r == "native" or (impl_r == "auto" and not (ctx.dense_separable or ctx.members)):
-            y = _conv(x, p["dw"], stride, padding, dilation, groups=c_in, branch=ctx.branch, members=ctx.members,
-                      dtype=ctx.compute_dtype)
-            return _conv(y, p["pw"], 1, 0, 1, branch=ctx.branch, members=ctx.members, dtype=ctx.compute_dtype), s
+            y = _conv(x, p["dw"], stride, padding, dilation, groups=c_in, **conv_kw)
+            return _conv(y, p["pw"], 1, 0, 1, **conv_kw), s
         fused = p["dw"][:, :, 0, :, None] * p["pw"][0, 0][None, None]
-        return _conv(x, fused, stride, padding, dilation, branch=ctx.branch, members=ctx.members,
-                     dtype=ctx.compute_dtype), s
+        return _conv(x, fused, stride, padding, dilation, **conv_kw), s
 
     return Layer(init, apply)
 
@@ -316,8 +329,8 @@ def _moments(x, axis_name):
     return mean, jnp.maximum(mean_sq - jnp.square(mean), 0.0)
 
 
-@partial(jax.custom_jvp, nondiff_argnums=(1, 2))
-def batch_normalize(x: jax.Array, eps: float, axis_name: str | None = None):
+@partial(jax.custom_jvp, nondiff_argnums=(1, 2, 3))
+def batch_normalize(x: jax.Array, eps: float, axis_name: str | None = None, pin: bool = False):
     """``(x̂, mean, var)`` with ``x̂ = (x - mean) / sqrt(var + eps)`` over the batch statistics.
 
     Same values and gradients as autodiff through the formula, but the derivative is written
@@ -328,31 +341,28 @@ def batch_normalize(x: jax.Array, eps: float, axis_name: str | None = None):
     ``custom_vjp``) so that forward-over-reverse (Hessian-vector products of the
     hypergradients) still works.
 
-    On the CPU ``x̂`` is :func:`~dnas.supernet.pin.pinned` (:data:`PIN_BN_OUTPUT`): XLA:CPU
+    With ``pin`` (the kernel policy's ``pin_bn_output``, XLA:CPU's) ``x̂`` is
+    :func:`~dnas.kernels.cpu.pin.pinned`: XLA:CPU
     otherwise fuses the cheap normalisation into the backward ops and so keeps ``x`` *and*
     ``x̂``. Stored once, XLA's temporary memory of a search step falls by a quarter to a third
     (NAS-Bench-201 DARTS step 1.26 → 0.81 GB, DARTS space 6.72 → 4.95 GB;
     ``docs/benchmarks.md``) for 8 FLOPs per element.
     """
     mean, var = _moments(x, axis_name)
-    return _store_once((x - mean) * lax.rsqrt(var + eps)), mean, var
+    return _store_once((x - mean) * lax.rsqrt(var + eps), pin), mean, var
 
 
-PIN_BN_OUTPUT: bool | None = None  # None: on the CPU backend only (GPU/TPU fuse differently; not measured)
-
-
-def _store_once(xhat):
-    """BatchNorm's output ``x̂``, pinned where :data:`PIN_BN_OUTPUT` says (see :func:`batch_normalize`)."""
-    pin = jax.default_backend() == "cpu" if PIN_BN_OUTPUT is None else PIN_BN_OUTPUT
+def _store_once(xhat, pin: bool):
+    """BatchNorm's output ``x̂``, pinned if ``pin`` (see :func:`batch_normalize`)."""
     return pinned(xhat, group=4) if pin else xhat
 
 
 @batch_normalize.defjvp
-def _batch_normalize_jvp(eps, axis_name, primals, tangents):
+def _batch_normalize_jvp(eps, axis_name, pin, primals, tangents):
     (x,), (t,) = primals, tangents
     mean, var = _moments(x, axis_name)
     rstd = lax.rsqrt(var + eps)
-    xhat = _store_once((x - mean) * rstd)
+    xhat = _store_once((x - mean) * rstd, pin)
     t_mean, t_xs = jnp.mean(t, axis=(0, 1, 2)), jnp.mean(xhat * t, axis=(0, 1, 2))
     if axis_name is not None:
         t_mean, t_xs = lax.pmean((t_mean, t_xs), axis_name)
@@ -374,7 +384,7 @@ def batchnorm(c: int, affine: bool = True, momentum: float = 0.1, eps: float = 1
         return p, s
 
     def normalize(s, x, ctx):
-        y, mean, var = batch_normalize(x, eps, ctx.axis_name)
+        y, mean, var = batch_normalize(x, eps, ctx.axis_name, policy(ctx).pin_bn_output)
         n = x.shape[0] * x.shape[1] * x.shape[2]
         if ctx.axis_name is not None:
             n = n * lax.psum(1, ctx.axis_name)

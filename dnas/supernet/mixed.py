@@ -22,8 +22,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from dnas.supernet.layers import Ctx, Layer, batch_normalize_vjp, scan, sequential, stack_trees
-from dnas.supernet.pin import pinned
+from dnas.supernet.layers import Ctx, Layer, batch_normalize_vjp, policy, scan, sequential, stack_trees
+from dnas.kernels.cpu.pin import pinned
 
 Mix = Callable[[Any, "Candidates", jax.Array], tuple[jax.Array, tuple]]
 
@@ -54,16 +54,13 @@ class Candidates:
         ``state`` lets a relaxation thread the state through several calls (two sampled paths).
         """
         state = self.state if state is None else state
-        ctx = self.ctx._replace(branch=True, dense_separable=True)
+        kernels = policy(self.ctx)
+        # XLA:CPU's policy: the branch's convolutions through branch_conv (fast inside lax.switch)
+        ctx = self.ctx._replace(branch=kernels.branch_convs, dense_separable=True, kernels=kernels)
         branches = tuple(_Branch(layer, i, ctx) for i, layer in enumerate(self.layers))
-        if not RECOMPUTE_SAMPLED:
+        if not kernels.recompute_sampled:
             return lax.switch(index, [b.apply for b in branches], self.params, state, x)
         return switch_sampled(branches, index, _varying_like(self.params, x), state, x)
-
-
-#: Differentiate a sampled op by its own backward pass (see switch_sampled) instead of by
-#: autodiff of ``lax.switch``.
-RECOMPUTE_SAMPLED = True
 
 
 class _Branch:
@@ -115,7 +112,7 @@ def _varying_like(tree, x):
     """Inside ``shard_map``: mark the (replicated) ``tree`` as varying over the axes ``x`` varies
     over, so a custom backward pass may return per-device cotangents for it (the transpose of
     the cast sums them over devices, as autodiff does for the plain form)."""
-    from dnas.supernet.branch_conv import _vma
+    from dnas.kernels.cpu.branch_conv import _vma
 
     axes = tuple(sorted(_vma(x)))
     if not axes:
@@ -201,10 +198,11 @@ def unrolled_edges(mixed: MixedOp, params, state, samples, src: Sequence[int], d
     """
     parts = [[] if v is None else [v] for v in nodes]   # the terms summed into each node
     done = [False] * len(parts)
+    pin = policy(ctx).pin_nodes
 
     def node(i):
         if not done[i]:
-            parts[i], done[i] = [_node_sum(parts[i])], True
+            parts[i], done[i] = [_node_sum(parts[i], pin)], True
         return parts[i][0]
 
     n = jax.tree_util.tree_leaves(params)[0].shape[0]
@@ -220,8 +218,9 @@ def unrolled_edges(mixed: MixedOp, params, state, samples, src: Sequence[int], d
     return [node(i) if parts[i] else None for i in range(len(parts))], stack_trees(new_states)
 
 
-def _node_sum(terms: list) -> jax.Array:
-    """Σ terms, materialised once (a product with the identity matrix).
+def _node_sum(terms: list, pin: bool = True) -> jax.Array:
+    """Σ terms, materialised once (a product with the identity matrix) when ``pin`` (the kernel
+    policy's ``pin_nodes``, XLA:CPU's).
 
     XLA:CPU fuses a chain of elementwise adds into every consumer instead of storing it; a
     cell node feeds several ops (a 3x3 pooling window reads each element 9 times), and through
@@ -233,7 +232,7 @@ def _node_sum(terms: list) -> jax.Array:
     out = terms[0]
     for t in terms[1:]:
         out = out + t.astype(out.dtype)
-    if len(terms) == 1:
+    if len(terms) == 1 or not pin:
         return out
     return pinned(out)
 

@@ -22,12 +22,18 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from dnas.backend import resolve
 from dnas.supernet import layers as L
 from dnas.supernet.genotype import (DARTS_EDGES, DARTS_OPS, NB201_EDGES, NB201_OPS,
                                     derive_darts, derive_nb201, parse_nb201)
 from dnas.supernet.mixed import MixedOp, scan_edges, take_edges, unrolled_edges
 from dnas.supernet.ops import candidate_ops
 from dnas.supernet.space_base import SearchSpace, UnknownSpaceError  # noqa: F401 (re-exported)
+
+
+def with_kernels(ctx: L.Ctx, kernels) -> L.Ctx:
+    """``ctx`` with the space's kernel policy, unless the caller set one."""
+    return ctx if ctx.kernels is not None else ctx._replace(kernels=kernels)
 
 
 def _check_partial(widths, k: int) -> int:
@@ -52,6 +58,7 @@ class NB201Config:
     affine: bool = False
     unroll: bool | str | None = None     # see dnas.supernet.layers.loop_mode
     partial_channels: int = 1
+    kernels: str = "auto"                # dnas.backend kernel policy: auto, xla_cpu or native
 
 
 def _resnet_block(c_in: int, c_out: int, stride: int) -> L.Layer:
@@ -80,7 +87,8 @@ class NB201Space(SearchSpace):
 
     def __init__(self, config: NB201Config = NB201Config()):
         self.config = c = config
-        self.unroll_cells, self.unroll_edges, self.loop_convs = L.loop_mode(c.unroll)
+        self.kernels = resolve(c.kernels)
+        self.unroll_cells, self.unroll_edges, self.loop_convs = L.loop_mode(c.unroll, self.kernels)
         self.groups = {"cell": (len(NB201_EDGES), len(NB201_OPS))}
         self.widths = (c.channels, 2 * c.channels, 4 * c.channels)
         self.stem = L.sequential(L.conv(c.in_channels, c.channels, 3, 1, 1), L.batchnorm(c.channels, True))
@@ -121,7 +129,7 @@ class NB201Space(SearchSpace):
     def apply(self, params, state, x, samples, mix, ctx):
         sample = samples["cell"]
         new_state = {}
-        ctx = L.loop_ctx(ctx, self.loop_convs, self.unroll_edges)
+        ctx = L.loop_ctx(with_kernels(ctx, self.kernels), self.loop_convs, self.unroll_edges)
         x, new_state["stem"] = self.stem.apply(params["stem"], state["stem"], x, ctx)
         for i in range(3):
             def body(h, ps, i=i):
@@ -164,6 +172,7 @@ class DartsConfig:
     affine: bool = False
     unroll: bool | str | None = None     # see dnas.supernet.layers.loop_mode
     partial_channels: int = 1
+    kernels: str = "auto"                # dnas.backend kernel policy: auto, xla_cpu or native
 
 
 _DARTS_IN = [e for e, (s, _) in enumerate(DARTS_EDGES) if s < 2]     # edges reading the cell inputs
@@ -239,7 +248,8 @@ class DartsSpace(SearchSpace):
 
     def __init__(self, config: DartsConfig = DartsConfig()):
         self.config = cfg = config
-        self.unroll_cells, self.unroll_edges, self.loop_convs = L.loop_mode(cfg.unroll)
+        self.kernels = resolve(cfg.kernels)
+        self.unroll_cells, self.unroll_edges, self.loop_convs = L.loop_mode(cfg.unroll, self.kernels)
         self.groups = {"normal": (len(DARTS_EDGES), len(DARTS_OPS)), "reduce": (len(DARTS_EDGES), len(DARTS_OPS))}
         c_curr = cfg.stem_multiplier * cfg.channels
         self.stem = L.sequential(L.conv(cfg.in_channels, c_curr, 3, 1, 1), L.batchnorm(c_curr, True))
@@ -276,7 +286,7 @@ class DartsSpace(SearchSpace):
 
     def apply(self, params, state, x, samples, mix, ctx):
         new_state = {}
-        ctx = L.loop_ctx(ctx, self.loop_convs, self.unroll_edges)
+        ctx = L.loop_ctx(with_kernels(ctx, self.kernels), self.loop_convs, self.unroll_edges)
         x, new_state["stem"] = self.stem.apply(params["stem"], state["stem"], x, ctx)
         s0 = s1 = x
         for r, run in enumerate(self.runs):

@@ -6,7 +6,7 @@ library call that XLA neither fuses nor simplifies away, so ``t @ I`` (exact at 
 precision, ``2·C`` FLOPs per element) makes ``t`` one fusion of its own, stored once. Its
 transpose is the same product, so the pin holds for the cotangent in the backward pass too.
 Used for the cell nodes' sums (:func:`dnas.supernet.mixed._node_sum`), for a depthwise
-convolution's input gradient (:mod:`dnas.supernet.depthwise`) and, on the CPU, for BatchNorm's
+convolution's input gradient (:mod:`dnas.kernels.cpu.depthwise`) and, on the CPU, for BatchNorm's
 output (:func:`dnas.supernet.layers.batch_normalize`); ``docs/benchmarks.md``.
 """
 from __future__ import annotations

@@ -36,8 +36,8 @@ import jax.numpy as jnp
 from jax import lax
 from jax.custom_derivatives import SymbolicZero
 
-from dnas.supernet.branch_conv import _out_size, varying_like
-from dnas.supernet.pin import pinned
+from dnas.kernels.cpu.branch_conv import _out_size, varying_like
+from dnas.kernels.cpu.pin import pinned
 
 _DN = ("NHWC", "HWIO", "NHWC")
 
@@ -118,7 +118,7 @@ def branch_depthwise_conv(x: jax.Array, w: jax.Array, stride: int = 1, padding: 
     grouped convolutions are XLA:CPU's slow path and slower still inside a conditional; the
     dense diagonal kernel of :func:`depthwise_conv`'s JVP is a convolution too. Reverse mode
     only (twice as well: the backward pass is made of differentiable ops), like
-    :func:`dnas.supernet.branch_conv.conv2d`; inside ``shard_map`` the replicated kernel is
+    :func:`dnas.kernels.cpu.branch_conv.conv2d`; inside ``shard_map`` the replicated kernel is
     marked varying as there.
     """
     return _branch_dw(x, varying_like(w, x), stride, padding, dilation)

@@ -1,0 +1,1 @@
+"""Backend-specific kernel formulations, chosen by a :class:`dnas.backend.KernelPolicy`."""
