@@ -8,7 +8,7 @@ A small convolutional network for the embedded 8x8 digits with four choice point
 * ``readout``: which feature map the classifier reads (an input choice: block 2's output or
   the downsampled map before it).
 
-Run it (about two minutes on 2 CPU cores):
+Run it (under a minute on 2 CPU cores):
 
     python examples/nnx_digits.py --out runs/nnx-digits
 

@@ -13,8 +13,10 @@ from dnas.relaxations import get_relaxation
 from dnas.supernet.layers import Ctx
 from dnas.supernet.spaces import build_space
 
+# the DARTS space's compile is 45-90 s on 2 cores: `pytest -m slow`; its separable convolutions
+# under both policies are compared layer by layer below in the default run
 SPACES = [pytest.param("nb201", {"channels": 4, "cells_per_stage": 1}, id="nb201"),
-          pytest.param("darts", {"channels": 4, "layers": 3}, id="darts"),
+          pytest.param("darts", {"channels": 4, "layers": 3}, id="darts", marks=pytest.mark.slow),
           pytest.param("chain", {"width_mult": 0.25, "stage_depths": (1, 1, 1, 1, 1, 1), "stem_stride": 1},
                        id="chain", marks=pytest.mark.slow)]
 
@@ -53,6 +55,27 @@ def test_both_kernel_policies_compute_the_same(space, opts, relaxation):
     # and they are different programs: XLA:CPU's matrix-product 1x1 convolutions and pins are dots
     dots = lambda hlo: len(re.findall(r"= \S+ dot\(", hlo))  # noqa: E731
     assert dots(hlo_cpu) > dots(hlo_native)
+
+
+@pytest.mark.parametrize("branch", [False, True], ids=["top-level", "sampled-branch"])
+@pytest.mark.parametrize("stride,dilation", [(1, 1), (2, 2)])
+def test_separable_convolution_under_both_policies(stride, dilation, branch):
+    """DARTS's separable convolution: XLA:CPU's shifted-view depthwise + matrix-product 1x1
+    (and, in a sampled op's branch, the custom-VJP convolutions) against JAX's grouped and
+    1x1 convolutions: the same output and gradients."""
+    from dnas.supernet import layers as L
+    layer = L.separable_conv(8, 8, 3, stride, dilation)
+    params, state = layer.init(jax.random.PRNGKey(0))
+    x = jax.random.normal(jax.random.PRNGKey(1), (2, 9, 9, 8))
+
+    def run(kernels):
+        ctx = Ctx(train=True, kernels=kernels, branch=branch and kernels.branch_convs)
+        f = lambda p, x_: jnp.sum(jnp.sin(layer.apply(p, state, x_, ctx)[0]))  # noqa: E731
+        return jax.jit(jax.value_and_grad(f, argnums=(0, 1)))(params, x)
+    (v1, g1), (v2, g2) = run(XLA_CPU), run(NATIVE)
+    np.testing.assert_allclose(v1, v2, rtol=1e-5)
+    for a, b in zip(jax.tree_util.tree_leaves(g1), jax.tree_util.tree_leaves(g2)):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
 
 
 def test_policy_resolution():
