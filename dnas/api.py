@@ -57,8 +57,6 @@ def search(model, data: str | None = None, *, relaxation: str = "darts", hypergr
         raise TypeError(f"dnas.search() got unknown option(s) {bad}; options: {sorted(fields - {'space', 'dataset'})}")
     cfg = SearchConfig(space=model, dataset=data, relaxation=relaxation, hypergrad=hypergrad, epochs=epochs,
                        out=out, **config)
-    summary, searcher, state = search_run(cfg)
-    genotypes = [searcher.derive(searcher.member(state, i) if searcher.num_seeds > 1 else state)
-                 for i in range(searcher.num_seeds)]
-    return SearchResult(genotype=genotypes[0], genotypes=genotypes, out=Path(summary["out"]), summary=summary,
-                        searcher=searcher, state=state)
+    run = search_run(cfg)
+    return SearchResult(genotype=run.genotypes[0], genotypes=run.genotypes, out=Path(run.summary["out"]),
+                        summary=run.summary, searcher=run.searcher, state=run.state)

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 
-import jax
+from dnas.backend import XLA_CPU, default_policy, resolve
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,19 +67,14 @@ MEASURED = {
 LOOPS = ("auto", "host", "device")
 
 
-def on_cpu() -> bool:
-    """The one backend test of the loop policy: XLA:CPU gets the choices of this module."""
-    return jax.default_backend() == "cpu"
-
-
 def resolve_loop(loop: str) -> str:
     """``auto`` → the device-resident loop (:mod:`dnas.device_loop`) on accelerators, the host
     loop on XLA:CPU (where scanned steps run autodiff's weight-gradient convolutions slowly and
     there are no kernel launches to save); an unknown name is a ValueError."""
     if loop not in LOOPS:
         raise ValueError(f"unknown loop {loop!r}; expected one of {', '.join(LOOPS)}")
-    if loop == "auto":
-        return "host" if on_cpu() else "device"
+    if loop == "auto":   # the backend's kernel policy, chosen in one place (dnas.backend)
+        return "host" if default_policy() is XLA_CPU else "device"
     return loop
 
 
@@ -89,7 +84,6 @@ def plan_cpu_loops(space: str, space_options: dict, hypergrad: str, hypergrad_op
     filled in where the user left them open, and what was chosen and why (for config.json).
     A no-op unless the kernel policy is XLA:CPU's (:mod:`dnas.backend`; the measured costs are
     XLA:CPU's), and where ``unroll`` is set."""
-    from dnas.backend import resolve
     space_options, hypergrad_options = dict(space_options), dict(hypergrad_options)
     plan: dict = {}
     if resolve(kernels).name != "xla_cpu":

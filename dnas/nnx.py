@@ -31,7 +31,8 @@ import jax.numpy as jnp
 from flax import nnx
 from jax import lax
 
-__all__ = ["Choice", "InputChoice", "Identity", "Zero", "FixedInputs", "fix", "choice_points", "mixing"]
+__all__ = ["Choice", "InputChoice", "Identity", "Zero", "FixedInputs", "fix", "choice_points", "mixing",
+           "set_search_mode"]
 
 
 class Identity(nnx.Module):
@@ -225,6 +226,20 @@ def mixing(samples: Mapping[str, Any], mix: Callable, ctx=None):
 
 # --------------------------------------------------------------------------- structure
 
+def set_search_mode(model: nnx.Module, train: bool, axis_name: str | None = None) -> nnx.Module:
+    """Put every layer of ``model`` (in place) in the mode dnas runs it in: BatchNorm on batch
+    statistics when ``train`` (else running ones) and synchronised over the devices of
+    ``axis_name``; dropout off (the search state holds no RNG stream for it). Returns ``model``."""
+    for _, m in nnx.iter_modules(model):
+        if isinstance(m, nnx.BatchNorm):
+            m.axis_name = axis_name
+        if hasattr(m, "use_running_average"):
+            m.use_running_average = not train
+        if hasattr(m, "deterministic"):
+            m.deterministic = True
+    return model
+
+
 def choice_points(model: nnx.Module) -> dict[str, tuple[tuple, Choice | InputChoice]]:
     """``{label: (path, choice point)}`` in the model's graph order; duplicate labels are an
     error (a genotype could not tell them apart)."""
@@ -242,16 +257,20 @@ def _path(path) -> str:
     return ".".join(map(str, path)) or "<model>"
 
 
+def _indexed(parent) -> bool:
+    """Whether ``parent``'s children are items (lists, dicts) rather than attributes."""
+    return isinstance(parent, (nnx.List, nnx.Dict, list, dict))
+
+
 def _replace(model, path: tuple, new) -> None:
+    """Put ``new`` where the graph path ``path`` (from ``nnx.iter_modules``) points in ``model``."""
     parent = model
     for key in path[:-1]:
-        parent = parent[key] if isinstance(key, int) or isinstance(parent, (nnx.List, nnx.Dict, list, dict)) \
-            else getattr(parent, key)
-    key = path[-1]
-    if isinstance(key, int) or isinstance(parent, (nnx.List, nnx.Dict, list, dict)):
-        parent[key] = new
+        parent = parent[key] if _indexed(parent) else getattr(parent, key)
+    if _indexed(parent):
+        parent[path[-1]] = new
     else:
-        setattr(parent, key, new)
+        setattr(parent, path[-1], new)
 
 
 def fix(model: nnx.Module, genotype) -> nnx.Module:

@@ -30,7 +30,7 @@ import math
 import os
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -180,12 +180,21 @@ def _member_data(cfg: SearchConfig, seed: int, cache: dict):
 def run_search(cfg: SearchConfig) -> dict:
     """Run a search (or one per seed of ``cfg.seeds``, vmapped) and write its outputs; returns
     a summary dict (also ``summary.json``)."""
-    return search_run(cfg)[0]
+    return search_run(cfg).summary
 
 
-def search_run(cfg: SearchConfig) -> tuple[dict, Searcher, SearchState]:
-    """:func:`run_search` that also returns the searcher and the final state (stacked over
-    members with several seeds), for the Python API (:func:`dnas.searcher`)."""
+class SearchRun(NamedTuple):
+    """A finished search: its summary (``summary.json``), the searcher, the final state (stacked
+    over members with several seeds) and the derived genotype of every seed."""
+
+    summary: dict
+    searcher: Searcher
+    state: SearchState
+    genotypes: list
+
+
+def search_run(cfg: SearchConfig) -> SearchRun:
+    """:func:`run_search` that also returns what the Python API (:func:`dnas.search`) hands back."""
     t_start = time.perf_counter()
     loop_kind = resolve_loop(cfg.loop)
     if cfg.chunk_steps < 1:
@@ -328,7 +337,7 @@ def search_run(cfg: SearchConfig) -> tuple[dict, Searcher, SearchState]:
         summary.update(seeds=list(seeds), genotypes=[genotype_to_json(g) for g in genotypes],
                        finals=epoch_records)
     if not primary:
-        return summary, searcher, state
+        return SearchRun(summary, searcher, state, genotypes)
     for s, d, st, genotype in zip(seeds, dirs, states, genotypes):
         extra = {"relaxation": cfg.relaxation, "dataset": data.name, "seed": s,
                  "epochs": epochs, "steps": step, "devices": num_devices}
@@ -348,7 +357,7 @@ def search_run(cfg: SearchConfig) -> tuple[dict, Searcher, SearchState]:
     if multi:
         summary["op_frequency"] = write_op_frequency(out, searcher, seeds, genotypes)
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
-    return summary, searcher, state
+    return SearchRun(summary, searcher, state, genotypes)
 
 
 def _device_epoch(loop, state, epoch: int, step: int, total: int, cfg: SearchConfig, meter, bar, compile_s):

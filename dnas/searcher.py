@@ -51,25 +51,11 @@ from dnas.backend import resolve as resolve_kernels
 from dnas.hypergrad import FIRST_DERIVATIVES_ONLY, Bilevel, check_tunable, get_hypergrad
 from dnas.relaxations import Relaxation, entropy, get_relaxation
 from dnas.supernet.layers import Ctx
-from dnas.supernet.spaces import SPACES, SearchSpace, build_space, space_label
+from dnas.supernet.spaces import SPACES, SearchSpace, build_space, space_label, takes_option
 
 #: The spaces built from dnas's own layer kit (they read ``Ctx.compute_dtype``).
 BUILTIN_SPACE_TYPES = tuple(cls for cls, _ in SPACES.values())
 
-
-def _takes_partial_channels(space: str) -> bool:
-    """Whether the named space builds its candidate ops for a fraction of the channels."""
-    import dataclasses as dc
-    import inspect
-    if space in SPACES:
-        return "partial_channels" in {f.name for f in dc.fields(SPACES[space][1])}
-    from dnas import plugins
-    factory = plugins.USER_SPACES.get(space) or (plugins.load_spec(space, "search space")
-                                                 if plugins.is_spec(space) else plugins.entry_point(plugins.SPACE_GROUP, space))
-    try:
-        return callable(factory) and "partial_channels" in inspect.signature(factory).parameters
-    except (TypeError, ValueError):
-        return False
 
 AXIS = "devices"
 
@@ -455,7 +441,7 @@ def make_searcher(space, relaxation: str = "darts", *, space_options: dict | Non
     if latency:  # of the full-width network (before PC-DARTS narrows the candidate ops)
         objective = _latency_objective(space, built, space_options, latency)
     if relax.partial_channels != 1:  # the space's candidate ops see 1/K of the channels
-        if not isinstance(space, str) or not _takes_partial_channels(space):
+        if not isinstance(space, str) or not takes_option(space, "partial_channels"):
             raise ValueError(f"relaxation {relax.name!r} runs the candidate ops on 1/{relax.partial_channels} of "
                              f"the channels, and the space {space_label(space)!r} cannot build its ops that narrow "
                              "(for PC-DARTS use the relaxation option k=1)")

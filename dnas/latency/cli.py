@@ -43,9 +43,7 @@ def space_options(args) -> dict:
     """Space options from the flags: the same rules as ``dnas search`` (``dnas.cli._space_options``)
     but with the space's own defaults (the full ProxylessNAS chain, NB201 C=16 N=5, DARTS C=16
     8 cells) unless a flag says otherwise."""
-    from dnas.cli import _space_options
-
-    from dnas.cli import DEFAULT_SPACE_OPTIONS
+    from dnas.cli import DEFAULT_SPACE_OPTIONS, _space_options
 
     ns = argparse.Namespace(space=args.space, channels=args.channels, cells=args.cells, width_mult=args.width_mult,
                             conv_impl=args.conv_impl, space_option=getattr(args, "space_option", None))

@@ -27,18 +27,8 @@ from flax import nnx
 from dnas.latency.profile import LoadMonitor, dispatch_overhead, time_call
 from dnas.latency.space_latency import FIXED_KEY, choice_key
 from dnas.latency.table import LatencyTable, runtime_meta
-from dnas.nnx import Choice, choice_points, fix
+from dnas.nnx import Choice, choice_points, fix, set_search_mode
 from dnas.supernet.layers import Ctx
-
-
-def _eval_mode(module: nnx.Module) -> nnx.Module:
-    module = nnx.clone(module)
-    for _, m in nnx.iter_modules(module):
-        if hasattr(m, "use_running_average"):
-            m.use_running_average = True
-        if hasattr(m, "deterministic"):
-            m.deterministic = True
-    return module
 
 
 def choice_point_inputs(space, input_shape: tuple, batch_size: int = 1) -> dict[str, tuple]:
@@ -60,7 +50,7 @@ def choice_point_inputs(space, input_shape: tuple, batch_size: int = 1) -> dict[
 
 
 def _time_module(module: nnx.Module, x, repeats: int, warmup: int, statistic: str) -> float:
-    graphdef, state = nnx.split(_eval_mode(module))
+    graphdef, state = nnx.split(set_search_mode(nnx.clone(module), train=False))
     fn = jax.jit(lambda st, x_: nnx.merge(graphdef, st)(x_))
     t = time_call(fn, (state, x), repeats, warmup)
     return t["median_ms"] if statistic == "median" else t["min_ms"]

@@ -20,6 +20,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
+from dnas.backend import resolve
 from dnas.supernet import layers as L
 from dnas.supernet.genotype import ChainGenotype, derive_chain
 from dnas.supernet.mixed import MixedOp
@@ -93,7 +94,6 @@ class ChainSpace(SearchSpace):
     op_names = KEEP_OPS
 
     def __init__(self, config: ChainConfig = ChainConfig()):
-        from dnas.backend import resolve
         self.config = c = config
         self.kernels = resolve(c.kernels)
         w = lambda ch: make_divisible(ch * c.width_mult)  # noqa: E731
@@ -131,8 +131,7 @@ class ChainSpace(SearchSpace):
         return params, state
 
     def apply(self, params, state, x, samples, mix, ctx):
-        from dnas.supernet.spaces import with_kernels
-        ctx = with_kernels(ctx, self.kernels)
+        ctx = L.with_kernels(ctx, self.kernels)
         new_state = {}
         x, new_state["stem"] = self.stem.apply(params["stem"], state["stem"], x, ctx)
         block_states = []

@@ -73,6 +73,11 @@ def policy(ctx: Ctx) -> KernelPolicy:
     return ctx.kernels if ctx.kernels is not None else default_policy()
 
 
+def with_kernels(ctx: Ctx, kernels: KernelPolicy) -> Ctx:
+    """``ctx`` with a space's kernel policy, unless the caller set one."""
+    return ctx if ctx.kernels is not None else ctx._replace(kernels=kernels)
+
+
 class Layer(NamedTuple):
     """``parts``: the sublayers of a :func:`sequential` (empty otherwise). ``normalize``: set
     on an affine-free :func:`batchnorm` only, ``(state, x, ctx) -> (x̂, new_state, rstd)`` in

@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from dnas.nnx import Choice, InputChoice, choice_points, mixing
+from dnas.nnx import Choice, InputChoice, choice_points, mixing, set_search_mode
 from dnas.supernet.genotype import ChoiceGenotype
 from dnas.supernet.space_base import SearchSpace
 
@@ -37,7 +37,7 @@ class NNXSpace(SearchSpace):
     ``num_classes``: when given, the model's logits are checked to have that many columns."""
 
     def __init__(self, model: nnx.Module | Callable[[nnx.Rngs], nnx.Module], name: str | None = None,
-                 num_classes: int | None = None, in_channels: int | None = None):
+                 num_classes: int | None = None):
         self.factory = None if isinstance(model, nnx.Module) else model
         if self.factory is not None and not callable(model):
             raise TypeError(f"expected an nnx.Module or a factory rngs -> nnx.Module, got {type(model).__name__}")
@@ -49,7 +49,7 @@ class NNXSpace(SearchSpace):
             raise ValueError(f"{type(instance).__name__} has no choice points (dnas.nnx.Choice / InputChoice): "
                              "nothing to search")
         self.name = name or type(instance).__name__
-        self.num_classes, self.in_channels = num_classes, in_channels
+        self.num_classes = num_classes
         self.graphdef, params, stats, self._rest = nnx.split(instance, nnx.Param, nnx.BatchStat, ...)
         self._params0, self._stats0 = nnx.to_pure_dict(params), nnx.to_pure_dict(stats)
         self.groups = {label: (1, len(p.names)) for label, p in self.points.items()}
@@ -70,15 +70,8 @@ class NNXSpace(SearchSpace):
         return nnx.merge(self.graphdef, params, stats, self._rest, copy=True)
 
     def apply(self, params, state, x, samples, mix, ctx):
-        model = nnx.merge(self.graphdef, params, state, self._rest, copy=True)
-        train, axis = bool(getattr(ctx, "train", True)), getattr(ctx, "axis_name", None)
-        for _, m in nnx.iter_modules(model):
-            if isinstance(m, nnx.BatchNorm):     # synchronised BatchNorm across data-parallel devices
-                m.axis_name = axis
-            if hasattr(m, "use_running_average"):
-                m.use_running_average = not train
-            if hasattr(m, "deterministic"):
-                m.deterministic = True
+        model = set_search_mode(nnx.merge(self.graphdef, params, state, self._rest, copy=True),
+                                train=bool(ctx.train), axis_name=ctx.axis_name)
         with mixing(samples, mix, ctx):
             logits = model(x)
         if self.num_classes is not None and logits.shape[-1] != self.num_classes:

@@ -31,11 +31,6 @@ from dnas.supernet.ops import candidate_ops
 from dnas.supernet.space_base import SearchSpace, UnknownSpaceError  # noqa: F401 (re-exported)
 
 
-def with_kernels(ctx: L.Ctx, kernels) -> L.Ctx:
-    """``ctx`` with the space's kernel policy, unless the caller set one."""
-    return ctx if ctx.kernels is not None else ctx._replace(kernels=kernels)
-
-
 def _check_partial(widths, k: int) -> int:
     """Validate a partial-channel factor (PC-DARTS) against the widths of the mixed edges."""
     if k < 1 or any(w % k for w in widths):
@@ -129,7 +124,7 @@ class NB201Space(SearchSpace):
     def apply(self, params, state, x, samples, mix, ctx):
         sample = samples["cell"]
         new_state = {}
-        ctx = L.loop_ctx(with_kernels(ctx, self.kernels), self.loop_convs, self.unroll_edges)
+        ctx = L.loop_ctx(L.with_kernels(ctx, self.kernels), self.loop_convs, self.unroll_edges)
         x, new_state["stem"] = self.stem.apply(params["stem"], state["stem"], x, ctx)
         for i in range(3):
             def body(h, ps, i=i):
@@ -286,7 +281,7 @@ class DartsSpace(SearchSpace):
 
     def apply(self, params, state, x, samples, mix, ctx):
         new_state = {}
-        ctx = L.loop_ctx(with_kernels(ctx, self.kernels), self.loop_convs, self.unroll_edges)
+        ctx = L.loop_ctx(L.with_kernels(ctx, self.kernels), self.loop_convs, self.unroll_edges)
         x, new_state["stem"] = self.stem.apply(params["stem"], state["stem"], x, ctx)
         s0 = s1 = x
         for r, run in enumerate(self.runs):
@@ -344,6 +339,19 @@ def build_space(name, **options) -> SearchSpace:
         if bad:
             raise ValueError(f"search space {name!r} has no option(s) {bad}; options: {sorted(fields)}")
         return cls(config_cls(**options))
+    factory = space_factory(name)
+    if isinstance(factory, SearchSpace) or _is_nnx_module(factory):
+        return as_space(factory, options, name)
+    from dnas import plugins
+    built = plugins.call_with_options(factory, dict(options), f"search space {name!r}")
+    data = {k: v for k, v in options.items() if k in ("in_channels", "num_classes")}
+    return as_space(built, data, name)
+
+
+def space_factory(name: str):
+    """What a space name that is not built in stands for: a space registered from user code, an
+    import spec's object, or an installed package's ``dnas.spaces`` entry point (a factory, a
+    :class:`SearchSpace` or a model); an unknown name is an :class:`UnknownSpaceError`."""
     from dnas import plugins
     factory = plugins.USER_SPACES.get(name)
     if factory is None and plugins.is_spec(name):
@@ -354,11 +362,20 @@ def build_space(name, **options) -> SearchSpace:
         known = sorted(SPACES) + sorted(plugins.USER_SPACES) + plugins.entry_point_names(plugins.SPACE_GROUP)
         raise UnknownSpaceError(f"unknown search space {name!r}; available: {', '.join(known)} "
                                 "(or an import spec 'package.module:attribute')")
-    if isinstance(factory, SearchSpace) or _is_nnx_module(factory):
-        return as_space(factory, options, name)
-    built = plugins.call_with_options(factory, dict(options), f"search space {name!r}")
-    data = {k: v for k, v in options.items() if k in ("in_channels", "num_classes")}
-    return as_space(built, data, name)
+    return factory
+
+
+def takes_option(space: str, option: str) -> bool:
+    """Whether the space called ``space`` can be built with ``option`` (a config field of a
+    built-in space, a parameter of a user's factory)."""
+    if space in SPACES:
+        return option in {f.name for f in dataclasses.fields(SPACES[space][1])}
+    import inspect
+    factory = space_factory(space)
+    try:
+        return callable(factory) and option in inspect.signature(factory).parameters
+    except (TypeError, ValueError):
+        return False
 
 
 def _is_nnx_module(obj) -> bool:
@@ -381,7 +398,7 @@ def as_space(obj, options: dict | None = None, name: str | None = None) -> Searc
         return obj
     if _is_nnx_module(obj) or callable(obj):
         from dnas.supernet.nnx_space import NNXSpace
-        return NNXSpace(obj, num_classes=options.get("num_classes"), in_channels=options.get("in_channels"))
+        return NNXSpace(obj, num_classes=options.get("num_classes"))   # in_channels: the model's own layers
     raise TypeError(f"{name or 'the space'}: expected a SearchSpace, a Flax NNX model or a factory of one, "
                     f"got {type(obj).__name__}")
 
