@@ -39,7 +39,8 @@ class SearchResult:
 
 
 def search(model, data: str | None = None, *, relaxation: str = "darts", hypergrad: str = "first",
-           epochs: int = 30, out: str | None = None, **config) -> SearchResult:
+           epochs: int = 30, out: str | None = None, resume: bool = False, overwrite: bool = False,
+           **config) -> SearchResult:
     """Search ``model`` on ``data`` and write the run to ``out``.
 
     ``model``: a Flax NNX model with choice points (:mod:`dnas.nnx`), a factory ``rngs ->
@@ -48,6 +49,9 @@ def search(model, data: str | None = None, *, relaxation: str = "darts", hypergr
     prepared tensorflow-datasets name. ``config``: any other field of
     :class:`~dnas.run.SearchConfig` (``seeds``, ``devices``, ``batch_size``, ``tune``,
     ``latency``, ``hyper=dnas.searcher.Hyper(...)``, ...); an unknown one is an error.
+    ``resume``: continue the run in ``out`` from its latest checkpoint (same configuration,
+    only ``epochs``/``max_steps`` may differ); ``overwrite``: replace the run in ``out`` (an
+    ``out`` holding a run is refused otherwise).
     """
     from dnas.run import SearchConfig, search_run
 
@@ -57,6 +61,6 @@ def search(model, data: str | None = None, *, relaxation: str = "darts", hypergr
         raise TypeError(f"dnas.search() got unknown option(s) {bad}; options: {sorted(fields - {'space', 'dataset'})}")
     cfg = SearchConfig(space=model, dataset=data, relaxation=relaxation, hypergrad=hypergrad, epochs=epochs,
                        out=out, **config)
-    run = search_run(cfg)
+    run = search_run(cfg, resume=resume, overwrite=overwrite)
     return SearchResult(genotype=run.genotypes[0], genotypes=run.genotypes, out=Path(run.summary["out"]),
                         summary=run.summary, searcher=run.searcher, state=run.state)

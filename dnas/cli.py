@@ -95,17 +95,64 @@ def _seed_list(text: str) -> tuple[int, ...]:
 
 
 def _key_values(items: list[str] | None, flag: str) -> dict:
-    """``["k=v", ...]`` → ``{k: v}`` with ``v`` read as a number/bool where it is one."""
-    out = {}
-    for item in items or []:
-        if "=" not in item:
-            raise SystemExit(f"dnas: {flag} expects KEY=VALUE, got {item!r}")
-        k, v = item.split("=", 1)
-        try:
-            out[k.strip().replace("-", "_")] = json.loads(v)
-        except json.JSONDecodeError:
-            out[k.strip().replace("-", "_")] = v
-    return out
+    """``["k=v", ...]`` → ``{k: v}``, ``v`` read strictly (:func:`dnas.options.key_values`)."""
+    from dnas.options import OptionError, key_values
+    try:
+        return key_values(items, flag)
+    except OptionError as e:
+        raise SystemExit(f"dnas: {e}") from None
+
+
+def _run_args(p: argparse.ArgumentParser, command: str) -> None:
+    """The flags of a run's lifecycle (dnas/rundir.py): config files, resume, overwrite."""
+    r = p.add_argument_group("run files (config, resume; docs/runs.md)")
+    r.add_argument("--config", default=None, metavar="FILE",
+                   help="read the options from a YAML or JSON file (a run's own config.json reruns it); flags given "
+                        "on the command line and --set override it")
+    r.add_argument("--set", action="append", default=None, metavar="KEY=VALUE",
+                   help="override one option of the configuration (dotted for nested ones, e.g. hyper.w_lr=0.01 "
+                        "or space_options.channels=8; repeatable)")
+    r.add_argument("--resume", default=None, metavar="RUN_DIR",
+                   help=f"continue the {command} in RUN_DIR from its latest good checkpoint; it ends as if never "
+                        "interrupted. Only the run's length (--epochs, --max-steps) may change")
+    r.add_argument("--overwrite", action="store_true", help="replace the run already in --out")
+    r.add_argument("--checkpoint-every", type=_positive, default=1, metavar="EPOCHS", help="checkpoint every N epochs")
+    r.add_argument("--checkpoint-steps", type=_positive, default=None, metavar="N",
+                   help="also checkpoint every N steps (SIGTERM/SIGINT always checkpoint before the run stops)")
+
+
+def _merge_config(args, build, default_args, what: str, from_dict, saved_for_resume):
+    """The run's configuration: ``build(args)`` alone, or — with ``--config`` / ``--resume`` —
+    that file's (or the run's) configuration with the flags given on the command line and the
+    ``--set`` pairs applied on top. A flag counts as given when its value differs from the
+    parser's default (so passing a default value explicitly does not override a file)."""
+    from dnas.options import OptionError, apply_sets, config_to_dict, differences, load_config_file
+    cli = build(args)
+    if not (args.config or args.resume or args.set):
+        return cli
+    if args.config and args.resume:
+        raise SystemExit(f"dnas {what}: --config and --resume exclude each other (a resumed run keeps its own)")
+    try:
+        if args.resume:
+            base = config_to_dict(saved_for_resume(args.resume))
+            base["out"] = str(args.resume)
+        elif args.config:
+            base = load_config_file(args.config)
+            base.pop("resolved", None)
+            base.pop("out", None)      # a run's config.json names its own --out: the rerun goes elsewhere
+        else:
+            base = config_to_dict(cli)
+        given = differences(build(default_args), cli)
+        cli_dict = config_to_dict(cli)
+        for name in given:
+            node, src = base, cli_dict
+            parts = name.split(".")
+            for part in parts[:-1]:
+                node, src = node.setdefault(part, {}), src[part]
+            node[parts[-1]] = src[parts[-1]]
+        return from_dict(apply_sets(base, args.set))
+    except OSError as e:
+        raise OptionError(str(e)) from None
 
 
 def _hypergrad_args(p: argparse.ArgumentParser) -> None:
@@ -238,6 +285,15 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--chunk-steps", type=_positive, default=50, help="--loop device: search steps per compiled call")
     s.add_argument("--log-every", type=_positive, default=10, help="write a step record every N steps")
     s.add_argument("--no-progress", action="store_true", help="no progress bar")
+    s.add_argument("--tensorboard", action="store_true",
+                   help="write TensorBoard event files to OUT/tensorboard/ (scalars per logged step, op "
+                        "probabilities per choice point as images per epoch)")
+    _run_args(s, "search")
+
+    dv = sub.add_parser("derive", help="write a search run's derived architecture, alphas and pictures from its "
+                                       "latest checkpoint (a run that died or was stopped)")
+    dv.add_argument("run", help="the search run's directory")
+    dv.add_argument("--step", type=int, default=None, help="the checkpoint's step (default: the latest readable)")
 
     _train_parser(sub)
     _reproduce_parser(sub)
@@ -269,7 +325,7 @@ def _train_parser(sub) -> None:
                                    "take the space's evaluation protocol (DARTS: SGD 0.025, batch 96, drop path 0.2, "
                                    "cutout, auxiliary head 0.4; NAS-Bench-201: SGD Nesterov 0.1, batch 256, wd 5e-4; "
                                    "dnas/train.py). The papers train 600 (DARTS) / 200 (NAS-Bench-201) epochs.")
-    t.add_argument("genotype", help="a genotype JSON file, a `dnas search` output directory (its dataset and, for "
+    t.add_argument("genotype", nargs="?", default=None, help="a genotype JSON file, a `dnas search` output directory (its dataset and, for "
                                     "the chain space, its space options are then the defaults), a NAS-Bench-201 "
                                     "arch string '|op~0|+|op~0|op~1|+...' or darts-v2 (the DARTS paper's cell)")
     t.add_argument("--dataset", default=None, help="as for `dnas search` (default: the search run's, else digits)")
@@ -311,6 +367,10 @@ def _train_parser(sub) -> None:
                    help="kernel formulations, as for dnas search (xla_cpu, native; auto: the backend's)")
     t.add_argument("--precision", choices=PRECISION_CHOICES, default="float32",
                    help="bfloat16: convolutions read bfloat16 (as for `dnas search`)")
+    t.add_argument("--export", action="store_true",
+                   help="write the trained network for serving: OUT/model.stablehlo (jax.export, serialized "
+                        "StableHLO with a symbolic batch) and OUT/model.json (its input signature)")
+    _run_args(t, "train")
 
 
 def _reproduce_parser(sub) -> None:
@@ -357,28 +417,40 @@ def _cmd_reproduce(args) -> int:
     return 0
 
 
-def _cmd_train(args) -> int:
-    from dnas.data import DatasetError
-    from dnas.searcher import NonFiniteLossError
-    from dnas.supernet.genotype import GenotypeError
-    from dnas.train import TrainConfig, run_train
+def _train_cfg(args):
+    """The :class:`~dnas.train.TrainConfig` the flags describe."""
+    from dnas.train import TrainConfig
 
     net = _key_values(args.network_option, "--network-option")
     if args.channels:
         net["channels"] = args.channels
     if args.conv_impl != "auto":
         net["impl"] = args.conv_impl
-    cfg = TrainConfig(
+    return TrainConfig(
         genotype=args.genotype, dataset=args.dataset, data_dir=args.data_dir, limit_examples=args.limit_examples,
         epochs=args.epochs, max_steps=args.max_steps, seed=args.seed, devices=args.devices, out=args.out,
         network_options=net, cells=args.cells, batch_size=args.batch_size, lr=args.lr, lr_min=args.lr_min, momentum=args.momentum,
         nesterov=args.nesterov, weight_decay=args.weight_decay, grad_clip=args.grad_clip, drop_path=args.drop_path,
         cutout=args.cutout, auxiliary_weight=args.auxiliary_weight, label_smoothing=args.label_smoothing,
         augment=not args.no_augment, log_every=args.log_every, progress=not args.no_progress,
-        nb201_table=args.nb201_table, precision=args.precision, kernels=args.kernels)
+        nb201_table=args.nb201_table, precision=args.precision, kernels=args.kernels,
+        checkpoint_every=args.checkpoint_every, checkpoint_steps=args.checkpoint_steps, export=args.export)
+
+
+def _cmd_train(args, cfg) -> int:
+    from dnas.run import Preempted
+    from dnas.train import run_train
+
+    if not cfg.genotype:
+        print("dnas train: error: give the genotype to train (a genotype JSON file, a search run directory, an "
+              "NB201 arch string or darts-v2), a --config FILE or --resume RUN_DIR", file=sys.stderr)
+        return 2
     try:
-        summary = run_train(cfg)
-    except (DatasetError, GenotypeError, NonFiniteLossError, ValueError, OSError) as e:
+        summary = run_train(cfg, resume=bool(args.resume), overwrite=args.overwrite)
+    except Preempted as e:
+        print(f"dnas train: {e}", file=sys.stderr)
+        return 128 + e.signum
+    except _user_errors() as e:
         print(f"dnas train: error: {e}", file=sys.stderr)
         return 2
     final = summary.get("final") or {}
@@ -389,8 +461,11 @@ def _cmd_train(args) -> int:
     if "nb201" in summary:
         print(f"NAS-Bench-201 (C=16, N=5, 200 epochs) CIFAR-10 test accuracy of this cell: "
               f"{summary['nb201']['cifar10']:.2f} %")
-    print(f"{summary['steps']} steps in {summary['wall_time_s']:.1f} s "
-          f"(first step incl. compile {summary['compile_s']:.1f} s)")
+    if summary.get("compile_s") is not None:
+        print(f"{summary['steps']} steps in {summary['wall_time_s']:.1f} s "
+              f"(first step incl. compile {summary['compile_s']:.1f} s)")
+    if "export" in summary:
+        print(f"exported for serving: {summary['out']}/model.stablehlo (signature in model.json)")
     print(f"outputs in {summary['out']}/")
     return 0
 
@@ -418,12 +493,12 @@ def enable_compile_cache(where: str | None) -> str | None:
     return where
 
 
-def _cmd_search(args) -> int:
-    from dnas.data import DatasetError
-    from dnas.run import SearchConfig, run_search
-    from dnas.searcher import Hyper, NonFiniteLossError
+def _search_cfg(args):
+    """The :class:`~dnas.run.SearchConfig` the flags describe."""
+    from dnas.run import SearchConfig
+    from dnas.searcher import Hyper
 
-    cfg = SearchConfig(
+    return SearchConfig(
         space=args.space, relaxation=args.relaxation, dataset=args.dataset, epochs=args.epochs,
         batch_size=args.batch_size, seed=args.seed, seeds=args.seeds, out=args.out, devices=args.devices,
         limit_examples=args.limit_examples, max_steps=args.max_steps,
@@ -438,21 +513,49 @@ def _cmd_search(args) -> int:
             "space_options": _key_values(args.latency_space_option, "--latency-space-option")},
         augment=not args.no_augment, log_every=args.log_every, data_dir=args.data_dir,
         progress=not args.no_progress, nb201_table=args.nb201_table, precision=args.precision,
-        loop=args.loop, chunk_steps=args.chunk_steps, kernels=args.kernels)
+        loop=args.loop, chunk_steps=args.chunk_steps, kernels=args.kernels, checkpoint_every=args.checkpoint_every,
+        checkpoint_steps=args.checkpoint_steps, tensorboard=args.tensorboard)
+
+
+#: The errors of a run that are the user's to fix: reported in one line, exit status 2.
+def _user_errors():
+    from dnas.data import DatasetError
+    from dnas.nb201_table import NB201TableError
+    from dnas.options import OptionError
+    from dnas.plugins import PluginError
+    from dnas.rundir import CheckpointError, RunDirError
+    from dnas.searcher import NonFiniteLossError
+    from dnas.supernet.genotype import GenotypeError
+    return (DatasetError, NB201TableError, OptionError, PluginError, CheckpointError, RunDirError,
+            NonFiniteLossError, GenotypeError, ValueError, OSError)
+
+
+def _cmd_search(args, cfg) -> int:
+    from dnas.run import Preempted, run_search
+
     try:
-        summary = run_search(cfg)
-    except (DatasetError, NonFiniteLossError, ValueError, OSError) as e:
+        summary = run_search(cfg, resume=bool(args.resume), overwrite=args.overwrite)
+    except Preempted as e:
+        print(f"dnas search: {e}", file=sys.stderr)
+        return 128 + e.signum
+    except _user_errors() as e:
         print(f"dnas search: error: {e}", file=sys.stderr)
         return 2
+    _print_search(summary, cfg.seed)
+    return 0
+
+
+def _print_search(summary: dict, seed: int) -> None:
     runs = (zip(summary["seeds"], summary["genotypes"], summary["finals"]) if "seeds" in summary
-            else [(args.seed, summary["genotype"], summary.get("final", {}))])
+            else [(seed, summary["genotype"], summary.get("final", {}))])
     for seed, g, final in runs:
         tag = f"seed {seed}: " if "seeds" in summary else ""
         print(f"{tag}derived architecture: {json.dumps(g)}")
         print(f"{tag}final epoch: train_acc={final.get('train_acc', float('nan')):.3f} "
               f"val_acc={final.get('val_acc', float('nan')):.3f}")
-    print(f"{summary['steps']} steps in {summary['wall_time_s']:.1f} s "
-          f"(first step incl. compile {summary['compile_s']:.1f} s)")
+    if summary.get("compile_s") is not None:
+        print(f"{summary['steps']} steps in {summary['wall_time_s']:.1f} s "
+              f"(first step incl. compile {summary['compile_s']:.1f} s)")
     if "table_latency_ms" in summary:
         print(f"table latency of the derived architecture: {summary['table_latency_ms']:.2f} ms")
     if "nb201" in summary:
@@ -460,6 +563,18 @@ def _cmd_search(args) -> int:
         print(f"NAS-Bench-201 (200 epochs) test accuracy of the derived cell: CIFAR-10 {b['cifar10']:.2f} %, "
               f"CIFAR-100 {b['cifar100']:.2f} %, ImageNet16-120 {b['imagenet16_120']:.2f} %")
     print(f"outputs in {summary['out']}/")
+
+
+def _cmd_derive(args) -> int:
+    from dnas.run import derive_run
+
+    try:
+        summary = derive_run(args.run, step=args.step).summary
+    except _user_errors() as e:
+        print(f"dnas derive: error: {e}", file=sys.stderr)
+        return 2
+    print(f"from the checkpoint of step {summary['steps']}:")
+    _print_search(summary, 0)
     return 0
 
 
@@ -492,10 +607,26 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "reproduce":
         enable_compile_cache(args.compile_cache)
         return _cmd_reproduce(args)
-    _set_host_devices(args.devices)
+    if args.command == "derive":
+        return _cmd_derive(args)
+    cfg = None
+    if args.command in ("search", "train"):   # the configuration first: a resumed run's --devices come from it
+        if args.command == "search":
+            from dnas.run import config_from_dict, saved_config
+            build, default = _search_cfg, ["search"]
+        else:
+            from dnas.train import config_from_dict, saved_config
+            build, default = _train_cfg, ["train"]
+        try:
+            cfg = _merge_config(args, build, build_parser().parse_args(default), args.command,
+                                config_from_dict, saved_config)
+        except _user_errors() as e:
+            print(f"dnas {args.command}: error: {e}", file=sys.stderr)
+            return 2
+    _set_host_devices(cfg.devices if cfg is not None else args.devices)
     if args.command == "train":
         enable_compile_cache(args.compile_cache)
-        return _cmd_train(args)
+        return _cmd_train(args, cfg)
     if args.distributed or args.coordinator or args.num_processes or args.process_id is not None:
         from dnas.distributed import initialize
         try:
@@ -505,7 +636,7 @@ def main(argv: list[str] | None = None) -> int:
             return 2
     enable_compile_cache(args.compile_cache)
     if args.command == "search":
-        return _cmd_search(args)
+        return _cmd_search(args, cfg)
     return _cmd_bench(args)
 
 

@@ -150,7 +150,16 @@ def load_dataset(
     Raises:
       DatasetError: with a message naming the path or name and what is wrong.
     """
-    limit = _check_limit(limit_examples)
+    ds = _load_any(name_or_path, _check_limit(limit_examples), seed, data_dir)
+    present = np.unique(ds.train_y)
+    if len(present) < 2:
+        raise DatasetError(f"dataset {ds.name!r} has {len(present)} class(es) in its training split "
+                           f"({ds.class_names[int(present[0])] if len(present) else 'none'!r}); classification "
+                           "needs at least two (a one-class search has zero loss and decides nothing)")
+    return ds
+
+
+def _load_any(name_or_path, limit, seed, data_dir) -> Dataset:
     if name_or_path is None or name_or_path == "digits":
         return _load_digits(limit, seed)
     if not isinstance(name_or_path, (str, os.PathLike)):

@@ -31,6 +31,25 @@ class NB201TableError(ValueError):
     """A missing or malformed table, or an architecture the table does not hold."""
 
 
+def _check_whole(rows: dict, path: Path) -> None:
+    """Every one of the space's 15,625 cells is in the table once, and nothing else: a table
+    that lacks rows would otherwise fail only when a search derives a missing cell (after
+    epochs of compute)."""
+    from itertools import product
+
+    from dnas.supernet.genotype import NB201_OPS, nb201_ops_to_string
+
+    expected = {nb201_ops_to_string(ops) for ops in product(NB201_OPS, repeat=6)}
+    missing, extra = expected - set(rows), set(rows) - expected
+    if missing or extra:
+        parts = []
+        if missing:
+            parts.append(f"lacks {len(missing)} of the {len(expected):,} cells (e.g. {min(missing)})")
+        if extra:
+            parts.append(f"has {len(extra)} row(s) that are no NAS-Bench-201 cell (e.g. {min(extra)!r})")
+        raise NB201TableError(f"NAS-Bench-201 table {str(path)!r} " + " and ".join(parts))
+
+
 class NB201Table:
     """The accuracy table, indexed by arch string (:meth:`load`, :meth:`lookup`)."""
 
@@ -59,6 +78,7 @@ class NB201Table:
                                           f"number: {row}") from None
         if not rows:
             raise NB201TableError(f"NAS-Bench-201 table {str(path)!r} has no rows")
+        _check_whole(rows, path)
         return cls(rows, str(path))
 
     def __len__(self) -> int:

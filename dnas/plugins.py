@@ -105,4 +105,5 @@ def call_with_options(factory: Callable, options: dict, what: str, data_options=
     bad = sorted(set(options) - set(params) - set(data_options))
     if bad:
         raise PluginError(f"{what} has no option(s) {bad}; options: {sorted(params)}")
-    return factory(**{k: v for k, v in options.items() if k in params})
+    from dnas.options import coerce_options
+    return factory(**coerce_options(factory, {k: v for k, v in options.items() if k in params}, what))

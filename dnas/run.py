@@ -42,6 +42,8 @@ from dnas.hugepages import trim_heap
 from dnas.device_loop import ARCH_STREAM_OFFSET, AUG_SALT
 from dnas.loop_plan import plan_cpu_loops, resolve_loop
 from dnas.searcher import Hyper, NonFiniteLossError, SearchState, Searcher, check_finite, make_searcher
+from dnas.rundir import (RunDirError, atomic_path, check_state_finite, claim_out, count_lines, discard_after,
+                         restore_checkpoint, restore_latest, save_checkpoint, truncate_lines, write_json_atomic)
 from dnas.supernet.genotype import genotype_to_json, save_genotype
 
 
@@ -70,6 +72,8 @@ class SearchConfig:
     augment: bool = True
     log_every: int = 10
     checkpoint_every: int = 1             # epochs
+    checkpoint_steps: int | None = None   # also checkpoint every N steps (within epochs)
+    tensorboard: bool = False             # OUT/tensorboard/: scalars per logged step, α images per epoch
     data_dir: str | None = None           # tfds data dir
     progress: bool = True
     nb201_table: str | None = None        # NAS-Bench-201 accuracy CSV: look the derived cell up every epoch
@@ -83,8 +87,18 @@ def default_out_dir() -> Path:
     return Path("runs") / _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
 
 
-def _to_host(tree):
-    return to_host(tree)
+#: SearchConfig fields a resumed run may change: the run's length, and what only shows progress
+#: or where checkpoints go (``--resume`` refuses any other difference, naming it).
+RESUMABLE_CHANGES = ("epochs", "max_steps", "progress", "checkpoint_every", "checkpoint_steps", "tensorboard",
+                     "data_dir", "out")
+
+
+def config_from_dict(data: dict) -> "SearchConfig":
+    """A :class:`SearchConfig` from a mapping (a YAML/JSON config file, or a run's own
+    ``config.json``, whose ``"resolved"`` facts are skipped); values are type-checked and an
+    unknown key is an error (:mod:`dnas.options`)."""
+    from dnas.options import dataclass_from_dict
+    return dataclass_from_dict(SearchConfig, data, ignore=("resolved",))
 
 
 class _MetricsLog:
@@ -99,6 +113,9 @@ class _MetricsLog:
             self.f.write(json.dumps(record, allow_nan=True) + "\n")
             self.f.flush()
 
+    def lines(self) -> int:
+        return 0 if self.path is None else count_lines(self.path)
+
     def close(self) -> None:
         if self.f is not None:
             self.f.close()
@@ -111,41 +128,9 @@ def _augment_settings(data: Dataset) -> tuple[int, bool]:
     return max(1, h // 8), data.name != "digits"
 
 
-def save_checkpoint(ckpt_dir: Path, state: SearchState, step: int, max_to_keep: int = 2) -> Path:
-    """Save a state (the search's, or any NamedTuple such as ``dnas train``'s), copied to the
-    host, with orbax under ``ckpt_dir/<step>``.
-
-    Under ``jax.distributed`` only process 0 calls this (the state is replicated); orbax is
-    told so, so it waits for no other process."""
-    import orbax.checkpoint as ocp
-
-    ckpt_dir.mkdir(parents=True, exist_ok=True)
-    solo = ocp.options.MultiprocessingOptions(primary_host=jax.process_index(), active_processes={jax.process_index()})
-    mgr = ocp.CheckpointManager(ckpt_dir.resolve(), options=ocp.CheckpointManagerOptions(
-        max_to_keep=max_to_keep, create=False, multiprocessing_options=solo))
-    mgr.save(int(step), args=ocp.args.StandardSave(_to_host(state._asdict())), force=True)
-    mgr.wait_until_finished()
-    mgr.close()
-    return ckpt_dir / str(int(step))
-
-
-def restore_checkpoint(ckpt_dir: str | os.PathLike, template: SearchState, step: int | None = None) -> SearchState:
-    """Restore a state saved by :func:`save_checkpoint` (latest step by default) into the type of
-    ``template`` (a :class:`SearchState`, or ``dnas train``'s :class:`~dnas.train.TrainState`)."""
-    import orbax.checkpoint as ocp
-
-    mgr = ocp.CheckpointManager(Path(ckpt_dir).resolve())
-    step = mgr.latest_step() if step is None else step
-    if step is None:
-        raise FileNotFoundError(f"no checkpoint found in {ckpt_dir}")
-    restored = mgr.restore(step, args=ocp.args.StandardRestore(_to_host(template._asdict())))
-    mgr.close()
-    return type(template)(**restored)
-
-
 def write_alphas(path: Path, searcher: Searcher, state: SearchState) -> dict:
     """The final architecture parameters and probabilities, per group and choice point."""
-    arch = _to_host(state.arch)
+    arch = to_host(state.arch)
     probs = searcher.probs(state)
     scores = to_host(searcher.relax.derive_scores(arch))
     space = searcher.space
@@ -162,7 +147,7 @@ def write_alphas(path: Path, searcher: Searcher, state: SearchState) -> dict:
         }
     if set(arch) != set(space.groups):  # relaxations with more parameters (PC-DARTS's β, ...)
         out["parameters"] = jax.tree_util.tree_map(lambda a: np.asarray(a).tolist(), arch)
-    path.write_text(json.dumps(out, indent=2) + "\n", encoding="utf-8")
+    write_json_atomic(path, out)
     return out
 
 
@@ -177,10 +162,11 @@ def _member_data(cfg: SearchConfig, seed: int, cache: dict):
     return data, (wx, wy.astype(np.int32)), (ax, ay.astype(np.int32))
 
 
-def run_search(cfg: SearchConfig) -> dict:
+def run_search(cfg: SearchConfig, *, resume: bool = False, overwrite: bool = False) -> dict:
     """Run a search (or one per seed of ``cfg.seeds``, vmapped) and write its outputs; returns
-    a summary dict (also ``summary.json``)."""
-    return search_run(cfg).summary
+    a summary dict (also ``summary.json``). ``resume``: continue the run in ``cfg.out`` from
+    its latest good checkpoint; ``overwrite``: replace the run in ``cfg.out``."""
+    return search_run(cfg, resume=resume, overwrite=overwrite).summary
 
 
 class SearchRun(NamedTuple):
@@ -193,16 +179,44 @@ class SearchRun(NamedTuple):
     genotypes: list
 
 
-def search_run(cfg: SearchConfig) -> SearchRun:
-    """:func:`run_search` that also returns what the Python API (:func:`dnas.search`) hands back."""
-    t_start = time.perf_counter()
+class Preempted(Exception):
+    """SIGTERM/SIGINT arrived: the run checkpointed at ``step`` and stopped (resume it with
+    ``dnas search --resume OUT``)."""
+
+    def __init__(self, step: int, out: Path, signum: int, command: str = "search"):
+        super().__init__(f"stopped by signal {signum} after step {step}; checkpointed in {out}/checkpoints — "
+                         f"continue with: dnas {command} --resume {out}")
+        self.step, self.out, self.signum = step, out, signum
+
+
+class _Prepared(NamedTuple):
+    """What a search run is made of, built and validated before anything is written."""
+
+    cfg: SearchConfig
+    out: Path
+    primary: bool
+    loop_kind: str
+    seeds: tuple
+    table: Any
+    members: list
+    data: Dataset
+    steps_per_epoch: int
+    total: int
+    epochs: int
+    searcher: Searcher
+    label: str
+    num_devices: int
+    resolved: dict
+
+
+def prepare_search(cfg: SearchConfig) -> _Prepared:
+    """Validate ``cfg``, load the data and build the searcher; touches no file."""
     loop_kind = resolve_loop(cfg.loop)
     if cfg.chunk_steps < 1:
         raise ValueError(f"chunk_steps must be positive, got {cfg.chunk_steps}")
+    if cfg.checkpoint_every < 1 or (cfg.checkpoint_steps is not None and cfg.checkpoint_steps < 1):
+        raise ValueError("checkpoint_every and checkpoint_steps must be positive")
     out = Path(cfg.out) if cfg.out else default_out_dir()
-    primary = is_primary()  # under jax.distributed only process 0 writes
-    if primary:
-        out.mkdir(parents=True, exist_ok=True)
     if cfg.devices < 1 or cfg.devices > jax.local_device_count():
         raise ValueError(f"--devices {cfg.devices}: this process sees {jax.local_device_count()} "
                          f"{jax.default_backend()} device(s)")
@@ -212,7 +226,6 @@ def search_run(cfg: SearchConfig) -> SearchRun:
     seeds = tuple(int(s) for s in cfg.seeds) if cfg.seeds else (int(cfg.seed),)
     if len(set(seeds)) != len(seeds):
         raise ValueError(f"--seeds {','.join(map(str, seeds))}: every seed must be distinct")
-    multi = len(seeds) > 1
 
     table = None
     if cfg.nb201_table is not None:
@@ -244,111 +257,278 @@ def search_run(cfg: SearchConfig) -> SearchRun:
                              hypergrad_options=hypergrad_options, tune=cfg.tune, latency=cfg.latency,
                              num_seeds=len(seeds), precision=cfg.precision, kernels=cfg.kernels)
     label = cfg.space if isinstance(cfg.space, str) else searcher.space.name
-    resolved = dataclasses.asdict(dataclasses.replace(cfg, space=label))
-    resolved.update(out=str(out), space_options=searcher.space.describe(), total_steps=total,
+    resolved = dict(out=str(out), space_options=searcher.space.describe(), total_steps=total,
                     steps_per_epoch=steps_per_epoch, dataset_name=data.name,
                     num_weight_examples=int(len(wy)), num_arch_examples=int(len(ay)),
                     backend=jax.default_backend(), jax_version=jax.__version__,
                     processes=jax.process_count(), global_devices=num_devices, loop_resolved=loop_kind,
                     cpu_loop_plan=loop_plan)
-    if primary:
-        (out / "config.json").write_text(json.dumps(resolved, indent=2, default=str) + "\n", encoding="utf-8")
+    return _Prepared(cfg, out, is_primary(), loop_kind, seeds, table, members, data, steps_per_epoch, total,
+                     epochs, searcher, label, num_devices, resolved)
 
-    state = searcher.init_members(seeds) if multi else searcher.init(jax.random.PRNGKey(seeds[0]))
+
+def _config_record(prep: _Prepared) -> dict:
+    """``config.json``: the run's :class:`SearchConfig` (readable back by :func:`config_from_dict`,
+    so ``--config RUN/config.json`` reruns it) and, under ``"resolved"``, what it resolved to."""
+    from dnas.options import config_to_dict
+    record = config_to_dict(dataclasses.replace(prep.cfg, space=prep.label, out=str(prep.out)))
+    record["resolved"] = prep.resolved
+    return record
+
+
+def saved_config(out: Path) -> SearchConfig:
+    """The :class:`SearchConfig` of the run in ``out`` (its ``config.json``)."""
+    path = Path(out) / "config.json"
+    if not path.is_file():
+        raise RunDirError(f"{out}: no config.json, so no dnas search run to resume or derive")
+    from dnas.options import load_config_file
+    return config_from_dict(load_config_file(path))
+
+
+def check_resumable(saved: SearchConfig, cfg: SearchConfig) -> None:
+    """Refuse to resume a run under a configuration that differs in more than its length."""
+    from dnas.options import differences
+    if not isinstance(cfg.space, str):   # a model object: compared by its label
+        cfg = dataclasses.replace(cfg, space=saved.space)
+    diff = [d for d in differences(saved, cfg) if d.split(".")[0] not in RESUMABLE_CHANGES]
+    if diff:
+        def value(c, name):
+            for part in name.split("."):
+                c = getattr(c, part)
+            return c
+        listed = "; ".join(f"{d}: run {value(saved, d)!r}, now {value(cfg, d)!r}" for d in diff)
+        raise RunDirError(f"cannot resume {cfg.out}: the configuration differs ({listed}); only "
+                          f"{', '.join(RESUMABLE_CHANGES[:2])} may change (or start a new run)")
+
+
+def _init_state(prep: _Prepared) -> SearchState:
+    s = prep.searcher
+    return s.init_members(prep.seeds) if len(prep.seeds) > 1 else s.init(jax.random.PRNGKey(prep.seeds[0]))
+
+
+def _dirs(prep: _Prepared) -> list[Path]:
+    return [prep.out / f"seed-{s}" for s in prep.seeds] if len(prep.seeds) > 1 else [prep.out]
+
+
+class _StopSignals:
+    """While active, SIGTERM and SIGINT only set :attr:`signum`; the loop checkpoints at the
+    next step and stops (:class:`Preempted`). Installed only in the main thread."""
+
+    def __init__(self):
+        self.signum = None
+        self._old = {}
+
+    def __enter__(self):
+        import signal
+        import threading
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        if self.signum is not None:   # a second signal: stop now
+            raise KeyboardInterrupt
+        self.signum = signum
+
+    def __exit__(self, *exc):
+        import signal
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+        return False
+
+
+def search_run(cfg: SearchConfig, *, resume: bool = False, overwrite: bool = False) -> SearchRun:
+    """:func:`run_search` that also returns what the Python API (:func:`dnas.search`) hands back."""
+    t_start = time.perf_counter()
+    if resume:
+        if not cfg.out:
+            raise RunDirError("resume needs the run's directory (out)")
+        check_resumable(saved_config(Path(cfg.out)), cfg)
+    prep = prepare_search(cfg)
+    searcher, seeds, out, primary = prep.searcher, prep.seeds, prep.out, prep.primary
+    multi = len(seeds) > 1
+    if primary:   # every input is valid: now the directory is claimed
+        claim_out(out, resume=resume, overwrite=overwrite, command="search")
+        write_json_atomic(out / "config.json", _config_record(prep))
+
+    state = _init_state(prep)
+    progress: dict = {}
+    dirs = _dirs(prep)
+    if resume:
+        state, progress, ckpt_step = restore_latest(out / "checkpoints", to_host(state))
+        if primary:
+            discard_after(out / "checkpoints", ckpt_step)
+            for rel, n in progress.get("lines", {}).items():
+                truncate_lines(out / rel, int(n))
     state = searcher.replicate(state)
-    pad, flip = _augment_settings(data)
-    if loop_kind == "device":
+    if primary:
+        for d in dirs:
+            d.mkdir(parents=True, exist_ok=True)
+    logs = [_MetricsLog(d / "metrics.jsonl" if primary else None) for d in dirs]
+    alpha_logs = [_MetricsLog(d / "alphas.jsonl" if primary else None) for d in dirs]
+    board = _Board(out / "tensorboard", seeds if multi else None, progress.get("step", 0)) \
+        if cfg.tensorboard and primary else None
+    bar = None
+    if cfg.progress and primary:
+        from tqdm.auto import tqdm
+        bar = tqdm(total=prep.total, initial=progress.get("step", 0), unit="step", dynamic_ncols=True,
+                   desc=f"search {prep.label}/{cfg.relaxation}" + (f" x{len(seeds)} seeds" if multi else ""))
+    try:
+        with _StopSignals() as stop:
+            state, step, compile_s, epoch_records = _search_loop(prep, state, progress, logs, alpha_logs, board,
+                                                                 bar, stop)
+    finally:
+        if bar is not None:
+            bar.close()
+        for log in logs + alpha_logs:
+            log.close()
+        if board is not None:
+            board.close()
+    return _finish(prep, state, step, compile_s, epoch_records, time.perf_counter() - t_start)
+
+
+def _search_loop(prep: _Prepared, state, progress: dict, logs, alpha_logs, board, bar, stop):
+    """The epochs of the search from ``progress`` (a checkpoint's, or ``{}`` for a new run).
+    Data order is a function of (seed, epoch) and augmentation of (seed, step), so skipping
+    the steps an interrupted epoch already ran continues exactly."""
+    cfg, searcher, seeds, out, total = prep.cfg, prep.searcher, prep.seeds, prep.out, prep.total
+    multi = len(seeds) > 1
+    pad, flip = _augment_settings(prep.data)
+    if prep.loop_kind == "device":
         from dnas.device_loop import DeviceLoop
-        device_loop = DeviceLoop(searcher, [(m[1], m[2]) for m in members], seeds, cfg.batch_size,
+        device_loop = DeviceLoop(searcher, [(m[1], m[2]) for m in prep.members], seeds, cfg.batch_size,
                                  cfg.augment, pad, flip)
     else:
         step_fn = searcher.compiled_step(donate=True)
     aug = jax.jit(augment_batch, static_argnames=("pad", "flip"))
     aug_keys = [jax.random.fold_in(jax.random.PRNGKey(s), AUG_SALT) for s in seeds]
-    dirs = [out / f"seed-{s}" for s in seeds] if multi else [out]
-    if primary:
-        for d in dirs:
-            d.mkdir(parents=True, exist_ok=True)
 
-    logs = [_MetricsLog(d / "metrics.jsonl" if primary else None) for d in dirs]
-    bar = None
-    if cfg.progress and primary:
-        from tqdm.auto import tqdm
-        bar = tqdm(total=total, desc=f"search {label}/{cfg.relaxation}" + (f" x{len(seeds)} seeds" if multi else ""),
-                   unit="step", dynamic_ncols=True)
-    step = 0
+    step = int(progress.get("step", 0))
+    epoch_records: list = progress.get("epoch_records") or [{} for _ in seeds]
+    start_epoch, skip, sums = 0, 0, None
+    if progress:
+        start_epoch = int(progress["epoch"]) + (1 if progress["epoch_done"] else 0)
+        if not progress["epoch_done"]:
+            skip, sums = step - start_epoch * prep.steps_per_epoch, progress["meter"]
     compile_s = None
-    epoch_records: list = [{} for _ in seeds]
-    try:
-        for epoch in range(epochs):
-            t_epoch = time.perf_counter()
-            meter = _EpochMeter(logs, epoch, seeds if multi else None, bar)
-            if loop_kind == "device":
-                state, step, compile_s = _device_epoch(device_loop, state, epoch, step, total, cfg, meter,
-                                                       bar, compile_s)
-            iters = [] if loop_kind == "device" else [zip(epoch_batches(wx_, wy_, cfg.batch_size, seed=s, epoch=epoch),
-                         epoch_batches(ax_, ay_, cfg.batch_size, seed=s + ARCH_STREAM_OFFSET, epoch=epoch))
-                     for s, (_, (wx_, wy_), (ax_, ay_)) in zip(seeds, members)]
-            for batches in zip(*iters):
-                if step >= total:
-                    break
-                per_member = []
-                for k_aug, ((xt, yt), (xv, yv)) in zip(aug_keys, batches):
-                    if cfg.augment:  # on the device; the step consumes the arrays where they are
-                        kt, kv = jax.random.split(jax.random.fold_in(k_aug, step))
-                        xt, xv = aug(kt, xt, pad=pad, flip=flip), aug(kv, xv, pad=pad, flip=flip)
-                    per_member.append(((xt, yt), (xv, yv)))
-                train_b, val_b = per_member[0] if not multi else jax.tree_util.tree_map(
-                    lambda *a: jnp.stack(a), *per_member)
-                t0 = time.perf_counter()
-                state, metrics = step_fn(state, searcher.shard(train_b), searcher.shard(val_b))
-                if compile_s is None:
-                    jax.block_until_ready(metrics)
-                    compile_s = time.perf_counter() - t0
-                    trim_heap()  # the compiler's freed memory back to the kernel
-                step += 1
-                meter.add(step, metrics)
-                if step % cfg.log_every == 0 or step == total:
-                    meter.flush()
-                if bar is not None:
-                    bar.update(1)
-            epoch_time = time.perf_counter() - t_epoch
-            for i, (log, means) in enumerate(zip(logs, meter.means())):
-                epoch_records[i] = {"kind": "epoch", "step": step, "epoch": epoch, **means, "epoch_time_s": epoch_time}
-                if table is not None:   # the benchmark's accuracies of the cell derived now
-                    g = searcher.derive(searcher.member(state, i) if multi else state)
-                    epoch_records[i].update(arch=g.arch, **{f"nb201_{k}": v for k, v in table.lookup(g).items()})
-                log.write(epoch_records[i])
-            if primary and ((epoch + 1) % cfg.checkpoint_every == 0 or step >= total):
-                save_checkpoint(out / "checkpoints", state, step)
-    finally:
-        if bar is not None:
-            bar.close()
-        for log in logs:
-            log.close()
 
+    def checkpoint(epoch: int, epoch_done: bool, meter: "_EpochMeter") -> None:
+        meter.drain()   # every metric up to this step checked finite and summed
+        if not prep.primary:
+            return
+        lines = {str(log.path.relative_to(out)): log.lines() for log in logs + alpha_logs}
+        save_checkpoint(out / "checkpoints", state, step, progress={
+            "epoch": epoch, "epoch_done": epoch_done, "meter": meter.state(), "epoch_records": epoch_records,
+            "lines": lines})
+
+    def log_alphas() -> None:
+        if not prep.primary:
+            return
+        for i, log in enumerate(alpha_logs):
+            probs = searcher.probs(searcher.member(state, i) if multi else state)
+            log.write({"step": step, **{g: np.asarray(p).tolist() for g, p in probs.items()}})
+
+    if not progress:
+        log_alphas()   # the initial α: where the evolution starts
+    for epoch in range(start_epoch, prep.epochs):
+        t_epoch = time.perf_counter()
+        meter = _EpochMeter(logs, epoch, seeds if multi else None, bar, board, sums)
+        sums = None
+        if prep.loop_kind == "device":
+            before = step
+            for state, step, compile_s, last_of_epoch in _device_chunks(device_loop, state, epoch, step, total, cfg,
+                                                                        meter, bar, compile_s, skip):
+                log_alphas()
+                crossed = cfg.checkpoint_steps and step // cfg.checkpoint_steps > before // cfg.checkpoint_steps
+                before = step
+                if last_of_epoch:
+                    continue
+                if stop.signum is not None:
+                    checkpoint(epoch, False, meter)
+                    raise Preempted(step, out, stop.signum)
+                if crossed:   # chunks end where they end: the checkpoint falls on the chunk boundary
+                    checkpoint(epoch, False, meter)
+        iters = [] if prep.loop_kind == "device" else [
+            zip(epoch_batches(wx_, wy_, cfg.batch_size, seed=s, epoch=epoch),
+                epoch_batches(ax_, ay_, cfg.batch_size, seed=s + ARCH_STREAM_OFFSET, epoch=epoch))
+            for s, (_, (wx_, wy_), (ax_, ay_)) in zip(seeds, prep.members)]
+        for i, batches in enumerate(zip(*iters)):
+            if i < skip:
+                continue
+            if step >= total:
+                break
+            per_member = []
+            for k_aug, ((xt, yt), (xv, yv)) in zip(aug_keys, batches):
+                if cfg.augment:  # on the device; the step consumes the arrays where they are
+                    kt, kv = jax.random.split(jax.random.fold_in(k_aug, step))
+                    xt, xv = aug(kt, xt, pad=pad, flip=flip), aug(kv, xv, pad=pad, flip=flip)
+                per_member.append(((xt, yt), (xv, yv)))
+            train_b, val_b = per_member[0] if not multi else jax.tree_util.tree_map(
+                lambda *a: jnp.stack(a), *per_member)
+            t0 = time.perf_counter()
+            state, metrics = step_fn(state, searcher.shard(train_b), searcher.shard(val_b))
+            if compile_s is None:
+                jax.block_until_ready(metrics)
+                compile_s = time.perf_counter() - t0
+                trim_heap()  # the compiler's freed memory back to the kernel
+            step += 1
+            meter.add(step, metrics)
+            if step % cfg.log_every == 0 or step == total:
+                meter.flush()
+                log_alphas()
+            if bar is not None:
+                bar.update(1)
+            last_of_epoch = i + 1 == prep.steps_per_epoch or step >= total
+            if stop.signum is not None and not last_of_epoch:
+                checkpoint(epoch, False, meter)
+                raise Preempted(step, out, stop.signum)
+            if cfg.checkpoint_steps and step % cfg.checkpoint_steps == 0 and not last_of_epoch:
+                checkpoint(epoch, False, meter)
+        skip = 0
+        epoch_time = time.perf_counter() - t_epoch
+        for i, (log, means) in enumerate(zip(logs, meter.means())):
+            epoch_records[i] = {"kind": "epoch", "step": step, "epoch": epoch, **means, "epoch_time_s": epoch_time}
+            if prep.table is not None:   # the benchmark's accuracies of the cell derived now
+                g = searcher.derive(searcher.member(state, i) if multi else state)
+                epoch_records[i].update(arch=g.arch, **{f"nb201_{k}": v for k, v in prep.table.lookup(g).items()})
+            log.write(epoch_records[i])
+        if board is not None:
+            board.epoch(epoch, step, searcher, state)
+        if ((epoch + 1) % cfg.checkpoint_every == 0 or step >= total or stop.signum is not None
+                or (cfg.checkpoint_steps and step % cfg.checkpoint_steps == 0)):
+            checkpoint(epoch, True, meter)
+        if stop.signum is not None and step < total:
+            raise Preempted(step, out, stop.signum)
+    return state, step, compile_s, epoch_records
+
+
+def _finish(prep: _Prepared, state, step: int, compile_s, epoch_records: list, wall: float) -> SearchRun:
+    """Derive every member's architecture and write the run's final files (all atomically)."""
+    cfg, searcher, seeds, out, data = prep.cfg, prep.searcher, prep.seeds, prep.out, prep.data
+    multi = len(seeds) > 1
+    check_state_finite(state, step)
     states = [searcher.member(state, i) for i in range(len(seeds))] if multi else [state]
     genotypes = [searcher.derive(st) for st in states]
-    wall = time.perf_counter() - t_start
-    summary = {"out": str(out), "genotype": genotype_to_json(genotypes[0]), "steps": step, "epochs": epochs,
-               "wall_time_s": wall, "compile_s": compile_s, "devices": num_devices,
+    summary = {"out": str(out), "genotype": genotype_to_json(genotypes[0]), "steps": step, "epochs": prep.epochs,
+               "wall_time_s": wall, "compile_s": compile_s, "devices": prep.num_devices,
                "processes": jax.process_count(), "final": epoch_records[0]}
     if multi:
         summary.update(seeds=list(seeds), genotypes=[genotype_to_json(g) for g in genotypes],
                        finals=epoch_records)
-    if not primary:
+    if not prep.primary:
         return SearchRun(summary, searcher, state, genotypes)
-    for s, d, st, genotype in zip(seeds, dirs, states, genotypes):
+    for s, d, st, genotype in zip(seeds, _dirs(prep), states, genotypes):
         extra = {"relaxation": cfg.relaxation, "dataset": data.name, "seed": s,
-                 "epochs": epochs, "steps": step, "devices": num_devices}
+                 "epochs": prep.epochs, "steps": step, "devices": prep.num_devices}
         if searcher.latency is not None:  # the derived architecture's latency under the table
             from dnas.latency.objective import genotype_indices
             extra["table_latency_ms"] = searcher.latency.of_indices(genotype_indices(searcher.space, genotype))
             extra["latency"] = searcher.latency.describe()
             if s == seeds[0]:
                 summary["table_latency_ms"] = extra["table_latency_ms"]
-        if table is not None:
-            extra["nb201"] = table.lookup(genotype)
+        if prep.table is not None:
+            extra["nb201"] = prep.table.lookup(genotype)
             if s == seeds[0]:
                 summary["nb201"] = extra["nb201"]
         save_genotype(genotype, d / "genotype.json", extra=extra)
@@ -356,17 +536,32 @@ def search_run(cfg: SearchConfig) -> SearchRun:
         _plots(d, genotype, alphas, searcher)
     if multi:
         summary["op_frequency"] = write_op_frequency(out, searcher, seeds, genotypes)
-    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+    write_json_atomic(out / "summary.json", summary)
     return SearchRun(summary, searcher, state, genotypes)
 
 
-def _device_epoch(loop, state, epoch: int, step: int, total: int, cfg: SearchConfig, meter, bar, compile_s):
-    """One epoch of the device-resident loop (:mod:`dnas.device_loop`): chunks of
-    ``cfg.chunk_steps`` steps per call, each chunk's metrics fetched once and logged exactly as
-    the host loop logs them."""
+def derive_run(out: str | os.PathLike, step: int | None = None) -> SearchRun:
+    """Write a search run's derived architecture, ``alphas.json`` and pictures from its latest
+    readable checkpoint (or that of ``step``): for a run that died or was stopped before it
+    wrote them (``dnas derive RUN_DIR``). The run itself is left as it is."""
+    out = Path(out)
+    cfg = saved_config(out)
+    # one device is enough to read the state back (it is replicated); nothing is stepped
+    prep = prepare_search(dataclasses.replace(cfg, out=str(out), devices=1, progress=False))
+    state, progress, ckpt_step = restore_latest(out / "checkpoints", to_host(_init_state(prep)), step=step)
+    records = progress.get("epoch_records") or [{} for _ in prep.seeds]
+    return _finish(prep, state, ckpt_step, None, records, 0.0)
+
+
+def _device_chunks(loop, state, epoch: int, step: int, total: int, cfg: SearchConfig, meter, bar, compile_s,
+                   skip: int = 0):
+    """One epoch of the device-resident loop (:mod:`dnas.device_loop`) from its step ``skip``:
+    chunks of ``cfg.chunk_steps`` steps per call, each chunk's metrics fetched once and logged
+    exactly as the host loop logs them. Yields ``(state, step, compile_s, last_of_epoch)``
+    after each chunk (where the run may checkpoint or stop)."""
     idx_w, idx_a = loop.epoch_indices(epoch)
-    n = min(len(idx_w), total - step)
-    for i in range(0, n, cfg.chunk_steps):
+    n = min(len(idx_w), skip + total - step)
+    for i in range(skip, n, cfg.chunk_steps):
         j = min(n, i + cfg.chunk_steps)
         t0 = time.perf_counter()
         state, metrics = loop.run(state, idx_w[i:j], idx_a[i:j], step)
@@ -381,7 +576,7 @@ def _device_epoch(loop, state, epoch: int, step: int, total: int, cfg: SearchCon
                 meter.flush()
         if bar is not None:
             bar.update(j - i)
-    return state, step, compile_s
+        yield state, step, compile_s, j == len(idx_w) or step >= total
 
 
 def op_frequency(space, genotypes) -> dict:
@@ -422,16 +617,18 @@ class _EpochMeter:
     """Collects the step metrics (device arrays) of one epoch and fetches them in batches.
 
     Fetching only every ``log_every`` steps keeps the host from blocking the device each
-    step; every fetched loss is checked finite before anything is logged or checkpointed.
+    step; every fetched metric is checked finite before anything is logged or checkpointed.
     With ``seeds`` the metrics carry a leading member axis and member ``i`` is logged to
-    ``logs[i]``; otherwise there is one log.
+    ``logs[i]``; otherwise there is one log. ``restored`` continues an interrupted epoch's
+    sums (:meth:`state`, kept in the checkpoint).
     """
 
-    def __init__(self, logs: list, epoch: int, seeds=None, bar=None):
-        self.logs, self.epoch, self.seeds, self.bar = logs, epoch, seeds, bar
+    def __init__(self, logs: list, epoch: int, seeds=None, bar=None, board=None, restored: dict | None = None):
+        self.logs, self.epoch, self.seeds, self.bar, self.board = logs, epoch, seeds, bar, board
         self.pending: list[tuple[int, dict]] = []
-        self.sums: list[dict[str, float]] = [{} for _ in logs]
-        self.n = 0
+        self.sums: list[dict[str, float]] = [dict(s) for s in restored["sums"]] if restored else [{} for _ in logs]
+        self.n = int(restored["n"]) if restored else 0
+        self.last: tuple[int, list] | None = None
 
     def add(self, step: int, metrics: dict) -> None:
         self.pending.append((step, metrics))
@@ -441,14 +638,15 @@ class _EpochMeter:
             return [{k: float(v) for k, v in m.items()}]
         return [{k: float(v[i]) for k, v in m.items()} for i in range(len(self.seeds))]
 
-    def flush(self) -> None:
+    def drain(self) -> None:
+        """Fetch the pending steps' metrics, check every one finite and add them to the sums."""
         if not self.pending:
             return
         host = to_host([m for _, m in self.pending])
         for (s, _), m in zip(self.pending, host):
             for i, row in enumerate(self._rows(m)):
                 try:
-                    check_finite(row, s)
+                    check_finite(row, s, keys=tuple(row))
                 except NonFiniteLossError as e:
                     if self.seeds is None:
                         raise
@@ -456,14 +654,27 @@ class _EpochMeter:
                 for k, v in row.items():
                     self.sums[i][k] = self.sums[i].get(k, 0.0) + v
             self.n += 1
-        last_step, last = self.pending[-1][0], self._rows(host[-1])
+        self.last = (self.pending[-1][0], self._rows(host[-1]))
+        self.pending.clear()
+
+    def flush(self) -> None:
+        """:meth:`drain`, then write the last step's record (and show it)."""
+        self.drain()
+        if self.last is None:
+            return
+        last_step, last = self.last
+        self.last = None
         for log, row in zip(self.logs, last):
             log.write({"kind": "step", "step": last_step, "epoch": self.epoch, **row})
+        if self.board is not None:
+            self.board.scalars(last_step, last)
         if self.bar is not None:
             self.bar.set_postfix(loss=f"{np.mean([r['train_loss'] for r in last]):.3f}",
                                  val_acc=f"{np.mean([r['val_acc'] for r in last]):.3f}",
                                  H=f"{np.mean([r['entropy'] for r in last]):.3f}")
-        self.pending.clear()
+
+    def state(self) -> dict:
+        return {"sums": self.sums, "n": self.n}
 
     def means(self) -> list[dict]:
         """The epoch's mean of every metric, one dict per log."""
@@ -471,13 +682,69 @@ class _EpochMeter:
         return [{k: v / max(self.n, 1) for k, v in sums.items()} for sums in self.sums]
 
 
+class _Board:
+    """TensorBoard event files (tensorboardX, no TensorFlow): every logged step's metrics as
+    scalars, and per epoch the op probabilities of every choice point as a heatmap image.
+    On resume, events after the checkpoint's step are purged (``purge_step``)."""
+
+    def __init__(self, logdir: Path, seeds, resume_step: int = 0):
+        try:
+            from tensorboardX import SummaryWriter
+        except ImportError:  # pragma: no cover - a dependency of dnas
+            raise RunDirError("tensorboard output needs tensorboardX (pip install tensorboardX)") from None
+        self.seeds = seeds
+        names = [f"seed-{s}" for s in seeds] if seeds else [""]
+        self.writers = [SummaryWriter(str(logdir / n) if n else str(logdir),
+                                      purge_step=resume_step + 1 if resume_step else None) for n in names]
+
+    def scalars(self, step: int, rows: list[dict]) -> None:
+        for w, row in zip(self.writers, rows):
+            for k, v in row.items():
+                w.add_scalar(f"search/{k}", v, step)
+
+    def epoch(self, epoch: int, step: int, searcher: Searcher, state) -> None:
+        from dnas.supernet.plot import alphas_image
+        for i, w in enumerate(self.writers):
+            st = searcher.member(state, i) if self.seeds else state
+            probs = searcher.probs(st)
+            img = alphas_image({g: np.asarray(p) for g, p in probs.items()},
+                               {g: list(searcher.space.group_op_names(g)) for g in probs},
+                               title=f"op probabilities, epoch {epoch + 1}")
+            w.add_image("alphas/probabilities", img, step, dataformats="HWC")
+            w.flush()
+
+    def close(self) -> None:
+        for w in self.writers:
+            w.close()
+
+
+class _NoPicture(Exception):
+    pass
+
+
+def save_picture(path: Path, draw) -> bool:
+    """``draw(tmp_path)`` written atomically to ``path``; a ``draw`` that returns None (nothing
+    to show) leaves no file. Returns whether a picture was written."""
+    try:
+        with atomic_path(path) as p:
+            if draw(p) is None:
+                raise _NoPicture
+    except _NoPicture:
+        return False
+    return True
+
+
 def _plots(out: Path, genotype, alphas: dict, searcher: Searcher) -> None:
-    from dnas.supernet.plot import plot_alphas, plot_genotype, plot_hyperparams
+    from dnas.supernet.plot import plot_alpha_evolution, plot_alphas, plot_genotype, plot_hyperparams
 
-    plot_genotype(genotype, out / "genotype.png")
     probs = {g: np.asarray(v["probs"]) for g, v in alphas["groups"].items()}
-    plot_alphas(probs, {g: list(searcher.space.group_op_names(g)) for g in probs}, out / "alphas.png")
-    plot_hyperparams(out / "metrics.jsonl", out / "hyperparams.png", tuned=searcher.tune)
+    ops = {g: list(searcher.space.group_op_names(g)) for g in probs}
+    save_picture(out / "genotype.png", lambda p: plot_genotype(genotype, p))
+    save_picture(out / "alphas.png", lambda p: plot_alphas(probs, ops, p))
+    save_picture(out / "hyperparams.png", lambda p: plot_hyperparams(out / "metrics.jsonl", p, tuned=searcher.tune))
+    points = {g: [str(c) for c in searcher.space.choice_point_names(g)] for g in probs}
+    save_picture(out / "alpha_evolution.png", lambda p: plot_alpha_evolution(out / "alphas.jsonl", ops, points, p))
 
 
-__all__ = ["SearchConfig", "run_search", "save_checkpoint", "restore_checkpoint", "NonFiniteLossError"]
+__all__ = ["SearchConfig", "run_search", "search_run", "derive_run", "config_from_dict", "save_checkpoint",
+           "restore_checkpoint", "NonFiniteLossError", "Preempted"]

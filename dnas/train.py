@@ -72,7 +72,7 @@ class TrainConfig:
     """A retraining run (the ``dnas train`` flags map one to one). ``None`` means: the space's
     protocol default (:data:`PROTOCOLS`) or, for the dataset, the search run's dataset."""
 
-    genotype: str                          # genotype.json, or a search run's directory holding one
+    genotype: str | None                   # genotype.json, or a search run's directory holding one
     dataset: str | None = None
     data_dir: str | None = None
     limit_examples: int | None = None
@@ -98,6 +98,8 @@ class TrainConfig:
     eval_batch_size: int = 500
     log_every: int = 10
     checkpoint_every: int = 1
+    checkpoint_steps: int | None = None    # also checkpoint every N steps (within epochs)
+    export: bool = False                   # write the trained network for serving (dnas.export, jax.export)
     progress: bool = True
     precision: str = "float32"             # "bfloat16": convolutions in bfloat16 (as dnas search --precision)
     kernels: str = "auto"                  # dnas.backend kernel policy (as dnas search --kernels)
@@ -134,6 +136,8 @@ def resolve_genotype(path: str | Path) -> tuple[Genotype, dict]:
     if path.is_dir():
         if not (path / "genotype.json").is_file():
             hint = " (a --seeds run: pick one of its seed-<s>/ directories)" if any(path.glob("seed-*")) else ""
+            if (path / "checkpoints").is_dir():
+                hint += f" (the search stopped before deriving: `dnas derive {path}` writes it from its checkpoint)"
             raise DatasetError(f"{path} holds no genotype.json{hint}; pass a search run directory or a "
                                "genotype JSON file")
         cfg_path = next((p for p in (path / "config.json", path.parent / "config.json") if p.is_file()), None)
@@ -147,7 +151,7 @@ def _chain_options(search_cfg: dict) -> dict:
     """The chain space options of the search run (its block layout), without the data-given ones."""
     from dnas.supernet.chain import ChainConfig
 
-    opts = dict(search_cfg.get("space_options") or {})
+    opts = dict((search_cfg.get("resolved") or {}).get("space_options") or search_cfg.get("space_options") or {})
     fields = {f.name for f in dataclasses.fields(ChainConfig)} - {"num_classes", "in_channels", "unroll", "impl"}
     return {k: (tuple(v) if isinstance(v, list) else v) for k, v in opts.items() if k in fields}
 
@@ -313,10 +317,57 @@ def _network_options(cfg: TrainConfig, space: str, search_cfg: dict, data) -> di
     return opts
 
 
-def run_train(cfg: TrainConfig) -> dict:
+#: TrainConfig fields a resumed training may change (its length, and what only shows progress).
+RESUMABLE_CHANGES = ("epochs", "max_steps", "progress", "checkpoint_every", "checkpoint_steps", "data_dir", "out",
+                     "export")
+
+
+def config_from_dict(data: dict) -> TrainConfig:
+    """A :class:`TrainConfig` from a mapping (a config file, or a training run's own
+    ``config.json``, whose ``"resolved"`` facts are skipped), values type-checked."""
+    from dnas.options import dataclass_from_dict
+    return dataclass_from_dict(TrainConfig, data, ignore=("resolved",))
+
+
+def saved_config(out) -> TrainConfig:
+    """The :class:`TrainConfig` of the training run in ``out``."""
+    from dnas.options import load_config_file
+    from dnas.rundir import RunDirError
+    path = Path(out) / "config.json"
+    if not path.is_file():
+        raise RunDirError(f"{out}: no config.json, so no dnas train run to resume")
+    data = load_config_file(path)
+    if "genotype" not in data or "resolved" not in data or "protocol" not in data["resolved"]:
+        raise RunDirError(f"{out} is not a dnas train run (its config.json has no protocol)")
+    return config_from_dict(data)
+
+
+def _check_resumable(saved: TrainConfig, cfg: TrainConfig) -> None:
+    from dnas.options import differences
+    from dnas.rundir import RunDirError
+    diff = [d for d in differences(saved, cfg) if d.split(".")[0] not in RESUMABLE_CHANGES]
+    if diff:
+        listed = "; ".join(f"{d}: run {getattr(saved, d)!r}, now {getattr(cfg, d)!r}" for d in diff)
+        raise RunDirError(f"cannot resume {cfg.out}: the configuration differs ({listed}); only epochs and "
+                          "max_steps may change (or start a new run)")
+
+
+def run_train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False) -> dict:
     """Train the derived architecture ``cfg.genotype`` from scratch; returns the summary
-    (also ``summary.json``)."""
+    (also ``summary.json``). ``resume``: continue the run in ``cfg.out`` from its latest good
+    checkpoint, ending as if never interrupted; ``overwrite``: replace the run in ``cfg.out``."""
+    from dnas.distributed import to_host
+    from dnas.options import config_to_dict
+    from dnas.run import Preempted, _StopSignals
+    from dnas.rundir import claim_out, discard_after, restore_latest, truncate_lines, write_json_atomic
+
     t_start = time.perf_counter()
+    if resume:
+        if not cfg.out:
+            raise ValueError("resume needs the run's directory (out)")
+        _check_resumable(saved_config(cfg.out), cfg)
+    if cfg.checkpoint_every < 1 or (cfg.checkpoint_steps is not None and cfg.checkpoint_steps < 1):
+        raise ValueError("checkpoint_every and checkpoint_steps must be positive")
     genotype, search_cfg = resolve_genotype(cfg.genotype)
     space = genotype.space
     benchmark = None
@@ -350,19 +401,25 @@ def run_train(cfg: TrainConfig) -> dict:
     epochs = math.ceil(total / steps_per_epoch)
 
     out = Path(cfg.out) if cfg.out else default_out_dir()
-    out.mkdir(parents=True, exist_ok=True)
     trainer = Trainer(network, proto, total, momentum=cfg.momentum, lr_min=cfg.lr_min, num_devices=cfg.devices,
                       precision=cfg.precision, kernels=cfg.kernels)
     state = trainer.init(jax.random.PRNGKey(cfg.seed))
     n_params = count_params({k: v for k, v in state.params.items() if k != "aux"})
-    resolved = dataclasses.asdict(cfg)
-    resolved.update(out=str(out), space=space, genotype_json=genotype_to_json(genotype), network=network.config,
+    resolved = dict(out=str(out), space=space, genotype_json=genotype_to_json(genotype), network=network.config,
                     protocol=proto, total_steps=total, steps_per_epoch=steps_per_epoch, epochs_run=epochs,
                     dataset_name=data.name, num_train=int(len(y_train)), num_test=data.num_test,
                     params=n_params, backend=jax.default_backend(), jax_version=jax.__version__)
-    (out / "config.json").write_text(json.dumps(resolved, indent=2, default=str) + "\n", encoding="utf-8")
+    claim_out(out, resume=resume, overwrite=overwrite, command="train")   # every input is valid now
+    write_json_atomic(out / "config.json", {**config_to_dict(dataclasses.replace(cfg, out=str(out))),
+                                            "resolved": resolved})
     save_genotype(genotype, out / "genotype.json")
 
+    progress: dict = {}
+    if resume:
+        state, progress, ckpt_step = restore_latest(out / "checkpoints", to_host(state))
+        discard_after(out / "checkpoints", ckpt_step)
+        for rel, n in progress.get("lines", {}).items():
+            truncate_lines(out / rel, int(n))
     state = trainer.replicate(state)
     step_fn = trainer.compiled_step(donate=True)
     pad, flip = _augment_settings(data)
@@ -370,62 +427,92 @@ def run_train(cfg: TrainConfig) -> dict:
     cut = jax.jit(cutout_batch, static_argnames=("size",))
     k_aug = jax.random.fold_in(jax.random.PRNGKey(cfg.seed), 0xA06)
     log = _MetricsLog(out / "metrics.jsonl")
+    step = int(progress.get("step", 0))
+    history: list = list(progress.get("history", []))
+    start_epoch, skip, sums, n = 0, 0, {}, 0
+    if progress:
+        start_epoch = int(progress["epoch"]) + (1 if progress["epoch_done"] else 0)
+        if not progress["epoch_done"]:
+            skip, sums, n = step - start_epoch * steps_per_epoch, dict(progress["sums"]), int(progress["n"])
     bar = None
     if cfg.progress:
         from tqdm.auto import tqdm
-        bar = tqdm(total=total, desc=f"train {space}", unit="step", dynamic_ncols=True)
-    step, compile_s, history = 0, None, []
-    try:
-        for epoch in range(epochs):
-            t_epoch = time.perf_counter()
-            drop_prob = jnp.float32(proto["drop_path"] * epoch / max(cfg.epochs, 1))
-            sums, n, pending = {}, 0, []
+        bar = tqdm(total=total, initial=step, desc=f"train {space}", unit="step", dynamic_ncols=True)
+    compile_s = None
+    pending: list = []
 
-            def drain():   # the pending steps' metrics to the host: checked finite, summed, the last logged
-                nonlocal n
-                host = jax.device_get(pending)
-                for s_, m in host:
-                    check_finite(m, s_, keys=("train_loss",), what="training")
-                    for k, v in m.items():
-                        sums[k] = sums.get(k, 0.0) + float(v)
-                    n += 1
-                pending.clear()
-                return host[-1] if host else None
-            for xb, yb in epoch_batches(x_train, y_train, bs, seed=cfg.seed, epoch=epoch):
-                if step >= total:
-                    break
-                xb = jnp.asarray(xb)
-                if cfg.augment:
-                    ka, kc = jax.random.split(jax.random.fold_in(k_aug, step))
-                    xb = aug(ka, xb, pad=pad, flip=flip)
-                    if proto["cutout"]:
-                        xb = cut(kc, xb, size=int(proto["cutout"]))
-                t0 = time.perf_counter()
-                state, metrics = step_fn(state, trainer.shard(xb), trainer.shard(jnp.asarray(yb)), drop_prob)
-                if compile_s is None:
-                    jax.block_until_ready(metrics)
-                    compile_s = time.perf_counter() - t0
-                    trim_heap()
-                step += 1
-                pending.append((step, metrics))
-                if step % cfg.log_every == 0 or step == total:
-                    s_, m = drain()
-                    log.write({"kind": "step", "step": s_, "epoch": epoch, **{k: float(v) for k, v in m.items()}})
+    def drain():   # the pending steps' metrics to the host: checked finite, summed, the last returned
+        nonlocal n
+        host = jax.device_get(pending)
+        for s_, m in host:
+            check_finite(m, s_, keys=tuple(m), what="training")
+            for k, v in m.items():
+                sums[k] = sums.get(k, 0.0) + float(v)
+            n += 1
+        pending.clear()
+        return host[-1] if host else None
+
+    def checkpoint(epoch: int, epoch_done: bool) -> None:
+        drain()
+        save_checkpoint(out / "checkpoints", state, step, what="training", progress={
+            "epoch": epoch, "epoch_done": epoch_done, "sums": sums, "n": n, "history": history,
+            "lines": {"metrics.jsonl": log.lines()}})
+
+    try:
+        with _StopSignals() as stop:
+            for epoch in range(start_epoch, epochs):
+                t_epoch = time.perf_counter()
+                drop_prob = jnp.float32(proto["drop_path"] * epoch / max(cfg.epochs, 1))
+                if not (epoch == start_epoch and skip):
+                    sums, n = {}, 0
+                for i, (xb, yb) in enumerate(epoch_batches(x_train, y_train, bs, seed=cfg.seed, epoch=epoch)):
+                    if i < skip:
+                        continue
+                    if step >= total:
+                        break
+                    xb = jnp.asarray(xb)
+                    if cfg.augment:
+                        ka, kc = jax.random.split(jax.random.fold_in(k_aug, step))
+                        xb = aug(ka, xb, pad=pad, flip=flip)
+                        if proto["cutout"]:
+                            xb = cut(kc, xb, size=int(proto["cutout"]))
+                    t0 = time.perf_counter()
+                    state, metrics = step_fn(state, trainer.shard(xb), trainer.shard(jnp.asarray(yb)), drop_prob)
+                    if compile_s is None:
+                        jax.block_until_ready(metrics)
+                        compile_s = time.perf_counter() - t0
+                        trim_heap()
+                    step += 1
+                    pending.append((step, metrics))
+                    if step % cfg.log_every == 0 or step == total:
+                        s_, m = drain()
+                        log.write({"kind": "step", "step": s_, "epoch": epoch, **{k: float(v) for k, v in m.items()}})
+                        if bar is not None:
+                            bar.set_postfix(loss=f"{float(m['train_loss']):.3f}")
                     if bar is not None:
-                        bar.set_postfix(loss=f"{float(m['train_loss']):.3f}")
-                if bar is not None:
-                    bar.update(1)
-            drain()
-            record = {"kind": "epoch", "step": step, "epoch": epoch, **{k: v / max(n, 1) for k, v in sums.items()},
-                      "drop_path": float(drop_prob), "epoch_time_s": time.perf_counter() - t_epoch}
-            if data.test_x is not None:
-                record.update(trainer.evaluate(state, data.test_x, data.test_y.astype(np.int32), cfg.eval_batch_size))
-            log.write(record)
-            history.append(record)
-            if bar is not None and "test_acc" in record:
-                bar.set_postfix(loss=f"{record['train_loss']:.3f}", test_acc=f"{record['test_acc']:.3f}")
-            if (epoch + 1) % cfg.checkpoint_every == 0 or step >= total:
-                save_checkpoint(out / "checkpoints", state, step)
+                        bar.update(1)
+                    last_of_epoch = i + 1 == steps_per_epoch or step >= total
+                    if stop.signum is not None and not last_of_epoch:
+                        checkpoint(epoch, False)
+                        raise Preempted(step, out, stop.signum, "train")
+                    if cfg.checkpoint_steps and step % cfg.checkpoint_steps == 0 and not last_of_epoch:
+                        checkpoint(epoch, False)
+                skip = 0
+                drain()
+                record = {"kind": "epoch", "step": step, "epoch": epoch, **{k: v / max(n, 1) for k, v in sums.items()},
+                          "drop_path": float(drop_prob), "epoch_time_s": time.perf_counter() - t_epoch}
+                if data.test_x is not None:
+                    record.update(trainer.evaluate(state, data.test_x, data.test_y.astype(np.int32),
+                                                   cfg.eval_batch_size))
+                log.write(record)
+                history.append(record)
+                if bar is not None and "test_acc" in record:
+                    bar.set_postfix(loss=f"{record['train_loss']:.3f}", test_acc=f"{record['test_acc']:.3f}")
+                if ((epoch + 1) % cfg.checkpoint_every == 0 or step >= total or stop.signum is not None
+                        or (cfg.checkpoint_steps and step % cfg.checkpoint_steps == 0)):
+                    checkpoint(epoch, True)
+                if stop.signum is not None and step < total:
+                    raise Preempted(step, out, stop.signum, "train")
     finally:
         if bar is not None:
             bar.close()
@@ -439,17 +526,25 @@ def run_train(cfg: TrainConfig) -> dict:
                "wall_time_s": time.perf_counter() - t_start, "compile_s": compile_s}
     if benchmark is not None:
         summary["nb201"] = benchmark
-    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+    if cfg.export:
+        from dnas.export import export_network
+        summary["export"] = export_network(trainer, state, data.image_shape, out, data)
+    write_json_atomic(out / "summary.json", summary)
     _plots(out, genotype, history)
     return summary
 
 
 def _plots(out: Path, genotype, history: list) -> None:
+    from dnas.run import save_picture
     from dnas.supernet.plot import plot_genotype
 
-    plot_genotype(genotype, out / "genotype.png")
+    save_picture(out / "genotype.png", lambda p: plot_genotype(genotype, p))
+    save_picture(out / "training.png", lambda p: _plot_history(history, p))
+
+
+def _plot_history(history: list, path: Path):
     if not history:
-        return
+        return None
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -467,8 +562,9 @@ def _plots(out: Path, genotype, history: list) -> None:
         ax.grid(alpha=0.3)
         ax.legend()
     fig.tight_layout()
-    fig.savefig(out / "training.png")
+    fig.savefig(path, format="png")
     plt.close(fig)
+    return path
 
 
 def restore_train_state(ckpt_dir, template: TrainState, step: int | None = None) -> TrainState:
@@ -477,4 +573,4 @@ def restore_train_state(ckpt_dir, template: TrainState, step: int | None = None)
 
 
 __all__ = ["TrainConfig", "TrainState", "Trainer", "PROTOCOLS", "run_train", "resolve_genotype", "cutout_batch",
-           "restore_train_state"]
+           "restore_train_state", "config_from_dict", "saved_config"]

@@ -40,7 +40,7 @@ def test_two_processes_equal_one_process_on_the_same_global_batch(tmp_path):
     assert (tmp_path / "mp0" / "alphas.json").is_file()
     assert not (tmp_path / "mp1").exists()  # process 1 writes nothing
     cfg = json.loads((tmp_path / "mp0" / "config.json").read_text())
-    assert cfg["processes"] == 2 and cfg["global_devices"] == 2
+    assert cfg["resolved"]["processes"] == 2 and cfg["resolved"]["global_devices"] == 2
 
     assert main(ARGS + ["--devices", "2", "--out", str(tmp_path / "sp")]) == 0
     mp = json.loads((tmp_path / "mp0" / "alphas.json").read_text())

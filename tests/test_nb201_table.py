@@ -49,8 +49,12 @@ def test_lookup_and_errors(tmp_path):
         table.lookup("|conv_7x7~0|+|none~0|none~1|+|none~0|none~1|none~2|")
     small = tmp_path / "small.csv"
     small.write_text("\n".join((tmp_path / "t.csv").read_text().splitlines()[:3]) + "\n")
-    with pytest.raises(NB201TableError, match="no row for"):
-        NB201Table.load(small).lookup(arch)
+    with pytest.raises(NB201TableError, match="lacks 15623 of the 15,625 cells"):
+        NB201Table.load(small)   # checked whole when loaded, not when a missing cell is looked up
+    stray = tmp_path / "stray.csv"
+    stray.write_text((tmp_path / "t.csv").read_text() + "|conv_7x7~0|+|none~0|none~1|+|none~0|none~1|none~2|,1,1,1\n")
+    with pytest.raises(NB201TableError, match="no NAS-Bench-201 cell"):
+        NB201Table.load(stray)
     (tmp_path / "cols.csv").write_text("ArchitectureString,CIFAR10TestAccuracy200Epochs\n|a~0|,1\n")
     with pytest.raises(NB201TableError, match="CIFAR100TestAccuracy200Epochs"):
         NB201Table.load(tmp_path / "cols.csv")

@@ -243,7 +243,7 @@ def test_search_api_writes_a_run_and_its_genotype(tmp_path):
     stem = [np.asarray(result.searcher.member(result.state, i).params["stem"]["kernel"]) for i in (0, 1)]
     assert not np.allclose(stem[0], stem[1])
     config = json.loads((tmp_path / "run" / "config.json").read_text())
-    assert config["space"] == "Net" and config["space_options"]["kind"] == "nnx"
+    assert config["space"] == "Net" and config["resolved"]["space_options"]["kind"] == "nnx"
     fixed = dnas.fix(result.supernet(1), result.genotypes[1])
     assert fixed(_x(2)).shape == (2, 10)
 
@@ -265,7 +265,7 @@ def test_plugin_space_and_relaxation_through_the_cli(tmp_path):
     alpha = np.asarray(a["groups"]["block"]["alpha"])
     np.testing.assert_allclose(a["groups"]["block"]["probs"], jax.nn.softmax(alpha / 0.25, axis=-1), rtol=1e-5)
     cfg = json.loads((out / "config.json").read_text())
-    assert cfg["space_options"]["choice_points"]["block"] == ["gated", "conv1", "skip", "zero"]
+    assert cfg["resolved"]["space_options"]["choice_points"]["block"] == ["gated", "conv1", "skip", "zero"]
     # the built-in spaces' flags are refused for a plugin space, before anything is written
     with pytest.raises(SystemExit, match="--channels applies to the built-in spaces"):
         main(["search", "--space", "dnas_test_plugin:space", "--channels", "4", "--out", str(tmp_path / "x")])

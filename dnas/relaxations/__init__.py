@@ -50,6 +50,8 @@ def get_relaxation(name: str, space=None, **options) -> Relaxation:
     if bad:
         raise ValueError(f"relaxation {name!r} has no option(s) {bad}; options: "
                          f"{sorted(p for p in params if p != 'space')}")
+    from dnas.options import coerce_options
+    options = coerce_options(factory, options, f"relaxation {name!r}")
     if "space" in params:
         if space is None:
             raise ValueError(f"relaxation {name!r} needs the search space (get_relaxation(..., space=...))")

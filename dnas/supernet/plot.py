@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import numpy as np
+import matplotlib
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.patches import Circle, FancyArrowPatch, FancyBboxPatch
@@ -65,7 +66,10 @@ def _new_figure(w: float, h: float, dpi: int) -> Figure:
     return fig
 
 
-def _save(fig: Figure, path: str | os.PathLike) -> Path:
+def _save(fig: Figure, path) -> Path:
+    if hasattr(path, "write"):   # a file object (alphas_image)
+        fig.savefig(path, format="png", dpi=fig.dpi, facecolor="white")
+        return path
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, format="png", dpi=fig.dpi, facecolor="white")
@@ -489,6 +493,64 @@ def plot_alphas(alpha_probs: Mapping[str, Any], op_names_by_key: Mapping[str, Se
                             bottom, 0.12 / W, ax_h])
         fig.colorbar(im, cax=cax).ax.tick_params(labelsize=7)
         x += w
+    return _save(fig, path)
+
+
+def alphas_image(alpha_probs: Mapping[str, Any], op_names_by_key: Mapping[str, Sequence[str]],
+                 title: str | None = None, dpi: int = 80) -> np.ndarray:
+    """:func:`plot_alphas` as an ``(H, W, 3)`` uint8 array (for TensorBoard images)."""
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    plot_alphas(alpha_probs, op_names_by_key, buf, title=title, dpi=dpi)
+    buf.seek(0)
+    return np.asarray(Image.open(buf).convert("RGB"))
+
+
+def plot_alpha_evolution(alphas_log: str | os.PathLike, op_names_by_key: Mapping[str, Sequence[str]],
+                         points_by_key: Mapping[str, Sequence[str]], path: str | os.PathLike,
+                         dpi: int = 110) -> Path | None:
+    """How the search decided: one panel per choice point, the probability of each op against
+    the step, from ``alphas.jsonl`` (``{"step": s, group: [[p, ...] per choice point]}``).
+    A collapse shows as the parameter-free ops' curves rising on every panel. Returns None when
+    the log is missing or empty."""
+    import json
+
+    alphas_log = Path(alphas_log)
+    if not alphas_log.is_file():
+        return None
+    rows = [json.loads(line) for line in alphas_log.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if not rows:
+        return None
+    steps = np.array([r["step"] for r in rows])
+    panels = [(g, i, name) for g in op_names_by_key if g in rows[0]
+              for i, name in enumerate(points_by_key.get(g, range(len(rows[0][g]))))]
+    ncols = min(7, len(panels))
+    nrows = -(-len(panels) // ncols)
+    fig = _new_figure(2.3 * ncols + 1.6, 1.9 * nrows + 0.6, dpi)
+    fig.set_layout_engine("constrained")
+    axes = fig.subplots(nrows, ncols, squeeze=False, sharex=True, sharey=True)
+    cmap = matplotlib.colormaps["tab10"]
+    handles = {}
+    for ax, (g, i, name) in zip(axes.flat, panels):
+        probs = np.array([r[g][i] for r in rows])
+        for j, op in enumerate(op_names_by_key[g]):
+            (line,) = ax.plot(steps, probs[:, j], color=cmap(j % 10), lw=1.3, marker="o" if len(steps) < 12 else None,
+                              ms=3)
+            handles.setdefault(op, line)
+        ax.set_title(f"{g}: {name}" if len(op_names_by_key) > 1 else str(name), fontsize=8)
+        ax.tick_params(labelsize=7)
+        ax.grid(alpha=0.3)
+        ax.set_ylim(0, 1)
+    for ax in list(axes.flat)[len(panels):]:
+        ax.set_visible(False)
+    for ax in axes[:, 0]:
+        ax.set_ylabel("probability", fontsize=8)
+    for ax in axes[-1, :]:
+        ax.set_xlabel("step", fontsize=8)
+    fig.legend(list(handles.values()), list(handles), loc="outside right center", fontsize=8, frameon=False)
     return _save(fig, path)
 
 
