@@ -93,30 +93,8 @@ def coerce(value: Any, hint: Any, name: str) -> Any:
         if isinstance(value, str) and value.strip().lower() in _TRUE + _FALSE:
             return value.strip().lower() in _TRUE
         raise OptionError(f"{name}: expected true or false, got {value!r}")
-    if hint is int:
-        if isinstance(value, bool):
-            raise OptionError(f"{name}: expected an integer, got {value!r}")
-        if isinstance(value, int):
-            return value
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-        if isinstance(value, str):
-            try:
-                return int(value.strip())
-            except ValueError:
-                pass
-        raise OptionError(f"{name}: expected an integer, got {value!r}")
-    if hint is float:
-        if isinstance(value, bool):
-            raise OptionError(f"{name}: expected a number, got {value!r}")
-        if isinstance(value, (int, float)):
-            return float(value)
-        if isinstance(value, str):
-            try:
-                return float(value.strip())
-            except ValueError:
-                pass
-        raise OptionError(f"{name}: expected a number, got {value!r}")
+    if hint in (int, float):
+        return _number(value, hint, name)
     if hint is str:
         if isinstance(value, str):
             return value
@@ -135,6 +113,23 @@ def coerce(value: Any, hint: Any, name: str) -> Any:
             raise OptionError(f"{name}: expected a mapping, got {value!r}")
         return dict(value)
     return value
+
+
+def _number(value: Any, kind: type, name: str):
+    """``value`` as an int (integral floats accepted) or a float; booleans are no numbers."""
+    expected = "an integer" if kind is int else "a number"
+    if isinstance(value, str):
+        try:
+            value = kind(value.strip())
+        except ValueError:
+            raise OptionError(f"{name}: expected {expected}, got {value!r}") from None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise OptionError(f"{name}: expected {expected}, got {value!r}")
+    if kind is int and isinstance(value, float):
+        if not value.is_integer():
+            raise OptionError(f"{name}: expected {expected}, got {value!r}")
+        return int(value)
+    return kind(value)
 
 
 def _hints(cls) -> dict:

@@ -127,14 +127,6 @@ def test_search_on_image_folder_darts_space(tmp_path):
     assert sorted(alphas["groups"]) == ["normal", "reduce"]
 
 
-def test_search_nan_loss_is_a_clear_error_and_writes_no_checkpoint(tmp_path, capsys):
-    rc = main(["search", "--epochs", "1", "--limit-examples", "128", "--w-lr", "1e30", "--out", str(tmp_path)] + TINY)
-    err = capsys.readouterr().err
-    assert rc == 2
-    assert "is nan at step" in err or "is inf at step" in err
-    assert not (tmp_path / "checkpoints").exists()
-
-
 @pytest.mark.parametrize("args,message", [
     (["--dataset", "{tmp}/nowhere"], "nowhere"),
     (["--relaxation", "magic"], "unknown relaxation 'magic'"),

@@ -27,15 +27,28 @@ TINY = ["--channels", "4", "--cells", "1", "--limit-examples", "200", "--batch-s
 SEARCH = ["search", *TINY, "--epochs", "3", "--checkpoint-steps", "4"]
 
 
-def _cli(args, **kw) -> subprocess.CompletedProcess:
+#: The subprocesses share one compilation cache (this module's): the programs of a killed run,
+#: its resume and the uninterrupted run are the same, so only the first of them compiles.
+#: (Resuming from a cached executable is part of what is tested: it must change nothing.)
+_CACHE = {}
+
+
+def _env() -> dict:
+    if "dir" not in _CACHE:
+        import tempfile
+        _CACHE["dir"] = tempfile.mkdtemp(prefix="dnas-test-cache-")
+    return dict(os.environ, DNAS_COMPILE_CACHE=_CACHE["dir"])
+
+
+def _cli(args) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "dnas.cli", *args], capture_output=True, text=True, timeout=600,
-                          **kw)
+                          env=_env())
 
 
 def _interrupt(args, out: Path, sig) -> subprocess.CompletedProcess:
     """Start ``dnas ARGS --out OUT`` and send ``sig`` as soon as its first checkpoint exists."""
     p = subprocess.Popen([sys.executable, "-m", "dnas.cli", *args, "--out", str(out)], stdout=subprocess.PIPE,
-                         stderr=subprocess.STDOUT, text=True)
+                         stderr=subprocess.STDOUT, text=True, env=_env())
     deadline = time.time() + 600
     while p.poll() is None and time.time() < deadline:
         ck = out / "checkpoints"
@@ -294,23 +307,26 @@ def test_one_class_data_is_refused(tmp_path):
         load_dataset(str(tmp_path))
 
 
-def test_config_file_round_trip_and_set(tmp_path, capsys):
+def test_config_round_trip_set_and_tensorboard(tmp_path, capsys):
     first = tmp_path / "first"
-    assert _main(["search", *TINY, "--epochs", "1", "--max-steps", "3", "--relaxation", "gdas", "--seed", "5",
-                  "--out", str(first)]) == 0
+    assert _main(["search", *TINY, "--epochs", "1", "--max-steps", "4", "--relaxation", "gdas", "--seed", "5",
+                  "--tensorboard", "--out", str(first)]) == 0
+    _check_tensorboard(first, epochs=1)
     again = tmp_path / "again"
     assert _main(["search", "--config", str(first / "config.json"), "--out", str(again)]) == 0
     assert json.loads((first / "alphas.json").read_text()) == json.loads((again / "alphas.json").read_text())
     assert _records(first / "metrics.jsonl") == _records(again / "metrics.jsonl")
-    # YAML with --set on top (dotted keys reach nested options)
-    (tmp_path / "c.yaml").write_text("relaxation: gdas\nseed: 5\nepochs: 1\nmax_steps: 3\nlimit_examples: 200\n"
-                                     "batch_size: 16\nlog_every: 2\nprogress: false\n"
+    # YAML, then the flags given, then --set (dotted keys reach nested options)
+    from dnas.cli import _merge_config, _search_cfg, build_parser
+    from dnas.run import config_from_dict, saved_config
+    (tmp_path / "c.yaml").write_text("relaxation: gdas\nseed: 5\nepochs: 7\nhyper: {w_lr: 0.05}\n"
                                      "space_options: {channels: 4, cells_per_stage: 1}\n")
-    third = tmp_path / "third"
-    assert _main(["search", "--config", str(tmp_path / "c.yaml"), "--set", "hyper.a_lr=0.01",
-                  "--out", str(third)]) == 0
-    cfg = json.loads((third / "config.json").read_text())
-    assert cfg["hyper"]["a_lr"] == 0.01 and cfg["relaxation"] == "gdas" and cfg["seed"] == 5
+    args = build_parser().parse_args(["search", "--config", str(tmp_path / "c.yaml"), "--epochs", "9",
+                                      "--set", "hyper.a_lr=0.01", "--set", "augment=False"])
+    cfg = _merge_config(args, _search_cfg, build_parser().parse_args(["search"]), "search", config_from_dict,
+                        saved_config)
+    assert (cfg.relaxation, cfg.seed, cfg.epochs, cfg.augment) == ("gdas", 5, 9, False)
+    assert (cfg.hyper.w_lr, cfg.hyper.a_lr) == (0.05, 0.01) and cfg.space_options["channels"] == 4
     (tmp_path / "bad.yaml").write_text("epochz: 3\n")
     assert _main(["search", "--config", str(tmp_path / "bad.yaml")]) == 2
     assert "unknown key(s) ['epochz']" in capsys.readouterr().err
@@ -332,18 +348,18 @@ def _events(logdir: Path) -> list:
     return events
 
 
-def test_tensorboard_scalars_images_and_alpha_evolution(tmp_path):
-    out = tmp_path / "tb"
-    assert _main(["search", *TINY, "--epochs", "2", "--tensorboard", "--out", str(out)]) == 0
+def _check_tensorboard(out: Path, epochs: int) -> None:
+    """The run's TensorBoard scalars are its logged metrics; one α image per epoch; the α log
+    starts (near) uniform and ends at alphas.json's probabilities."""
     values = [(e.step, v) for e in _events(out / "tensorboard") for v in e.summary.value]
     losses = {s: v.simple_value for s, v in values if v.tag == "search/train_loss"}
     logged = {r["step"]: r["train_loss"] for r in _records(out / "metrics.jsonl") if r["kind"] == "step"}
     assert losses.keys() == logged.keys()
     np.testing.assert_allclose([losses[s] for s in logged], list(logged.values()), rtol=1e-6)
     images = [(s, v.image) for s, v in values if v.tag == "alphas/probabilities"]
-    assert len(images) == 2 and all(img.height > 50 and img.width > 50 for _, img in images)
+    assert len(images) == epochs and all(img.height > 50 and img.width > 50 for _, img in images)
     alphas = [json.loads(line) for line in (out / "alphas.jsonl").read_text().splitlines()]
-    assert alphas[0]["step"] == 0 and np.allclose(alphas[0]["cell"], 0.2, atol=1e-3)  # (near) uniform at the start
+    assert alphas[0]["step"] == 0 and np.allclose(alphas[0]["cell"], 0.2, atol=1e-3)
     final = json.loads((out / "alphas.json").read_text())["groups"]["cell"]["probs"]
     np.testing.assert_allclose(alphas[-1]["cell"], final, rtol=1e-6)
     assert (out / "alpha_evolution.png").stat().st_size > 0
