@@ -288,6 +288,15 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--tensorboard", action="store_true",
                    help="write TensorBoard event files to OUT/tensorboard/ (scalars per logged step, op "
                         "probabilities per choice point as images per epoch)")
+    ac = s.add_argument_group("anti-collapse (docs/anticollapse.md)")
+    ac.add_argument("--hessian-eigenvalue", action="store_true",
+                    help="log the dominant (and smallest) eigenvalue of the α-Hessian of the validation loss every "
+                         "epoch, matrix-free by Lanczos (RobustDARTS); plotted in collapse.png")
+    ac.add_argument("--hessian-iters", type=_positive, default=20, help="Lanczos steps (Hessian-vector products)")
+    ac.add_argument("--stop", action="append", default=None, metavar="RULE",
+                    help="early stopping: skips:N (DARTS+: N skip connections in the normal cell), stable:K "
+                         "(DARTS+: op ranking unchanged for K epochs), eigen:K (DARTS-ES: the eigenvalue rose, "
+                         "needs --hessian-eigenvalue); repeatable")
     _run_args(s, "search")
 
     dv = sub.add_parser("derive", help="write a search run's derived architecture, alphas and pictures from its "
@@ -514,7 +523,8 @@ def _search_cfg(args):
         augment=not args.no_augment, log_every=args.log_every, data_dir=args.data_dir,
         progress=not args.no_progress, nb201_table=args.nb201_table, precision=args.precision,
         loop=args.loop, chunk_steps=args.chunk_steps, kernels=args.kernels, checkpoint_every=args.checkpoint_every,
-        checkpoint_steps=args.checkpoint_steps, tensorboard=args.tensorboard)
+        checkpoint_steps=args.checkpoint_steps, tensorboard=args.tensorboard,
+        hessian_eigenvalue=args.hessian_eigenvalue, hessian_iters=args.hessian_iters, stop=tuple(args.stop or ()))
 
 
 #: The errors of a run that are the user's to fix: reported in one line, exit status 2.

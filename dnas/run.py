@@ -74,6 +74,9 @@ class SearchConfig:
     checkpoint_every: int = 1             # epochs
     checkpoint_steps: int | None = None   # also checkpoint every N steps (within epochs)
     tensorboard: bool = False             # OUT/tensorboard/: scalars per logged step, α images per epoch
+    hessian_eigenvalue: bool = False      # log λ_max/λ_min of ∇²_α L_val every epoch (RobustDARTS; dnas.hessian)
+    hessian_iters: int = 20               # Lanczos steps (Hessian-vector products) per estimate
+    stop: tuple = ()                      # early-stopping rules: "skips:2", "stable:10", "eigen:5" (dnas.stopping)
     data_dir: str | None = None           # tfds data dir
     progress: bool = True
     nb201_table: str | None = None        # NAS-Bench-201 accuracy CSV: look the derived cell up every epoch
@@ -90,7 +93,7 @@ def default_out_dir() -> Path:
 #: SearchConfig fields a resumed run may change: the run's length, and what only shows progress
 #: or where checkpoints go (``--resume`` refuses any other difference, naming it).
 RESUMABLE_CHANGES = ("epochs", "max_steps", "progress", "checkpoint_every", "checkpoint_steps", "tensorboard",
-                     "data_dir", "out")
+                     "data_dir", "out")   # (the stop rules are not: they decide where the run ends)
 
 
 def config_from_dict(data: dict) -> "SearchConfig":
@@ -226,6 +229,12 @@ def prepare_search(cfg: SearchConfig) -> _Prepared:
     seeds = tuple(int(s) for s in cfg.seeds) if cfg.seeds else (int(cfg.seed),)
     if len(set(seeds)) != len(seeds):
         raise ValueError(f"--seeds {','.join(map(str, seeds))}: every seed must be distinct")
+    from dnas.stopping import check_rules
+    check_rules(cfg.stop, cfg.hessian_eigenvalue)
+    if cfg.stop and len(seeds) > 1:
+        raise ValueError("--stop applies to one search; the vmapped --seeds runs share one program and stop together")
+    if cfg.hessian_iters < 1:
+        raise ValueError(f"hessian_iters must be positive, got {cfg.hessian_iters}")
 
     table = None
     if cfg.nb201_table is not None:
@@ -376,8 +385,8 @@ def search_run(cfg: SearchConfig, *, resume: bool = False, overwrite: bool = Fal
                    desc=f"search {prep.label}/{cfg.relaxation}" + (f" x{len(seeds)} seeds" if multi else ""))
     try:
         with _StopSignals() as stop:
-            state, step, compile_s, epoch_records = _search_loop(prep, state, progress, logs, alpha_logs, board,
-                                                                 bar, stop)
+            state, step, compile_s, epoch_records, halt, history = _search_loop(prep, state, progress, logs,
+                                                                                alpha_logs, board, bar, stop)
     finally:
         if bar is not None:
             bar.close()
@@ -385,7 +394,7 @@ def search_run(cfg: SearchConfig, *, resume: bool = False, overwrite: bool = Fal
             log.close()
         if board is not None:
             board.close()
-    return _finish(prep, state, step, compile_s, epoch_records, time.perf_counter() - t_start)
+    return _finish(prep, state, step, compile_s, epoch_records, time.perf_counter() - t_start, halt, history)
 
 
 def _search_loop(prep: _Prepared, state, progress: dict, logs, alpha_logs, board, bar, stop):
@@ -412,6 +421,12 @@ def _search_loop(prep: _Prepared, state, progress: dict, logs, alpha_logs, board
         if not progress["epoch_done"]:
             skip, sums = step - start_epoch * prep.steps_per_epoch, progress["meter"]
     compile_s = None
+    history: list = list(progress.get("history", []))   # the epoch records the stop rules read (member 0)
+    halt = progress.get("halted")                         # a stop rule fired (dnas.stopping)
+    hess_fn = searcher.hessian_function(cfg.hessian_iters) if cfg.hessian_eigenvalue else None
+    # the curvature is measured on a fixed batch: the first examples of each member's α half
+    hess_batch = [(ax_[:cfg.batch_size], ay_[:cfg.batch_size]) for _, _, (ax_, ay_) in prep.members]
+    hess_batch = hess_batch[0] if not multi else jax.tree_util.tree_map(lambda *a: np.stack(a), *hess_batch)
 
     def checkpoint(epoch: int, epoch_done: bool, meter: "_EpochMeter") -> None:
         meter.drain()   # every metric up to this step checked finite and summed
@@ -420,7 +435,27 @@ def _search_loop(prep: _Prepared, state, progress: dict, logs, alpha_logs, board
         lines = {str(log.path.relative_to(out)): log.lines() for log in logs + alpha_logs}
         save_checkpoint(out / "checkpoints", state, step, progress={
             "epoch": epoch, "epoch_done": epoch_done, "meter": meter.state(), "epoch_records": epoch_records,
-            "lines": lines})
+            "lines": lines, "history": history, "halted": halt})
+
+    def epoch_facts(i: int, eigs) -> dict:
+        """What every epoch record says about the architecture (dnas.stopping reads it)."""
+        from dnas.stopping import cell_summary
+        st = searcher.member(state, i) if multi else state
+        g = searcher.derive(st)
+        facts = cell_summary(searcher.space, g, searcher.probs(st))
+        if not any(str(r).startswith("stable") for r in cfg.stop):
+            facts.pop("op_ranking")
+        if cfg.stop:
+            facts["genotype"] = genotype_to_json(g)
+        if eigs is not None:
+            facts.update(hessian_eig_max=float(np.asarray(eigs[0]).reshape(-1)[i]),
+                         hessian_eig_min=float(np.asarray(eigs[1]).reshape(-1)[i]))
+        if prep.table is not None:   # the benchmark's accuracies of the cell derived now
+            facts.update(arch=g.arch, **{f"nb201_{k}": v for k, v in prep.table.lookup(g).items()})
+        return facts
+
+    if halt:   # a resumed run that a stop rule had ended: nothing more to search
+        return state, step, compile_s, epoch_records, halt, history
 
     def log_alphas() -> None:
         if not prep.primary:
@@ -487,40 +522,64 @@ def _search_loop(prep: _Prepared, state, progress: dict, logs, alpha_logs, board
                 checkpoint(epoch, False, meter)
         skip = 0
         epoch_time = time.perf_counter() - t_epoch
-        for i, (log, means) in enumerate(zip(logs, meter.means())):
-            epoch_records[i] = {"kind": "epoch", "step": step, "epoch": epoch, **means, "epoch_time_s": epoch_time}
-            if prep.table is not None:   # the benchmark's accuracies of the cell derived now
-                g = searcher.derive(searcher.member(state, i) if multi else state)
-                epoch_records[i].update(arch=g.arch, **{f"nb201_{k}": v for k, v in prep.table.lookup(g).items()})
+        means = meter.means()
+        eigs = to_host(hess_fn(state, searcher.shard(hess_batch))) if hess_fn is not None else None
+        for i, log in enumerate(logs):
+            epoch_records[i] = {"kind": "epoch", "step": step, "epoch": epoch, **means[i], "epoch_time_s": epoch_time,
+                                **epoch_facts(i, eigs)}
             log.write(epoch_records[i])
+        if eigs is not None:
+            check_finite(epoch_records[0], step, keys=("hessian_eig_max", "hessian_eig_min"))
         if board is not None:
             board.epoch(epoch, step, searcher, state)
-        if ((epoch + 1) % cfg.checkpoint_every == 0 or step >= total or stop.signum is not None
+        if cfg.stop:
+            from dnas.stopping import decide
+            history.append(epoch_records[0])
+            fired = decide(cfg.stop, history)
+            if fired is not None:
+                halt = dataclasses.asdict(fired)
+                logs[0].write({"kind": "stop", "step": step, "epoch": epoch, **halt})
+                if bar is not None:
+                    bar.write(f"stopped early ({fired.rule}): {fired.reason}")
+        if ((epoch + 1) % cfg.checkpoint_every == 0 or step >= total or stop.signum is not None or halt
                 or (cfg.checkpoint_steps and step % cfg.checkpoint_steps == 0)):
             checkpoint(epoch, True, meter)
+        if halt:
+            break
         if stop.signum is not None and step < total:
             raise Preempted(step, out, stop.signum)
-    return state, step, compile_s, epoch_records
+    return state, step, compile_s, epoch_records, halt, history
 
 
-def _finish(prep: _Prepared, state, step: int, compile_s, epoch_records: list, wall: float) -> SearchRun:
-    """Derive every member's architecture and write the run's final files (all atomically)."""
+def _finish(prep: _Prepared, state, step: int, compile_s, epoch_records: list, wall: float, halt: dict | None = None,
+            history: list = ()) -> SearchRun:
+    """Derive every member's architecture and write the run's final files (all atomically).
+    After an early stop (``halt``) the architecture is the one derived at the epoch the rule
+    keeps (DARTS-ES: ``K`` epochs before it fired)."""
     cfg, searcher, seeds, out, data = prep.cfg, prep.searcher, prep.seeds, prep.out, prep.data
     multi = len(seeds) > 1
     check_state_finite(state, step)
     states = [searcher.member(state, i) for i in range(len(seeds))] if multi else [state]
     genotypes = [searcher.derive(st) for st in states]
+    if halt and halt["keep_epoch"] != halt["epoch"]:
+        from dnas.supernet.genotype import genotype_from_json
+        kept = next(r for r in history if r["epoch"] == halt["keep_epoch"])
+        genotypes[0] = genotype_from_json(kept["genotype"])
     summary = {"out": str(out), "genotype": genotype_to_json(genotypes[0]), "steps": step, "epochs": prep.epochs,
                "wall_time_s": wall, "compile_s": compile_s, "devices": prep.num_devices,
                "processes": jax.process_count(), "final": epoch_records[0]}
     if multi:
         summary.update(seeds=list(seeds), genotypes=[genotype_to_json(g) for g in genotypes],
                        finals=epoch_records)
+    if halt:
+        summary["stopped"] = halt
     if not prep.primary:
         return SearchRun(summary, searcher, state, genotypes)
     for s, d, st, genotype in zip(seeds, _dirs(prep), states, genotypes):
         extra = {"relaxation": cfg.relaxation, "dataset": data.name, "seed": s,
                  "epochs": prep.epochs, "steps": step, "devices": prep.num_devices}
+        if halt:
+            extra["stopped"] = halt
         if searcher.latency is not None:  # the derived architecture's latency under the table
             from dnas.latency.objective import genotype_indices
             extra["table_latency_ms"] = searcher.latency.of_indices(genotype_indices(searcher.space, genotype))
@@ -550,7 +609,7 @@ def derive_run(out: str | os.PathLike, step: int | None = None) -> SearchRun:
     prep = prepare_search(dataclasses.replace(cfg, out=str(out), devices=1, progress=False))
     state, progress, ckpt_step = restore_latest(out / "checkpoints", to_host(_init_state(prep)), step=step)
     records = progress.get("epoch_records") or [{} for _ in prep.seeds]
-    return _finish(prep, state, ckpt_step, None, records, 0.0)
+    return _finish(prep, state, ckpt_step, None, records, 0.0, progress.get("halted"), progress.get("history", []))
 
 
 def _device_chunks(loop, state, epoch: int, step: int, total: int, cfg: SearchConfig, meter, bar, compile_s,
@@ -735,7 +794,8 @@ def save_picture(path: Path, draw) -> bool:
 
 
 def _plots(out: Path, genotype, alphas: dict, searcher: Searcher) -> None:
-    from dnas.supernet.plot import plot_alpha_evolution, plot_alphas, plot_genotype, plot_hyperparams
+    from dnas.supernet.plot import (plot_alpha_evolution, plot_alphas, plot_epoch_curves, plot_genotype,
+                                    plot_hyperparams)
 
     probs = {g: np.asarray(v["probs"]) for g, v in alphas["groups"].items()}
     ops = {g: list(searcher.space.group_op_names(g)) for g in probs}
@@ -744,6 +804,7 @@ def _plots(out: Path, genotype, alphas: dict, searcher: Searcher) -> None:
     save_picture(out / "hyperparams.png", lambda p: plot_hyperparams(out / "metrics.jsonl", p, tuned=searcher.tune))
     points = {g: [str(c) for c in searcher.space.choice_point_names(g)] for g in probs}
     save_picture(out / "alpha_evolution.png", lambda p: plot_alpha_evolution(out / "alphas.jsonl", ops, points, p))
+    save_picture(out / "collapse.png", lambda p: plot_epoch_curves(out / "metrics.jsonl", p))
 
 
 __all__ = ["SearchConfig", "run_search", "search_run", "derive_run", "config_from_dict", "save_checkpoint",

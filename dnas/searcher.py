@@ -37,6 +37,7 @@ relaxations (GDAS, ProxylessNAS) lose their "only the sampled op" saving under `
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Any, Callable, NamedTuple
 
@@ -301,6 +302,32 @@ class Searcher:
         new = SearchState(step=state.step + 1, params=params, batch_stats=stats, arch=arch,
                           w_opt_state=w_opt, a_opt_state=a_opt, key=key, hyper=hyper, h_opt_state=h_opt)
         return new, metrics
+
+    # ------------------------------------------------------------------ curvature (RobustDARTS)
+    def arch_hessian_extremes(self, state: SearchState, val_batch, iters: int = 20):
+        """``(λ_max, λ_min)`` of ``∇²_α L_val(w, α)`` at the state's weights and α on
+        ``val_batch`` (Zela et al., ICLR 2020: a rising λ_max announces DARTS's collapse),
+        matrix-free by Lanczos on Hessian-vector products (:mod:`dnas.hessian`). The loss is
+        the architecture step's (:meth:`val_loss`, BatchNorm on batch statistics) with the
+        relaxation's samples fixed by a key derived from the state; under data parallelism it
+        is the global batch's mean, so every device computes the same values."""
+        from dnas.hessian import hessian_extremes
+        progress = jnp.minimum(state.step.astype(jnp.float32) / self.total_steps, 1.0)
+        k_sample, k_start = jax.random.split(jax.random.fold_in(state.key, 0x4E55))
+
+        def loss(arch):
+            return self.val_loss(arch, state.params, state.batch_stats, val_batch, k_sample, progress)[0]
+        return hessian_extremes(loss, state.arch, k_start, iters)
+
+    def hessian_function(self, iters: int = 20):
+        """:meth:`arch_hessian_extremes` over every member and device, jitted (as
+        :meth:`step_function`: vmapped over seeds, ``shard_map`` over the devices)."""
+        fn = functools.partial(self.arch_hessian_extremes, iters=iters)
+        if self.num_seeds > 1:
+            fn = jax.vmap(fn)
+        if self.num_devices > 1:
+            fn = jax.shard_map(fn, mesh=self.mesh, in_specs=(P(), self._batch_spec()), out_specs=P())
+        return jax.jit(fn)
 
     @property
     def mesh(self) -> Mesh:

@@ -554,6 +554,47 @@ def plot_alpha_evolution(alphas_log: str | os.PathLike, op_names_by_key: Mapping
     return _save(fig, path)
 
 
+def plot_epoch_curves(metrics_path: str | os.PathLike, path: str | os.PathLike, dpi: int = 120) -> Path | None:
+    """Per epoch of ``metrics.jsonl``: the dominant and smallest eigenvalue of the α-Hessian
+    (when logged, ``--hessian-eigenvalue``) and the number of parameter-free ops in the derived
+    architecture, with an early stop marked. Returns None when there is nothing to show."""
+    import json
+
+    rows, stop = [], None
+    with open(metrics_path, encoding="utf-8") as f:
+        for line in f:
+            r = json.loads(line)
+            if r.get("kind") == "epoch" and "param_free" in r:
+                rows.append(r)
+            elif r.get("kind") == "stop":
+                stop = r
+    if not rows:
+        return None
+    hess = "hessian_eig_max" in rows[0]
+    fig = _new_figure(4.6 * (1 + hess), 3.2, dpi)
+    fig.set_layout_engine("constrained")
+    axes = fig.subplots(1, 1 + hess, squeeze=False)[0]
+    ep = [r["epoch"] + 1 for r in rows]
+    axes[0].plot(ep, [r["param_free"] for r in rows], marker="o", ms=3)
+    axes[0].set(xlabel="epoch", ylabel="parameter-free ops chosen", title="derived architecture")
+    if hess:
+        axes[1].plot(ep, [r["hessian_eig_max"] for r in rows], marker="o", ms=3, label="λ_max")
+        axes[1].plot(ep, [r["hessian_eig_min"] for r in rows], marker="o", ms=3, label="λ_min")
+        axes[1].set(xlabel="epoch", ylabel="eigenvalue of ∇²_α L_val", title="curvature in α (RobustDARTS)")
+        axes[1].legend(fontsize=8)
+    from matplotlib.ticker import MaxNLocator
+    axes[0].yaxis.set_major_locator(MaxNLocator(integer=True))
+    for ax in axes:
+        ax.grid(alpha=0.3)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        if stop is not None:
+            ax.axvline(stop["epoch"] + 1, color="#c0392b", ls="--", lw=1)
+    if stop is not None:
+        fig.suptitle(f"stopped at epoch {stop['epoch'] + 1} ({stop['rule']}); kept epoch {stop['keep_epoch'] + 1}",
+                     fontsize=9)
+    return _save(fig, path)
+
+
 def plot_hyperparams(metrics_path: str | os.PathLike, path: str | os.PathLike, tuned: Sequence[str] = (),
                      dpi: int = 130) -> Path | None:
     """Trajectories of the weight optimizer's learning rate and weight decay over the logged
