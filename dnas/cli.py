@@ -292,7 +292,7 @@ def build_parser() -> argparse.ArgumentParser:
     ac.add_argument("--hessian-eigenvalue", action="store_true",
                     help="log the dominant (and smallest) eigenvalue of the α-Hessian of the validation loss every "
                          "epoch, matrix-free by Lanczos (RobustDARTS); plotted in collapse.png")
-    ac.add_argument("--hessian-iters", type=_positive, default=20, help="Lanczos steps (Hessian-vector products)")
+    ac.add_argument("--hessian-iters", type=_positive, default=10, help="Lanczos steps (Hessian-vector products)")
     ac.add_argument("--stop", action="append", default=None, metavar="RULE",
                     help="early stopping: skips:N (DARTS+: N skip connections in the normal cell), stable:K "
                          "(DARTS+: op ranking unchanged for K epochs), eigen:K (DARTS-ES: the eigenvalue rose, "

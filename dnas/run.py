@@ -75,7 +75,7 @@ class SearchConfig:
     checkpoint_steps: int | None = None   # also checkpoint every N steps (within epochs)
     tensorboard: bool = False             # OUT/tensorboard/: scalars per logged step, α images per epoch
     hessian_eigenvalue: bool = False      # log λ_max/λ_min of ∇²_α L_val every epoch (RobustDARTS; dnas.hessian)
-    hessian_iters: int = 20               # Lanczos steps (Hessian-vector products) per estimate
+    hessian_iters: int = 10               # Lanczos steps (Hessian-vector products) per estimate
     stop: tuple = ()                      # early-stopping rules: "skips:2", "stable:10", "eigen:5" (dnas.stopping)
     data_dir: str | None = None           # tfds data dir
     progress: bool = True
