@@ -55,7 +55,7 @@ def _assert_same(a, b, rtol):
 
 
 @pytest.mark.parametrize("kw", [
-    {"devices": 8, "seeds": (0, 5)}, pytest.param({}, marks=pytest.mark.slow),
+    pytest.param({"devices": 8, "seeds": (0, 5)}, marks=pytest.mark.slow), {},
     pytest.param({"devices": 8}, marks=pytest.mark.slow), pytest.param({"seeds": (0, 5)}, marks=pytest.mark.slow),
     pytest.param({"relaxation": "gdas"}, marks=pytest.mark.slow)],
     ids=["8-devices-2-seeds", "1-device", "8-devices", "2-seeds", "gdas"])

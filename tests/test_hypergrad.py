@@ -294,7 +294,7 @@ _ESTIMATOR_CASES = [pytest.param("first", {}, (), marks=_slow, id="first"),  # a
                     pytest.param("unrolled", {}, ("lr", "wd"), marks=_slow, id="unrolled"),  # exactness: test_supernet_unrolled_...
                     pytest.param("unrolled-fd", {}, ("lr",), marks=_slow, id="unrolled-fd"),
                     pytest.param("unrolled-k", {"steps": 2}, ("lr", "wd"), marks=_slow, id="unrolled-k"),
-                    pytest.param("implicit-cg", {"iters": 3, "unroll": False}, ("wd",), id="implicit-cg"),
+                    pytest.param("implicit-cg", {"iters": 3, "unroll": False}, ("wd",), marks=_slow, id="implicit-cg"),
                     pytest.param("implicit-neumann", {"terms": 3, "unroll": False}, ("wd",), marks=_slow, id="implicit-neumann")]
 
 

@@ -60,7 +60,8 @@ def test_convolutions_compute_in_bfloat16_and_the_rest_in_float32(space):
     assert all("bfloat16" not in d for d in convs32 + dots32) and "bfloat16" not in red32
 
 
-@pytest.mark.parametrize("space", ["nb201", pytest.param("darts", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("space", [pytest.param("nb201", marks=pytest.mark.slow),
+                                   pytest.param("darts", marks=pytest.mark.slow)])
 def test_bfloat16_gradients_stay_well_inside_the_minibatch_noise(space):
     """The α gradient of a bfloat16 step differs from float32's far less than the float32
     gradients of two minibatches differ from each other (measured: 0.30 against 1.86 on

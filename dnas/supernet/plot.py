@@ -529,9 +529,10 @@ def plot_alpha_evolution(alphas_log: str | os.PathLike, op_names_by_key: Mapping
               for i, name in enumerate(points_by_key.get(g, range(len(rows[0][g]))))]
     ncols = min(7, len(panels))
     nrows = -(-len(panels) // ncols)
-    fig = _new_figure(2.3 * ncols + 1.6, 1.9 * nrows + 0.6, dpi)
-    fig.set_layout_engine("constrained")
+    w, h = 2.3 * ncols + 1.6, 1.9 * nrows + 0.6
+    fig = _new_figure(w, h, dpi)
     axes = fig.subplots(nrows, ncols, squeeze=False, sharex=True, sharey=True)
+    fig.subplots_adjust(left=0.7 / w, right=1 - 1.5 / w, bottom=0.55 / h, top=1 - 0.3 / h, hspace=0.35, wspace=0.08)
     cmap = matplotlib.colormaps["tab10"]
     handles = {}
     for ax, (g, i, name) in zip(axes.flat, panels):
@@ -550,7 +551,7 @@ def plot_alpha_evolution(alphas_log: str | os.PathLike, op_names_by_key: Mapping
         ax.set_ylabel("probability", fontsize=8)
     for ax in axes[-1, :]:
         ax.set_xlabel("step", fontsize=8)
-    fig.legend(list(handles.values()), list(handles), loc="outside right center", fontsize=8, frameon=False)
+    fig.legend(list(handles.values()), list(handles), loc="center right", fontsize=8, frameon=False)
     return _save(fig, path)
 
 
