@@ -126,33 +126,30 @@ def _merge_config(args, build, default_args, what: str, from_dict, saved_for_res
     that file's (or the run's) configuration with the flags given on the command line and the
     ``--set`` pairs applied on top. A flag counts as given when its value differs from the
     parser's default (so passing a default value explicitly does not override a file)."""
-    from dnas.options import OptionError, apply_sets, config_to_dict, differences, load_config_file
+    from dnas.options import apply_sets, config_to_dict, differences, load_config_file
     cli = build(args)
     if not (args.config or args.resume or args.set):
         return cli
     if args.config and args.resume:
         raise SystemExit(f"dnas {what}: --config and --resume exclude each other (a resumed run keeps its own)")
-    try:
-        if args.resume:
-            base = config_to_dict(saved_for_resume(args.resume))
-            base["out"] = str(args.resume)
-        elif args.config:
-            base = load_config_file(args.config)
-            base.pop("resolved", None)
-            base.pop("out", None)      # a run's config.json names its own --out: the rerun goes elsewhere
-        else:
-            base = config_to_dict(cli)
-        given = differences(build(default_args), cli)
-        cli_dict = config_to_dict(cli)
-        for name in given:
-            node, src = base, cli_dict
-            parts = name.split(".")
-            for part in parts[:-1]:
-                node, src = node.setdefault(part, {}), src[part]
-            node[parts[-1]] = src[parts[-1]]
-        return from_dict(apply_sets(base, args.set))
-    except OSError as e:
-        raise OptionError(str(e)) from None
+    if args.resume:
+        base = config_to_dict(saved_for_resume(args.resume))
+        base["out"] = str(args.resume)
+    elif args.config:
+        base = load_config_file(args.config)
+        base.pop("resolved", None)
+        base.pop("out", None)      # a run's config.json names its own --out: the rerun goes elsewhere
+    else:
+        base = config_to_dict(cli)
+    given = differences(build(default_args), cli)
+    cli_dict = config_to_dict(cli)
+    for name in given:
+        node, src = base, cli_dict
+        parts = name.split(".")
+        for part in parts[:-1]:
+            node, src = node.setdefault(part, {}), src[part]
+        node[parts[-1]] = src[parts[-1]]
+    return from_dict(apply_sets(base, args.set))
 
 
 def _hypergrad_args(p: argparse.ArgumentParser) -> None:

@@ -132,14 +132,10 @@ def _number(value: Any, kind: type, name: str):
     return kind(value)
 
 
-def _hints(cls) -> dict:
-    return typing.get_type_hints(cls)
-
-
 def dataclass_from_dict(cls, data: dict, what: str = "config", ignore=()) -> Any:
     """An instance of dataclass ``cls`` from ``data``, every value checked against its field's
     type; a key that is no field (and not in ``ignore``) is an error listing the fields."""
-    hints = _hints(cls)
+    hints = typing.get_type_hints(cls)
     fields = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - fields - set(ignore))
     if unknown:

@@ -43,7 +43,7 @@ from dnas.device_loop import ARCH_STREAM_OFFSET, AUG_SALT
 from dnas.loop_plan import plan_cpu_loops, resolve_loop
 from dnas.searcher import Hyper, NonFiniteLossError, SearchState, Searcher, check_finite, make_searcher
 from dnas.rundir import (RunDirError, atomic_path, check_state_finite, claim_out, count_lines, discard_after,
-                         restore_checkpoint, restore_latest, save_checkpoint, truncate_lines, write_json_atomic)
+                         refuse_changes, restore_checkpoint, restore_latest, save_checkpoint, truncate_lines, write_json_atomic)
 from dnas.supernet.genotype import genotype_to_json, save_genotype
 
 
@@ -110,14 +110,16 @@ class _MetricsLog:
     def __init__(self, path: Path | None):
         self.path = path
         self.f = open(path, "a", encoding="utf-8") if path is not None else None
+        self.n = count_lines(path) if path is not None else 0   # lines in the file (what a checkpoint keeps)
 
     def write(self, record: dict) -> None:
         if self.f is not None:
             self.f.write(json.dumps(record, allow_nan=True) + "\n")
             self.f.flush()
+            self.n += 1
 
     def lines(self) -> int:
-        return 0 if self.path is None else count_lines(self.path)
+        return self.n
 
     def close(self) -> None:
         if self.f is not None:
@@ -296,18 +298,9 @@ def saved_config(out: Path) -> SearchConfig:
 
 def check_resumable(saved: SearchConfig, cfg: SearchConfig) -> None:
     """Refuse to resume a run under a configuration that differs in more than its length."""
-    from dnas.options import differences
     if not isinstance(cfg.space, str):   # a model object: compared by its label
         cfg = dataclasses.replace(cfg, space=saved.space)
-    diff = [d for d in differences(saved, cfg) if d.split(".")[0] not in RESUMABLE_CHANGES]
-    if diff:
-        def value(c, name):
-            for part in name.split("."):
-                c = getattr(c, part)
-            return c
-        listed = "; ".join(f"{d}: run {value(saved, d)!r}, now {value(cfg, d)!r}" for d in diff)
-        raise RunDirError(f"cannot resume {cfg.out}: the configuration differs ({listed}); only "
-                          f"{', '.join(RESUMABLE_CHANGES[:2])} may change (or start a new run)")
+    refuse_changes(saved, cfg, RESUMABLE_CHANGES, cfg.out)
 
 
 def _init_state(prep: _Prepared) -> SearchState:

@@ -79,6 +79,23 @@ def claim_out(out: Path, *, resume: bool = False, overwrite: bool = False, comma
     out.mkdir(parents=True, exist_ok=True)
 
 
+def refuse_changes(saved, cfg, allowed, out) -> None:
+    """Refuse to resume the run in ``out`` (its configuration ``saved``) under ``cfg`` when the
+    two dataclass configurations differ in a field outside ``allowed``, naming each difference
+    (dotted for nested fields) with both values."""
+    from dnas.options import differences
+
+    def value(c, name):
+        for part in name.split("."):
+            c = getattr(c, part)
+        return c
+    diff = [d for d in differences(saved, cfg) if d.split(".")[0] not in allowed]
+    if diff:
+        listed = "; ".join(f"{d}: run {value(saved, d)!r}, now {value(cfg, d)!r}" for d in diff)
+        raise RunDirError(f"cannot resume {out}: the configuration differs ({listed}); only "
+                          f"{', '.join(allowed[:2])} may change (or start a new run)")
+
+
 # ------------------------------------------------------------------------------ atomic files
 
 @contextlib.contextmanager
@@ -259,5 +276,5 @@ def discard_after(ckpt_dir: str | os.PathLike, step: int) -> list[int]:
 
 
 __all__ = ["discard_after", "RunDirError", "CheckpointError", "DivergedError", "claim_out", "atomic_path", "write_text_atomic",
-           "write_json_atomic", "save_checkpoint", "restore_checkpoint", "restore_latest", "checkpoint_steps",
+           "write_json_atomic", "refuse_changes", "save_checkpoint", "restore_checkpoint", "restore_latest", "checkpoint_steps",
            "check_state_finite", "first_nonfinite", "count_lines", "truncate_lines", "holds_run"]

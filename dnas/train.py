@@ -342,16 +342,6 @@ def saved_config(out) -> TrainConfig:
     return config_from_dict(data)
 
 
-def _check_resumable(saved: TrainConfig, cfg: TrainConfig) -> None:
-    from dnas.options import differences
-    from dnas.rundir import RunDirError
-    diff = [d for d in differences(saved, cfg) if d.split(".")[0] not in RESUMABLE_CHANGES]
-    if diff:
-        listed = "; ".join(f"{d}: run {getattr(saved, d)!r}, now {getattr(cfg, d)!r}" for d in diff)
-        raise RunDirError(f"cannot resume {cfg.out}: the configuration differs ({listed}); only epochs and "
-                          "max_steps may change (or start a new run)")
-
-
 def run_train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False) -> dict:
     """Train the derived architecture ``cfg.genotype`` from scratch; returns the summary
     (also ``summary.json``). ``resume``: continue the run in ``cfg.out`` from its latest good
@@ -365,7 +355,8 @@ def run_train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False
     if resume:
         if not cfg.out:
             raise ValueError("resume needs the run's directory (out)")
-        _check_resumable(saved_config(cfg.out), cfg)
+        from dnas.rundir import refuse_changes
+        refuse_changes(saved_config(cfg.out), cfg, RESUMABLE_CHANGES, cfg.out)
     if cfg.checkpoint_every < 1 or (cfg.checkpoint_steps is not None and cfg.checkpoint_steps < 1):
         raise ValueError("checkpoint_every and checkpoint_steps must be positive")
     genotype, search_cfg = resolve_genotype(cfg.genotype)
