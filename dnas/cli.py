@@ -294,6 +294,10 @@ def build_parser() -> argparse.ArgumentParser:
                     help="early stopping: skips:N (DARTS+: N skip connections in the normal cell), stable:K "
                          "(DARTS+: op ranking unchanged for K epochs), eigen:K (DARTS-ES: the eigenvalue rose, "
                          "needs --hessian-eigenvalue); repeatable")
+    ac.add_argument("--remedy", action="append", default=None, metavar="NAME[:KEY=VALUE,...]",
+                    help="a remedy that changes the search step (dnas/remedies.py): darts_minus[:beta0=1] (DARTS-: "
+                         "a decaying auxiliary skip), beta_decay[:weight=50] (beta-DARTS), sdarts[:mode=rs|adv,"
+                         "epsilon=0.3] (SDARTS); repeatable. FairDARTS is --relaxation fair_darts")
     _run_args(s, "search")
 
     dv = sub.add_parser("derive", help="write a search run's derived architecture, alphas and pictures from its "
@@ -521,7 +525,26 @@ def _search_cfg(args):
         progress=not args.no_progress, nb201_table=args.nb201_table, precision=args.precision,
         loop=args.loop, chunk_steps=args.chunk_steps, kernels=args.kernels, checkpoint_every=args.checkpoint_every,
         checkpoint_steps=args.checkpoint_steps, tensorboard=args.tensorboard,
-        hessian_eigenvalue=args.hessian_eigenvalue, hessian_iters=args.hessian_iters, stop=tuple(args.stop or ()))
+        hessian_eigenvalue=args.hessian_eigenvalue, hessian_iters=args.hessian_iters, stop=tuple(args.stop or ()),
+        remedies=_remedies(args.remedy))
+
+
+def _remedies(items) -> dict:
+    """``["darts_minus", "sdarts:mode=adv,epsilon=0.2"]`` → ``{name: {option: value}}``."""
+    from dnas.options import OptionError, key_values
+    out = {}
+    try:
+        for item in items or []:
+            name, _, rest = item.partition(":")
+            name = name.strip().replace("-", "_")
+            if not name:
+                raise OptionError(f"--remedy {item!r}: the name is empty")
+            if name in out:
+                raise OptionError(f"--remedy {name} given twice")
+            out[name] = key_values([kv for kv in rest.split(",") if kv.strip()], f"--remedy {name}")
+    except OptionError as e:
+        raise SystemExit(f"dnas: {e}") from None
+    return out
 
 
 #: The errors of a run that are the user's to fix: reported in one line, exit status 2.

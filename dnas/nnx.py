@@ -164,6 +164,8 @@ class _OpCandidates:
 class _InputCandidates:
     """An :class:`InputChoice`'s inputs as candidates whose outputs are the inputs themselves."""
 
+    auxiliary_skip = False   # picking inputs is not an op: no DARTS- auxiliary skip (dnas.remedies)
+
     def __init__(self, inputs: list, ctx):
         self.inputs, self.ctx = inputs, ctx
 

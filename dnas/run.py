@@ -77,6 +77,7 @@ class SearchConfig:
     hessian_eigenvalue: bool = False      # log λ_max/λ_min of ∇²_α L_val every epoch (RobustDARTS; dnas.hessian)
     hessian_iters: int = 10               # Lanczos steps (Hessian-vector products) per estimate
     stop: tuple = ()                      # early-stopping rules: "skips:2", "stable:10", "eigen:5" (dnas.stopping)
+    remedies: dict = dataclasses.field(default_factory=dict)  # {name: {option: value}} (dnas.remedies)
     data_dir: str | None = None           # tfds data dir
     progress: bool = True
     nb201_table: str | None = None        # NAS-Bench-201 accuracy CSV: look the derived cell up every epoch
@@ -266,7 +267,8 @@ def prepare_search(cfg: SearchConfig) -> _Prepared:
                              relaxation_options=cfg.relaxation_options, hyper=cfg.hyper,
                              total_steps=total, num_devices=num_devices, hypergrad=cfg.hypergrad,
                              hypergrad_options=hypergrad_options, tune=cfg.tune, latency=cfg.latency,
-                             num_seeds=len(seeds), precision=cfg.precision, kernels=cfg.kernels)
+                             num_seeds=len(seeds), precision=cfg.precision, kernels=cfg.kernels,
+                             remedies=cfg.remedies)
     label = cfg.space if isinstance(cfg.space, str) else searcher.space.name
     resolved = dict(out=str(out), space_options=searcher.space.describe(), total_steps=total,
                     steps_per_epoch=steps_per_epoch, dataset_name=data.name,

@@ -148,7 +148,12 @@ class Searcher:
     def __init__(self, space: SearchSpace, relaxation: Relaxation, hyper: Hyper = Hyper(),
                  total_steps: int = 1, num_devices: int = 1, hypergrad: str = "first",
                  hypergrad_options: dict | None = None, tune: tuple[str, ...] = (), latency=None,
-                 num_seeds: int = 1, precision: str = "float32"):
+                 num_seeds: int = 1, precision: str = "float32", remedies=()):
+        from dnas.remedies import apply_to_relaxation, weight_step_perturbation
+        # anti-collapse remedies (dnas.remedies): wrappers of the relaxation, a weight-step perturbation
+        self.remedies = tuple(remedies)
+        relaxation = apply_to_relaxation(relaxation, self.remedies)
+        self.perturbation = weight_step_perturbation(self.remedies)
         self.space, self.relax, self.hyper = space, relaxation, hyper
         self.precision, self.compute_dtype = precision, compute_dtype(precision)
         self.latency = latency  # a dnas.latency.objective.LatencyObjective, or None
@@ -223,8 +228,11 @@ class Searcher:
         return optax.apply_updates(params, upd), opt_state
 
     # ------------------------------------------------------------------ losses
-    def _forward(self, params, stats, arch, x, key, progress, train: bool = True):
+    def _forward(self, params, stats, arch, x, key, progress, train: bool = True, delta=None):
         samples = self.relax.sample(arch, key, progress)
+        if delta is not None:  # SDARTS: the weight step under perturbed mixing weights (dnas.remedies)
+            from dnas.remedies import perturb_samples
+            samples = perturb_samples(samples, delta)
         ctx = Ctx(train=train, axis_name=self.axis_name, members=self.member_convs,
                   loop_convs=self.hypergrad_name in FIRST_DERIVATIVES_ONLY,
                   compute_dtype=self.compute_dtype, kernels=self.kernels)
@@ -240,10 +248,11 @@ class Searcher:
             loss = self.latency.loss(loss, self.relax.derive_scores(arch))
         return loss + self.relax.arch_penalty(arch, progress), logits
 
-    def train_loss(self, params, arch, stats, batch, key, progress):
-        """``L_train(w, α)``; differentiated w.r.t. ``params``; also returns new BN stats."""
+    def train_loss(self, params, arch, stats, batch, key, progress, delta=None):
+        """``L_train(w, α)``; differentiated w.r.t. ``params``; also returns new BN stats.
+        ``delta``: a perturbation of the relaxation's samples (SDARTS, :mod:`dnas.remedies`)."""
         x, y = batch
-        logits, new_stats = self._forward(params, stats, arch, x, key, progress)
+        logits, new_stats = self._forward(params, stats, arch, x, key, progress, delta=delta)
         return self._mean(cross_entropy(logits, y)), (logits, new_stats)
 
     def _mean(self, tree):
@@ -284,8 +293,9 @@ class Searcher:
         h_upd, h_opt = self.h_tx.update(g_hyper, state.h_opt_state, state.hyper)
         hyper = optax.apply_updates(state.hyper, h_upd)
 
+        delta = self.weight_step_delta(state.params, arch, state.batch_stats, train_batch, k_w, progress)
         (t_loss, (t_logits, stats)), g_w = jax.value_and_grad(self.train_loss, has_aux=True)(
-            state.params, arch, state.batch_stats, train_batch, k_w, progress)
+            state.params, arch, state.batch_stats, train_batch, k_w, progress, delta)
         params, w_opt = self.weight_update(g_w, state.params, state.w_opt_state, self._tuned(hyper), state.step)
         lr, wd = self.hparams(self._tuned(hyper), state.step)
 
@@ -299,9 +309,25 @@ class Searcher:
         metrics.update({f"hypergrad_{k[4:]}": v for k, v in g["hyper"].items()})
         if self.latency is not None:
             metrics["expected_latency_ms"] = self.latency.expected(self.relax.derive_scores(arch))
+        from dnas.remedies import remedy_metrics
+        metrics.update(remedy_metrics(self.remedies, progress))
         new = SearchState(step=state.step + 1, params=params, batch_stats=stats, arch=arch,
                           w_opt_state=w_opt, a_opt_state=a_opt, key=key, hyper=hyper, h_opt_state=h_opt)
         return new, metrics
+
+    def weight_step_delta(self, params, arch, stats, batch, key, progress):
+        """The perturbation of the weight step's samples (SDARTS, :mod:`dnas.remedies`), or None.
+        Drawn from a key derived from the weight step's (replicated over devices, its own per
+        member); an adversarial one ascends the global batch's loss, so every device finds the
+        same perturbation. The weight gradient does not flow through it."""
+        if self.perturbation is None:
+            return None
+        samples = self.relax.sample(arch, key, progress)
+
+        def loss(delta):
+            return self.train_loss(params, arch, stats, batch, key, progress, delta)[0]
+        delta = self.perturbation(loss, samples, jax.random.fold_in(key, 0x5DA7), progress)
+        return jax.lax.stop_gradient(delta)
 
     # ------------------------------------------------------------------ curvature (RobustDARTS)
     def arch_hessian_extremes(self, state: SearchState, val_batch, iters: int = 20):
@@ -449,13 +475,17 @@ def make_searcher(space, relaxation: str = "darts", *, space_options: dict | Non
                   relaxation_options: dict | None = None, hyper: Hyper = Hyper(),
                   total_steps: int = 1, num_devices: int = 1, hypergrad: str = "first",
                   hypergrad_options: dict | None = None, tune=(), latency: dict | None = None,
-                  num_seeds: int = 1, precision: str = "float32", kernels: str = "auto") -> Searcher:
+                  num_seeds: int = 1, precision: str = "float32", kernels: str = "auto",
+                  remedies: dict | None = None) -> Searcher:
     """Build a :class:`Searcher` by names (``space``: a name, an import spec, or a space object or
     Flax NNX model, see :func:`~dnas.supernet.spaces.build_space`). ``latency``: keyword arguments of
     :func:`dnas.latency.objective.make_latency_objective` (``table_path``, ``loss``, ``target``,
     ``weight``, ``input_size``), plus ``space_options`` of the deployed network, or None.
     ``kernels``: the kernel policy (:mod:`dnas.backend`; ``auto``: the backend's), given to a
-    built-in space and to the implicit estimators' loop default."""
+    built-in space and to the implicit estimators' loop default. ``remedies``: anti-collapse
+    remedies ``{name: {option: value}}`` (:mod:`dnas.remedies`)."""
+    from dnas.remedies import get_remedies
+    remedy_list = get_remedies(remedies)
     space_options = dict(space_options or {})
     policy = resolve_kernels(kernels)
     if isinstance(space, str) and space in SPACES:
@@ -478,4 +508,4 @@ def make_searcher(space, relaxation: str = "darts", *, space_options: dict | Non
                          f"{space_label(space)!r} set dtype on your own layers instead")
     return Searcher(built, relax, hyper, total_steps, num_devices, hypergrad=hypergrad,
                     hypergrad_options=hypergrad_options, tune=tuple(tune), latency=objective, num_seeds=num_seeds,
-                    precision=precision)
+                    precision=precision, remedies=remedy_list)

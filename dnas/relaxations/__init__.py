@@ -13,6 +13,7 @@ from typing import Callable
 from dnas.relaxations.base import Relaxation, dense_mix, entropy, init_alpha, per_group, softmax_probs
 from dnas.relaxations.darts import darts
 from dnas.relaxations.drnas import drnas
+from dnas.relaxations.fair_darts import fair_darts
 from dnas.relaxations.gumbel import gdas, snas
 from dnas.relaxations.pc_darts import pc_darts
 from dnas.relaxations.proxyless import proxyless
@@ -23,6 +24,7 @@ REGISTRY: dict[str, Callable[..., Relaxation]] = {
     "snas": snas,
     "pc_darts": pc_darts,
     "drnas": drnas,
+    "fair_darts": fair_darts,
     "proxyless": proxyless,
 }
 
