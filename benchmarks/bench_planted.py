@@ -28,6 +28,7 @@ def main() -> None:
             t0 = time.perf_counter()
             r = planted_search(name, int(steps), a_lr=float(a_lr), task=PlantedTask(plant=plant))
             r.pop("arch")
+            r.pop("problem")
             r["wall_s"] = round(time.perf_counter() - t0, 1)
             results.append(r)
             print(f"{name:9s} {steps:>5s} steps a_lr {a_lr:6s}: {r['recovered']}/{r['of']} {r['chosen']}", flush=True)

@@ -305,6 +305,19 @@ def build_parser() -> argparse.ArgumentParser:
     dv.add_argument("run", help="the search run's directory")
     dv.add_argument("--step", type=int, default=None, help="the checkpoint's step (default: the latest readable)")
 
+    sl = sub.add_parser("select", help="select the architecture of a search run by perturbation (DARTS-PT): per "
+                                       "choice point the op whose removal costs the supernet most accuracy",
+                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    sl.add_argument("run", help="the search run's directory (its latest checkpoint is used)")
+    sl.add_argument("--method", choices=["pt"], default="pt", help="pt: DARTS-PT (Wang et al., ICLR 2021)")
+    sl.add_argument("--eval-examples", type=_positive, default=1024,
+                    help="validation examples (of the architecture half) per accuracy measurement")
+    sl.add_argument("--tune-steps", type=int, default=20, help="weight steps fine-tuning the supernet after each decision")
+    sl.add_argument("--order", choices=["random", "fixed"], default="random", help="order of the choice points")
+    sl.add_argument("--seed", type=int, default=None, help="which search of a --seeds run")
+    sl.add_argument("--out", default=None, help="output directory (default RUN/select-pt)")
+    sl.add_argument("--overwrite", action="store_true", help="replace an earlier selection in --out")
+
     _train_parser(sub)
     _reproduce_parser(sub)
 
@@ -608,6 +621,27 @@ def _cmd_derive(args) -> int:
     return 0
 
 
+def _cmd_select(args) -> int:
+    from dnas.select import PTOptions, select_run
+
+    try:
+        record = select_run(args.run, args.method, PTOptions(eval_examples=args.eval_examples,
+                                                             tune_steps=args.tune_steps, order=args.order),
+                            out=args.out, overwrite=args.overwrite, seed=args.seed)
+    except _user_errors() as e:
+        print(f"dnas select: error: {e}", file=sys.stderr)
+        return 2
+    for d in record["decisions"]:
+        drops = ", ".join(f"{op} {100 * acc:.1f}" for op, acc in d["accuracy_without"].items())
+        print(f"{d['group']}/{d['choice_point']}: accuracy {100 * d['accuracy']:.1f} %; without {drops} "
+              f"-> {d['chosen']}")
+    g = record["genotype"]
+    print("selected:", g.get("arch") or g)
+    if "nb201" in record:
+        print("NAS-Bench-201: " + ", ".join(f"{k} {v:.2f}" for k, v in record["nb201"].items() if k != "index"))
+    return 0
+
+
 def _cmd_bench(args) -> int:
     from dnas.bench import run_bench
     from dnas.searcher import Hyper
@@ -639,6 +673,8 @@ def main(argv: list[str] | None = None) -> int:
         return _cmd_reproduce(args)
     if args.command == "derive":
         return _cmd_derive(args)
+    if args.command == "select":
+        return _cmd_select(args)
     cfg = None
     if args.command in ("search", "train"):   # the configuration first: a resumed run's --devices come from it
         if args.command == "search":

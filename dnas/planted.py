@@ -68,7 +68,7 @@ def planted_search(relaxation: str, steps: int, *, a_lr: float = 3e-3, task: Pla
                    seed: int = 1, relaxation_options: dict | None = None, hypergrad: str = "first",
                    num_devices: int = 1) -> dict:
     """Search ``task`` with ``relaxation`` for ``steps`` steps; returns ``{"chosen", "planted",
-    "recovered" (count), "probs", "val_acc"}``."""
+    "recovered" (count), "probs", "val_acc", "arch", "problem"}``."""
     from dnas.searcher import Hyper, make_searcher
 
     plant_idx = [NB201_OPS.index(op) for op in task.plant]
@@ -95,7 +95,10 @@ def planted_search(relaxation: str, steps: int, *, a_lr: float = 3e-3, task: Pla
             "planted": list(task.plant), "chosen": [NB201_OPS[c] for c in chosen],
             "recovered": int((chosen == np.asarray(plant_idx)).sum()), "of": len(plant_idx),
             "probs": np.asarray(s.probs(state)["cell"]).round(3).tolist(),
-            "val_acc": float(metrics["val_acc"]), "arch": jax.device_get(state.arch)}
+            "val_acc": float(metrics["val_acc"]), "arch": jax.device_get(state.arch),
+            # what a selection after the search needs (dnas.select): the searcher, the final state,
+            # and the two streams (weights: first half of x, architecture: second half)
+            "problem": {"searcher": s, "state": jax.device_get(state), "x": x, "y": y}}
 
 
 __all__ = ["PlantedTask", "planted_search", "DEFAULT_PLANT"]

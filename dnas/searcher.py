@@ -152,6 +152,7 @@ class Searcher:
         from dnas.remedies import apply_to_relaxation, weight_step_perturbation
         # anti-collapse remedies (dnas.remedies): wrappers of the relaxation, a weight-step perturbation
         self.remedies = tuple(remedies)
+        self.base_relax = relaxation   # without the remedies' wrappers (dnas.select evaluates with it)
         relaxation = apply_to_relaxation(relaxation, self.remedies)
         self.perturbation = weight_step_perturbation(self.remedies)
         self.space, self.relax, self.hyper = space, relaxation, hyper

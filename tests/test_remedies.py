@@ -196,3 +196,27 @@ def test_remedies_through_the_cli(tmp_path):
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["remedies"] == {"beta_decay": {}, "darts_minus": {"beta0": 0.5}, "sdarts": {"mode": "rs", "epsilon": 0.1}}
     assert json.loads((out / "genotype.json").read_text())["arch"].count("~") == 6
+
+
+def test_darts_pt_through_the_cli_on_a_search_run(tmp_path, capsys):
+    """`dnas select --method pt RUN` on a finished search: one decision per NB201 edge, each the op
+    whose removal cost the most accuracy, written as a genotype; a sampled relaxation is refused."""
+    from test_nb201_table import synthetic_accuracy, write_synthetic_table
+    table = write_synthetic_table(tmp_path / "table.csv")
+    out = tmp_path / "run"
+    tiny = ["--epochs", "1", "--limit-examples", "192", "--channels", "4", "--cells", "1", "--batch-size", "32",
+            "--no-progress"]
+    assert main(["search", "--out", str(out), "--nb201-table", str(table)] + tiny) == 0
+    assert main(["select", "--method", "pt", str(out), "--eval-examples", "64", "--tune-steps", "2"]) == 0
+    sel = json.loads((out / "select-pt" / "selection.json").read_text())
+    assert len(sel["decisions"]) == 6 and sorted(i for _, i in sel["order"]) == list(range(6))
+    for d in sel["decisions"]:
+        assert "none" not in d["accuracy_without"]
+        assert d["chosen"] == min(d["accuracy_without"], key=lambda op: d["accuracy_without"][op])
+    arch = json.loads((out / "select-pt" / "genotype.json").read_text())["arch"]
+    assert [op for op in sel["chosen"]["cell"]] == [p.split("~")[0] for p in arch.replace("+", "").split("|") if p]
+    assert sel["nb201"] == pytest.approx(synthetic_accuracy(arch))
+    assert main(["select", str(out)]) == 2 and "already holds a selection" in capsys.readouterr().err
+    gdas = tmp_path / "gdas"
+    assert main(["search", "--relaxation", "gdas", "--out", str(gdas)] + tiny) == 0
+    assert main(["select", str(gdas)]) == 2 and "one weight per op" in capsys.readouterr().err
