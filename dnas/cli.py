@@ -407,7 +407,10 @@ def _reproduce_parser(sub) -> None:
                    help="CIFAR-10: an image folder PATH with PATH/train/<class>/*.jpg, or a tensorflow-datasets name")
     r.add_argument("--data-dir", default=None, help="tensorflow-datasets data dir")
     r.add_argument("--nb201-table", required=True, metavar="CSV", help="NAS-Bench-201's accuracy table (NATS-Bench CSV)")
-    r.add_argument("--methods", default="darts,gdas,snas,pc_darts,drnas", help="comma-separated relaxations")
+    r.add_argument("--methods", default="darts,gdas,snas,pc_darts,drnas",
+                   help="comma-separated methods: the relaxations darts, gdas, snas, pc_darts, drnas, fair_darts, "
+                        "first-order DARTS with a remedy (darts_minus, beta_darts, sdarts_rs, sdarts_adv, darts_pt), "
+                        "or 'remedies' for DARTS and every remedy")
     r.add_argument("--seeds", type=_seed_list, default=(777, 888, 999), metavar="S1,S2,...")
     r.add_argument("--budget", choices=["paper", "cpu", "smoke"], default="cpu",
                    help="paper: the protocol itself; cpu: a proxy for 2 CPU cores (about an hour for 5 x 3); smoke: tests")
@@ -419,6 +422,12 @@ def _reproduce_parser(sub) -> None:
     r.add_argument("--no-progress", action="store_true")
 
 
+def _methods(text: str) -> tuple:
+    from dnas.reproduce import REMEDY_METHODS
+    names = [m.strip() for m in text.split(",") if m.strip()]
+    return tuple(n for m in names for n in (REMEDY_METHODS if m == "remedies" else (m,)))
+
+
 def _cmd_reproduce(args) -> int:
     from dnas.data import DatasetError
     from dnas.nb201_table import NB201TableError
@@ -426,7 +435,7 @@ def _cmd_reproduce(args) -> int:
     from dnas.searcher import NonFiniteLossError
 
     cfg = ReproduceConfig(dataset=args.dataset, nb201_table=args.nb201_table, out=args.out,
-                          methods=tuple(m.strip() for m in args.methods.split(",") if m.strip()),
+                          methods=_methods(args.methods),
                           seeds=tuple(args.seeds), budget=args.budget, epochs=args.epochs,
                           epochs_gdas=args.epochs_gdas, limit_examples=args.limit_examples,
                           data_dir=args.data_dir, progress=not args.no_progress)

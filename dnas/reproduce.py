@@ -37,8 +37,40 @@ from pathlib import Path
 
 import numpy as np
 
-#: The methods this command runs, by relaxation name, and the row name of the published table.
-METHOD_ROWS = {"darts": "DARTS-V1", "gdas": "GDAS", "snas": "SNAS", "pc_darts": "PC-DARTS", "drnas": "DrNAS"}
+@dataclasses.dataclass(frozen=True)
+class Method:
+    """One row of the reproduction: a relaxation, the anti-collapse remedies that change its
+    search step (:mod:`dnas.remedies`), the published row to compare with, and an optional
+    selection after the search (``"pt"``: DARTS-PT, :mod:`dnas.select`, run on the search of
+    the method without it)."""
+
+    relaxation: str
+    row: str
+    remedies: dict = dataclasses.field(default_factory=dict)
+    select: str | None = None
+
+    def search_key(self) -> tuple:
+        """Methods with equal keys share one search (DARTS-PT selects on DARTS's)."""
+        return (self.relaxation, json.dumps(self.remedies, sort_keys=True))
+
+
+#: The methods this command runs, by name. The first five are the relaxations of the benchmark's
+#: own tables; the others are first-order DARTS with an anti-collapse remedy (docs/anticollapse.md).
+METHODS = {
+    "darts": Method("darts", "DARTS-V1"), "gdas": Method("gdas", "GDAS"), "snas": Method("snas", "SNAS"),
+    "pc_darts": Method("pc_darts", "PC-DARTS"), "drnas": Method("drnas", "DrNAS"),
+    "darts_minus": Method("darts", "DARTS-", {"darts_minus": {}}),
+    "beta_darts": Method("darts", "beta-DARTS", {"beta_decay": {}}),
+    "sdarts_rs": Method("darts", "SDARTS-RS", {"sdarts": {"mode": "rs"}}),
+    "sdarts_adv": Method("darts", "SDARTS-ADV", {"sdarts": {"mode": "adv"}}),
+    "fair_darts": Method("fair_darts", "FairDARTS"),
+    "darts_pt": Method("darts", "DARTS-PT", select="pt"),
+}
+METHOD_ROWS = {name: m.row for name, m in METHODS.items()}
+#: The default methods: the benchmark's own rows.
+DEFAULT_METHODS = ("darts", "gdas", "snas", "pc_darts", "drnas")
+#: The remedies against the collapse, each with first-order DARTS (``--methods remedies``).
+REMEDY_METHODS = ("darts", "darts_minus", "beta_darts", "sdarts_rs", "sdarts_adv", "fair_darts", "darts_pt")
 
 #: Published NAS-Bench-201 rows: test accuracy (%) of the derived cell, mean and std over 3
 #: searches, from the benchmark's 200-epoch table. DARTS-V1 and GDAS: Dong & Yang, ICLR 2020,
@@ -49,6 +81,13 @@ PUBLISHED = {
     "SNAS": {"cifar10": (92.77, 0.83), "cifar100": (69.34, 1.98), "imagenet16_120": (43.16, 2.64)},
     "PC-DARTS": {"cifar10": (93.41, 0.30), "cifar100": (67.48, 0.89), "imagenet16_120": (41.31, 0.22)},
     "DrNAS": {"cifar10": (94.36, 0.00), "cifar100": (73.51, 0.00), "imagenet16_120": (46.34, 0.00)},
+    # CIFAR-10 test accuracy as the anti-collapse issue quotes it (paper budget); None: not quoted here
+    "DARTS-": {"cifar10": (93.80, None), "cifar100": (None, None), "imagenet16_120": (None, None)},
+    "beta-DARTS": {"cifar10": (94.36, None), "cifar100": (None, None), "imagenet16_120": (None, None)},
+    "DARTS-PT": {"cifar10": (88.0, None), "cifar100": (None, None), "imagenet16_120": (None, None)},
+    "SDARTS-RS": {d: (None, None) for d in ("cifar10", "cifar100", "imagenet16_120")},
+    "SDARTS-ADV": {d: (None, None) for d in ("cifar10", "cifar100", "imagenet16_120")},
+    "FairDARTS": {d: (None, None) for d in ("cifar10", "cifar100", "imagenet16_120")},
 }
 
 DATASETS = ("cifar10", "cifar100", "imagenet16_120")
@@ -116,7 +155,7 @@ class ReproduceConfig:
     dataset: str
     nb201_table: str
     out: str
-    methods: tuple = tuple(METHOD_ROWS)
+    methods: tuple = DEFAULT_METHODS
     seeds: tuple = (777, 888, 999)
     budget: str = "cpu"
     epochs: int | None = None          # override the budget's epochs (DARTS family)
@@ -144,10 +183,11 @@ def _check(cfg: ReproduceConfig) -> Budget:
     from dnas.relaxations import REGISTRY
     if cfg.budget not in BUDGETS:
         raise ValueError(f"unknown budget {cfg.budget!r}; expected one of {', '.join(BUDGETS)}")
-    bad = [m for m in cfg.methods if m not in METHOD_ROWS]
+    bad = [m for m in cfg.methods if m not in METHODS]
     if bad:
         raise ValueError(f"--methods: {bad} not reproducible on NAS-Bench-201 here; choose from "
-                         f"{', '.join(METHOD_ROWS)} (other relaxations: {sorted(set(REGISTRY) - set(METHOD_ROWS))})")
+                         f"{', '.join(METHODS)} (other relaxations: "
+                         f"{sorted(set(REGISTRY) - {m.relaxation for m in METHODS.values()})})")
     if not cfg.methods or len(set(cfg.methods)) != len(cfg.methods):
         raise ValueError(f"--methods must list distinct methods, got {list(cfg.methods)}")
     if not cfg.seeds or len(set(cfg.seeds)) != len(cfg.seeds):
@@ -164,16 +204,17 @@ def search_config(cfg: ReproduceConfig, budget: Budget, method: str, steps_per_e
     from dnas.searcher import Hyper
 
     p = NB201_PROTOCOL
-    epochs = budget.epochs_gdas if method == "gdas" else budget.epochs
+    m = METHODS[method]
+    epochs = budget.epochs_gdas if m.relaxation == "gdas" else budget.epochs
     a_lr = budget.a_lr
     if a_lr is None:
         a_lr = PAPER_ALPHA_TRAVEL / max(1, epochs * (steps_per_epoch or 1))
     hyper = Hyper(w_lr=p["w_lr"], w_lr_min=p["w_lr_min"], w_momentum=p["w_momentum"], w_nesterov=p["w_nesterov"],
                   w_weight_decay=p["w_weight_decay"], w_grad_clip=p["w_grad_clip"], a_lr=a_lr,
                   a_beta1=p["a_beta1"], a_beta2=p["a_beta2"], a_weight_decay=p["a_weight_decay"])
-    relax_opts = {"tau_max": p["gdas_tau"][0], "tau_min": p["gdas_tau"][1]} if method == "gdas" else {}
+    relax_opts = {"tau_max": p["gdas_tau"][0], "tau_min": p["gdas_tau"][1]} if m.relaxation == "gdas" else {}
     return SearchConfig(
-        space="nb201", relaxation=method, dataset=cfg.dataset, epochs=epochs, batch_size=budget.batch_size,
+        space="nb201", relaxation=m.relaxation, remedies=m.remedies, dataset=cfg.dataset, epochs=epochs, batch_size=budget.batch_size,
         seeds=tuple(cfg.seeds), out=str(Path(cfg.out) / method), limit_examples=budget.limit_examples,
         space_options={"channels": budget.channels, "cells_per_stage": budget.cells_per_stage,
                        "affine": p["affine"]},
@@ -198,14 +239,18 @@ def _epoch_records(run_dir: Path, seeds) -> dict:
     return out
 
 
-def summarise(method: str, records: dict) -> dict:
+def summarise(method: str, records: dict, selected: dict | None = None) -> dict:
     """Per seed the final cell and its accuracies; per dataset mean ± std over seeds (population
-    std, as the benchmark's papers report over their 3 runs), next to the published row."""
+    std, as the benchmark's papers report over their 3 runs), next to the published row.
+    ``selected``: ``{seed: {"arch", "nb201"}}`` of a selection after the search (DARTS-PT), which
+    replaces the search's own final cell."""
     seeds = {}
     for s, recs in records.items():
         last = recs[-1]
-        seeds[str(s)] = {"arch": last["arch"], **{d: last[f"nb201_{d}"] for d in DATASETS},
-                         "param_free": num_param_free(last["arch"]),
+        arch, acc = last["arch"], {d: last[f"nb201_{d}"] for d in DATASETS}
+        if selected is not None:
+            arch, acc = selected[s]["arch"], {d: selected[s]["nb201"][d] for d in DATASETS}
+        seeds[str(s)] = {"arch": arch, **acc, "param_free": num_param_free(arch),
                          "supernet_val_acc": last.get("val_acc"), "entropy": last.get("entropy")}
     stats = {d: {"mean": float(np.mean([v[d] for v in seeds.values()])),
                  "std": float(np.std([v[d] for v in seeds.values()]))} for d in DATASETS}
@@ -256,8 +301,10 @@ def plot_report(out: Path, all_records: dict, baseline: dict) -> None:
         plt.close(fig)
 
 
-def _fmt(m: float, s: float) -> str:
-    return f"{m:.2f} ± {s:.2f}"
+def _fmt(m: float | None, s: float | None) -> str:
+    if m is None:
+        return "—"
+    return f"{m:.2f}" if s is None else f"{m:.2f} ± {s:.2f}"
 
 
 def write_markdown(path: Path, report: dict) -> None:
@@ -286,6 +333,17 @@ def write_markdown(path: Path, report: dict) -> None:
     path.write_text("\n".join(lines), encoding="utf-8")
 
 
+def _select_pt(run_dir: Path, out: Path, seeds) -> dict:
+    """DARTS-PT (:mod:`dnas.select`, default options) on every seed of a finished search:
+    ``{seed: {"arch", "nb201"}}``."""
+    from dnas.select import select_run
+    picked = {}
+    for s in seeds:
+        rec = select_run(run_dir, "pt", out=out / f"seed-{s}", seed=s if len(seeds) > 1 else None)
+        picked[s] = {"arch": rec["genotype"]["arch"], "nb201": rec["nb201"]}
+    return picked
+
+
 def run_reproduce(cfg: ReproduceConfig) -> dict:
     """Run every method's search (seeds vmapped), then write the report; returns it."""
     from dnas.nb201_table import NB201Table
@@ -298,7 +356,12 @@ def run_reproduce(cfg: ReproduceConfig) -> dict:
         raise ValueError(f"--out {out} is not empty: choose a new directory")
     steps = _steps_per_epoch(cfg, budget)
     t0 = time.perf_counter()
-    configs = {m: search_config(cfg, budget, m, steps) for m in cfg.methods}
+    configs, searched_by = {}, {}   # one search per search key: DARTS-PT selects on DARTS's search
+    for m in sorted(cfg.methods, key=lambda m: METHODS[m].select is not None):
+        key = METHODS[m].search_key()
+        if key not in searched_by:
+            searched_by[key] = m
+            configs[m] = search_config(cfg, budget, m, steps)
     out.mkdir(parents=True, exist_ok=True)
     protocol = {"benchmark": "nb201", "budget": cfg.budget, "budget_description": budget.description,
                 "protocol": NB201_PROTOCOL, "differs_from_darts": DIFFERS_FROM_DARTS,
@@ -308,12 +371,20 @@ def run_reproduce(cfg: ReproduceConfig) -> dict:
                 "seeds": list(cfg.seeds), "dataset": cfg.dataset, "nb201_table": str(cfg.nb201_table)}
     (out / "protocol.json").write_text(json.dumps(protocol, indent=2) + "\n", encoding="utf-8")
     methods, all_records = {}, {}
-    for m, scfg in configs.items():
+    for m in sorted(cfg.methods, key=lambda m: METHODS[m].select is not None):   # searches first
         t = time.perf_counter()
-        run_search(scfg)
-        all_records[m] = _epoch_records(Path(scfg.out), cfg.seeds)
-        methods[m] = {**summarise(m, all_records[m]), "wall_time_s": time.perf_counter() - t,
-                      "epochs": scfg.epochs, "a_lr": scfg.hyper.a_lr}
+        searcher_method = searched_by[METHODS[m].search_key()]
+        scfg = configs[searcher_method]
+        if searcher_method == m:
+            run_search(scfg)
+            all_records[m] = _epoch_records(Path(scfg.out), cfg.seeds)
+        records = all_records[searcher_method]
+        selected = None
+        if METHODS[m].select == "pt":
+            selected = _select_pt(Path(scfg.out), out / m, cfg.seeds)
+        methods[m] = {**summarise(m, records, selected), "wall_time_s": time.perf_counter() - t,
+                      "epochs": scfg.epochs, "a_lr": scfg.hyper.a_lr, "search": searcher_method}
+    methods = {m: methods[m] for m in cfg.methods}
     baseline = random_baseline(table)
     report = {"benchmark": "nb201", "budget": cfg.budget, "budget_description": budget.description,
               "seeds": list(cfg.seeds), "dataset": cfg.dataset, "methods": methods, "random_cell": baseline,

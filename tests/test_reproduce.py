@@ -123,3 +123,25 @@ def test_smoke_budget_end_to_end(tmp_path, methods):
         assert r["accuracy"]["cifar10"]["std"] == pytest.approx(np.std(accs))
     md = (out / "report.md").read_text()
     assert "54.30 ± 0.00" in md and "random cell" in md   # DARTS-V1's published row
+
+
+@needs_data
+@pytest.mark.slow   # ~3.5 min on 2 cores: two searches and two DARTS-PT selections
+def test_smoke_budget_remedies_and_darts_pt(tmp_path):
+    """A remedy is DARTS with its option set; DARTS-PT selects on DARTS's own search (no second
+    search) and reports the cells its selection wrote."""
+    from dnas.data import extract_image_subset
+
+    data = extract_image_subset(CIFAR_TAR, tmp_path / "cifar", {"train": 16, "test": 1})
+    out = tmp_path / "out"
+    report = run_reproduce(ReproduceConfig(dataset=str(data), nb201_table=str(NB201_CSV), out=str(out),
+                                           methods=("darts_pt", "darts", "darts_minus"), seeds=(777, 888),
+                                           budget="smoke", progress=False))
+    assert list(report["methods"]) == ["darts_pt", "darts", "darts_minus"]
+    assert report["methods"]["darts_pt"]["search"] == "darts" and not (out / "darts_pt" / "metrics.jsonl").exists()
+    assert json.loads((out / "darts_minus" / "config.json").read_text())["remedies"] == {"darts_minus": {}}
+    table = NB201Table.load(NB201_CSV)
+    for s, v in report["methods"]["darts_pt"]["seeds"].items():
+        sel = json.loads((out / "darts_pt" / f"seed-{s}" / "selection.json").read_text())
+        assert v["arch"] == sel["genotype"]["arch"] and v["cifar10"] == table.lookup(v["arch"])["cifar10"]
+    assert "DARTS-PT" in (out / "report.md").read_text()
