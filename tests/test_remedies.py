@@ -220,3 +220,16 @@ def test_darts_pt_through_the_cli_on_a_search_run(tmp_path, capsys):
     gdas = tmp_path / "gdas"
     assert main(["search", "--relaxation", "gdas", "--out", str(gdas)] + tiny) == 0
     assert main(["select", str(gdas)]) == 2 and "one weight per op" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("hypergrad", ["unrolled", pytest.param("implicit-cg", marks=pytest.mark.slow)])
+def test_remedies_with_second_order_estimators(hypergrad):
+    """The remedies wrap the relaxation and the weight step, so the estimators that differentiate
+    through a weight step (and twice) take them as they are; the step stays finite and moves α."""
+    x, y = _x(8, seed=4), jnp.arange(8) % 10
+    s = make_searcher(Net(nnx.Rngs(0)), "darts", hypergrad=hypergrad, total_steps=4,
+                      remedies={"darts_minus": {}, "beta_decay": {}, "sdarts": {"mode": "adv", "steps": 2}})
+    state, m = _two_steps(s, x, y)
+    assert all(np.isfinite(float(v)) for v in m.values())
+    start = s.init(jax.random.PRNGKey(0)).arch
+    assert np.abs(np.asarray(state.arch["op"]) - np.asarray(start["op"])).max() > 1e-4
