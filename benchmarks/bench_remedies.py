@@ -11,29 +11,17 @@ quotes it.
 """
 import argparse
 import json
-import statistics
 import time
 
 import jax
 import numpy as np
 
+from bench_hessian import timed   # (first call, median of the repeats), same directory
 from dnas.searcher import make_searcher
 
 CASES = {"darts": ("darts", {}), "darts_minus": ("darts", {"darts_minus": {}}),
          "beta_decay": ("darts", {"beta_decay": {}}), "sdarts_rs": ("darts", {"sdarts": {"mode": "rs"}}),
          "sdarts_adv": ("darts", {"sdarts": {"mode": "adv"}}), "fair_darts": ("fair_darts", {})}
-
-
-def timed(fn, *args, repeats):
-    t = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    first = time.perf_counter() - t
-    runs = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        runs.append(time.perf_counter() - t)
-    return first, statistics.median(runs)
 
 
 def main() -> None:

@@ -15,7 +15,7 @@ from dnas.relaxations.fair_darts import zero_one_loss
 from dnas.remedies import (auxiliary_skip, beta_decay_loss, get_remedies, linear_decay, perturb_samples, pgd_linf,
                            sdarts)
 from dnas.searcher import make_searcher
-from test_nnx import Net, _x
+from test_nnx import Net, _step_twice, _x
 
 
 class _Ops:
@@ -154,14 +154,6 @@ def test_bad_remedies_are_refused_by_name(tmp_path, capsys):
     assert not out.exists()
 
 
-def _two_steps(s, x, y):
-    state = s.replicate(s.init(jax.random.PRNGKey(0)))
-    f = s.compiled_step(donate=False)
-    for _ in range(2):
-        state, m = f(state, s.shard((x, y)), s.shard((x[::-1], y[::-1])))
-    return jax.device_get(state), jax.device_get(m)
-
-
 REMEDY_CASES = [
     pytest.param("darts", {"darts_minus": {}, "beta_decay": {}, "sdarts": {"mode": "adv"}}, id="minus+beta+adv"),
     pytest.param("gdas", {"sdarts": {"mode": "rs"}}, id="gdas+rs"),
@@ -175,7 +167,7 @@ def test_remedies_on_a_user_model_eight_devices_equal_one(relaxation, remedies):
     """Every remedy data parallel on a user's NNX model: the perturbation is drawn from the
     replicated key and the attack ascends the global batch's loss, so 8 devices equal 1."""
     x, y = _x(16, seed=4), jnp.arange(16) % 10
-    (s1, m1), (s8, m8) = [_two_steps(make_searcher(Net(nnx.Rngs(0)), relaxation, num_devices=n, total_steps=4,
+    (s1, m1), (s8, m8) = [_step_twice(make_searcher(Net(nnx.Rngs(0)), relaxation, num_devices=n, total_steps=4,
                                                    remedies=remedies), x, y) for n in (1, 8)]
     assert abs(float(m1["train_loss"]) - float(m8["train_loss"])) < 1e-5
     for a, b in zip(jax.tree_util.tree_leaves((s1.arch, s1.params, s1.batch_stats)),
@@ -229,7 +221,7 @@ def test_remedies_with_second_order_estimators(hypergrad):
     x, y = _x(8, seed=4), jnp.arange(8) % 10
     s = make_searcher(Net(nnx.Rngs(0)), "darts", hypergrad=hypergrad, total_steps=4,
                       remedies={"darts_minus": {}, "beta_decay": {}, "sdarts": {"mode": "adv", "steps": 2}})
-    state, m = _two_steps(s, x, y)
+    state, m = _step_twice(s, x, y)
     assert all(np.isfinite(float(v)) for v in m.values())
     start = s.init(jax.random.PRNGKey(0)).arch
     assert np.abs(np.asarray(state.arch["op"]) - np.asarray(start["op"])).max() > 1e-4
