@@ -1,8 +1,8 @@
 """What each anti-collapse remedy costs per search step, and what DARTS-PT costs per decision.
 
-    python benchmarks/bench_remedies.py [--repeats 3]
+    python benchmarks/bench_remedies.py [--repeats 3] [--cells 2]
 
-For the NAS-Bench-201 supernet (C=16, N=2, the README's default search size) on one batch of
+For the NAS-Bench-201 supernet (C=16, N=``--cells``; 2 is the README's default search size) on one batch of
 64 random 32x32x3 images: the median time of a compiled first-order search step with each
 remedy of ``dnas/remedies.py`` (and FairDARTS's relaxation) against plain DARTS, with compile
 times; and DARTS-PT's time to decide one choice point (5 accuracy measurements on 1,024 images,
@@ -28,8 +28,9 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--cells", type=int, default=2, help="NB201 cells per stage")
     args = p.parse_args()
-    opts = {"channels": 16, "cells_per_stage": 2, "in_channels": 3, "num_classes": 10}
+    opts = {"channels": 16, "cells_per_stage": args.cells, "in_channels": 3, "num_classes": 10}
     k1, k2 = jax.random.split(jax.random.PRNGKey(1))
     x = jax.random.normal(k1, (args.batch_size, 32, 32, 3))
     y = jax.random.randint(k2, (args.batch_size,), 0, 10)
@@ -51,7 +52,7 @@ def main() -> None:
     t = time.perf_counter()
     perturbation_select(s, state, (vx, vy), (vx, vy), PTOptions(tune_steps=20, eval_examples=1024))
     pt_s = time.perf_counter() - t
-    print(json.dumps({"space": "nb201", "channels": 16, "cells_per_stage": 2, "batch": args.batch_size, "image": 32,
+    print(json.dumps({"space": "nb201", "channels": 16, "cells_per_stage": args.cells, "batch": args.batch_size, "image": 32,
                       "steps": out, "darts_pt_6_decisions_s": round(pt_s, 1), "repeats": args.repeats,
                       "backend": jax.default_backend(), "jax": jax.__version__}))
 
