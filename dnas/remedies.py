@@ -190,11 +190,10 @@ def pgd_linf(loss: Callable, samples, key, eps, steps: int = 7, random_start: bo
             lambda path, p, s: (p - s).astype(jnp.float32) if _is_weight(path, s) else jnp.zeros(s.shape, jnp.float32),
             perturb_samples(samples, d), samples)
 
-    def body(d, _):
-        g = jax.grad(loss)(d)
-        d = jax.tree_util.tree_map(lambda a, b: jnp.clip(a + step * jnp.sign(b), -eps, eps), d, g)
-        return effective(d), None
-    delta, _ = lax.scan(body, effective(delta), None, length=steps)
+    delta = effective(delta)
+    for _ in range(steps):   # unrolled: XLA:CPU runs the convolutions of a scanned body far slower
+        g = jax.grad(loss)(delta)
+        delta = effective(jax.tree_util.tree_map(lambda a, b: jnp.clip(a + step * jnp.sign(b), -eps, eps), delta, g))
     return delta
 
 
