@@ -51,6 +51,8 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from dnas.backend import resolve as resolve_kernels
 from dnas.hypergrad import FIRST_DERIVATIVES_ONLY, Bilevel, check_tunable, get_hypergrad
 from dnas.relaxations import Relaxation, entropy, get_relaxation
+from dnas.remedies import (apply_to_relaxation, get_remedies, perturb_samples, remedy_metrics,
+                           weight_step_perturbation)
 from dnas.supernet.layers import Ctx
 from dnas.supernet.spaces import SPACES, SearchSpace, build_space, space_label, takes_option
 
@@ -149,7 +151,6 @@ class Searcher:
                  total_steps: int = 1, num_devices: int = 1, hypergrad: str = "first",
                  hypergrad_options: dict | None = None, tune: tuple[str, ...] = (), latency=None,
                  num_seeds: int = 1, precision: str = "float32", remedies=()):
-        from dnas.remedies import apply_to_relaxation, weight_step_perturbation
         # anti-collapse remedies (dnas.remedies): wrappers of the relaxation, a weight-step perturbation
         self.remedies = tuple(remedies)
         self.base_relax = relaxation   # without the remedies' wrappers (dnas.select evaluates with it)
@@ -232,7 +233,6 @@ class Searcher:
     def _forward(self, params, stats, arch, x, key, progress, train: bool = True, delta=None):
         samples = self.relax.sample(arch, key, progress)
         if delta is not None:  # SDARTS: the weight step under perturbed mixing weights (dnas.remedies)
-            from dnas.remedies import perturb_samples
             samples = perturb_samples(samples, delta)
         ctx = Ctx(train=train, axis_name=self.axis_name, members=self.member_convs,
                   loop_convs=self.hypergrad_name in FIRST_DERIVATIVES_ONLY,
@@ -310,7 +310,6 @@ class Searcher:
         metrics.update({f"hypergrad_{k[4:]}": v for k, v in g["hyper"].items()})
         if self.latency is not None:
             metrics["expected_latency_ms"] = self.latency.expected(self.relax.derive_scores(arch))
-        from dnas.remedies import remedy_metrics
         metrics.update(remedy_metrics(self.remedies, progress))
         new = SearchState(step=state.step + 1, params=params, batch_stats=stats, arch=arch,
                           w_opt_state=w_opt, a_opt_state=a_opt, key=key, hyper=hyper, h_opt_state=h_opt)
@@ -485,7 +484,6 @@ def make_searcher(space, relaxation: str = "darts", *, space_options: dict | Non
     ``kernels``: the kernel policy (:mod:`dnas.backend`; ``auto``: the backend's), given to a
     built-in space and to the implicit estimators' loop default. ``remedies``: anti-collapse
     remedies ``{name: {option: value}}`` (:mod:`dnas.remedies`)."""
-    from dnas.remedies import get_remedies
     remedy_list = get_remedies(remedies)
     space_options = dict(space_options or {})
     policy = resolve_kernels(kernels)
