@@ -324,7 +324,7 @@ def test_json_formats():
     assert genotype_to_json(parse_nb201(EXAMPLE_ARCH))["arch"] == EXAMPLE_ARCH
     d = genotype_to_json(DARTS_V2)
     assert d["normal"][0] == ["sep_conv_3x3", 0] and d["reduce_concat"] == [2, 3, 4, 5]
-    assert genotype_to_json(ChainGenotype(["zero"])) == {"space": "chain", "ops": ["zero"]}
+    assert genotype_to_json(ChainGenotype(["zero"])) == {"space": "chain", "ops": ["zero"], "choices": {"block0": "zero"}}
     # extra keys are ignored on read; "arch" is what counts for NB201
     assert genotype_from_json({"space": "nb201", "arch": EXAMPLE_ARCH, "ops": ["x"], "note": 1}).arch == EXAMPLE_ARCH
 
@@ -427,3 +427,71 @@ def test_plot_alphas(tmp_path):
                                 tmp_path / "nb.png")), 300, 200)
     with pytest.raises(ValueError, match="5 columns"):
         plot_alphas({"cell": np.zeros((6, 4))}, {"cell": NB201_OPS}, tmp_path / "x.png")
+
+
+# ----------------------------------------------------------------------------- label -> choice
+
+def test_genotypes_are_label_to_choice_mappings():
+    nb = parse_nb201(EXAMPLE_ARCH)
+    assert list(nb) == ["0->1", "0->2", "1->2", "0->3", "1->3", "2->3"]
+    assert nb["1->2"] == "avg_pool_3x3" and nb["2->3"] == "skip_connect"
+    assert NB201Genotype.from_choices(dict(nb.items())).arch == EXAMPLE_ARCH
+    # DARTS: one op per supernet edge, `none` where derivation dropped the edge
+    d = DARTS_V2
+    assert len(d) == 28 and sum(op != "none" for op in d.choices.values()) == 16
+    assert d["normal/2->5"] == "dil_conv_3x3" and d["normal/3->5"] == "none" and d["reduce/2->3"] == "skip_connect"
+    back = DartsGenotype.from_choices(d.choices)
+    assert back.choices == d.choices
+    for kind in ("normal", "reduce"):   # the same edges, in source order within a node
+        assert sorted(back.edges(kind)) == sorted(d.edges(kind))
+    ch = ChainGenotype(["mb_k3_e3", "zero"])
+    assert dict(ch.items()) == {"block0": "mb_k3_e3", "block1": "zero"}
+    assert ChainGenotype.from_choices({"block1": "zero", "block0": "mb_k3_e3"}) == ch
+
+
+def test_from_choices_refusals():
+    with pytest.raises(GenotypeError, match=r"missing label\(s\) \['2->3'\]"):
+        NB201Genotype.from_choices({k: "none" for k in ["0->1", "0->2", "1->2", "0->3", "1->3"]})
+    with pytest.raises(GenotypeError, match="unknown label"):
+        NB201Genotype.from_choices({**parse_nb201(EXAMPLE_ARCH).choices, "3->4": "none"})
+    choices = dict(DARTS_V2.choices)
+    choices["normal/2->3"] = "sep_conv_3x3"          # node 3 now keeps three edges
+    with pytest.raises(GenotypeError, match="node 3 keeps 3 input edge"):
+        DartsGenotype.from_choices(choices)
+    with pytest.raises(GenotypeError, match="missing label"):
+        ChainGenotype.from_choices({"block1": "zero"})
+    twice = DartsGenotype([("sep_conv_3x3", 0), ("skip_connect", 0)] + list(DARTS_V2.normal[2:]), [2, 3, 4, 5],
+                          DARTS_V2.reduce, [2, 3, 4, 5])
+    with pytest.raises(GenotypeError, match="edge 0->2 carries two ops"):
+        twice.choices
+    assert "choices" not in genotype_to_json(twice)   # still printable as the DARTS Genotype
+
+
+@pytest.mark.parametrize("space_name", ["nb201", "darts", "chain"])
+def test_space_labels_read_derived_genotypes(space_name):
+    """A space's choice labels are exactly its genotypes' keys, and the columns read through them
+    are what derivation picked from the scores: the row's argmax (DARTS: the argmax over the ops
+    other than none on a kept edge, none elsewhere)."""
+    from dnas.latency.objective import genotype_indices
+    from dnas.supernet.spaces import build_space
+
+    space = build_space(space_name)
+    rng = np.random.default_rng(3)
+    scores = {g: rng.normal(size=(n, k)) for g, (n, k) in space.groups.items()}
+    g = space.derive(scores)
+    labels = [lab for grp in space.groups for lab in space.choice_labels(grp)]
+    assert sorted(labels) == sorted(g)
+    idx = genotype_indices(space, g)
+    for grp, s in scores.items():
+        if space_name == "darts":
+            none = DARTS_OPS.index("none")
+            kept = idx[grp] != none
+            assert kept.sum() == 8
+            masked = s.copy()
+            masked[:, none] = -np.inf
+            np.testing.assert_array_equal(idx[grp][kept], masked.argmax(1)[kept])
+        else:
+            np.testing.assert_array_equal(idx[grp], s.argmax(1))
+    other = {"nb201": DARTS_V2, "darts": parse_nb201(EXAMPLE_ARCH), "chain": parse_nb201(EXAMPLE_ARCH)}[space_name]
+    with pytest.raises(GenotypeError, match="is not in the genotype"):
+        genotype_indices(space, other)

@@ -57,29 +57,26 @@ def make_latency_objective(space, table_path: str, loss: str = "hinge", *, targe
 
 
 def genotype_indices(space, genotype) -> dict[str, np.ndarray]:
-    """The op column chosen at every choice point of ``space`` by a derived ``genotype``
-    (DARTS: edges not kept by derivation count as ``none``). A space that defines its own
-    ``genotype_indices`` (a user model's, :class:`~dnas.supernet.nnx_space.NNXSpace`) answers itself."""
-    from dnas.supernet.genotype import DARTS_EDGES
+    """The op column chosen at every choice point of ``space`` by ``genotype``, read through the
+    choice-point labels (:meth:`~dnas.supernet.space_base.SearchSpace.choice_labels`) for every
+    space (DARTS: the edges derivation dropped are ``none``). A space that defines its own
+    ``genotype_indices`` (a user model's input choices, :class:`~dnas.supernet.nnx_space.NNXSpace`)
+    answers itself. A genotype of another space is a :class:`GenotypeError` naming the label."""
+    from dnas.supernet.genotype import GenotypeError
 
     if hasattr(space, "genotype_indices"):
         return space.genotype_indices(genotype)
-    if space.name == "nb201":
-        names = list(space.group_op_names("cell"))
-        return {"cell": np.array([names.index(op) for op in genotype.ops])}
-    if space.name == "chain":
-        out = {g: np.zeros(n, np.int64) for g, (n, _) in space.groups.items()}
-        for (g, i, *_), op in zip(space.blocks, genotype.ops):
-            out[g][i] = list(space.group_op_names(g)).index(op)
-        return out
-    if space.name == "darts":
-        out = {}
-        for g in ("normal", "reduce"):
-            names = list(space.group_op_names(g))
-            idx = np.full(len(DARTS_EDGES), names.index("none"), np.int64)
-            pairs = getattr(genotype, g)
-            for k, (op, src) in enumerate(pairs):
-                idx[DARTS_EDGES.index((src, 2 + k // 2))] = names.index(op)
-            out[g] = idx
-        return out
-    raise ValueError(f"no genotype indexing for space {space.name!r}")
+    out = {}
+    for group in space.groups:
+        names = list(space.group_op_names(group))
+        idx = []
+        for label in space.choice_labels(group):
+            if label not in genotype:
+                raise GenotypeError(f"the {space.name} space's choice point {label!r} is not in the genotype "
+                                    f"{type(genotype).__name__} (labels: {', '.join(genotype)})")
+            if genotype[label] not in names:
+                raise GenotypeError(f"choice point {label!r} of the {space.name} space cannot be "
+                                    f"{genotype[label]!r}; its ops: {', '.join(names)}")
+            idx.append(names.index(genotype[label]))
+        out[group] = np.array(idx, np.int64)
+    return out

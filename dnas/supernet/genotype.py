@@ -32,7 +32,7 @@ import numpy as np
 
 __all__ = [
     "DARTS_OPS", "NB201_OPS", "DARTS_EDGES", "NB201_EDGES", "DARTS_STEPS", "DARTS_CONCAT",
-    "SPACES", "GenotypeError", "DartsGenotype", "NB201Genotype", "ChainGenotype", "ChoiceGenotype", "Genotype",
+    "SPACES", "GenotypeError", "darts_labels", "DartsGenotype", "NB201Genotype", "ChainGenotype", "ChoiceGenotype", "Genotype",
     "DARTS_V2", "derive_darts", "derive_darts_cell", "derive_nb201", "derive_chain",
     "nb201_ops_to_string", "nb201_string_to_ops", "parse_nb201", "validate_chain_ops",
     "darts_genotype_repr", "parse_darts_genotype_repr", "genotype_to_json",
@@ -136,11 +136,67 @@ def _validate_concat(concat: Any, name: str) -> tuple[int, ...]:
     return tuple(vals)
 
 
+class _ChoiceMapping:
+    """What every genotype is: a mapping from choice-point label to what was chosen there.
+
+    A space's choice points are labelled (:meth:`dnas.supernet.space_base.SearchSpace.choice_labels`):
+    NAS-Bench-201's edges ``"0->1"`` .. ``"2->3"``, a DARTS cell's edges ``"normal/0->2"`` ..
+    ``"reduce/4->5"``, a chain's blocks ``"block0"`` .., a user model's labels. ``g[label]``,
+    ``iter(g)``, ``g.items()`` and :attr:`choices` read a genotype through those labels whatever
+    its space, so code that walks an architecture needs no branch per space; the NB201 arch
+    string and the DARTS ``Genotype`` are printers of the same mapping (``from_choices`` parses
+    it back). Subclasses provide ``choices`` (a property, or ChoiceGenotype's field)."""
+
+    choices: Any
+
+    def __getitem__(self, label: str):
+        choices = self.choices
+        if label not in choices:
+            raise KeyError(f"{type(self).__name__} has no choice point {label!r}; its labels: {', '.join(choices)}")
+        return choices[label]
+
+    def __iter__(self):
+        return iter(self.choices)
+
+    def __len__(self) -> int:
+        return len(self.choices)
+
+    def __contains__(self, label) -> bool:
+        return label in self.choices
+
+    def keys(self):
+        return self.choices.keys()
+
+    def items(self):
+        return self.choices.items()
+
+
+def _labels_check(choices: Any, expected: Sequence[str], what: str) -> Mapping:
+    if not isinstance(choices, Mapping):
+        raise GenotypeError(f"{what} choices: expected a mapping label -> op, got {type(choices).__name__}")
+    missing = [k for k in expected if k not in choices]
+    extra = [k for k in choices if k not in expected]
+    if missing or extra:
+        raise GenotypeError(f"{what} choices: " + "; ".join(
+            part for part in (f"missing label(s) {missing}" if missing else "",
+                              f"unknown label(s) {extra}" if extra else "") if part)
+            + f" (labels: {', '.join(expected)})")
+    return choices
+
+
+def darts_labels() -> list[str]:
+    """The choice-point labels of a DARTS genotype: ``"{normal|reduce}/{src}->{dst}"`` per edge
+    of :data:`DARTS_EDGES`, normal cell first."""
+    return [f"{kind}/{s}->{d}" for kind in ("normal", "reduce") for s, d in DARTS_EDGES]
+
+
 @dataclasses.dataclass(frozen=True)
-class DartsGenotype:
+class DartsGenotype(_ChoiceMapping):
     """The DARTS paper's ``Genotype``: per intermediate node 2..5 two ``(op, input_index)``
     pairs (pairs ``2k, 2k+1`` feed node ``k+2``), and the nodes concatenated as the output.
 
+    As a mapping (:class:`_ChoiceMapping`) it is the op on each of the supernet's 28 edges
+    (``"normal/0->2"`` ..), ``none`` on the edges derivation dropped: the α rows it came from.
     Fields are stored as tuples; lists are accepted. Validated on construction.
     """
 
@@ -173,6 +229,37 @@ class DartsGenotype:
     def to_repr(self) -> str:
         return darts_genotype_repr(self)
 
+    @property
+    def choices(self) -> dict[str, str]:
+        out = dict.fromkeys(darts_labels(), "none")
+        for kind in ("normal", "reduce"):
+            for src, dst, op in self.edges(kind):
+                label = f"{kind}/{src}->{dst}"
+                if out[label] != "none":
+                    raise GenotypeError(f"DARTS {kind} cell: edge {src}->{dst} carries two ops ({out[label]!r} "
+                                        f"and {op!r}); a choice-point mapping holds one op per edge")
+                out[label] = op
+        return out
+
+    @classmethod
+    def from_choices(cls, choices: Mapping[str, str]) -> "DartsGenotype":
+        """The genotype of an op per edge (:func:`darts_labels`; ``none`` for an edge not kept):
+        every intermediate node must keep exactly two edges, as DARTS's derivation does. The
+        concat lists are all intermediate nodes."""
+        _labels_check(choices, darts_labels(), "DARTS")
+        cells = {}
+        for kind in ("normal", "reduce"):
+            pairs = []
+            for node in range(2, 2 + DARTS_STEPS):
+                kept = [(choices[f"{kind}/{s}->{node}"], s) for s in range(node)
+                        if choices[f"{kind}/{s}->{node}"] != "none"]
+                if len(kept) != 2:
+                    raise GenotypeError(f"DARTS {kind} cell: node {node} keeps {len(kept)} input edge(s) "
+                                        f"{[f'{s}->{node}={op}' for op, s in kept]}; a DARTS cell keeps exactly 2")
+                pairs += kept
+            cells[kind] = pairs
+        return cls(cells["normal"], DARTS_CONCAT, cells["reduce"], DARTS_CONCAT)
+
 
 def _validate_nb201_ops(ops: Any) -> tuple[str, ...]:
     ops = _check_seq(ops, "NAS-Bench-201 ops")
@@ -184,8 +271,10 @@ def _validate_nb201_ops(ops: Any) -> tuple[str, ...]:
 
 
 @dataclasses.dataclass(frozen=True)
-class NB201Genotype:
-    """A NAS-Bench-201 cell: one op per edge of :data:`NB201_EDGES` (``none`` allowed)."""
+class NB201Genotype(_ChoiceMapping):
+    """A NAS-Bench-201 cell: one op per edge of :data:`NB201_EDGES` (``none`` allowed). As a
+    mapping: edge label ``"0->1"`` .. ``"2->3"`` -> op; :attr:`arch` prints it as the
+    benchmark's arch string."""
 
     ops: tuple[str, ...]
     space: ClassVar[str] = "nb201"
@@ -204,6 +293,16 @@ class NB201Genotype:
 
     def edges(self) -> list[tuple[int, int, str]]:
         return [(s, d, op) for (s, d), op in zip(NB201_EDGES, self.ops)]
+
+    @property
+    def choices(self) -> dict[str, str]:
+        return {f"{s}->{d}": op for (s, d), op in zip(NB201_EDGES, self.ops)}
+
+    @classmethod
+    def from_choices(cls, choices: Mapping[str, str]) -> "NB201Genotype":
+        labels = [f"{s}->{d}" for s, d in NB201_EDGES]
+        _labels_check(choices, labels, "NAS-Bench-201")
+        return cls(tuple(choices[k] for k in labels))
 
     def __str__(self) -> str:
         return self.arch
@@ -229,9 +328,9 @@ def validate_chain_ops(ops: Any, op_names: Sequence[str] | None = None) -> tuple
 
 
 @dataclasses.dataclass(frozen=True)
-class ChainGenotype:
+class ChainGenotype(_ChoiceMapping):
     """A chain of searchable blocks (ProxylessNAS-style): one op name per block, e.g.
-    ``mb_k3_e3``, ``mb_k5_e6`` or ``zero``. Op names are checked for form here; use
+    ``mb_k3_e3``, ``mb_k5_e6`` or ``zero``; as a mapping ``"block{i}"`` -> op. Op names are checked for form here; use
     :meth:`check` / :func:`validate_chain_ops` to check them against a space's op list."""
 
     ops: tuple[str, ...]
@@ -245,9 +344,20 @@ class ChainGenotype:
         validate_chain_ops(self.ops, op_names)
         return self
 
+    @property
+    def choices(self) -> dict[str, str]:
+        return {f"block{i}": op for i, op in enumerate(self.ops)}
+
+    @classmethod
+    def from_choices(cls, choices: Mapping[str, str]) -> "ChainGenotype":
+        if not isinstance(choices, Mapping) or not choices:
+            raise GenotypeError(f"chain choices: expected a non-empty mapping 'block<i>' -> op, got {choices!r}")
+        _labels_check(choices, [f"block{i}" for i in range(len(choices))], "chain")
+        return cls(tuple(choices[f"block{i}"] for i in range(len(choices))))
+
 
 @dataclasses.dataclass(frozen=True)
-class ChoiceGenotype:
+class ChoiceGenotype(_ChoiceMapping):
     """The architecture of a model with labelled choice points (:mod:`dnas.nnx`): a mapping
     from each choice point's label to what was chosen there, an op name for a
     :class:`dnas.nnx.Choice`, a sorted tuple of input indices for a :class:`dnas.nnx.InputChoice`.
@@ -275,17 +385,9 @@ class ChoiceGenotype:
                                     "nor a non-empty list of input indices")
         object.__setattr__(self, "choices", dict(sorted(clean.items())))
 
-    def __getitem__(self, label: str):
-        return self.choices[label]
-
-    def __iter__(self):
-        return iter(self.choices)
-
-    def __len__(self) -> int:
-        return len(self.choices)
-
-    def items(self):
-        return self.choices.items()
+    @classmethod
+    def from_choices(cls, choices: Mapping[str, Any], model: str = "model") -> "ChoiceGenotype":
+        return cls(choices, model)
 
     def __str__(self) -> str:
         return ", ".join(f"{k}={v if isinstance(v, str) else list(v)}" for k, v in self.choices.items())
@@ -524,15 +626,22 @@ def parse_darts_genotype_repr(s: str) -> DartsGenotype:
 def genotype_to_json(g: Genotype) -> dict:
     """A JSON-ready dict: ``{"space": "nb201", "arch": ..., "ops": [...]}``,
     ``{"space": "darts", "normal": [[op, idx], ...], "normal_concat": [...], "reduce": ...,
-    "reduce_concat": ...}`` or ``{"space": "chain", "ops": [...]}``."""
+    "reduce_concat": ...}`` or ``{"space": "chain", "ops": [...]}``; each also with
+    ``"choices"``, the label -> op mapping (read back by nothing: the printed form is
+    authoritative)."""
     if isinstance(g, NB201Genotype):
-        return {"space": "nb201", "arch": g.arch, "ops": list(g.ops)}
+        return {"space": "nb201", "arch": g.arch, "ops": list(g.ops), "choices": g.choices}
     if isinstance(g, DartsGenotype):
-        return {"space": "darts",
-                "normal": [[op, idx] for op, idx in g.normal], "normal_concat": list(g.normal_concat),
-                "reduce": [[op, idx] for op, idx in g.reduce], "reduce_concat": list(g.reduce_concat)}
+        out = {"space": "darts",
+               "normal": [[op, idx] for op, idx in g.normal], "normal_concat": list(g.normal_concat),
+               "reduce": [[op, idx] for op, idx in g.reduce], "reduce_concat": list(g.reduce_concat)}
+        try:
+            out["choices"] = g.choices
+        except GenotypeError:   # a hand-written cell with two ops on one edge has no per-edge mapping
+            pass
+        return out
     if isinstance(g, ChainGenotype):
-        return {"space": "chain", "ops": list(g.ops)}
+        return {"space": "chain", "ops": list(g.ops), "choices": g.choices}
     if isinstance(g, ChoiceGenotype):
         return {"space": "choices", "model": g.model,
                 "choices": {k: v if isinstance(v, str) else list(v) for k, v in g.choices.items()}}

@@ -31,6 +31,15 @@ class SearchSpace:
         """Labels of a group's choice points (rows of its α), e.g. ``"0->1"`` for an edge."""
         return [str(i) for i in range(self.groups[group][0])]
 
+    def choice_labels(self, group: str) -> list[str]:
+        """The genotype labels of a group's choice points (rows of its α), the keys a genotype
+        maps to choices (:class:`dnas.supernet.genotype._ChoiceMapping`): the choice points'
+        names where those are unique across groups (NB201's ``"0->1"``, a chain's ``"block3"``,
+        a user model's labels), ``"{group}/{name}"`` otherwise (DARTS's ``"normal/0->2"``)."""
+        names = self.choice_point_names(group)
+        every = [n for g in self.groups for n in self.choice_point_names(g)]
+        return names if len(set(every)) == len(every) else [f"{group}/{n}" for n in names]
+
     def choice_point_nodes(self, group: str) -> list[int]:
         """The node each choice point feeds (edges into the same node share a node id)."""
         return list(range(self.groups[group][0]))
