@@ -139,11 +139,12 @@ def write_alphas(path: Path, searcher: Searcher, state: SearchState) -> dict:
     arch = to_host(state.arch)
     probs = searcher.probs(state)
     scores = to_host(searcher.relax.derive_scores(arch))
+    alphas = searcher.relax.alphas(arch)
     space = searcher.space
     out: dict[str, Any] = {"space": space.name, "relaxation": searcher.relax.name,
                            "op_names": list(space.op_names), "groups": {}}
     for g in sorted(space.groups):
-        alpha = arch.get(g) if isinstance(arch.get(g), np.ndarray) else arch.get("alpha", {}).get(g)
+        alpha = alphas.get(g)
         out["groups"][g] = {
             "op_names": list(space.group_op_names(g)),
             "choice_points": space.choice_point_names(g),

@@ -35,6 +35,10 @@ hypergradients, checkpointing and logging only ever call these functions:
 ``penalty(arch, progress) -> scalar``
     An extra term of the architecture objective (0 for most; FairDARTS's zero-one loss).
 
+``logits(arch) -> {group: matrix}``
+    The per-group (choice point x op) parameter matrices a user reads as "α" (``alphas.json``);
+    defaults to ``arch`` itself when ``arch`` is ``{group: α}`` (PC-DARTS: its ``alpha`` leaf).
+
 ``partial_channels`` (an int, default 1)
     The space builds each choice point's candidate ops for ``1/partial_channels`` of its
     channels; ``mix`` still receives the full input and decides what bypasses the ops
@@ -63,9 +67,17 @@ class Relaxation(NamedTuple):
     scores: Callable[[Arch], dict] | None = None
     penalty: Callable[[Arch, jax.Array], jax.Array] | None = None
     partial_channels: int = 1
+    logits: Callable[[Arch], dict] | None = None
 
     def derive_scores(self, arch):
         return (self.scores or self.probs)(arch)
+
+    def alphas(self, arch) -> dict:
+        """``{group: (num_choice_points, num_ops)}`` architecture parameters (see ``logits``);
+        groups whose parameters are not such a matrix are left out."""
+        if self.logits is not None:
+            return self.logits(arch)
+        return {g: a for g, a in arch.items() if getattr(a, "ndim", None) == 2}
 
     def arch_penalty(self, arch, progress):
         return jnp.zeros((), jnp.float32) if self.penalty is None else self.penalty(arch, progress)
