@@ -11,7 +11,6 @@ the platform the training ran on (XLA:CPU here); its calling convention is versi
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import jax

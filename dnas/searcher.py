@@ -43,12 +43,12 @@ from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 from jax import lax
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, PartitionSpec as P
 
 from dnas.backend import resolve as resolve_kernels
+from dnas.parallel import AXIS, DataParallel, device_mesh  # noqa: F401 (AXIS, device_mesh re-exported)
 from dnas.hypergrad import FIRST_DERIVATIVES_ONLY, Bilevel, check_tunable, get_hypergrad
 from dnas.relaxations import Relaxation, entropy, get_relaxation
 from dnas.remedies import (apply_to_relaxation, get_remedies, perturb_samples, remedy_metrics,
@@ -60,7 +60,6 @@ from dnas.supernet.spaces import SPACES, SearchSpace, build_space, space_label, 
 BUILTIN_SPACE_TYPES = tuple(cls for cls, _ in SPACES.values())
 
 
-AXIS = "devices"
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -170,11 +169,12 @@ class Searcher:
         self.w_tx, self.lr_schedule = weight_optimizer(hyper, self.total_steps)
         self.a_tx = arch_optimizer(hyper)
         self.h_tx = optax.adam(hyper.hyper_lr)
-        self.axis_name = AXIS if self.num_devices > 1 else None
-        self._mesh: Mesh | None = None
         self.num_seeds = int(num_seeds)
         if self.num_seeds < 1:
             raise ValueError(f"num_seeds must be positive, got {num_seeds}")
+        # the batch's examples follow the seeds' axis when seeds are vmapped
+        self.parallel = DataParallel(self.num_devices, batch_axis=int(self.num_seeds > 1))
+        self.axis_name = self.parallel.axis_name
         # the kernel policy (dnas.backend): the space's, as built, for every forward pass
         self.kernels = resolve_kernels(getattr(space, "kernels", None))
         # per-member convolutions under vmap on XLA:CPU (see the module docstring and Ctx.members)
@@ -351,16 +351,12 @@ class Searcher:
         fn = functools.partial(self.arch_hessian_extremes, iters=iters)
         if self.num_seeds > 1:
             fn = jax.vmap(fn)
-        if self.num_devices > 1:
-            fn = jax.shard_map(fn, mesh=self.mesh, in_specs=(P(), self._batch_spec()), out_specs=P())
-        return jax.jit(fn)
+        return jax.jit(self.parallel.map(fn, ("state", "batch"), "state"))
 
     @property
     def mesh(self) -> Mesh:
-        """A 1-D device mesh over the first ``num_devices`` devices (axis :data:`AXIS`)."""
-        if self._mesh is None:
-            self._mesh = device_mesh(self.num_devices)
-        return self._mesh
+        """The 1-D device mesh (axis :data:`AXIS`) of :attr:`parallel`."""
+        return self.parallel.mesh
 
     def step_function(self):
         """The step over every member and device, not yet jitted: ``jax.vmap(step)`` with
@@ -370,10 +366,7 @@ class Searcher:
         form JAX now builds pmap on, which also spans processes under ``jax.distributed``).
         :meth:`compiled_step` jits it; :mod:`dnas.device_loop` scans it over a chunk of steps."""
         step = self.step if self.num_seeds == 1 else jax.vmap(self.step)
-        if self.num_devices == 1:
-            return step
-        rep, split = P(), self._batch_spec()
-        return jax.shard_map(step, mesh=self.mesh, in_specs=(rep, split, split), out_specs=(rep, rep))
+        return self.parallel.map(step, ("state", "batch", "batch"), ("state", "state"))
 
     def compiled_step(self, donate: bool = True):
         """The jitted :meth:`step_function` (the state's buffers donated by default)."""
@@ -381,40 +374,17 @@ class Searcher:
 
     def _batch_spec(self) -> P:
         """Batches are split over devices along the example axis (after the member axis)."""
-        return P(AXIS) if self.num_seeds == 1 else P(None, AXIS)
+        return self.parallel.batch_spec
 
     # ------------------------------------------------------------------ device placement
     def replicate(self, state: SearchState) -> SearchState:
         """Place a copy of ``state`` on every device of the mesh (a no-op on one device)."""
-        if self.num_devices == 1:
-            return state
-        if jax.process_count() > 1:  # every process holds the same host copy
-            from dnas.distributed import to_host
-            state = to_host(state)
-        return jax.device_put(state, NamedSharding(self.mesh, P()))
+        return self.parallel.replicate(state)
 
     def shard(self, batch):
-        """Split a global batch ``(x, y)`` over the devices along its leading axis.
-
-        Under ``jax.distributed`` every process passes the same global batch and contributes
-        only its own rows (:func:`dnas.distributed.process_rows`). With several seeds the batch
-        is ``(S, B, ...)`` and the ``B`` axis is split."""
-        if self.num_devices == 1:
-            return batch
-        n, ax = self.num_devices, int(self.num_seeds > 1)
-        for a in jax.tree_util.tree_leaves(batch):
-            if a.shape[ax] % n:
-                raise ValueError(f"global batch {a.shape[ax]} is not divisible by {n} devices")
-        sharding = NamedSharding(self.mesh, self._batch_spec())
-        if jax.process_count() == 1:
-            return jax.device_put(batch, sharding)
-        from dnas.distributed import process_rows
-
-        def local(a):
-            rows = process_rows(a.shape[ax])
-            return np.asarray(a)[(slice(None),) * ax + (rows,)]
-        return jax.tree_util.tree_map(
-            lambda a: jax.make_array_from_process_local_data(sharding, local(a), a.shape), batch)
+        """Split a global batch ``(x, y)`` over the devices along its example axis (with several
+        seeds the batch is ``(S, B, ...)`` and ``B`` is split); see :class:`dnas.parallel.DataParallel`."""
+        return self.parallel.shard(batch)
 
     def probs(self, state: SearchState) -> dict:
         from dnas.distributed import to_host
@@ -423,20 +393,6 @@ class Searcher:
     def derive(self, state: SearchState):
         from dnas.distributed import to_host
         return self.space.derive(to_host(self.relax.derive_scores(to_host(state.arch))))
-
-
-def device_mesh(num_devices: int) -> Mesh:
-    """A 1-D mesh (axis :data:`AXIS`) over ``num_devices`` devices: the first ones, or under
-    ``jax.distributed`` the first ``num_devices / P`` of every process."""
-    devices = jax.devices()
-    if jax.process_count() > 1:
-        per = num_devices // jax.process_count()
-        devices = [d for p in range(jax.process_count()) for d in [d for d in devices if d.process_index == p][:per]]
-    if num_devices > len(devices):
-        raise ValueError(f"{num_devices} devices requested but JAX sees {len(devices)} "
-                         f"({jax.default_backend()}); on a CPU set "
-                         f"XLA_FLAGS=--xla_force_host_platform_device_count={num_devices}")
-    return Mesh(np.asarray(devices[:num_devices]), (AXIS,))
 
 
 def check_finite(metrics: dict, step: int, keys=("train_loss", "val_loss"), what: str = "search") -> None:

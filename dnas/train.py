@@ -39,13 +39,14 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from jax import lax
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh
 
 from dnas.data import DatasetError, augment_batch, epoch_batches, load_dataset, num_batches
 from dnas.hugepages import trim_heap
 from dnas.run import _augment_settings, _MetricsLog, restore_checkpoint, save_checkpoint
 from dnas.backend import resolve as resolve_kernels
-from dnas.searcher import AXIS, accuracy, check_finite, compute_dtype, device_mesh
+from dnas.parallel import DataParallel
+from dnas.searcher import accuracy, check_finite, compute_dtype
 from dnas.supernet.derived import DARTS_DEFAULTS, NB201_DEFAULTS, DropPath, Network, build_network, count_params
 from dnas.supernet.genotype import DARTS_V2, Genotype, genotype_to_json, load_genotype, parse_nb201, save_genotype
 from dnas.supernet.layers import Ctx
@@ -223,8 +224,8 @@ class Trainer:
         # PyTorch's SGD(weight_decay=...): decay added to the (clipped) gradient, then momentum
         self.tx = optax.chain(*parts, optax.add_decayed_weights(proto["weight_decay"]),
                               optax.sgd(self.schedule, momentum=momentum, nesterov=proto["nesterov"]))
-        self.axis_name = AXIS if num_devices > 1 else None
-        self._mesh: Mesh | None = None
+        self.parallel = DataParallel(num_devices)
+        self.axis_name = self.parallel.axis_name
 
         def eval_sums(params, stats, x, y):
             logits = network.apply(params, stats, x, Ctx(train=False, compute_dtype=self.compute_dtype,
@@ -265,27 +266,17 @@ class Trainer:
 
     @property
     def mesh(self) -> Mesh:
-        if self._mesh is None:
-            self._mesh = device_mesh(self.num_devices)
-        return self._mesh
+        return self.parallel.mesh
 
     def compiled_step(self, donate: bool = True):
-        donate_argnums = (0,) if donate else ()
-        if self.num_devices == 1:
-            return jax.jit(self.step, donate_argnums=donate_argnums)
-        step = jax.shard_map(self.step, mesh=self.mesh, in_specs=(P(), P(AXIS), P(AXIS), P()),
-                             out_specs=(P(), P()))
-        return jax.jit(step, donate_argnums=donate_argnums)
+        step = self.parallel.map(self.step, ("state", "batch", "batch", "state"), ("state", "state"))
+        return jax.jit(step, donate_argnums=(0,) if donate else ())
 
     def replicate(self, state: TrainState) -> TrainState:
-        return state if self.num_devices == 1 else jax.device_put(state, NamedSharding(self.mesh, P()))
+        return self.parallel.replicate(state)
 
     def shard(self, a):
-        if self.num_devices == 1:
-            return a
-        if a.shape[0] % self.num_devices:
-            raise ValueError(f"batch {a.shape[0]} is not divisible by {self.num_devices} devices")
-        return jax.device_put(a, NamedSharding(self.mesh, P(AXIS)))
+        return self.parallel.shard(a)
 
     def evaluate(self, state: TrainState, x: np.ndarray, y: np.ndarray, batch_size: int = 500) -> dict:
         """Loss and accuracy over ``(x, y)`` with BatchNorm's running statistics (one device)."""
@@ -342,16 +333,27 @@ def saved_config(out) -> TrainConfig:
     return config_from_dict(data)
 
 
-def run_train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False) -> dict:
-    """Train the derived architecture ``cfg.genotype`` from scratch; returns the summary
-    (also ``summary.json``). ``resume``: continue the run in ``cfg.out`` from its latest good
-    checkpoint, ending as if never interrupted; ``overwrite``: replace the run in ``cfg.out``."""
-    from dnas.distributed import to_host
-    from dnas.options import config_to_dict
-    from dnas.run import Preempted, _StopSignals
-    from dnas.rundir import claim_out, discard_after, restore_latest, truncate_lines, write_json_atomic
+class _TrainPrepared(NamedTuple):
+    """Everything a training run needs, resolved and checked before anything is written."""
 
-    t_start = time.perf_counter()
+    cfg: TrainConfig
+    out: Path
+    genotype: Genotype
+    space: str
+    data: Any
+    proto: dict
+    network: Network
+    trainer: Trainer
+    total: int
+    steps_per_epoch: int
+    epochs: int
+    benchmark: dict | None
+    resolved: dict
+
+
+def prepare_train(cfg: TrainConfig, *, resume: bool = False) -> _TrainPrepared:
+    """Stage 1 of :func:`run_train`: check the config, resolve the genotype, the data, the
+    protocol and the network, build the :class:`Trainer`. Writes nothing: bad input fails here."""
     if resume:
         if not cfg.out:
             raise ValueError("resume needs the run's directory (out)")
@@ -381,10 +383,9 @@ def run_train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False
     bs = int(proto["batch_size"])
     if bs % cfg.devices:
         raise ValueError(f"batch size {bs} is not divisible by {cfg.devices} devices")
-    x_train, y_train = data.train_x, data.train_y.astype(np.int32)
-    steps_per_epoch = num_batches(len(y_train), bs)
+    steps_per_epoch = num_batches(len(data.train_y), bs)
     if steps_per_epoch < 1:
-        raise ValueError(f"batch size {bs} is larger than the training split ({len(y_train)} examples): "
+        raise ValueError(f"batch size {bs} is larger than the training split ({len(data.train_y)} examples): "
                          "lower --batch-size or raise --limit-examples")
     total = steps_per_epoch * cfg.epochs
     if cfg.max_steps is not None:
@@ -394,134 +395,189 @@ def run_train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False
     out = Path(cfg.out) if cfg.out else default_out_dir()
     trainer = Trainer(network, proto, total, momentum=cfg.momentum, lr_min=cfg.lr_min, num_devices=cfg.devices,
                       precision=cfg.precision, kernels=cfg.kernels)
-    state = trainer.init(jax.random.PRNGKey(cfg.seed))
-    n_params = count_params({k: v for k, v in state.params.items() if k != "aux"})
     resolved = dict(out=str(out), space=space, genotype_json=genotype_to_json(genotype), network=network.config,
                     protocol=proto, total_steps=total, steps_per_epoch=steps_per_epoch, epochs_run=epochs,
-                    dataset_name=data.name, num_train=int(len(y_train)), num_test=data.num_test,
-                    params=n_params, backend=jax.default_backend(), jax_version=jax.__version__)
-    claim_out(out, resume=resume, overwrite=overwrite, command="train")   # every input is valid now
-    write_json_atomic(out / "config.json", {**config_to_dict(dataclasses.replace(cfg, out=str(out))),
-                                            "resolved": resolved})
-    save_genotype(genotype, out / "genotype.json")
+                    dataset_name=data.name, num_train=int(len(data.train_y)), num_test=data.num_test,
+                    backend=jax.default_backend(), jax_version=jax.__version__)
+    return _TrainPrepared(cfg, out, genotype, space, data, proto, network, trainer, total, steps_per_epoch,
+                          epochs, benchmark, resolved)
 
+
+def run_train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False) -> dict:
+    """Train the derived architecture ``cfg.genotype`` from scratch; returns the summary
+    (also ``summary.json``). ``resume``: continue the run in ``cfg.out`` from its latest good
+    checkpoint, ending as if never interrupted; ``overwrite``: replace the run in ``cfg.out``.
+
+    Three stages: :func:`prepare_train` (checks, no disk writes), :func:`_start_train` (claim the
+    directory, write the config, restore a checkpoint), :class:`_TrainLoop` (the epochs), then
+    :func:`_finish_train` (summary, export, pictures)."""
+    t_start = time.perf_counter()
+    prep = prepare_train(cfg, resume=resume)
+    state, progress, n_params = _start_train(prep, resume=resume, overwrite=overwrite)
+    loop = _TrainLoop(prep, state, progress)
+    loop.run()
+    return _finish_train(prep, loop, n_params, time.perf_counter() - t_start)
+
+
+def _start_train(prep: _TrainPrepared, *, resume: bool, overwrite: bool):
+    """Stage 2: initialise the state, claim the output directory (every input is valid now),
+    write ``config.json`` and ``genotype.json``, and on ``resume`` restore the latest good
+    checkpoint and cut the logs back to it."""
+    from dnas.distributed import to_host
+    from dnas.options import config_to_dict
+    from dnas.rundir import claim_out, discard_after, restore_latest, truncate_lines, write_json_atomic
+
+    out = prep.out
+    state = prep.trainer.init(jax.random.PRNGKey(prep.cfg.seed))
+    n_params = count_params({k: v for k, v in state.params.items() if k != "aux"})
+    claim_out(out, resume=resume, overwrite=overwrite, command="train")
+    write_json_atomic(out / "config.json", {**config_to_dict(dataclasses.replace(prep.cfg, out=str(out))),
+                                            "resolved": {**prep.resolved, "params": n_params}})
+    save_genotype(prep.genotype, out / "genotype.json")
     progress: dict = {}
     if resume:
         state, progress, ckpt_step = restore_latest(out / "checkpoints", to_host(state))
         discard_after(out / "checkpoints", ckpt_step)
         for rel, n in progress.get("lines", {}).items():
             truncate_lines(out / rel, int(n))
-    state = trainer.replicate(state)
-    step_fn = trainer.compiled_step(donate=True)
-    pad, flip = _augment_settings(data)
-    aug = jax.jit(augment_batch, static_argnames=("pad", "flip"))
-    cut = jax.jit(cutout_batch, static_argnames=("size",))
-    k_aug = jax.random.fold_in(jax.random.PRNGKey(cfg.seed), 0xA06)
-    log = _MetricsLog(out / "metrics.jsonl")
-    step = int(progress.get("step", 0))
-    history: list = list(progress.get("history", []))
-    start_epoch, skip, sums, n = 0, 0, {}, 0
-    if progress:
-        start_epoch = int(progress["epoch"]) + (1 if progress["epoch_done"] else 0)
-        if not progress["epoch_done"]:
-            skip, sums, n = step - start_epoch * steps_per_epoch, dict(progress["sums"]), int(progress["n"])
-    bar = None
-    if cfg.progress:
-        from tqdm.auto import tqdm
-        bar = tqdm(total=total, initial=step, desc=f"train {space}", unit="step", dynamic_ncols=True)
-    compile_s = None
-    pending: list = []
+    return prep.trainer.replicate(state), progress, n_params
 
-    def drain():   # the pending steps' metrics to the host: checked finite, summed, the last returned
-        nonlocal n
-        host = jax.device_get(pending)
+
+class _TrainLoop:
+    """Stage 3: the epochs of SGD, with per-step logs, per-epoch test evaluation, checkpoints
+    (every ``checkpoint_every`` epochs / ``checkpoint_steps`` steps, and on SIGTERM/SIGINT before
+    :class:`~dnas.run.Preempted` is raised) and a resume that skips the steps already taken."""
+
+    def __init__(self, prep: _TrainPrepared, state, progress: dict):
+        self.prep, self.state = prep, state
+        self.step = int(progress.get("step", 0))
+        self.history: list = list(progress.get("history", []))
+        self.start_epoch, self.skip, self.sums, self.n = 0, 0, {}, 0
+        if progress:
+            self.start_epoch = int(progress["epoch"]) + (1 if progress["epoch_done"] else 0)
+            if not progress["epoch_done"]:
+                self.skip = self.step - self.start_epoch * prep.steps_per_epoch
+                self.sums, self.n = dict(progress["sums"]), int(progress["n"])
+        self.log = _MetricsLog(prep.out / "metrics.jsonl")
+        self.pending: list = []
+        self.compile_s = None
+
+    def drain(self):
+        """The pending steps' metrics to the host: checked finite, summed; the last returned."""
+        host = jax.device_get(self.pending)
         for s_, m in host:
             check_finite(m, s_, keys=tuple(m), what="training")
             for k, v in m.items():
-                sums[k] = sums.get(k, 0.0) + float(v)
-            n += 1
-        pending.clear()
+                self.sums[k] = self.sums.get(k, 0.0) + float(v)
+            self.n += 1
+        self.pending.clear()
         return host[-1] if host else None
 
-    def checkpoint(epoch: int, epoch_done: bool) -> None:
-        drain()
-        save_checkpoint(out / "checkpoints", state, step, what="training", progress={
-            "epoch": epoch, "epoch_done": epoch_done, "sums": sums, "n": n, "history": history,
-            "lines": {"metrics.jsonl": log.lines()}})
+    def checkpoint(self, epoch: int, epoch_done: bool) -> None:
+        self.drain()
+        save_checkpoint(self.prep.out / "checkpoints", self.state, self.step, what="training", progress={
+            "epoch": epoch, "epoch_done": epoch_done, "sums": self.sums, "n": self.n, "history": self.history,
+            "lines": {"metrics.jsonl": self.log.lines()}})
 
-    try:
-        with _StopSignals() as stop:
-            for epoch in range(start_epoch, epochs):
-                t_epoch = time.perf_counter()
-                drop_prob = jnp.float32(proto["drop_path"] * epoch / max(cfg.epochs, 1))
-                if not (epoch == start_epoch and skip):
-                    sums, n = {}, 0
-                for i, (xb, yb) in enumerate(epoch_batches(x_train, y_train, bs, seed=cfg.seed, epoch=epoch)):
-                    if i < skip:
-                        continue
-                    if step >= total:
-                        break
-                    xb = jnp.asarray(xb)
-                    if cfg.augment:
-                        ka, kc = jax.random.split(jax.random.fold_in(k_aug, step))
-                        xb = aug(ka, xb, pad=pad, flip=flip)
-                        if proto["cutout"]:
-                            xb = cut(kc, xb, size=int(proto["cutout"]))
-                    t0 = time.perf_counter()
-                    state, metrics = step_fn(state, trainer.shard(xb), trainer.shard(jnp.asarray(yb)), drop_prob)
-                    if compile_s is None:
-                        jax.block_until_ready(metrics)
-                        compile_s = time.perf_counter() - t0
-                        trim_heap()
-                    step += 1
-                    pending.append((step, metrics))
-                    if step % cfg.log_every == 0 or step == total:
-                        s_, m = drain()
-                        log.write({"kind": "step", "step": s_, "epoch": epoch, **{k: float(v) for k, v in m.items()}})
+    def run(self) -> None:
+        from dnas.run import Preempted, _StopSignals
+
+        prep, cfg, proto, trainer = self.prep, self.prep.cfg, self.prep.proto, self.prep.trainer
+        data, total = prep.data, prep.total
+        x_train, y_train = data.train_x, data.train_y.astype(np.int32)
+        bs = int(proto["batch_size"])
+        step_fn = trainer.compiled_step(donate=True)
+        pad, flip = _augment_settings(data)
+        aug = jax.jit(augment_batch, static_argnames=("pad", "flip"))
+        cut = jax.jit(cutout_batch, static_argnames=("size",))
+        k_aug = jax.random.fold_in(jax.random.PRNGKey(cfg.seed), 0xA06)
+        bar = None
+        if cfg.progress:
+            from tqdm.auto import tqdm
+            bar = tqdm(total=total, initial=self.step, desc=f"train {prep.space}", unit="step", dynamic_ncols=True)
+        try:
+            with _StopSignals() as stop:
+                for epoch in range(self.start_epoch, prep.epochs):
+                    t_epoch = time.perf_counter()
+                    drop_prob = jnp.float32(proto["drop_path"] * epoch / max(cfg.epochs, 1))
+                    if not (epoch == self.start_epoch and self.skip):
+                        self.sums, self.n = {}, 0
+                    for i, (xb, yb) in enumerate(epoch_batches(x_train, y_train, bs, seed=cfg.seed, epoch=epoch)):
+                        if i < self.skip:
+                            continue
+                        if self.step >= total:
+                            break
+                        xb = jnp.asarray(xb)
+                        if cfg.augment:
+                            ka, kc = jax.random.split(jax.random.fold_in(k_aug, self.step))
+                            xb = aug(ka, xb, pad=pad, flip=flip)
+                            if proto["cutout"]:
+                                xb = cut(kc, xb, size=int(proto["cutout"]))
+                        t0 = time.perf_counter()
+                        self.state, metrics = step_fn(self.state, trainer.shard(xb), trainer.shard(jnp.asarray(yb)),
+                                                      drop_prob)
+                        if self.compile_s is None:
+                            jax.block_until_ready(metrics)
+                            self.compile_s = time.perf_counter() - t0
+                            trim_heap()
+                        self.step += 1
+                        self.pending.append((self.step, metrics))
+                        if self.step % cfg.log_every == 0 or self.step == total:
+                            s_, m = self.drain()
+                            self.log.write({"kind": "step", "step": s_, "epoch": epoch,
+                                            **{k: float(v) for k, v in m.items()}})
+                            if bar is not None:
+                                bar.set_postfix(loss=f"{float(m['train_loss']):.3f}")
                         if bar is not None:
-                            bar.set_postfix(loss=f"{float(m['train_loss']):.3f}")
-                    if bar is not None:
-                        bar.update(1)
-                    last_of_epoch = i + 1 == steps_per_epoch or step >= total
-                    if stop.signum is not None and not last_of_epoch:
-                        checkpoint(epoch, False)
-                        raise Preempted(step, out, stop.signum, "train")
-                    if cfg.checkpoint_steps and step % cfg.checkpoint_steps == 0 and not last_of_epoch:
-                        checkpoint(epoch, False)
-                skip = 0
-                drain()
-                record = {"kind": "epoch", "step": step, "epoch": epoch, **{k: v / max(n, 1) for k, v in sums.items()},
-                          "drop_path": float(drop_prob), "epoch_time_s": time.perf_counter() - t_epoch}
-                if data.test_x is not None:
-                    record.update(trainer.evaluate(state, data.test_x, data.test_y.astype(np.int32),
-                                                   cfg.eval_batch_size))
-                log.write(record)
-                history.append(record)
-                if bar is not None and "test_acc" in record:
-                    bar.set_postfix(loss=f"{record['train_loss']:.3f}", test_acc=f"{record['test_acc']:.3f}")
-                if ((epoch + 1) % cfg.checkpoint_every == 0 or step >= total or stop.signum is not None
-                        or (cfg.checkpoint_steps and step % cfg.checkpoint_steps == 0)):
-                    checkpoint(epoch, True)
-                if stop.signum is not None and step < total:
-                    raise Preempted(step, out, stop.signum, "train")
-    finally:
-        if bar is not None:
-            bar.close()
-        log.close()
+                            bar.update(1)
+                        last_of_epoch = i + 1 == prep.steps_per_epoch or self.step >= total
+                        if stop.signum is not None and not last_of_epoch:
+                            self.checkpoint(epoch, False)
+                            raise Preempted(self.step, prep.out, stop.signum, "train")
+                        if cfg.checkpoint_steps and self.step % cfg.checkpoint_steps == 0 and not last_of_epoch:
+                            self.checkpoint(epoch, False)
+                    self.skip = 0
+                    self.drain()
+                    record = {"kind": "epoch", "step": self.step, "epoch": epoch,
+                              **{k: v / max(self.n, 1) for k, v in self.sums.items()},
+                              "drop_path": float(drop_prob), "epoch_time_s": time.perf_counter() - t_epoch}
+                    if data.test_x is not None:
+                        record.update(trainer.evaluate(self.state, data.test_x, data.test_y.astype(np.int32),
+                                                       cfg.eval_batch_size))
+                    self.log.write(record)
+                    self.history.append(record)
+                    if bar is not None and "test_acc" in record:
+                        bar.set_postfix(loss=f"{record['train_loss']:.3f}", test_acc=f"{record['test_acc']:.3f}")
+                    if ((epoch + 1) % cfg.checkpoint_every == 0 or self.step >= total or stop.signum is not None
+                            or (cfg.checkpoint_steps and self.step % cfg.checkpoint_steps == 0)):
+                        self.checkpoint(epoch, True)
+                    if stop.signum is not None and self.step < total:
+                        raise Preempted(self.step, prep.out, stop.signum, "train")
+        finally:
+            if bar is not None:
+                bar.close()
+            self.log.close()
 
+
+def _finish_train(prep: _TrainPrepared, loop: _TrainLoop, n_params: int, wall: float) -> dict:
+    """Stage 4: ``summary.json`` (final and best test accuracy, the NB201 lookup), the export,
+    the pictures."""
+    from dnas.rundir import write_json_atomic
+
+    history, out = loop.history, prep.out
     final = history[-1] if history else {}
     tests = [r["test_acc"] for r in history if "test_acc" in r]
-    summary = {"out": str(out), "space": space, "genotype": genotype_to_json(genotype), "params": n_params,
-               "steps": step, "epochs": epochs, "final": final,
+    summary = {"out": str(out), "space": prep.space, "genotype": genotype_to_json(prep.genotype), "params": n_params,
+               "steps": loop.step, "epochs": prep.epochs, "final": final,
                "final_test_acc": final.get("test_acc"), "best_test_acc": max(tests) if tests else None,
-               "wall_time_s": time.perf_counter() - t_start, "compile_s": compile_s}
-    if benchmark is not None:
-        summary["nb201"] = benchmark
-    if cfg.export:
+               "wall_time_s": wall, "compile_s": loop.compile_s}
+    if prep.benchmark is not None:
+        summary["nb201"] = prep.benchmark
+    if prep.cfg.export:
         from dnas.export import export_network
-        summary["export"] = export_network(trainer, state, data.image_shape, out, data)
+        summary["export"] = export_network(prep.trainer, loop.state, prep.data.image_shape, out, prep.data)
     write_json_atomic(out / "summary.json", summary)
-    _plots(out, genotype, history)
+    _plots(out, prep.genotype, history)
     return summary
 
 

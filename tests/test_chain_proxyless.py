@@ -10,7 +10,7 @@ import pytest
 
 from dnas.relaxations import get_relaxation
 from dnas.supernet import layers as L
-from dnas.supernet.chain import KEEP_OPS, MB_OPS, ChainSpace, ChainConfig, chain_op
+from dnas.supernet.chain import KEEP_OPS, ChainSpace, ChainConfig, chain_op
 from dnas.supernet.genotype import ChainGenotype
 from dnas.supernet.mixed import MixedOp
 from dnas.supernet.ops import UnknownOpError

@@ -17,7 +17,6 @@ the traced graph holds a handful of mixed ops instead of one per edge and cell.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
 
 import jax
 import jax.numpy as jnp
