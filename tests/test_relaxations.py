@@ -260,3 +260,20 @@ def test_gdas_sampled_op_in_switch_matches_direct_op_values_and_gradients(nb201_
     np.testing.assert_allclose(np.asarray(g_s[1]), np.asarray(g_d[1]), rtol=1e-4, atol=1e-5)
     for a, b in zip(jax.tree_util.tree_leaves(g_s[0][i]), jax.tree_util.tree_leaves(g_d[0][i])):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["darts", "gdas", "snas", "pc_darts", "proxyless", "drnas", "fair_darts"])
+def test_alphas_are_the_group_matrices(name):
+    """``Relaxation.alphas`` (what alphas.json writes as α) gives one (choice point x op) matrix per
+    group whatever the relaxation's pytree (PC-DARTS adds edge parameters β); for the
+    softmax relaxations softmax of it is the architecture distribution."""
+    from dnas.supernet.spaces import build_space
+
+    space = build_space("nb201", channels=4, cells_per_stage=1)
+    relax = get_relaxation(name, space=space)
+    arch = relax.init(jax.random.PRNGKey(0), space.groups)
+    arch = jax.tree_util.tree_map(lambda a: a + jax.random.normal(jax.random.PRNGKey(1), a.shape), arch)
+    alphas = relax.alphas(arch)
+    assert {g: a.shape for g, a in alphas.items()} == {"cell": (6, 5)}
+    if name in ("darts", "gdas", "snas", "pc_darts", "proxyless"):
+        np.testing.assert_allclose(jax.nn.softmax(alphas["cell"], -1), relax.probs(arch)["cell"], rtol=1e-6)
