@@ -5,7 +5,7 @@ compile the same program, so any difference in their timings is the machine's no
     python benchmarks/hlo_fingerprint.py                 # this tree
     PYTHONPATH=/path/to/other/tree python benchmarks/hlo_fingerprint.py
 
-Prints one JSON object per configuration (the NB201 and chain configurations of
+Prints one JSON object per configuration (the NB201, DARTS-space and chain configurations of
 ``docs/benchmarks.md``, "The backend seam and user models").
 """
 import hashlib
@@ -21,6 +21,7 @@ from dnas.supernet.chain import ChainConfig
 CASES = {
     "nb201-darts": ("nb201", "darts", {"channels": 16, "cells_per_stage": 5}),
     "nb201-gdas": ("nb201", "gdas", {"channels": 16, "cells_per_stage": 5}),
+    "darts-darts": ("darts", "darts", {"channels": 16, "layers": 8}),
     "chain-proxyless": ("chain", "proxyless", {"width_mult": 0.25, "stem_stride": 1,
                                                "stage_depths": tuple(min(d, 2) for d in ChainConfig.stage_depths)}),
 }

@@ -39,7 +39,7 @@ import numpy as np
 
 from dnas.latency.table import LatencyTable, LatencyTableError, MissingLatencyKeysError, signature_key  # noqa: F401 (re-exported)
 from dnas.supernet import layers as L
-from dnas.supernet.genotype import DARTS_EDGES, NB201_EDGES
+from dnas.supernet.genotype import NB201_EDGES
 
 #: Input resolution assumed when none is given (the spaces' reference settings).
 DEFAULT_INPUT_SIZE = {"nb201": 32, "darts": 32, "chain": 224}
@@ -178,11 +178,7 @@ def _node_sum(prefix: str, shape: tuple, terms: int, where: str) -> OpSignature:
                        tuple(shape), attrs, build=lambda: _node_sum_layer(terms), where=where)
 
 
-# ------------------------------------------------------------------------------ NAS-Bench-201
-
-_NB201_ATTRS = {"none": (), "skip_connect": (), "nor_conv_1x1": (("kernel", 1),), "nor_conv_3x3": (("kernel", 3),),
-                "avg_pool_3x3": (("kernel", 3),)}
-
+# ------------------------------------------------------------------------------ walks
 
 def _cell_candidates(space, prefix: str, group: str, attrs_of: dict, make_op, c: int, hw: tuple,
                      stride: int) -> tuple[OpSignature, ...]:
@@ -202,119 +198,6 @@ def _cell_candidates(space, prefix: str, group: str, attrs_of: dict, make_op, c:
     return tuple(out)
 
 
-def _nb201_candidates(space, c: int, hw: tuple, stride: int = 1) -> tuple[OpSignature, ...]:
-    from dnas.supernet.ops import nb201_op
-    return _cell_candidates(space, "nb201", "cell", _NB201_ATTRS, nb201_op, c, hw, stride)
-
-
-def _describe_nb201(space, input_size: int) -> tuple[list, list]:
-    cfg = space.config
-    hw = (input_size, input_size)
-    fixed = [_fixed("nb201/stem", space.stem, hw + (cfg.in_channels,), (("kernel", 3),), where="stem")]
-    points = []
-    terms = {d: sum(1 for _, dd in NB201_EDGES if dd == d) for d in (1, 2, 3)}
-    for stage, width in enumerate(space.widths):
-        cands = _nb201_candidates(space, width, hw)
-        for cell in range(cfg.cells_per_stage):
-            for e, (s, d) in enumerate(NB201_EDGES):
-                points.append(ChoicePoint("cell", e, f"stage{stage}/cell{cell}/edge{s}->{d}", cands))
-            fixed += [_node_sum("nb201", hw + (width,), terms[d], f"stage{stage}/cell{cell}/node{d}")
-                      for d in (2, 3) if terms[d] > 1]
-        if stage < 2:
-            red = _fixed("nb201/resblock", space.reductions[stage], hw + (width,), (("stride", 2),),
-                         where=f"reduce{stage}")
-            fixed.append(red)
-            hw = red.output_shape[:2]
-    fixed.append(_fixed("nb201/head", _head(space.head_bn, space.classifier, True), hw + (space.widths[-1],),
-                        where="head"))
-    return points, fixed
-
-
-# ------------------------------------------------------------------------------ DARTS
-
-_DARTS_ATTRS = {"max_pool_3x3": (("kernel", 3),), "avg_pool_3x3": (("kernel", 3),),
-                "sep_conv_3x3": (("kernel", 3),), "sep_conv_5x5": (("kernel", 5),),
-                "dil_conv_3x3": (("kernel", 3), ("dilation", 2)), "dil_conv_5x5": (("kernel", 5), ("dilation", 2))}
-
-
-def _darts_candidates(space, group: str, c: int, hw: tuple, stride: int) -> tuple[OpSignature, ...]:
-    from dnas.supernet.ops import darts_op
-    return _cell_candidates(space, "darts", group, _DARTS_ATTRS, darts_op, c, hw, stride)
-
-
-def _describe_darts(space, input_size: int) -> tuple[list, list]:
-    cfg = space.config
-    hw = (input_size, input_size)
-    stem = _fixed("darts/stem", space.stem, hw + (cfg.in_channels,), (("kernel", 3),))
-    fixed, points = [stem], []
-    hw_pp = hw_p = stem.output_shape[:2]
-    for i, cell in enumerate(space.cells):
-        c_pp, c_p, c, reduction, reduction_prev = cell.signature
-        group = "reduce" if reduction else "normal"
-        pre0 = _fixed("darts/preprocess_reduce" if reduction_prev else "darts/preprocess",
-                      cell.pre0, hw_pp + (c_pp,), (("stride", 2 if reduction_prev else 1),))
-        pre1 = _fixed("darts/preprocess", cell.pre1, hw_p + (c_p,), (("stride", 1),))
-        fixed += [pre0, pre1]
-        hw_in = pre1.output_shape[:2]
-        hw_out = (-(-hw_in[0] // 2), -(-hw_in[1] // 2)) if reduction else hw_in
-        from_input = _darts_candidates(space, group, c, hw_in, 2 if reduction else 1)
-        inner = _darts_candidates(space, group, c, hw_out, 1)
-        for e, (s, d) in enumerate(DARTS_EDGES):
-            points.append(ChoicePoint(group, e, f"cell{i}/edge{s}->{d}", from_input if s < 2 else inner))
-        fixed += [_node_sum("darts", hw_out + (c,), sum(1 for _, dd in DARTS_EDGES if dd == d), f"cell{i}/node{d}")
-                  for d in range(2, 6)]
-        hw_pp, hw_p = hw_p, hw_out
-    c_last = space.cells[-1].signature[2] * 4
-    fixed.append(_fixed("darts/head", _head(None, space.classifier, False), hw_p + (c_last,)))
-    return points, fixed
-
-
-# ------------------------------------------------------------------------------ chain (ProxylessNAS)
-
-def _mb_key(c_in_shape: tuple, c_out_shape: tuple, expand: int, kernel: int, stride: int, idskip: bool) -> str:
-    return signature_key("expanded_conv", c_in_shape, c_out_shape,
-                         [("expand", expand), ("kernel", kernel), ("stride", stride), ("idskip", int(idskip))])
-
-
-def _describe_chain(space, input_size: int) -> tuple[list, list]:
-    from dnas.supernet.chain import _conv_bn, make_divisible, mbconv
-
-    cfg = space.config
-    w = lambda ch: make_divisible(ch * cfg.width_mult)  # noqa: E731
-    hw = (input_size, input_size)
-    stem_conv = _conv_bn(cfg.in_channels, w(cfg.stem_channels), 3, cfg.stem_stride)
-    conv = _fixed("Conv", stem_conv, hw + (cfg.in_channels,))
-    first = mbconv(w(cfg.stem_channels), w(cfg.first_channels), 3, 1, 1)
-    first_out = _out_shape(first, conv.output_shape)
-    first_sig = OpSignature("expanded_conv", _mb_key(conv.output_shape, first_out, 1, 3, 1, False),
-                            conv.output_shape, first_out, (("expand", 1), ("kernel", 3), ("stride", 1), ("idskip", 0)),
-                            build=lambda: first)
-    fixed, points = [conv, first_sig], []
-    shape = first_out
-    for b, (group, row, c_in, c_out, stride) in enumerate(space.blocks):
-        keep = group == "keep"
-        out_shape = (-(-shape[0] // stride), -(-shape[1] // stride), c_out)
-        cands = []
-        for op in space.group_op_names(group):
-            if op == "zero":
-                cands.append(OpSignature(op, None, shape, out_shape))
-                continue
-            _, k, e = op.split("_")
-            kernel, expand = int(k[1:]), int(e[1:])
-            attrs = (("expand", expand), ("kernel", kernel), ("stride", stride), ("idskip", int(keep)))
-            build = (lambda c_in=c_in, c_out=c_out, kernel=kernel, stride=stride, expand=expand:
-                     mbconv(c_in, c_out, kernel, stride, expand))
-            cands.append(OpSignature(op, _mb_key(shape, out_shape, expand, kernel, stride, keep), shape, out_shape,
-                                     attrs, build=build, residual=keep))
-        points.append(ChoicePoint(group, row, f"block{b}", tuple(cands)))
-        shape = out_shape
-    head = _fixed("Conv_1", space.head, shape)
-    logits = _fixed("Logits", _head(None, space.classifier, False), head.output_shape)
-    return points, fixed + [head, logits]
-
-
-_DESCRIBERS = {"nb201": _describe_nb201, "darts": _describe_darts, "chain": _describe_chain}
-
 
 def describe_space(space, input_size: int | None = None) -> SpaceLatencyModel:
     """The latency model of a built search space at ``input_size`` (H = W; default: 32 for
@@ -322,19 +205,20 @@ def describe_space(space, input_size: int | None = None) -> SpaceLatencyModel:
     if isinstance(space, SpaceLatencyModel):
         return space
     name = getattr(space, "name", None)
-    if name not in _DESCRIBERS:
-        raise ValueError(f"no latency model for search space {name!r}; supported: {', '.join(sorted(_DESCRIBERS))}")
-    input_size = int(input_size or DEFAULT_INPUT_SIZE[name])
-    points, fixed = _DESCRIBERS[name](space, input_size)
+    if not hasattr(space, "latency_walk"):
+        raise ValueError(f"no latency model for search space {name!r}: it has no latency_walk (the built-in "
+                         "spaces have one; a user model's choice points are profiled with dnas latency profile)")
+    input_size = int(input_size or DEFAULT_INPUT_SIZE.get(name, 32))
+    points, fixed = space.latency_walk(input_size)
     groups = dict(space.groups)
     op_names = {g: tuple(space.group_op_names(g)) for g in groups}
     for cp in points:   # the walk must cover every row of every group, with one candidate per column
         if len(cp.candidates) != groups[cp.group][1]:
-            raise AssertionError(f"{cp.where}: {len(cp.candidates)} candidates for group {cp.group!r} of {groups[cp.group]}")
+            raise ValueError(f"{cp.where}: {len(cp.candidates)} candidates for group {cp.group!r} of {groups[cp.group]}")
     covered = {(cp.group, cp.row) for cp in points}
     rows = {(g, r) for g, (n, _) in groups.items() for r in range(n)}
     if covered != rows:
-        raise AssertionError(f"latency model of {name!r} misses choice points {sorted(rows - covered)}")
+        raise ValueError(f"latency model of {name!r} misses choice points {sorted(rows - covered)}")
     cfg = dataclasses.asdict(space.config) if dataclasses.is_dataclass(getattr(space, "config", None)) else {}
     return SpaceLatencyModel(name, input_size, int(cfg.get("in_channels", 3)), groups, op_names, points, fixed, cfg)
 

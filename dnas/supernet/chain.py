@@ -22,8 +22,9 @@ import jax.numpy as jnp
 
 from dnas.backend import resolve
 from dnas.supernet import layers as L
-from dnas.supernet.genotype import ChainGenotype, derive_chain
+from dnas.supernet.genotype import ChainGenotype, GenotypeError, derive_chain
 from dnas.supernet.mixed import MixedOp
+from dnas.supernet.network import Network, Output, check_options
 from dnas.supernet.space_base import SearchSpace
 
 MB_OPS = ("mb_k3_e3", "mb_k3_e6", "mb_k5_e3", "mb_k5_e6", "mb_k7_e3", "mb_k7_e6")
@@ -148,3 +149,100 @@ class ChainSpace(SearchSpace):
     def derive(self, scores) -> ChainGenotype:
         per_group = {g: derive_chain(jnp.asarray(scores[g]), self.group_op_names(g)) for g in self.groups}
         return ChainGenotype(tuple(per_group[g][i] for g, i, *_ in self.blocks))
+
+    @staticmethod
+    def network(genotype: ChainGenotype, **options) -> Network:
+        """The stand-alone network of ``genotype`` (:func:`chain_network`)."""
+        return chain_network(genotype, **options)
+
+    def latency_walk(self, input_size: int) -> tuple[list, list]:
+        """Every block with its candidates' signatures under the ProxylessNAS keys
+        (``expanded_conv-...``; the default configuration is covered by the published Pixel-1
+        table key for key), and the fixed stem, head and classifier."""
+        from dnas.latency.space_latency import ChoicePoint, OpSignature, _fixed, _head, _out_shape
+
+        space, cfg = self, self.config
+        w = lambda ch: make_divisible(ch * cfg.width_mult)  # noqa: E731
+        hw = (input_size, input_size)
+        stem_conv = _conv_bn(cfg.in_channels, w(cfg.stem_channels), 3, cfg.stem_stride)
+        conv = _fixed("Conv", stem_conv, hw + (cfg.in_channels,))
+        first = mbconv(w(cfg.stem_channels), w(cfg.first_channels), 3, 1, 1)
+        first_out = _out_shape(first, conv.output_shape)
+        first_sig = OpSignature("expanded_conv", _mb_key(conv.output_shape, first_out, 1, 3, 1, False),
+                                conv.output_shape, first_out, (("expand", 1), ("kernel", 3), ("stride", 1), ("idskip", 0)),
+                                build=lambda: first)
+        fixed, points = [conv, first_sig], []
+        shape = first_out
+        for b, (group, row, c_in, c_out, stride) in enumerate(space.blocks):
+            keep = group == "keep"
+            out_shape = (-(-shape[0] // stride), -(-shape[1] // stride), c_out)
+            cands = []
+            for op in space.group_op_names(group):
+                if op == "zero":
+                    cands.append(OpSignature(op, None, shape, out_shape))
+                    continue
+                _, k, e = op.split("_")
+                kernel, expand = int(k[1:]), int(e[1:])
+                attrs = (("expand", expand), ("kernel", kernel), ("stride", stride), ("idskip", int(keep)))
+                build = (lambda c_in=c_in, c_out=c_out, kernel=kernel, stride=stride, expand=expand:
+                         mbconv(c_in, c_out, kernel, stride, expand))
+                cands.append(OpSignature(op, _mb_key(shape, out_shape, expand, kernel, stride, keep), shape, out_shape,
+                                         attrs, build=build, residual=keep))
+            points.append(ChoicePoint(group, row, f"block{b}", tuple(cands)))
+            shape = out_shape
+        head = _fixed("Conv_1", space.head, shape)
+        logits = _fixed("Logits", _head(None, space.classifier, False), head.output_shape)
+        return points, fixed + [head, logits]
+
+
+def _mb_key(c_in_shape: tuple, c_out_shape: tuple, expand: int, kernel: int, stride: int, idskip: bool) -> str:
+    from dnas.latency.table import signature_key
+    return signature_key("expanded_conv", c_in_shape, c_out_shape,
+                         [("expand", expand), ("kernel", kernel), ("stride", stride), ("idskip", int(idskip))])
+
+
+# ------------------------------------------------------------------------------ derived network
+
+def chain_network(g: ChainGenotype, **options) -> Network:
+    """The ProxylessNAS chain (Cai, Zhu & Han, ICLR 2019) with every searchable block replaced by
+    its chosen MBConv, on the fixed parts of the :class:`ChainSpace` built with ``options`` (the
+    block layout depends on them: build it with the options of the space it was searched in);
+    ``zero`` blocks are left out (their residual connection makes the block the identity)."""
+    check_options("chain", options, [f.name for f in dataclasses.fields(ChainConfig)])
+    space = ChainSpace(ChainConfig(**options))
+    if len(g.ops) != len(space.blocks):
+        raise GenotypeError(f"chain genotype has {len(g.ops)} blocks but the chain space built with "
+                            f"{options or 'its defaults'} has {len(space.blocks)}: build it with the options "
+                            "of the space it was searched in")
+    blocks = []
+    for b, (op, (group, _, c_in, c_out, stride)) in enumerate(zip(g.ops, space.blocks)):
+        valid = space.group_op_names(group)
+        if op not in valid:
+            raise GenotypeError(f"chain block {b} ({c_in}->{c_out} channels, stride {stride}) cannot be {op!r}; "
+                                f"valid operations there are: {', '.join(valid)}")
+        blocks.append((group == "keep", None if op == "zero" else chain_op(op, c_in, c_out, stride)))
+
+    def init(key):
+        keys = jax.random.split(key, len(blocks) + 3)
+        params, state = {}, {}
+        params["stem"], state["stem"] = space.stem.init(keys[0])
+        inits = [((), ()) if layer is None else layer.init(k) for (_, layer), k in zip(blocks, keys[1:])]
+        params["blocks"], state["blocks"] = [p for p, _ in inits], [s for _, s in inits]
+        params["head"], state["head"] = space.head.init(keys[-2])
+        params["classifier"], _ = space.classifier.init(keys[-1])
+        return params, state
+
+    def apply(params, state, x, ctx, drop=None):
+        new = {}
+        x, new["stem"] = space.stem.apply(params["stem"], state["stem"], x, ctx)
+        new["blocks"] = []
+        for (residual, layer), p, s in zip(blocks, params["blocks"], state["blocks"]):
+            if layer is not None:
+                y, s = layer.apply(p, s, x, ctx)
+                x = x + y if residual else y
+            new["blocks"].append(s)
+        x, new["head"] = space.head.apply(params["head"], state["head"], x, ctx)
+        logits, _ = space.classifier.apply(params["classifier"], (), jnp.mean(x, axis=(1, 2)), ctx)
+        return Output(logits, None, new)
+
+    return Network(init, apply, g, {"space": "chain", **dataclasses.asdict(space.config)})

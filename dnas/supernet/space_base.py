@@ -5,11 +5,24 @@ import dataclasses
 from typing import Any
 
 
+def check_partial(widths, k: int) -> int:
+    """Validate a partial-channel factor (PC-DARTS) against the widths of the mixed edges."""
+    if k < 1 or any(w % k for w in widths):
+        raise ValueError(f"partial_channels={k} must divide every cell width {sorted(set(widths))}")
+    return k
+
+
 class UnknownSpaceError(ValueError):
     """A search-space name that is not registered."""
 
 
 class SearchSpace:
+    """A supernet with labelled choice points (see :mod:`dnas.supernet.spaces`). Optional hooks:
+    ``network(genotype, **options) -> Network`` (a static method: the stand-alone network
+    :func:`dnas.supernet.derived.build_network` builds for the space's genotypes) and
+    ``latency_walk(input_size) -> (choice points, fixed parts)`` (what
+    :func:`dnas.latency.space_latency.describe_space` reads)."""
+
     name: str
     op_names: tuple[str, ...]
     groups: dict[str, tuple[int, int]]
