@@ -577,8 +577,7 @@ def _finish(prep: _Prepared, state, step: int, compile_s, epoch_records: list, w
         if halt:
             extra["stopped"] = halt
         if searcher.latency is not None:  # the derived architecture's latency under the table
-            from dnas.latency.objective import genotype_indices
-            extra["table_latency_ms"] = searcher.latency.of_indices(genotype_indices(searcher.space, genotype))
+            extra["table_latency_ms"] = searcher.latency.of_indices(searcher.space.genotype_indices(genotype))
             extra["latency"] = searcher.latency.describe()
             if s == seeds[0]:
                 summary["table_latency_ms"] = extra["table_latency_ms"]
@@ -637,9 +636,7 @@ def _device_chunks(loop, state, epoch: int, step: int, total: int, cfg: SearchCo
 def op_frequency(space, genotypes) -> dict:
     """How many of ``genotypes`` chose each op at each choice point, per group:
     ``{group: {choice_point: {op: count}}}`` (DARTS cells: edges not kept count as ``none``)."""
-    from dnas.latency.objective import genotype_indices
-
-    chosen = [genotype_indices(space, g) for g in genotypes]
+    chosen = [space.genotype_indices(g) for g in genotypes]
     out: dict = {}
     for g in sorted(space.groups):
         names = list(space.group_op_names(g))

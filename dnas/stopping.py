@@ -90,9 +90,7 @@ def cell_summary(space, genotype, probs: dict) -> dict:
     the ops ordered by probability)."""
     import numpy as np
 
-    from dnas.latency.objective import genotype_indices
-
-    chosen = genotype_indices(space, genotype)
+    chosen = space.genotype_indices(genotype)
     normal = ["normal"] if "normal" in chosen else sorted(chosen)
     names = {g: list(space.group_op_names(g)) for g in chosen}
     if space.name == "darts":   # edges the derivation dropped are not ops of the cell

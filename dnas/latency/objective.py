@@ -57,26 +57,6 @@ def make_latency_objective(space, table_path: str, loss: str = "hinge", *, targe
 
 
 def genotype_indices(space, genotype) -> dict[str, np.ndarray]:
-    """The op column chosen at every choice point of ``space`` by ``genotype``, read through the
-    choice-point labels (:meth:`~dnas.supernet.space_base.SearchSpace.choice_labels`) for every
-    space (DARTS: the edges derivation dropped are ``none``). A space that defines its own
-    ``genotype_indices`` (a user model's input choices, :class:`~dnas.supernet.nnx_space.NNXSpace`)
-    answers itself. A genotype of another space is a :class:`GenotypeError` naming the label."""
-    from dnas.supernet.genotype import GenotypeError
-
-    if hasattr(space, "genotype_indices"):
-        return space.genotype_indices(genotype)
-    out = {}
-    for group in space.groups:
-        names = list(space.group_op_names(group))
-        idx = []
-        for label in space.choice_labels(group):
-            if label not in genotype:
-                raise GenotypeError(f"the {space.name} space's choice point {label!r} is not in the genotype "
-                                    f"{type(genotype).__name__} (labels: {', '.join(genotype)})")
-            if genotype[label] not in names:
-                raise GenotypeError(f"choice point {label!r} of the {space.name} space cannot be "
-                                    f"{genotype[label]!r}; its ops: {', '.join(names)}")
-            idx.append(names.index(genotype[label]))
-        out[group] = np.array(idx, np.int64)
-    return out
+    """The op column chosen at every choice point of ``space`` by ``genotype``
+    (:meth:`dnas.supernet.space_base.SearchSpace.genotype_indices`)."""
+    return space.genotype_indices(genotype)

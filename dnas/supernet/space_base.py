@@ -4,6 +4,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+import numpy as np
+
 
 def check_partial(widths, k: int) -> int:
     """Validate a partial-channel factor (PC-DARTS) against the widths of the mixed edges."""
@@ -52,6 +54,28 @@ class SearchSpace:
         names = self.choice_point_names(group)
         every = [n for g in self.groups for n in self.choice_point_names(g)]
         return names if len(set(every)) == len(every) else [f"{group}/{n}" for n in names]
+
+    def genotype_indices(self, genotype) -> dict[str, np.ndarray]:
+        """Derivation's inverse: the op column ``genotype`` chooses at every choice point, read
+        through :meth:`choice_labels` (the same for every space; DARTS: the edges derivation
+        dropped are ``none``). A genotype of another space is a ``GenotypeError`` naming the
+        missing label. What the architecture's table latency and the early-stopping rules read."""
+        from dnas.supernet.genotype import GenotypeError
+
+        out = {}
+        for group in self.groups:
+            names = list(self.group_op_names(group))
+            idx = []
+            for label in self.choice_labels(group):
+                if label not in genotype:
+                    raise GenotypeError(f"the {self.name} space's choice point {label!r} is not in the genotype "
+                                        f"{type(genotype).__name__} (labels: {', '.join(genotype)})")
+                if genotype[label] not in names:
+                    raise GenotypeError(f"choice point {label!r} of the {self.name} space cannot be "
+                                        f"{genotype[label]!r}; its ops: {', '.join(names)}")
+                idx.append(names.index(genotype[label]))
+            out[group] = np.array(idx, np.int64)
+        return out
 
     def choice_point_nodes(self, group: str) -> list[int]:
         """The node each choice point feeds (edges into the same node share a node id)."""
