@@ -60,7 +60,11 @@ class DataParallel:
         ``"state"`` (replicated) or ``"batch"`` (split), or a tuple of them."""
         if self.num_devices == 1:
             return fn
-        spec = lambda s: tuple(map(spec, s)) if isinstance(s, tuple) else (P() if s == "state" else self.batch_spec)  # noqa: E731
+
+        def spec(s):
+            if isinstance(s, tuple):
+                return tuple(spec(x) for x in s)
+            return P() if s == "state" else self.batch_spec
         return jax.shard_map(fn, mesh=self.mesh, in_specs=spec(in_specs), out_specs=spec(out_specs))
 
     def replicate(self, tree):

@@ -45,7 +45,7 @@ import jax
 import jax.numpy as jnp
 import optax
 from jax import lax
-from jax.sharding import Mesh, PartitionSpec as P
+from jax.sharding import Mesh
 
 from dnas.backend import resolve as resolve_kernels
 from dnas.parallel import AXIS, DataParallel, device_mesh  # noqa: F401 (AXIS, device_mesh re-exported)
@@ -58,8 +58,6 @@ from dnas.supernet.spaces import SPACES, SearchSpace, build_space, space_label, 
 
 #: The spaces built from dnas's own layer kit (they read ``Ctx.compute_dtype``).
 BUILTIN_SPACE_TYPES = tuple(cls for cls, _ in SPACES.values())
-
-
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -371,10 +369,6 @@ class Searcher:
     def compiled_step(self, donate: bool = True):
         """The jitted :meth:`step_function` (the state's buffers donated by default)."""
         return jax.jit(self.step_function(), donate_argnums=(0,) if donate else ())
-
-    def _batch_spec(self) -> P:
-        """Batches are split over devices along the example axis (after the member axis)."""
-        return self.parallel.batch_spec
 
     # ------------------------------------------------------------------ device placement
     def replicate(self, state: SearchState) -> SearchState:

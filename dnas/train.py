@@ -339,10 +339,8 @@ class _TrainPrepared(NamedTuple):
     cfg: TrainConfig
     out: Path
     genotype: Genotype
-    space: str
     data: Any
     proto: dict
-    network: Network
     trainer: Trainer
     total: int
     steps_per_epoch: int
@@ -399,8 +397,8 @@ def prepare_train(cfg: TrainConfig, *, resume: bool = False) -> _TrainPrepared:
                     protocol=proto, total_steps=total, steps_per_epoch=steps_per_epoch, epochs_run=epochs,
                     dataset_name=data.name, num_train=int(len(data.train_y)), num_test=data.num_test,
                     backend=jax.default_backend(), jax_version=jax.__version__)
-    return _TrainPrepared(cfg, out, genotype, space, data, proto, network, trainer, total, steps_per_epoch,
-                          epochs, benchmark, resolved)
+    return _TrainPrepared(cfg, out, genotype, data, proto, trainer, total, steps_per_epoch, epochs, benchmark,
+                          resolved)
 
 
 def run_train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False) -> dict:
@@ -408,8 +406,8 @@ def run_train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False
     (also ``summary.json``). ``resume``: continue the run in ``cfg.out`` from its latest good
     checkpoint, ending as if never interrupted; ``overwrite``: replace the run in ``cfg.out``.
 
-    Three stages: :func:`prepare_train` (checks, no disk writes), :func:`_start_train` (claim the
-    directory, write the config, restore a checkpoint), :class:`_TrainLoop` (the epochs), then
+    Four stages: :func:`prepare_train` (checks, no disk writes), :func:`_start_train` (claim the
+    directory, write the config, restore a checkpoint), :class:`_TrainLoop` (the epochs) and
     :func:`_finish_train` (summary, export, pictures)."""
     t_start = time.perf_counter()
     prep = prepare_train(cfg, resume=resume)
@@ -494,7 +492,8 @@ class _TrainLoop:
         bar = None
         if cfg.progress:
             from tqdm.auto import tqdm
-            bar = tqdm(total=total, initial=self.step, desc=f"train {prep.space}", unit="step", dynamic_ncols=True)
+            bar = tqdm(total=total, initial=self.step, desc=f"train {prep.genotype.space}", unit="step",
+                       dynamic_ncols=True)
         try:
             with _StopSignals() as stop:
                 for epoch in range(self.start_epoch, prep.epochs):
@@ -567,8 +566,8 @@ def _finish_train(prep: _TrainPrepared, loop: _TrainLoop, n_params: int, wall: f
     history, out = loop.history, prep.out
     final = history[-1] if history else {}
     tests = [r["test_acc"] for r in history if "test_acc" in r]
-    summary = {"out": str(out), "space": prep.space, "genotype": genotype_to_json(prep.genotype), "params": n_params,
-               "steps": loop.step, "epochs": prep.epochs, "final": final,
+    summary = {"out": str(out), "space": prep.genotype.space, "genotype": genotype_to_json(prep.genotype),
+               "params": n_params, "steps": loop.step, "epochs": prep.epochs, "final": final,
                "final_test_acc": final.get("test_acc"), "best_test_acc": max(tests) if tests else None,
                "wall_time_s": wall, "compile_s": loop.compile_s}
     if prep.benchmark is not None:

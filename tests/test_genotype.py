@@ -324,7 +324,8 @@ def test_json_formats():
     assert genotype_to_json(parse_nb201(EXAMPLE_ARCH))["arch"] == EXAMPLE_ARCH
     d = genotype_to_json(DARTS_V2)
     assert d["normal"][0] == ["sep_conv_3x3", 0] and d["reduce_concat"] == [2, 3, 4, 5]
-    assert genotype_to_json(ChainGenotype(["zero"])) == {"space": "chain", "ops": ["zero"], "choices": {"block0": "zero"}}
+    assert genotype_to_json(ChainGenotype(["zero"])) == {"space": "chain", "ops": ["zero"],
+                                                        "choices": {"block0": "zero"}}
     # extra keys are ignored on read; "arch" is what counts for NB201
     assert genotype_from_json({"space": "nb201", "arch": EXAMPLE_ARCH, "ops": ["x"], "note": 1}).arch == EXAMPLE_ARCH
 
@@ -472,7 +473,6 @@ def test_space_labels_read_derived_genotypes(space_name):
     """A space's choice labels are exactly its genotypes' keys, and the columns read through them
     are what derivation picked from the scores: the row's argmax (DARTS: the argmax over the ops
     other than none on a kept edge, none elsewhere)."""
-    from dnas.latency.objective import genotype_indices
     from dnas.supernet.spaces import build_space
 
     space = build_space(space_name)
@@ -481,7 +481,7 @@ def test_space_labels_read_derived_genotypes(space_name):
     g = space.derive(scores)
     labels = [lab for grp in space.groups for lab in space.choice_labels(grp)]
     assert sorted(labels) == sorted(g)
-    idx = genotype_indices(space, g)
+    idx = space.genotype_indices(g)
     for grp, s in scores.items():
         if space_name == "darts":
             none = DARTS_OPS.index("none")
@@ -494,4 +494,4 @@ def test_space_labels_read_derived_genotypes(space_name):
             np.testing.assert_array_equal(idx[grp], s.argmax(1))
     other = {"nb201": DARTS_V2, "darts": parse_nb201(EXAMPLE_ARCH), "chain": parse_nb201(EXAMPLE_ARCH)}[space_name]
     with pytest.raises(GenotypeError, match="is not in the genotype"):
-        genotype_indices(space, other)
+        space.genotype_indices(other)

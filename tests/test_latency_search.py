@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from dnas.cli import main
-from dnas.latency.objective import genotype_indices, make_latency_objective
+from dnas.latency.objective import make_latency_objective
 from dnas.latency.space_latency import FIXED_KEY, op_key
 from dnas.latency.table import LatencyTable
 from dnas.searcher import make_searcher
@@ -47,7 +47,7 @@ def test_tight_target_lowers_the_derived_table_latency(op_table, tmp_path):
     tight = json.loads((tmp_path / "tight" / "genotype.json").read_text())
     space = build_space("nb201", channels=4, cells_per_stage=1)
     obj = make_latency_objective(space, str(op_table), "hinge", target=4.0)
-    lat_plain = obj.of_indices(genotype_indices(space, load_genotype(tmp_path / "plain" / "genotype.json")))
+    lat_plain = obj.of_indices(space.genotype_indices(load_genotype(tmp_path / "plain" / "genotype.json")))
     assert tight["table_latency_ms"] < lat_plain, (tight["arch"], plain["arch"])
     rows = [json.loads(x) for x in (tmp_path / "tight" / "metrics.jsonl").read_text().splitlines()]
     lat = [r["expected_latency_ms"] for r in rows if r["kind"] == "step"]

@@ -54,9 +54,3 @@ def make_latency_objective(space, table_path: str, loss: str = "hinge", *, targe
     penalty = latency_penalty(loss, target=target, weight=weight)
     return LatencyObjective({g: np.asarray(m, np.float32) for g, m in matrix.items()}, float(fixed), penalty, loss,
                             dict(penalty.params), str(table_path))
-
-
-def genotype_indices(space, genotype) -> dict[str, np.ndarray]:
-    """The op column chosen at every choice point of ``space`` by ``genotype``
-    (:meth:`dnas.supernet.space_base.SearchSpace.genotype_indices`)."""
-    return space.genotype_indices(genotype)

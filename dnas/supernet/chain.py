@@ -169,7 +169,8 @@ class ChainSpace(SearchSpace):
         first = mbconv(w(cfg.stem_channels), w(cfg.first_channels), 3, 1, 1)
         first_out = _out_shape(first, conv.output_shape)
         first_sig = OpSignature("expanded_conv", _mb_key(conv.output_shape, first_out, 1, 3, 1, False),
-                                conv.output_shape, first_out, (("expand", 1), ("kernel", 3), ("stride", 1), ("idskip", 0)),
+                                conv.output_shape, first_out,
+                                (("expand", 1), ("kernel", 3), ("stride", 1), ("idskip", 0)),
                                 build=lambda: first)
         fixed, points = [conv, first_sig], []
         shape = first_out

@@ -26,7 +26,7 @@ import jax.numpy as jnp
 
 from dnas.backend import resolve
 from dnas.supernet import layers as L
-from dnas.supernet.genotype import DARTS_EDGES, DARTS_OPS, DartsGenotype, derive_darts
+from dnas.supernet.genotype import DARTS_EDGES, DARTS_OPS, DartsGenotype, derive_darts, edge_label
 from dnas.supernet.mixed import MixedOp, scan_edges, take_edges, unrolled_edges
 from dnas.supernet.network import Network, Output, check_options, drop_key, drop_path
 from dnas.supernet.ops import candidate_ops, darts_op
@@ -34,8 +34,6 @@ from dnas.supernet.space_base import SearchSpace, check_partial
 
 #: The DARTS paper's CIFAR-10 evaluation network.
 NETWORK_DEFAULTS = {"channels": 36, "layers": 20, "stem_multiplier": 3}
-#: What :func:`darts_network` takes.
-NETWORK_OPTIONS = ("channels", "layers", "num_classes", "in_channels", "stem_multiplier", "auxiliary", "impl")
 
 
 class CellPlan(NamedTuple):
@@ -219,7 +217,7 @@ class DartsSpace(SearchSpace):
         return logits, new_state
 
     def choice_point_names(self, group):
-        return [f"{s}->{d}" for s, d in DARTS_EDGES]
+        return [edge_label(s, d) for s, d in DARTS_EDGES]
 
     def choice_point_nodes(self, group):
         return [d for _, d in DARTS_EDGES]
@@ -230,7 +228,7 @@ class DartsSpace(SearchSpace):
     @staticmethod
     def network(genotype: DartsGenotype, **options) -> Network:
         """The stand-alone network of ``genotype`` (:func:`darts_network`)."""
-        check_options("darts", options, NETWORK_OPTIONS)
+        check_options("darts", options, darts_network)
         return darts_network(genotype, **options)
 
     def latency_walk(self, input_size: int) -> tuple[list, list]:

@@ -37,7 +37,8 @@ def build_network(genotype: Genotype, **options) -> Network:
         raise GenotypeError("a user model's genotype has no built-in network: dnas.fix(model, genotype) "
                             "gives the model with only the chosen candidates")
     if space not in SPACES or not hasattr(SPACES[space][0], "network"):
-        raise GenotypeError(f"build_network: not a genotype of a built-in space: {type(genotype).__name__} {genotype!r}")
+        raise GenotypeError(f"build_network: not a genotype of a built-in space: "
+                            f"{type(genotype).__name__} {genotype!r}")
     return SPACES[space][0].network(genotype, **options)
 
 

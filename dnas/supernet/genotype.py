@@ -32,7 +32,8 @@ import numpy as np
 
 __all__ = [
     "DARTS_OPS", "NB201_OPS", "DARTS_EDGES", "NB201_EDGES", "DARTS_STEPS", "DARTS_CONCAT",
-    "SPACES", "GenotypeError", "darts_labels", "DartsGenotype", "NB201Genotype", "ChainGenotype", "ChoiceGenotype", "Genotype",
+    "SPACES", "GenotypeError", "edge_label", "nb201_labels", "darts_labels",
+    "DartsGenotype", "NB201Genotype", "ChainGenotype", "ChoiceGenotype", "Genotype",
     "DARTS_V2", "derive_darts", "derive_darts_cell", "derive_nb201", "derive_chain",
     "nb201_ops_to_string", "nb201_string_to_ops", "parse_nb201", "validate_chain_ops",
     "darts_genotype_repr", "parse_darts_genotype_repr", "genotype_to_json",
@@ -171,23 +172,31 @@ class _ChoiceMapping:
         return self.choices.items()
 
 
-def _labels_check(choices: Any, expected: Sequence[str], what: str) -> Mapping:
+def _labels_check(choices: Any, expected: Sequence[str], what: str) -> None:
+    """Refuse a mapping whose labels are not exactly ``expected``, naming the missing and unknown ones."""
     if not isinstance(choices, Mapping):
         raise GenotypeError(f"{what} choices: expected a mapping label -> op, got {type(choices).__name__}")
     missing = [k for k in expected if k not in choices]
     extra = [k for k in choices if k not in expected]
-    if missing or extra:
-        raise GenotypeError(f"{what} choices: " + "; ".join(
-            part for part in (f"missing label(s) {missing}" if missing else "",
-                              f"unknown label(s) {extra}" if extra else "") if part)
-            + f" (labels: {', '.join(expected)})")
-    return choices
+    problems = ([f"missing label(s) {missing}"] if missing else []) + ([f"unknown label(s) {extra}"] if extra else [])
+    if problems:
+        raise GenotypeError(f"{what} choices: {'; '.join(problems)} (labels: {', '.join(expected)})")
+
+
+def edge_label(src: int, dst: int) -> str:
+    """A cell edge's choice-point name, ``"src->dst"``: the spaces' row names and the genotypes' keys."""
+    return f"{src}->{dst}"
+
+
+def nb201_labels() -> list[str]:
+    """The choice-point labels of a NAS-Bench-201 genotype, in :data:`NB201_EDGES` order."""
+    return [edge_label(s, d) for s, d in NB201_EDGES]
 
 
 def darts_labels() -> list[str]:
     """The choice-point labels of a DARTS genotype: ``"{normal|reduce}/{src}->{dst}"`` per edge
     of :data:`DARTS_EDGES`, normal cell first."""
-    return [f"{kind}/{s}->{d}" for kind in ("normal", "reduce") for s, d in DARTS_EDGES]
+    return [f"{kind}/{edge_label(s, d)}" for kind in ("normal", "reduce") for s, d in DARTS_EDGES]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -234,7 +243,7 @@ class DartsGenotype(_ChoiceMapping):
         out = dict.fromkeys(darts_labels(), "none")
         for kind in ("normal", "reduce"):
             for src, dst, op in self.edges(kind):
-                label = f"{kind}/{src}->{dst}"
+                label = f"{kind}/{edge_label(src, dst)}"
                 if out[label] != "none":
                     raise GenotypeError(f"DARTS {kind} cell: edge {src}->{dst} carries two ops ({out[label]!r} "
                                         f"and {op!r}); a choice-point mapping holds one op per edge")
@@ -251,8 +260,8 @@ class DartsGenotype(_ChoiceMapping):
         for kind in ("normal", "reduce"):
             pairs = []
             for node in range(2, 2 + DARTS_STEPS):
-                kept = [(choices[f"{kind}/{s}->{node}"], s) for s in range(node)
-                        if choices[f"{kind}/{s}->{node}"] != "none"]
+                kept = [(choices[f"{kind}/{edge_label(s, node)}"], s) for s in range(node)
+                        if choices[f"{kind}/{edge_label(s, node)}"] != "none"]
                 if len(kept) != 2:
                     raise GenotypeError(f"DARTS {kind} cell: node {node} keeps {len(kept)} input edge(s) "
                                         f"{[f'{s}->{node}={op}' for op, s in kept]}; a DARTS cell keeps exactly 2")
@@ -296,11 +305,11 @@ class NB201Genotype(_ChoiceMapping):
 
     @property
     def choices(self) -> dict[str, str]:
-        return {f"{s}->{d}": op for (s, d), op in zip(NB201_EDGES, self.ops)}
+        return dict(zip(nb201_labels(), self.ops))
 
     @classmethod
     def from_choices(cls, choices: Mapping[str, str]) -> "NB201Genotype":
-        labels = [f"{s}->{d}" for s, d in NB201_EDGES]
+        labels = nb201_labels()
         _labels_check(choices, labels, "NAS-Bench-201")
         return cls(tuple(choices[k] for k in labels))
 
@@ -330,8 +339,9 @@ def validate_chain_ops(ops: Any, op_names: Sequence[str] | None = None) -> tuple
 @dataclasses.dataclass(frozen=True)
 class ChainGenotype(_ChoiceMapping):
     """A chain of searchable blocks (ProxylessNAS-style): one op name per block, e.g.
-    ``mb_k3_e3``, ``mb_k5_e6`` or ``zero``; as a mapping ``"block{i}"`` -> op. Op names are checked for form here; use
-    :meth:`check` / :func:`validate_chain_ops` to check them against a space's op list."""
+    ``mb_k3_e3``, ``mb_k5_e6`` or ``zero``; as a mapping ``"block{i}"`` -> op. Op names are
+    checked for form here; use :meth:`check` / :func:`validate_chain_ops` to check them against a
+    space's op list."""
 
     ops: tuple[str, ...]
     space: ClassVar[str] = "chain"

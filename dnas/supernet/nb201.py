@@ -25,7 +25,7 @@ import jax.numpy as jnp
 
 from dnas.backend import resolve
 from dnas.supernet import layers as L
-from dnas.supernet.genotype import NB201_EDGES, NB201_OPS, NB201Genotype, derive_nb201, parse_nb201
+from dnas.supernet.genotype import NB201_EDGES, NB201_OPS, NB201Genotype, derive_nb201, nb201_labels, parse_nb201
 from dnas.supernet.mixed import MixedOp, scan_edges, unrolled_edges
 from dnas.supernet.network import Network, Output, check_options
 from dnas.supernet.ops import candidate_ops, nb201_op
@@ -33,8 +33,6 @@ from dnas.supernet.space_base import SearchSpace, check_partial
 
 #: The NAS-Bench-201 evaluation network's size (the benchmark trains every cell in it).
 NETWORK_DEFAULTS = {"channels": 16, "cells_per_stage": 5}
-#: What :func:`nb201_network` takes.
-NETWORK_OPTIONS = ("channels", "cells_per_stage", "num_classes", "in_channels", "impl")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -156,7 +154,7 @@ class NB201Space(SearchSpace):
         return logits, new_state
 
     def choice_point_names(self, group):
-        return [f"{s}->{d}" for s, d in NB201_EDGES]
+        return nb201_labels()
 
     def choice_point_nodes(self, group):
         return [d for _, d in NB201_EDGES]
@@ -167,7 +165,7 @@ class NB201Space(SearchSpace):
     @staticmethod
     def network(genotype: NB201Genotype, **options) -> Network:
         """The stand-alone network of ``genotype`` (:func:`nb201_network`)."""
-        check_options("nb201", options, NETWORK_OPTIONS)
+        check_options("nb201", options, nb201_network)
         return nb201_network(genotype, **options)
 
     def latency_walk(self, input_size: int) -> tuple[list, list]:

@@ -63,7 +63,11 @@ def count_params(params) -> int:
 
 
 def check_options(space: str, options: dict, allowed) -> None:
-    """Refuse options a space's derived network does not take, naming the valid ones."""
+    """Refuse options a space's derived network does not take, naming the valid ones. ``allowed``:
+    option names, or the network's builder (its keyword-only parameters)."""
+    if callable(allowed):
+        import inspect
+        allowed = [n for n, p in inspect.signature(allowed).parameters.items() if p.kind is p.KEYWORD_ONLY]
     bad = sorted(set(options) - set(allowed))
     if bad:
         raise ValueError(f"derived {space} network has no option(s) {bad}; options: {sorted(allowed)}")

@@ -62,18 +62,19 @@ class SearchSpace:
         missing label. What the architecture's table latency and the early-stopping rules read."""
         from dnas.supernet.genotype import GenotypeError
 
+        choices = dict(genotype.items())   # a built-in genotype computes its mapping on each access
         out = {}
         for group in self.groups:
             names = list(self.group_op_names(group))
             idx = []
             for label in self.choice_labels(group):
-                if label not in genotype:
+                if label not in choices:
                     raise GenotypeError(f"the {self.name} space's choice point {label!r} is not in the genotype "
-                                        f"{type(genotype).__name__} (labels: {', '.join(genotype)})")
-                if genotype[label] not in names:
+                                        f"{type(genotype).__name__} (labels: {', '.join(choices)})")
+                if choices[label] not in names:
                     raise GenotypeError(f"choice point {label!r} of the {self.name} space cannot be "
-                                        f"{genotype[label]!r}; its ops: {', '.join(names)}")
-                idx.append(names.index(genotype[label]))
+                                        f"{choices[label]!r}; its ops: {', '.join(names)}")
+                idx.append(names.index(choices[label]))
             out[group] = np.array(idx, np.int64)
         return out
 
