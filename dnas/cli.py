@@ -11,14 +11,6 @@ import os
 import sys
 from pathlib import Path
 
-DEFAULT_SPACE_OPTIONS = {
-    # the default `dnas search`: a real but short NAS-Bench-201 search on the embedded digits
-    "nb201": {"channels": 16, "cells": 2},
-    "darts": {"channels": 8, "cells": 5},
-    # ProxylessNAS mobile supernet scaled down for small images on a CPU
-    "chain": {"width_mult": 0.25, "cells": 2, "stem_stride": 1},
-}
-
 
 # dnas.searcher.PRECISIONS's names (not imported here: JAX must start after the arguments are parsed)
 PRECISION_CHOICES = ("float32", "bfloat16")
@@ -192,40 +184,33 @@ def _tune(args) -> tuple[str, ...]:
     return tuple(t.strip() for t in args.tune.split(",") if t.strip())
 
 
-def _space_options(args, defaults: dict) -> dict:
-    if args.space not in DEFAULT_SPACE_OPTIONS:   # a user's space: only its own options
-        for flag, value, unset in (("--channels", args.channels, None), ("--cells", args.cells, None),
-                                   ("--width-mult", args.width_mult, None), ("--conv-impl", args.conv_impl, "auto"),
-                                   ("--loops", getattr(args, "loops", "auto"), "auto")):
-            if value != unset:
+def _space_options(args, defaults: str | None = "search_defaults") -> dict:
+    """The space options the flags describe. A built-in space reads the shared flags itself
+    (``SearchSpace.options_from_flags``), unset ones taken from its ``defaults`` attribute
+    (``search_defaults``, ``bench_defaults``; None: the space's config defaults); a user's space
+    takes ``--space-option KEY=VALUE`` only."""
+    from dnas.supernet.spaces import SPACES
+
+    flags = {"--channels": args.channels or None, "--cells": args.cells or None,
+             "--width-mult": args.width_mult or None,
+             "--conv-impl": None if args.conv_impl == "auto" else args.conv_impl,
+             "--loops": None if getattr(args, "loops", "auto") == "auto" else LOOP_FLAGS[args.loops],
+             "--stem-stride": getattr(args, "stem_stride", None)}
+    if args.space not in SPACES:   # a user's space: only its own options
+        for flag, value in flags.items():
+            if value is not None:
                 raise SystemExit(f"dnas: {flag} applies to the built-in spaces, not to {args.space!r}; "
                                  "use --space-option KEY=VALUE")
         return _key_values(args.space_option, "--space-option")
-    if args.space_option:
+    if getattr(args, "space_option", None):
         raise SystemExit(f"dnas: --space-option is for spaces given by spec or registered name; the built-in "
                          f"{args.space!r} space takes --channels, --cells, ...")
-    if args.space == "chain":
-        from dnas.supernet.chain import ChainConfig
-        if args.channels:
-            raise SystemExit("dnas: --channels does not apply to the chain space; use --width-mult")
-        opts = {k: v for k, v in defaults.items() if k not in ("cells", "channels")}
-        if args.width_mult:
-            opts["width_mult"] = args.width_mult
-        cells = args.cells or defaults.get("cells")
-        if cells is not None:
-            opts["stage_depths"] = tuple(min(d, cells) for d in ChainConfig.stage_depths)
-        if getattr(args, "loops", "auto") != "auto":
-            raise SystemExit("dnas: --loops does not apply to the chain space (its blocks all differ: always unrolled)")
-        return opts
-    opts = {"channels": args.channels or defaults.get("channels")}
-    cells = args.cells or defaults.get("cells")
-    if cells is not None:
-        opts["cells_per_stage" if args.space == "nb201" else "layers"] = cells
-    if args.conv_impl != "auto":
-        opts["impl"] = args.conv_impl
-    if getattr(args, "loops", "auto") != "auto":
-        opts["unroll"] = LOOP_FLAGS[args.loops]
-    return {k: v for k, v in opts.items() if v is not None}
+    cls = SPACES[args.space][0]
+    given = {k: v for k, v in flags.items() if v is not None}
+    try:
+        return cls.options_from_flags({**(getattr(cls, defaults) if defaults else {}), **given})
+    except ValueError as e:
+        raise SystemExit(f"dnas: {e}") from None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -534,7 +519,7 @@ def _search_cfg(args):
         space=args.space, relaxation=args.relaxation, dataset=args.dataset, epochs=args.epochs,
         batch_size=args.batch_size, seed=args.seed, seeds=args.seeds, out=args.out, devices=args.devices,
         limit_examples=args.limit_examples, max_steps=args.max_steps,
-        space_options=_space_options(args, DEFAULT_SPACE_OPTIONS.get(args.space, {})),
+        space_options=_space_options(args),
         hyper=Hyper(w_lr=args.w_lr, w_lr_min=args.w_lr_min, a_lr=args.a_lr, w_weight_decay=args.w_wd,
                     hyper_lr=args.hyper_lr),
         relaxation_options=_key_values(args.relaxation_option, "--relaxation-option"),
@@ -657,8 +642,7 @@ def _cmd_bench(args) -> int:
 
     result = run_bench(args.space, args.relaxation, batch_size=args.batch_size, image_size=args.image_size,
                        in_channels=args.in_channels, num_classes=args.num_classes,
-                       space_options=_space_options(args, DEFAULT_SPACE_OPTIONS["chain"] if args.space == "chain"
-                                                    else {"channels": 16}), steps=args.steps,
+                       space_options=_space_options(args, "bench_defaults"), steps=args.steps,
                        warmup=args.warmup, num_devices=args.devices, seed=args.seed,
                        relaxation_options=_key_values(args.relaxation_option, "--relaxation-option"),
                        hypergrad=args.hypergrad, hypergrad_options=_hypergrad_options(args), tune=_tune(args),

@@ -93,8 +93,9 @@ def cell_summary(space, genotype, probs: dict) -> dict:
     chosen = space.genotype_indices(genotype)
     normal = ["normal"] if "normal" in chosen else sorted(chosen)
     names = {g: list(space.group_op_names(g)) for g in chosen}
-    if space.name == "darts":   # edges the derivation dropped are not ops of the cell
-        chosen = {g: [i for i in idx if names[g][i] != "none"] for g, idx in chosen.items()}
+    dropped = getattr(space, "dropped_op", None)
+    if dropped is not None:   # choice points the derivation did not keep (DARTS: edges) chose no op
+        chosen = {g: [i for i in idx if names[g][i] != dropped] for g, idx in chosen.items()}
     skip = sum(names[g][int(i)] in ("skip_connect", "skip") for g in normal for i in chosen[g])
     free = sum(names[g][int(i)] in PARAM_FREE_OPS for g in chosen for i in chosen[g])
     ranking = {g: [[int(j) for j in np.argsort(-np.asarray(row), kind="stable")] for row in np.asarray(p)]

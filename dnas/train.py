@@ -2,19 +2,11 @@
 
 A search's ``genotype.json`` (or the search run's directory) becomes a stand-alone network
 (:func:`dnas.supernet.derived.build_network`) trained on the whole training split and
-evaluated on the test split after every epoch. The defaults follow each space's evaluation
-protocol (:data:`PROTOCOLS`), except the number of epochs (short by default; the papers'
-``--epochs`` are given there):
-
-* ``darts`` (DARTS, App. A.2): SGD, momentum 0.9, learning rate 0.025 cosine-annealed to 0,
-  weight decay 3e-4, gradient-norm clip 5, batch 96, drop path 0.2 (raised linearly from 0 over
-  the epochs), cutout 16 px (DeVries & Taylor 2017) at 32x32 (half the image side), auxiliary
-  head weight 0.4 where the images are large enough for it; 600 epochs, C=36, 20 layers.
-* ``nb201`` (NAS-Bench-201, Sec. 2.3): SGD with Nesterov momentum 0.9, learning rate 0.1
-  cosine to 0, weight decay 5e-4, batch 256, no cutout, no drop path; 200 epochs, C=16, N=5.
-* ``chain``: SGD with Nesterov momentum 0.9, learning rate 0.05 cosine to 0, weight decay
-  4e-5, label smoothing 0.1, batch 128 (a small-batch version of ProxylessNAS's ImageNet
-  recipe), with the search run's chain options.
+evaluated on the test split after every epoch. The defaults follow the space's evaluation
+protocol (``Space.train_protocol``: NAS-Bench-201's, DARTS's, a ProxylessNAS-like recipe for the
+chain, :data:`~dnas.supernet.space_base.GENERIC_TRAIN_PROTOCOL` for a space that states none),
+except the number of epochs (short by default; the papers' ``--epochs`` are in the spaces'
+docstrings).
 
 Every batch is augmented like the search's (random crop from a zero-padded image, horizontal
 flip except on digits). The output directory receives ``config.json``, ``metrics.jsonl`` (one
@@ -47,23 +39,10 @@ from dnas.run import _augment_settings, _MetricsLog, restore_checkpoint, save_ch
 from dnas.backend import resolve as resolve_kernels
 from dnas.parallel import DataParallel
 from dnas.searcher import accuracy, check_finite, compute_dtype
-from dnas.supernet.derived import DARTS_DEFAULTS, NB201_DEFAULTS, DropPath, Network, build_network, count_params
+from dnas.supernet.derived import DropPath, Network, build_network, count_params
 from dnas.supernet.genotype import DARTS_V2, Genotype, genotype_to_json, load_genotype, parse_nb201, save_genotype
 from dnas.supernet.layers import Ctx
 
-#: Per space: optimisation and regularisation defaults of its evaluation protocol, and the
-#: network size (``cutout`` in pixels at 32x32, scaled with the image side).
-PROTOCOLS: dict[str, dict[str, Any]] = {
-    "darts": {"batch_size": 96, "lr": 0.025, "nesterov": False, "weight_decay": 3e-4, "grad_clip": 5.0,
-              "drop_path": 0.2, "cutout": 16, "auxiliary_weight": 0.4, "label_smoothing": 0.0,
-              "network": dict(DARTS_DEFAULTS)},
-    "nb201": {"batch_size": 256, "lr": 0.1, "nesterov": True, "weight_decay": 5e-4, "grad_clip": None,
-              "drop_path": 0.0, "cutout": 0, "auxiliary_weight": 0.0, "label_smoothing": 0.0,
-              "network": dict(NB201_DEFAULTS)},
-    "chain": {"batch_size": 128, "lr": 0.05, "nesterov": True, "weight_decay": 4e-5, "grad_clip": None,
-              "drop_path": 0.0, "cutout": 0, "auxiliary_weight": 0.0, "label_smoothing": 0.1,
-              "network": {}},
-}
 _PROTOCOL_KEYS = ("batch_size", "lr", "nesterov", "weight_decay", "grad_clip", "drop_path", "cutout",
                   "auxiliary_weight", "label_smoothing")
 
@@ -71,7 +50,7 @@ _PROTOCOL_KEYS = ("batch_size", "lr", "nesterov", "weight_decay", "grad_clip", "
 @dataclasses.dataclass
 class TrainConfig:
     """A retraining run (the ``dnas train`` flags map one to one). ``None`` means: the space's
-    protocol default (:data:`PROTOCOLS`) or, for the dataset, the search run's dataset."""
+    protocol default (``Space.train_protocol``) or, for the dataset, the search run's dataset."""
 
     genotype: str | None                   # genotype.json, or a search run's directory holding one
     dataset: str | None = None
@@ -83,7 +62,7 @@ class TrainConfig:
     devices: int = 1
     out: str | None = None
     network_options: dict = dataclasses.field(default_factory=dict)
-    cells: int | None = None               # nb201: cells per stage; darts: layers (not for chain)
+    cells: int | None = None               # the network's Space.cells_option (nb201: cells per stage; darts: layers)
     batch_size: int | None = None
     lr: float | None = None
     lr_min: float = 0.0
@@ -93,7 +72,7 @@ class TrainConfig:
     grad_clip: float | None = None         # 0 disables clipping
     drop_path: float | None = None
     cutout: int | None = None              # side in pixels at 32x32 images (scaled); 0 disables
-    auxiliary_weight: float | None = None  # darts: weight of the auxiliary head's loss; 0 removes the head
+    auxiliary_weight: float | None = None  # weight of the auxiliary head's loss (darts); 0 removes the head
     label_smoothing: float | None = None
     augment: bool = True
     eval_batch_size: int = 500
@@ -148,26 +127,27 @@ def resolve_genotype(path: str | Path) -> tuple[Genotype, dict]:
     return load_genotype(path), search_cfg
 
 
-def _chain_options(search_cfg: dict) -> dict:
-    """The chain space options of the search run (its block layout), without the data-given ones."""
-    from dnas.supernet.chain import ChainConfig
-
-    opts = dict((search_cfg.get("resolved") or {}).get("space_options") or search_cfg.get("space_options") or {})
-    fields = {f.name for f in dataclasses.fields(ChainConfig)} - {"num_classes", "in_channels", "unroll", "impl"}
-    return {k: (tuple(v) if isinstance(v, list) else v) for k, v in opts.items() if k in fields}
+def space_class(space: str) -> type:
+    """The :class:`~dnas.supernet.space_base.SearchSpace` class of a genotype's space: what
+    states its evaluation protocol and builds its network."""
+    from dnas.supernet.spaces import SPACES
+    if space not in SPACES:
+        raise ValueError(f"dnas train retrains genotypes of the spaces {sorted(SPACES)}, not of {space!r}")
+    return SPACES[space][0]
 
 
 def resolve_protocol(cfg: TrainConfig, space: str, image_side: int) -> dict:
-    """The protocol values of this run: the space's defaults overridden by ``cfg``'s set fields."""
-    proto = {k: PROTOCOLS[space][k] for k in _PROTOCOL_KEYS}
+    """The protocol values of this run: the space's defaults for this image size
+    (``Space.train_protocol_for``) overridden by ``cfg``'s set fields."""
+    cls = space_class(space)
+    defaults = cls.train_protocol_for(image_side)
+    proto = {k: defaults[k] for k in _PROTOCOL_KEYS}
     for k in _PROTOCOL_KEYS:
         v = getattr(cfg, k)
         if v is not None:
             proto[k] = v
     if cfg.cutout is None and proto["cutout"]:
         proto["cutout"] = max(1, round(proto["cutout"] * image_side / 32))
-    if cfg.auxiliary_weight is None and space == "darts" and image_side < 24:
-        proto["auxiliary_weight"] = 0.0  # the head needs >= 6x6 maps at 2/3 depth
     for k in ("lr", "batch_size"):
         if not proto[k] or proto[k] <= 0:
             raise ValueError(f"{k} must be positive, got {proto[k]}")
@@ -176,8 +156,8 @@ def resolve_protocol(cfg: TrainConfig, space: str, image_side: int) -> dict:
             raise ValueError(f"{k} must be non-negative, got {proto[k]}")
     if not 0.0 <= proto["drop_path"] < 1.0:
         raise ValueError(f"drop path probability must be in [0, 1), got {proto['drop_path']}")
-    if proto["auxiliary_weight"] and space != "darts":
-        raise ValueError(f"an auxiliary head exists only in the DARTS network, not in {space!r}")
+    if proto["auxiliary_weight"] and not cls.auxiliary_head:
+        raise ValueError(f"the {space} network has no auxiliary head (auxiliary_weight must be 0)")
     return proto
 
 
@@ -294,17 +274,23 @@ def default_out_dir() -> Path:
     return Path("runs") / ("train-" + _dt.datetime.now().strftime("%Y%m%d-%H%M%S"))
 
 
-def _network_options(cfg: TrainConfig, space: str, search_cfg: dict, data) -> dict:
-    opts = dict(PROTOCOLS[space]["network"])
-    if space == "chain":
-        opts.update(_chain_options(search_cfg))
+def _network_options(cfg: TrainConfig, space: str, search_cfg: dict, data, proto: dict) -> dict:
+    """The derived network's options: the protocol's size, what the search run fixed
+    (``Space.network_options_from_search``), ``--network-option``/``--channels``, ``--cells``,
+    the data's classes and channels, and the auxiliary head when the protocol weighs it."""
+    cls = space_class(space)
+    opts = dict(cls.train_protocol_for(data.image_shape[0])["network"])
+    searched = (search_cfg.get("resolved") or {}).get("space_options") or search_cfg.get("space_options") or {}
+    opts.update(cls.network_options_from_search(dict(searched)))
     opts.update(cfg.network_options)
     if cfg.cells is not None:
-        if space == "chain":
-            raise ValueError("--cells does not apply to retraining a chain genotype (its blocks are fixed by the "
-                             "search); use --network-option")
-        opts["cells_per_stage" if space == "nb201" else "layers"] = cfg.cells
+        if cls.cells_option is None:
+            raise ValueError(f"--cells does not apply to retraining a {space} genotype (its network's layout is the "
+                             "searched one); use --network-option")
+        opts[cls.cells_option] = cfg.cells
     opts.update(num_classes=data.num_classes, in_channels=data.image_shape[-1])
+    if cls.auxiliary_head:
+        opts["auxiliary"] = proto["auxiliary_weight"] > 0
     return opts
 
 
@@ -371,10 +357,7 @@ def prepare_train(cfg: TrainConfig, *, resume: bool = False) -> _TrainPrepared:
     data_dir = cfg.data_dir if cfg.data_dir is not None else search_cfg.get("data_dir")
     data = load_dataset(dataset, limit_examples=cfg.limit_examples, seed=cfg.seed, data_dir=data_dir)
     proto = resolve_protocol(cfg, space, data.image_shape[0])
-    net_opts = _network_options(cfg, space, search_cfg, data)
-    if space == "darts":
-        net_opts["auxiliary"] = proto["auxiliary_weight"] > 0
-    network = build_network(genotype, **net_opts)
+    network = build_network(genotype, **_network_options(cfg, space, search_cfg, data, proto))
 
     if cfg.devices < 1:
         raise ValueError(f"--devices must be positive, got {cfg.devices}")
@@ -618,5 +601,5 @@ def restore_train_state(ckpt_dir, template: TrainState, step: int | None = None)
     return restore_checkpoint(ckpt_dir, template, step)
 
 
-__all__ = ["TrainConfig", "TrainState", "Trainer", "PROTOCOLS", "run_train", "resolve_genotype", "cutout_batch",
+__all__ = ["TrainConfig", "TrainState", "Trainer", "run_train", "resolve_genotype", "cutout_batch",
            "restore_train_state", "config_from_dict", "saved_config"]

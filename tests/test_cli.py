@@ -197,11 +197,31 @@ def test_search_rejects_zero_hypergradient_combination(tmp_path, capsys):
 
 @pytest.mark.parametrize("loops, unroll", [("unroll", True), ("scan-cells", "scan_cells"), ("scan", False)])
 def test_loops_flag_sets_the_space_loop_mode(loops, unroll):
-    from dnas.cli import DEFAULT_SPACE_OPTIONS, _space_options
+    from dnas.cli import _space_options
     args = build_parser().parse_args(["search", "--space", "nb201", "--loops", loops])
-    assert _space_options(args, DEFAULT_SPACE_OPTIONS["nb201"])["unroll"] == unroll
+    assert _space_options(args) == {"channels": 16, "cells_per_stage": 2, "unroll": unroll}
     default = build_parser().parse_args(["search", "--space", "darts"])
-    assert "unroll" not in _space_options(default, DEFAULT_SPACE_OPTIONS["darts"])
+    assert _space_options(default) == {"channels": 8, "layers": 5}
     chain = build_parser().parse_args(["search", "--space", "chain", "--loops", loops])
     with pytest.raises(SystemExit, match="--loops does not apply to the chain space"):
-        _space_options(chain, DEFAULT_SPACE_OPTIONS["chain"])
+        _space_options(chain)
+
+
+def test_each_space_reads_the_shared_flags_and_refuses_the_ones_it_has_no_use_for():
+    """The flags map onto each built-in space's own options (``Space.options_from_flags``),
+    unset ones from the space's defaults for the command; a flag a space has no use for is
+    refused by name, before anything runs."""
+    from dnas.cli import _space_options
+    from dnas.supernet.chain import ChainConfig
+    parse = build_parser().parse_args
+    chain = _space_options(parse(["search", "--space", "chain", "--cells", "3", "--width-mult", "0.5"]))
+    assert chain == {"width_mult": 0.5, "stem_stride": 1,
+                     "stage_depths": tuple(min(d, 3) for d in ChainConfig.stage_depths)}
+    assert _space_options(parse(["bench", "--space", "darts", "--cells", "8"]), "bench_defaults") == \
+        {"channels": 16, "layers": 8}
+    assert _space_options(parse(["bench", "--space", "nb201"]), None) == {}
+    for argv, flag in ((["search", "--space", "chain", "--channels", "8"], "--channels"),
+                       (["search", "--space", "nb201", "--width-mult", "0.5"], "--width-mult"),
+                       (["search", "--space", "darts", "--width-mult", "2"], "--width-mult")):
+        with pytest.raises(SystemExit, match=flag):
+            _space_options(parse(argv))

@@ -111,6 +111,7 @@ def test_sdarts_rs_is_uniform_in_its_ball_with_a_rising_radius():
         assert float(remedy.metrics(progress)["sdarts_epsilon"]) == pytest.approx(eps)
 
 
+@pytest.mark.slow  # ~40 s on 2 cores; the worst corner itself: test_sdarts_adv_finds_the_worst_corner_...
 def test_sdarts_adv_weight_step_trains_on_a_worse_supernet(digit_batches):
     """In the searcher, the adversarial perturbation of the mixing weights raises the training
     loss the weight step differentiates."""

@@ -43,25 +43,18 @@ def space_options(args) -> dict:
     """Space options from the flags: the same rules as ``dnas search`` (``dnas.cli._space_options``)
     but with the space's own defaults (the full ProxylessNAS chain, NB201 C=16 N=5, DARTS C=16
     8 cells) unless a flag says otherwise."""
-    from dnas.cli import DEFAULT_SPACE_OPTIONS, _space_options
+    from dnas.cli import _space_options
+    from dnas.supernet.spaces import SPACES
 
     ns = argparse.Namespace(space=args.space, channels=args.channels, cells=args.cells, width_mult=args.width_mult,
-                            conv_impl=args.conv_impl, space_option=getattr(args, "space_option", None))
-    opts = _space_options(ns, {})
-    if args.space not in DEFAULT_SPACE_OPTIONS:   # a user's space
-        if args.stem_stride is not None:
-            raise SystemExit("dnas latency: --stem-stride applies to the chain space only")
+                            conv_impl=args.conv_impl, stem_stride=args.stem_stride,
+                            space_option=getattr(args, "space_option", None))
+    opts = _space_options(ns, None)
+    if args.space not in SPACES:   # a user's space
         opts.update(in_channels=args.in_channels or 3, num_classes=args.num_classes or 10)
         return opts
     if args.in_channels is not None:
         opts["in_channels"] = args.in_channels
-    if args.space == "chain":
-        if args.stem_stride is not None:
-            opts["stem_stride"] = args.stem_stride
-        if args.conv_impl != "auto":
-            opts["impl"] = args.conv_impl
-    elif args.stem_stride is not None:
-        raise SystemExit("dnas latency: --stem-stride applies to the chain space only")
     if args.num_classes is not None:
         opts["num_classes"] = args.num_classes
     return opts

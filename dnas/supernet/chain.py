@@ -25,7 +25,7 @@ from dnas.supernet import layers as L
 from dnas.supernet.genotype import ChainGenotype, GenotypeError, derive_chain
 from dnas.supernet.mixed import MixedOp
 from dnas.supernet.network import Network, Output, check_options
-from dnas.supernet.space_base import SearchSpace
+from dnas.supernet.space_base import SearchSpace, refuse_flags
 
 MB_OPS = ("mb_k3_e3", "mb_k3_e6", "mb_k5_e3", "mb_k5_e6", "mb_k7_e3", "mb_k7_e6")
 KEEP_OPS = MB_OPS + ("zero",)
@@ -93,6 +93,38 @@ class ChainConfig:
 class ChainSpace(SearchSpace):
     name = "chain"
     op_names = KEEP_OPS
+    #: the ProxylessNAS mobile supernet scaled down for small images on a CPU
+    search_defaults = {"--width-mult": 0.25, "--cells": 2, "--stem-stride": 1}
+    bench_defaults = search_defaults
+    #: SGD with Nesterov momentum 0.9, learning rate 0.05 cosine to 0, weight decay 4e-5, label
+    #: smoothing 0.1, batch 128 (a small-batch version of ProxylessNAS's ImageNet recipe); the
+    #: network is the searched chain's layout (:meth:`network_options_from_search`)
+    train_protocol = {"batch_size": 128, "lr": 0.05, "nesterov": True, "weight_decay": 4e-5, "grad_clip": None,
+                      "drop_path": 0.0, "cutout": 0, "auxiliary_weight": 0.0, "label_smoothing": 0.1,
+                      "network": {}}
+
+    @classmethod
+    def options_from_flags(cls, flags: dict) -> dict:
+        """``--width-mult``, ``--cells`` (at most that many blocks per stage), ``--stem-stride``
+        and ``--conv-impl``; ``--channels`` and ``--loops`` are refused."""
+        flags = dict(flags)
+        if flags.pop("--channels", None):
+            raise ValueError("--channels does not apply to the chain space; use --width-mult")
+        if flags.pop("--loops", None) is not None:
+            raise ValueError("--loops does not apply to the chain space (its blocks all differ: always unrolled)")
+        opts = {"width_mult": flags.pop("--width-mult", None), "stem_stride": flags.pop("--stem-stride", None),
+                "impl": flags.pop("--conv-impl", None)}
+        cells = flags.pop("--cells", None)
+        if cells is not None:
+            opts["stage_depths"] = tuple(min(d, cells) for d in ChainConfig.stage_depths)
+        refuse_flags(flags, cls.name)
+        return {k: v for k, v in opts.items() if v is not None}
+
+    @classmethod
+    def network_options_from_search(cls, space_options: dict) -> dict:
+        """The searched chain's layout (every config field but the data-given ones)."""
+        fields = {f.name for f in dataclasses.fields(ChainConfig)} - {"num_classes", "in_channels", "unroll", "impl"}
+        return {k: (tuple(v) if isinstance(v, list) else v) for k, v in space_options.items() if k in fields}
 
     def __init__(self, config: ChainConfig = ChainConfig()):
         self.config = c = config

@@ -30,7 +30,7 @@ from dnas.supernet.genotype import DARTS_EDGES, DARTS_OPS, DartsGenotype, derive
 from dnas.supernet.mixed import MixedOp, scan_edges, take_edges, unrolled_edges
 from dnas.supernet.network import Network, Output, check_options, drop_key, drop_path
 from dnas.supernet.ops import candidate_ops, darts_op
-from dnas.supernet.space_base import SearchSpace, check_partial
+from dnas.supernet.space_base import SearchSpace, cell_options_from_flags, check_partial
 
 #: The DARTS paper's CIFAR-10 evaluation network.
 NETWORK_DEFAULTS = {"channels": 36, "layers": 20, "stem_multiplier": 3}
@@ -160,6 +160,32 @@ class _DartsCell:
 class DartsSpace(SearchSpace):
     name = "darts"
     op_names = DARTS_OPS
+    search_defaults = {"--channels": 8, "--cells": 5}
+    bench_defaults = {"--channels": 16}
+    cells_option = "layers"
+    #: DARTS's CIFAR evaluation (App. A.2): SGD, momentum 0.9, learning rate 0.025 cosine to 0,
+    #: weight decay 3e-4, gradient-norm clip 5, batch 96, drop path 0.2 (raised linearly from 0
+    #: over the epochs), cutout 16 px (DeVries & Taylor 2017) at 32x32, auxiliary head weight
+    #: 0.4; 600 epochs, C=36, 20 layers
+    train_protocol = {"batch_size": 96, "lr": 0.025, "nesterov": False, "weight_decay": 3e-4, "grad_clip": 5.0,
+                      "drop_path": 0.2, "cutout": 16, "auxiliary_weight": 0.4, "label_smoothing": 0.0,
+                      "network": NETWORK_DEFAULTS}
+    auxiliary_head = True
+    #: the derivation keeps two edges per node; the others read as ``none``
+    dropped_op = "none"
+
+    @classmethod
+    def options_from_flags(cls, flags: dict) -> dict:
+        return cell_options_from_flags(flags, cls.name, cls.cells_option)
+
+    @classmethod
+    def train_protocol_for(cls, image_side: int) -> dict:
+        """No auxiliary head below 24 px: it pools 5x5 windows of the maps at 2/3 depth, which
+        must be at least 6x6."""
+        proto = dict(cls.train_protocol)
+        if image_side < 24:
+            proto["auxiliary_weight"] = 0.0
+        return proto
 
     def __init__(self, config: DartsConfig = DartsConfig()):
         self.config = cfg = config

@@ -18,6 +18,33 @@ class UnknownSpaceError(ValueError):
     """A search-space name that is not registered."""
 
 
+#: ``dnas train``'s protocol for a space that states none of its own (:attr:`SearchSpace.train_protocol`):
+#: SGD with Nesterov momentum 0.9, learning rate 0.05 cosine-annealed to 0, weight decay 5e-4,
+#: batch 128, no clipping, drop path, cutout, auxiliary head or label smoothing.
+GENERIC_TRAIN_PROTOCOL: dict[str, Any] = {
+    "batch_size": 128, "lr": 0.05, "nesterov": True, "weight_decay": 5e-4, "grad_clip": None, "drop_path": 0.0,
+    "cutout": 0, "auxiliary_weight": 0.0, "label_smoothing": 0.0, "network": {}}
+
+
+def refuse_flags(flags: dict, space: str, hint: str = "use --space-option KEY=VALUE") -> None:
+    """A set flag (``flags``: ``{"--channels": 16, ...}``, ``None`` = unset) the space has no use
+    for is an error naming the flag."""
+    for flag, value in flags.items():
+        if value is not None:
+            raise ValueError(f"{flag} does not apply to the {space} space; {hint}")
+
+
+def cell_options_from_flags(flags: dict, space: str, cells_option: str) -> dict:
+    """The cell spaces' (NB201, DARTS) reading of the shared flags: ``--channels`` is C,
+    ``--cells`` the space's ``cells_option``, ``--conv-impl`` and ``--loops`` the convolution
+    formulation and the loop form; any other set flag is refused."""
+    flags = dict(flags)
+    opts = {"channels": flags.pop("--channels", None), cells_option: flags.pop("--cells", None),
+            "impl": flags.pop("--conv-impl", None), "unroll": flags.pop("--loops", None)}
+    refuse_flags(flags, space, "its options: --channels, --cells, --conv-impl, --loops")
+    return {k: v for k, v in opts.items() if v is not None}
+
+
 class SearchSpace:
     """A supernet with labelled choice points (see :mod:`dnas.supernet.spaces`). Optional hooks:
     ``network(genotype, **options) -> Network`` (a static method: the stand-alone network
@@ -28,6 +55,44 @@ class SearchSpace:
     name: str
     op_names: tuple[str, ...]
     groups: dict[str, tuple[int, int]]
+
+    # What the commands read of a space besides its supernet (class attributes, so that they
+    # are known before a space is built; ``docs/spaces.md``):
+    #: ``dnas search``'s flags when the command line leaves them unset (a short search on small images)
+    search_defaults: dict[str, Any] = {}
+    #: ``dnas bench``'s flags when unset
+    bench_defaults: dict[str, Any] = {}
+    #: the option ``dnas train --cells`` sets on the derived network (None: the flag does not apply)
+    cells_option: str | None = None
+    #: ``dnas train``'s defaults: the space's evaluation protocol (the keys of
+    #: :data:`GENERIC_TRAIN_PROTOCOL`; ``"network"``: the derived network's size options)
+    train_protocol: dict[str, Any] = GENERIC_TRAIN_PROTOCOL
+    #: whether the derived network (:meth:`network`) takes ``auxiliary=True`` for an auxiliary
+    #: head, whose loss ``dnas train`` weighs by ``auxiliary_weight``
+    auxiliary_head: bool = False
+    #: the op a genotype reads at a choice point the derivation did not keep (DARTS: ``"none"``)
+    dropped_op: str | None = None
+
+    @classmethod
+    def options_from_flags(cls, flags: dict) -> dict:
+        """The space's config options from the flags ``dnas search``, ``bench`` and ``latency``
+        share (``{"--channels": 16, "--cells": 2, "--width-mult": None, "--conv-impl": None,
+        "--loops": None, "--stem-stride": None}``, ``None`` = unset). A space with no such
+        options (a user's) refuses every set flag: its options come as ``--space-option``."""
+        refuse_flags(flags, getattr(cls, "name", cls.__name__))
+        return {}
+
+    @classmethod
+    def train_protocol_for(cls, image_side: int) -> dict[str, Any]:
+        """:attr:`train_protocol` for images of ``image_side`` pixels (a space whose network
+        needs large enough images for part of its protocol overrides this)."""
+        return dict(cls.train_protocol)
+
+    @classmethod
+    def network_options_from_search(cls, space_options: dict) -> dict:
+        """Options of the derived network that the search run's space options fix (the chain's
+        block layout); the cell spaces' networks have their own size (:attr:`train_protocol`)."""
+        return {}
 
     def init(self, key):  # pragma: no cover - interface
         raise NotImplementedError
