@@ -39,7 +39,7 @@ from dnas.run import _augment_settings, _MetricsLog, restore_checkpoint, save_ch
 from dnas.backend import resolve as resolve_kernels
 from dnas.parallel import DataParallel
 from dnas.searcher import accuracy, check_finite, compute_dtype
-from dnas.supernet.derived import DropPath, Network, build_network, count_params
+from dnas.supernet.derived import DropPath, Network, count_params
 from dnas.supernet.genotype import DARTS_V2, Genotype, genotype_to_json, load_genotype, parse_nb201, save_genotype
 from dnas.supernet.layers import Ctx
 
@@ -127,19 +127,51 @@ def resolve_genotype(path: str | Path) -> tuple[Genotype, dict]:
     return load_genotype(path), search_cfg
 
 
-def space_class(space: str) -> type:
-    """The :class:`~dnas.supernet.space_base.SearchSpace` class of a genotype's space: what
-    states its evaluation protocol and builds its network."""
+def space_class(space):
+    """The :class:`~dnas.supernet.space_base.SearchSpace` that states a genotype's evaluation
+    protocol and builds its network: a built-in space's class by name, or a space object as is."""
     from dnas.supernet.spaces import SPACES
+    if not isinstance(space, str):
+        return space
     if space not in SPACES:
-        raise ValueError(f"dnas train retrains genotypes of the spaces {sorted(SPACES)}, not of {space!r}")
+        raise ValueError(f"{space!r} is not a built-in space ({', '.join(SPACES)}); a user's space is retrained "
+                         "from its search run's directory")
     return SPACES[space][0]
 
 
-def resolve_protocol(cfg: TrainConfig, space: str, image_side: int) -> dict:
-    """The protocol values of this run: the space's defaults for this image size
-    (``Space.train_protocol_for``) overridden by ``cfg``'s set fields."""
+def train_space(genotype: Genotype, search_cfg: dict, data):
+    """The space ``genotype`` is retrained in: a built-in space's class, or the user's space the
+    search ran on, rebuilt from the search run's ``config.json`` (its name or import spec and
+    ``space_options``; ``docs/own_model.md``). Its ``network`` builds the stand-alone network:
+    a user's :class:`~dnas.supernet.space_base.SearchSpace` its own, an NNX model
+    :func:`dnas.fix`'s (:meth:`~dnas.supernet.nnx_space.NNXSpace.network`)."""
+    from dnas.supernet.spaces import SPACES, UnknownSpaceError, build_space
+    if genotype.space in SPACES:
+        return SPACES[genotype.space][0]
+    name = search_cfg.get("space")
+    if not isinstance(name, str):
+        raise ValueError("this genotype's space is the user's model it was searched on: pass the search run's "
+                         "directory (its config.json names the space), not a bare genotype file")
+    options = {"in_channels": data.image_shape[-1], "num_classes": data.num_classes,
+               **(search_cfg.get("space_options") or {})}
+    try:
+        space = build_space(name, **options)
+    except UnknownSpaceError as e:
+        raise ValueError(f"the search ran on {name!r}, which cannot be rebuilt by name ({e}). A model passed to "
+                         "dnas.search as an object is retrained from Python (dnas.fix(model, genotype)), or "
+                         "searched and retrained by import spec ('my_pkg.module:Model')") from None
+    if not callable(getattr(space, "network", None)):
+        raise ValueError(f"the space {name!r} builds no stand-alone network: give it a network(genotype, **options) "
+                         "method (docs/spaces.md)")
+    return space
+
+
+def resolve_protocol(cfg: TrainConfig, space, image_side: int) -> dict:
+    """The protocol values of this run: the space's (a built-in name, or a space object)
+    defaults for this image size (``Space.train_protocol_for``) overridden by ``cfg``'s set
+    fields; a regulariser the space's network does not have is refused."""
     cls = space_class(space)
+    space = getattr(cls, "name", space)
     defaults = cls.train_protocol_for(image_side)
     proto = {k: defaults[k] for k in _PROTOCOL_KEYS}
     for k in _PROTOCOL_KEYS:
@@ -156,8 +188,10 @@ def resolve_protocol(cfg: TrainConfig, space: str, image_side: int) -> dict:
             raise ValueError(f"{k} must be non-negative, got {proto[k]}")
     if not 0.0 <= proto["drop_path"] < 1.0:
         raise ValueError(f"drop path probability must be in [0, 1), got {proto['drop_path']}")
-    if proto["auxiliary_weight"] and not cls.auxiliary_head:
+    if proto["auxiliary_weight"] and not cls.has_auxiliary_head:
         raise ValueError(f"the {space} network has no auxiliary head (auxiliary_weight must be 0)")
+    if proto["drop_path"] and not cls.has_drop_path:
+        raise ValueError(f"the {space} network has no drop path (drop_path must be 0)")
     return proto
 
 
@@ -274,11 +308,12 @@ def default_out_dir() -> Path:
     return Path("runs") / ("train-" + _dt.datetime.now().strftime("%Y%m%d-%H%M%S"))
 
 
-def _network_options(cfg: TrainConfig, space: str, search_cfg: dict, data, proto: dict) -> dict:
+def _network_options(cfg: TrainConfig, space, search_cfg: dict, data, proto: dict) -> dict:
     """The derived network's options: the protocol's size, what the search run fixed
     (``Space.network_options_from_search``), ``--network-option``/``--channels``, ``--cells``,
     the data's classes and channels, and the auxiliary head when the protocol weighs it."""
     cls = space_class(space)
+    space = getattr(cls, "name", space)
     opts = dict(cls.train_protocol_for(data.image_shape[0])["network"])
     searched = (search_cfg.get("resolved") or {}).get("space_options") or search_cfg.get("space_options") or {}
     opts.update(cls.network_options_from_search(dict(searched)))
@@ -289,7 +324,7 @@ def _network_options(cfg: TrainConfig, space: str, search_cfg: dict, data, proto
                              "searched one); use --network-option")
         opts[cls.cells_option] = cfg.cells
     opts.update(num_classes=data.num_classes, in_channels=data.image_shape[-1])
-    if cls.auxiliary_head:
+    if cls.has_auxiliary_head:
         opts["auxiliary"] = proto["auxiliary_weight"] > 0
     return opts
 
@@ -346,18 +381,18 @@ def prepare_train(cfg: TrainConfig, *, resume: bool = False) -> _TrainPrepared:
     if cfg.checkpoint_every < 1 or (cfg.checkpoint_steps is not None and cfg.checkpoint_steps < 1):
         raise ValueError("checkpoint_every and checkpoint_steps must be positive")
     genotype, search_cfg = resolve_genotype(cfg.genotype)
-    space = genotype.space
     benchmark = None
     if cfg.nb201_table is not None:
-        if space != "nb201":
-            raise ValueError(f"--nb201-table looks up NAS-Bench-201 cells; this genotype is of the {space!r} space")
+        if genotype.space != "nb201":
+            raise ValueError(f"--nb201-table looks up NAS-Bench-201 cells; this genotype is of the {genotype.space!r} space")
         from dnas.nb201_table import NB201Table
         benchmark = NB201Table.load(cfg.nb201_table).lookup(genotype)
     dataset = cfg.dataset if cfg.dataset is not None else search_cfg.get("dataset")
     data_dir = cfg.data_dir if cfg.data_dir is not None else search_cfg.get("data_dir")
     data = load_dataset(dataset, limit_examples=cfg.limit_examples, seed=cfg.seed, data_dir=data_dir)
+    space = train_space(genotype, search_cfg, data)
     proto = resolve_protocol(cfg, space, data.image_shape[0])
-    network = build_network(genotype, **_network_options(cfg, space, search_cfg, data, proto))
+    network = space.network(genotype, **_network_options(cfg, space, search_cfg, data, proto))
 
     if cfg.devices < 1:
         raise ValueError(f"--devices must be positive, got {cfg.devices}")
@@ -376,7 +411,7 @@ def prepare_train(cfg: TrainConfig, *, resume: bool = False) -> _TrainPrepared:
     out = Path(cfg.out) if cfg.out else default_out_dir()
     trainer = Trainer(network, proto, total, momentum=cfg.momentum, lr_min=cfg.lr_min, num_devices=cfg.devices,
                       precision=cfg.precision, kernels=cfg.kernels)
-    resolved = dict(out=str(out), space=space, genotype_json=genotype_to_json(genotype), network=network.config,
+    resolved = dict(out=str(out), space=space.name, genotype_json=genotype_to_json(genotype), network=network.config,
                     protocol=proto, total_steps=total, steps_per_epoch=steps_per_epoch, epochs_run=epochs,
                     dataset_name=data.name, num_train=int(len(data.train_y)), num_test=data.num_test,
                     backend=jax.default_backend(), jax_version=jax.__version__)
@@ -475,7 +510,7 @@ class _TrainLoop:
         bar = None
         if cfg.progress:
             from tqdm.auto import tqdm
-            bar = tqdm(total=total, initial=self.step, desc=f"train {prep.genotype.space}", unit="step",
+            bar = tqdm(total=total, initial=self.step, desc=f"train {prep.resolved['space']}", unit="step",
                        dynamic_ncols=True)
         try:
             with _StopSignals() as stop:
@@ -549,7 +584,7 @@ def _finish_train(prep: _TrainPrepared, loop: _TrainLoop, n_params: int, wall: f
     history, out = loop.history, prep.out
     final = history[-1] if history else {}
     tests = [r["test_acc"] for r in history if "test_acc" in r]
-    summary = {"out": str(out), "space": prep.genotype.space, "genotype": genotype_to_json(prep.genotype),
+    summary = {"out": str(out), "space": prep.resolved["space"], "genotype": genotype_to_json(prep.genotype),
                "params": n_params, "steps": loop.step, "epochs": prep.epochs, "final": final,
                "final_test_acc": final.get("test_acc"), "best_test_acc": max(tests) if tests else None,
                "wall_time_s": wall, "compile_s": loop.compile_s}

@@ -272,6 +272,62 @@ def test_plugin_space_and_relaxation_through_the_cli(tmp_path):
     assert not (tmp_path / "x").exists()
 
 
+@pytest.mark.parametrize("train", [False, True])
+def test_derived_network_of_a_user_model_is_the_fixed_model(train):
+    """``dnas train``'s network of a user model (``NNXSpace.network``) computes what
+    ``dnas.fix`` of the freshly initialised model computes, BatchNorm in either mode, holds
+    only the chosen candidates' parameters, and updates the running statistics in training."""
+    from dnas.supernet.network import count_params
+    space = NNXSpace(lambda rngs: Net(rngs))
+    g = ChoiceGenotype({"op": "conv5", "act": "tanh", "merge": (0, 2)}, "Net")
+    net = space.network(g, num_classes=10, in_channels=1)
+    params, stats = net.init(jax.random.PRNGKey(3))
+    fixed = dnas.fix(Net(nnx.Rngs(jax.random.PRNGKey(3))), g)
+    _set_train(fixed, train)
+    x = _x(8, seed=1)
+    out = net.apply(params, stats, x, Ctx(train=train))
+    np.testing.assert_allclose(np.asarray(out.logits), np.asarray(fixed(x)), rtol=1e-5, atol=1e-6)
+    assert out.aux_logits is None
+    assert count_params(params) == sum(a.size for a in jax.tree_util.tree_leaves(nnx.state(fixed, nnx.Param)))
+    assert count_params(params) < count_params(space.init(jax.random.PRNGKey(3))[0])
+    moved = jax.tree_util.tree_map(lambda a, b: bool(jnp.any(a != b)), out.state, stats)
+    assert any(jax.tree_util.tree_leaves(moved)) == train
+    with pytest.raises(ValueError, match="no option"):
+        space.network(g, channels=8)
+
+
+def test_dnas_train_retrains_a_user_models_search(tmp_path):
+    """``dnas train RUN`` on a search of a user's model (by import spec): the space is rebuilt
+    from the run's config, the network is the fixed model under the generic protocol, and the
+    regularisers its network does not have are refused before anything is written."""
+    from dnas.cli import main
+    from dnas.supernet.space_base import GENERIC_TRAIN_PROTOCOL
+    run = tmp_path / "run"
+    assert main(["search", "--space", "dnas_test_plugin:space", "--space-option", "width=4", "--epochs", "1",
+                 "--max-steps", "3", "--batch-size", "16", "--no-progress", "--out", str(run)]) == 0
+    chosen = json.loads((run / "genotype.json").read_text())["choices"]
+    out = tmp_path / "train"
+    assert main(["train", str(run), "--epochs", "6", "--batch-size", "32", "--lr", "0.2", "--no-progress",
+                 "--out", str(out)]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    conf = json.loads((out / "config.json").read_text())["resolved"]
+    assert summary["space"] == conf["space"] == "Tiny" and conf["network"]["choices"] == chosen
+    assert conf["protocol"]["nesterov"] == GENERIC_TRAIN_PROTOCOL["nesterov"] and conf["protocol"]["lr"] == 0.2
+    from dnas_test_plugin import Tiny
+    fixed = dnas.fix(Tiny(1, 10, 4, nnx.Rngs(0)), chosen)
+    assert summary["params"] == sum(a.size for a in jax.tree_util.tree_leaves(nnx.state(fixed, nnx.Param)))
+    epochs = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    epochs = [r for r in epochs if "test_acc" in r]
+    assert len(epochs) == 6 and epochs[-1]["train_loss"] < epochs[0]["train_loss"]
+    assert epochs[-1]["test_acc"] > 0.25      # 10 classes: chance is 0.1 (measured 0.32)
+    for flags, what in ((["--drop-path", "0.1"], "no drop path"), (["--auxiliary-weight", "0.4"], "no auxiliary head")):
+        assert main(["train", str(run), "--epochs", "1", "--no-progress", "--out", str(tmp_path / "bad"), *flags]) == 2
+        assert not (tmp_path / "bad").exists(), what
+    (tmp_path / "bare.json").write_text((run / "genotype.json").read_text())
+    assert main(["train", str(tmp_path / "bare.json"), "--no-progress", "--out", str(tmp_path / "bad")]) == 2
+    assert not (tmp_path / "bad").exists()
+
+
 def test_unknown_specs_name_the_problem():
     with pytest.raises(ValueError, match="cannot import module 'no_such_pkg.spaces'"):
         make_searcher("no_such_pkg.spaces:net")

@@ -113,6 +113,12 @@ def test_darts_protocol_on_small_images(tmp_path):
     proto = resolve_protocol(TrainConfig(genotype=str(g)), "darts", 8)
     assert proto["auxiliary_weight"] == 0.0 and proto["cutout"] == 4 and proto["drop_path"] == 0.2
     assert resolve_protocol(TrainConfig(genotype=str(g)), "darts", 32)["auxiliary_weight"] == 0.4
+    # the NB201 and chain networks have neither regulariser: asking for one is an error, not ignored
+    for space in ("nb201", "chain"):
+        with pytest.raises(ValueError, match="no drop path"):
+            resolve_protocol(TrainConfig(genotype="", drop_path=0.2), space, 32)
+        with pytest.raises(ValueError, match="no auxiliary head"):
+            resolve_protocol(TrainConfig(genotype="", auxiliary_weight=0.4), space, 32)
     summary = run_train(TrainConfig(genotype=str(g), epochs=2, max_steps=3, batch_size=32,
                                     network_options={"channels": 4, "layers": 3}, out=str(tmp_path / "o"),
                                     progress=False))

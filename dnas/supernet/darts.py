@@ -170,7 +170,8 @@ class DartsSpace(SearchSpace):
     train_protocol = {"batch_size": 96, "lr": 0.025, "nesterov": False, "weight_decay": 3e-4, "grad_clip": 5.0,
                       "drop_path": 0.2, "cutout": 16, "auxiliary_weight": 0.4, "label_smoothing": 0.0,
                       "network": NETWORK_DEFAULTS}
-    auxiliary_head = True
+    has_auxiliary_head = True
+    has_drop_path = True
     #: the derivation keeps two edges per node; the others read as ``none``
     dropped_op = "none"
 

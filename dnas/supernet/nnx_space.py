@@ -26,8 +26,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from dnas.nnx import Choice, InputChoice, choice_points, mixing, set_search_mode
+from dnas.nnx import Choice, InputChoice, choice_points, fix, mixing, set_search_mode
 from dnas.supernet.genotype import ChoiceGenotype
+from dnas.supernet.network import Network, Output, check_options
 from dnas.supernet.space_base import SearchSpace
 
 
@@ -107,6 +108,40 @@ class NNXSpace(SearchSpace):
             c = genotype[label]
             out[label] = np.array([point.names.index(c) if isinstance(point, Choice) else int(c[0])])
         return out
+
+    # ------------------------------------------------------------------ the derived network
+    def _fresh(self, key) -> nnx.Module:
+        """The model before any training: the factory's from ``key``, or the instance's own weights."""
+        return self.module(self._params0, self._stats0) if self.factory is None else self.factory(nnx.Rngs(key))
+
+    def network(self, genotype, **options) -> Network:
+        """The stand-alone network ``dnas train`` trains: :func:`dnas.fix` of the model before
+        any training (a factory's, initialised from the run's key; an instance's own initial
+        weights), as pure ``init``/``apply`` (split outside the jitted step, like the supernet),
+        run in the mode the search runs it in (BatchNorm on batch statistics in training,
+        synchronised over the devices; dropout off). ``num_classes`` is checked against the
+        logits; ``in_channels`` is the model's own layers' business."""
+        check_options(self.name, options, ("num_classes", "in_channels"))
+        num_classes = options.get("num_classes")
+        graphdef, _, _, rest = nnx.split(fix(self._fresh(jax.random.PRNGKey(0)), genotype),
+                                         nnx.Param, nnx.BatchStat, ...)
+
+        def init(key):
+            _, params, stats, _ = nnx.split(fix(self._fresh(key), genotype), nnx.Param, nnx.BatchStat, ...)
+            return nnx.to_pure_dict(params), nnx.to_pure_dict(stats)
+
+        def apply(params, stats, x, ctx, drop=None):
+            model = set_search_mode(nnx.merge(graphdef, params, stats, rest, copy=True), train=bool(ctx.train),
+                                    axis_name=ctx.axis_name)
+            logits = model(x)
+            if num_classes is not None and logits.shape[-1] != num_classes:
+                raise ValueError(f"{self.name} returns {logits.shape[-1]} logits per example; the data has "
+                                 f"{num_classes} classes")
+            return Output(logits, None, nnx.to_pure_dict(nnx.state(model, nnx.BatchStat)))
+
+        config = {"model": self.name, "choices": {k: v if isinstance(v, str) else list(v)
+                                                  for k, v in dict(genotype.items()).items()}, **options}
+        return Network(init, apply, genotype, config)
 
     def describe(self) -> dict:
         return {"space": self.name, "kind": "nnx",

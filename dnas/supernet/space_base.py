@@ -69,7 +69,9 @@ class SearchSpace:
     train_protocol: dict[str, Any] = GENERIC_TRAIN_PROTOCOL
     #: whether the derived network (:meth:`network`) takes ``auxiliary=True`` for an auxiliary
     #: head, whose loss ``dnas train`` weighs by ``auxiliary_weight``
-    auxiliary_head: bool = False
+    has_auxiliary_head: bool = False
+    #: whether the derived network drops paths when ``dnas train`` passes a drop probability
+    has_drop_path: bool = False
     #: the op a genotype reads at a choice point the derivation did not keep (DARTS: ``"none"``)
     dropped_op: str | None = None
 
