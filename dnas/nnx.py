@@ -9,7 +9,8 @@ A researcher marks what is to be searched where it lives, in the model's own cod
   2 of its predecessors), summed (or averaged) in the chosen network.
 
 Every choice point has a ``label``; a genotype (:class:`dnas.supernet.genotype.ChoiceGenotype`)
-maps labels to what was chosen. :class:`dnas.supernet.nnx_space.NNXSpace` turns such a model
+maps labels to what was chosen. Choice points that share a label are one decision (a cell
+repeated through the network: :func:`choice_point_uses`). :class:`dnas.supernet.nnx_space.NNXSpace` turns such a model
 into a search space, so every relaxation, hypergradient estimator, latency loss,
 multi-device and multi-seed search applies to it unchanged; :func:`fix` returns the model with
 each choice point replaced by its choice.
@@ -31,8 +32,8 @@ import jax.numpy as jnp
 from flax import nnx
 from jax import lax
 
-__all__ = ["Choice", "InputChoice", "Identity", "Zero", "FixedInputs", "fix", "choice_points", "mixing",
-           "set_search_mode"]
+__all__ = ["Choice", "InputChoice", "Identity", "Zero", "FixedInputs", "fix", "choice_points", "choice_point_uses",
+           "mixing", "first_candidates", "set_search_mode"]
 
 
 class Identity(nnx.Module):
@@ -226,6 +227,32 @@ def mixing(samples: Mapping[str, Any], mix: Callable, ctx=None):
         _ACTIVE.reset(token)
 
 
+class _FirstCandidates(_Mixing):
+    def __init__(self, record):
+        super().__init__({}, None, None)
+        self.record = record
+
+    def choose(self, choice: Choice, x):
+        if self.record is not None:
+            self.record(choice, x)
+        return choice.candidates[0](x)
+
+    def choose_input(self, choice: InputChoice, inputs: list):
+        return inputs[0]
+
+
+@contextlib.contextmanager
+def first_candidates(record: Callable[[Choice, Any], None] | None = None):
+    """Within this context every :class:`Choice` runs its first candidate (after calling
+    ``record(choice, x)``) and every :class:`InputChoice` passes its first input: the supernet
+    as one architecture, to find the shapes each choice point sees."""
+    token = _ACTIVE.set(_FirstCandidates(record))
+    try:
+        yield
+    finally:
+        _ACTIVE.reset(token)
+
+
 # --------------------------------------------------------------------------- structure
 
 def set_search_mode(model: nnx.Module, train: bool, axis_name: str | None = None) -> nnx.Module:
@@ -242,17 +269,37 @@ def set_search_mode(model: nnx.Module, train: bool, axis_name: str | None = None
     return model
 
 
-def choice_points(model: nnx.Module) -> dict[str, tuple[tuple, Choice | InputChoice]]:
-    """``{label: (path, choice point)}`` in the model's graph order; duplicate labels are an
-    error (a genotype could not tell them apart)."""
+def _signature(point) -> tuple:
+    """What the uses of one label must agree on to share one decision."""
+    if isinstance(point, Choice):
+        return ("Choice", point.names)
+    return ("InputChoice", point.n_candidates, point.n_chosen, point.reduction)
+
+
+def choice_point_uses(model: nnx.Module) -> dict[str, list[tuple[tuple, Choice | InputChoice]]]:
+    """``{label: [(path, choice point), ...]}``: every choice point of ``model`` in graph
+    order, grouped by label. Choice points that share a label share one architecture decision:
+    one row of α, one sample per forward pass, one choice in the genotype (as DARTS's normal
+    cells share one α, and NAS-Bench-201's 15 cells one cell). They must then be the same
+    kind with the same candidates' names (a :class:`Choice`) or the same ``n_candidates``,
+    ``n_chosen`` and ``reduction`` (an :class:`InputChoice`); their weights are their own."""
     found: dict = {}
     for path, module in nnx.iter_modules(model):
         if isinstance(module, (Choice, InputChoice)):
-            if module.label in found and found[module.label][1] is not module:
-                raise ValueError(f"two choice points share the label {module.label!r} (at {_path(found[module.label][0])} "
-                                 f"and {_path(path)}); labels must be unique")
-            found.setdefault(module.label, (tuple(path), module))
+            uses = found.setdefault(module.label, [])
+            if uses and _signature(uses[0][1]) != _signature(module):
+                raise ValueError(f"the choice points at {_path(uses[0][0])} and {_path(path)} share the label "
+                                 f"{module.label!r} but not their candidates ({_signature(uses[0][1])} vs "
+                                 f"{_signature(module)}): a shared label is one decision over the same candidates")
+            if not any(m is module for _, m in uses):
+                uses.append((tuple(path), module))
     return found
+
+
+def choice_points(model: nnx.Module) -> dict[str, tuple[tuple, Choice | InputChoice]]:
+    """``{label: (path, choice point)}`` in the model's graph order: each label's first use
+    (:func:`choice_point_uses` has them all)."""
+    return {label: uses[0] for label, uses in choice_point_uses(model).items()}
 
 
 def _path(path) -> str:
@@ -285,15 +332,18 @@ def fix(model: nnx.Module, genotype) -> nnx.Module:
     """
     choices = dict(genotype.choices if hasattr(genotype, "choices") else genotype)
     fixed = nnx.clone(model)
-    points = choice_points(fixed)
+    uses = choice_point_uses(fixed)
+    points = {label: u[0] for label, u in uses.items()}
     missing, extra = sorted(set(points) - set(choices)), sorted(set(choices) - set(points))
     if missing or extra:
         raise ValueError("the genotype does not match the model's choice points: "
                          + "; ".join(p for p in (f"no choice for {missing}" if missing else "",
                                                  f"unknown labels {extra}" if extra else "") if p)
                          + f" (the model's labels: {sorted(points)})")
-    # deepest first, so that a choice point inside a candidate is fixed before its parent moves
-    for label, (path, point) in sorted(points.items(), key=lambda kv: -len(kv[1][0])):
+    # every use of every label, deepest first, so that a choice point inside a candidate is
+    # fixed before its parent moves
+    every = [(label, path, point) for label, u in uses.items() for path, point in u]
+    for label, path, point in sorted(every, key=lambda use: -len(use[1])):
         choice = choices[label]
         if isinstance(point, Choice):
             if choice not in point.names:

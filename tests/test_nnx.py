@@ -86,6 +86,61 @@ def test_soft_mixture_equals_hand_written(train):
         assert not np.allclose(new_stats["op"]["candidates"][1]["bn"]["mean"], stats["op"]["candidates"][1]["bn"]["mean"])
 
 
+class SharedCells(nnx.Module):
+    """Two cells whose choice points share labels, one decision for both (as DARTS's normal
+    cells share one α): the second cell runs at half the resolution, twice the width."""
+
+    def __init__(self, rngs, c=4):
+        self.stem = nnx.Conv(1, c, (3, 3), rngs=rngs)
+        self.cells = nnx.List([Choice({"conv3": ConvBN(w, 3, rngs), "skip": Identity(), "zero": Zero()}, label="edge")
+                               for w in (c, 2 * c)])
+        self.pick = nnx.List([InputChoice(2, 1, label="in") for _ in range(2)])
+        self.widen = nnx.Conv(c, 2 * c, (1, 1), strides=2, rngs=rngs)
+        self.head = nnx.Linear(2 * c, 10, rngs=rngs)
+
+    def __call__(self, x):
+        h = self.stem(x)
+        h = self.pick[0]([h, self.cells[0](h)])
+        h = self.widen(h)
+        h = self.pick[1]([h, self.cells[1](h)])
+        return self.head(h.mean((1, 2)))
+
+
+@pytest.mark.parametrize("train", [False, True], ids=["eval", "train"])
+def test_choice_points_sharing_a_label_share_one_decision(train):
+    """Choice points with one label are one row of α: every use mixes its own candidates with
+    the same weights (checked against the hand-written mixture), the genotype has one choice
+    per label, and fix() replaces every use (only the chosen candidates' weights remain)."""
+    from dnas.latency.nnx_profile import choice_point_inputs
+    model = SharedCells(nnx.Rngs(0))
+    space = NNXSpace(model)
+    assert space.groups == {"edge": (1, 3), "in": (1, 2)}
+    params, stats = space.init(jax.random.PRNGKey(0))
+    w = _weights(space, 4)
+    x = _x(seed=5)
+    logits, _ = space.apply(params, stats, x, w, dense_mix, Ctx(train=train))
+    ref = nnx.clone(model)
+    _set_train(ref, train)
+    h = ref.stem(x)
+    for k in range(2):
+        if k:
+            h = ref.widen(h)
+        y = sum(w["edge"][0, i] * op(h) for i, op in enumerate(ref.cells[k].candidates))
+        h = w["in"][0, 0] * h + w["in"][0, 1] * y
+    np.testing.assert_allclose(logits, ref.head(h.mean((1, 2))), rtol=1e-5, atol=1e-6)
+
+    g = space.derive({"edge": np.array([[0.1, 0.7, 0.2]]), "in": np.array([[0.2, 0.8]])})
+    assert g.choices == {"edge": "skip", "in": (1,)}
+    fixed = dnas.fix(model, {"edge": "conv3", "in": [1]})
+    assert all(isinstance(c, ConvBN) for c in fixed.cells)
+    n_fixed = sum(a.size for a in jax.tree_util.tree_leaves(nnx.state(fixed, nnx.Param)))
+    n_convs = sum(a.size for c in model.cells for a in jax.tree_util.tree_leaves(nnx.state(c.candidates[0], nnx.Param)))
+    n_rest = sum(a.size for m in (model.stem, model.widen, model.head) for a in jax.tree_util.tree_leaves(nnx.state(m, nnx.Param)))
+    assert n_fixed == n_convs + n_rest
+    # the latency profile sees each use at its own input shape
+    assert choice_point_inputs(space, (6, 6, 1), batch_size=2)["edge"] == [(2, 6, 6, 4), (2, 3, 3, 8)]
+
+
 @pytest.mark.parametrize("choice", [("conv5", (0, 2), "tanh"), ("conv3", (1, 2), "relu"), ("skip", (0, 1), "relu")])
 @pytest.mark.parametrize("mix", ["dense", "sampled"])
 def test_one_hot_equals_fixed_model(choice, mix):
@@ -153,11 +208,11 @@ def test_bad_choice_points_and_genotypes_are_refused():
     with pytest.raises(ValueError, match="distinct indices"):
         dnas.fix(model, {"op": "conv3", "act": "relu", "merge": [0, 0]})
 
-    class Twice(nnx.Module):
+    class Twice(nnx.Module):   # one label, two different candidate sets: not one decision
         def __init__(self):
             self.a = Choice({"x": Identity(), "y": Zero()}, label="same")
-            self.b = Choice({"x": Identity(), "y": Zero()}, label="same")
-    with pytest.raises(ValueError, match="share the label 'same'"):
+            self.b = Choice({"x": Identity(), "z": Zero()}, label="same")
+    with pytest.raises(ValueError, match="share the label 'same' but not their candidates"):
         NNXSpace(Twice())
     with pytest.raises(ValueError, match="no choice points"):
         NNXSpace(nnx.Linear(2, 2, rngs=nnx.Rngs(0)))

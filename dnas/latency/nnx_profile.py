@@ -27,26 +27,30 @@ from flax import nnx
 from dnas.latency.profile import LoadMonitor, dispatch_overhead, time_call
 from dnas.latency.space_latency import FIXED_KEY, choice_key
 from dnas.latency.table import LatencyTable, runtime_meta
-from dnas.nnx import Choice, choice_points, fix, set_search_mode
-from dnas.supernet.layers import Ctx
+from dnas.nnx import Choice, choice_point_uses, first_candidates, fix, set_search_mode
 
 
-def choice_point_inputs(space, input_shape: tuple, batch_size: int = 1) -> dict[str, tuple]:
-    """``{label: input shape}`` of every :class:`~dnas.nnx.Choice` of ``space`` (an
-    :class:`~dnas.supernet.nnx_space.NNXSpace`) for inputs of ``(batch_size, *input_shape)``."""
-    labels = list(space.points)
-    samples = {label: np.array([k]) for k, label in enumerate(labels)}
-    shapes: dict[str, tuple] = {}
+def choice_point_inputs(space, input_shape: tuple, batch_size: int = 1) -> dict[str, list[tuple | None]]:
+    """``{label: [input shape of each use]}`` of every :class:`~dnas.nnx.Choice` of ``space``
+    (an :class:`~dnas.supernet.nnx_space.NNXSpace`) for inputs of ``(batch_size, *input_shape)``,
+    in :func:`~dnas.nnx.choice_point_uses`'s order (a label shared by several choice points has
+    one shape per use; ``None`` for a use the model did not call). Found by tracing the model
+    once (``jax.eval_shape``) with every choice point on its first candidate."""
+    model = set_search_mode(space.module(*space.init(jax.random.PRNGKey(0))), train=False)
+    graphdef, state = nnx.split(model)
+    shapes: dict = {}
 
-    def record(sample, candidates, x):
-        shapes[labels[int(sample)]] = tuple(x.shape)
-        outs, _ = candidates.all(x)
-        return outs[0], None
+    def run(st, x_):
+        traced = nnx.merge(graphdef, st)
+        where = {id(point): (label, k) for label, points in choice_point_uses(traced).items()
+                 for k, (_, point) in enumerate(points)}
 
-    params, stats = space.init(jax.random.PRNGKey(0))
-    x = jax.ShapeDtypeStruct((batch_size, *input_shape), jnp.float32)
-    jax.eval_shape(lambda p, s, x_: space.apply(p, s, x_, samples, record, Ctx(train=False)), params, stats, x)
-    return {label: shapes[label] for label in labels if isinstance(space.points[label], Choice) and label in shapes}
+        with first_candidates(lambda choice, x: shapes.__setitem__(where[id(choice)], tuple(x.shape))):
+            return traced(x_)
+
+    jax.eval_shape(run, state, jax.ShapeDtypeStruct((batch_size, *input_shape), jnp.float32))
+    return {label: [shapes.get((label, k)) for k in range(len(points))]
+            for label, points in choice_point_uses(model).items() if isinstance(points[0][1], Choice)}
 
 
 def _time_module(module: nnx.Module, x, repeats: int, warmup: int, statistic: str) -> float:
@@ -64,20 +68,23 @@ def profile_choice_points(space, input_shape: tuple, batch_size: int = 1, repeat
     inputs = choice_point_inputs(space, tuple(input_shape), batch_size)
     rng = np.random.default_rng(seed)
     model = space.module(*space.init(jax.random.PRNGKey(seed)))
-    points = choice_points(model)
     entries: dict[str, dict] = {}
     first: dict = {}
     with LoadMonitor() as load:
         overhead = dispatch_overhead(batch_size, repeats, warmup, statistic=statistic) if subtract_overhead else 0.0
-        for label, (_, point) in points.items():
+        for label, uses in choice_point_uses(model).items():
+            point = uses[0][1]
             if not isinstance(point, Choice):
                 for name in point.names:
                     entries[choice_key(label, 0, name)] = {"mean_ms": 0.0, "std_ms": 0.0, "count": 0}
                 first[label] = (0,)
                 continue
-            x = jnp.asarray(rng.standard_normal(inputs[label]), jnp.float32)
-            for name, candidate in zip(point.names, point.candidates):
-                ms = max(_time_module(candidate, x, repeats, warmup, statistic) - overhead, 0.0)
+            # a shared label costs the sum over its uses (each its own module, at its own input shape)
+            used = [(p, jnp.asarray(rng.standard_normal(shape), jnp.float32))
+                    for (_, p), shape in zip(uses, inputs[label]) if shape is not None]
+            for j, name in enumerate(point.names):
+                ms = sum(max(_time_module(p.candidates[j], x, repeats, warmup, statistic) - overhead, 0.0)
+                         for p, x in used)
                 entries[choice_key(label, 0, name)] = {"mean_ms": ms, "std_ms": float("nan"), "count": repeats}
                 if progress:
                     print(f"  {label}/{name}: {ms:.4f} ms")
