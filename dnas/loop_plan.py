@@ -12,7 +12,7 @@ and "A short run starts stepping quickly"):
 
 With ``--loops auto`` (no ``unroll`` option given) :func:`plan_cpu_loops` estimates each
 mode's step time over the run from figures measured on the 2-core CPU at a reference size
-(:data:`MEASURED`), the step scaled by the run's work (batch × pixels × channels² × cells)
+(a space's ``cpu_loop_cost``, the DARTS space's; :data:`MEASURED` for the solver loop), the step scaled by the run's work (batch × pixels × channels² × cells)
 relative to the reference, and takes the fast mode only when the time it saves is at least
 twice its extra compile (:meth:`LoopCost.prefer_fast`). A short run then starts stepping
 within the two minutes a user will wait, and a long run keeps the fastest step.
@@ -43,22 +43,20 @@ class LoopCost:
         return saved >= 2.0 * (self.fast[0] - self.short[0])
 
 
-def _work(batch: int, image_shape, channels: int, cells: int) -> float:
+def work(batch: int, image_shape, channels: int, cells: int) -> float:
+    """A step's work relative measure: batch × pixels × channels² × cells."""
     h, w = image_shape[:2]
     return float(batch) * h * w * channels ** 2 * cells
 
 
-#: Measured on the 2-core CPU, jaxlib 0.10.2 (docs/benchmarks.md, "A short run starts stepping").
+#: The solver loop, measured on the 2-core CPU, jaxlib 0.10.2 (docs/benchmarks.md, "A short run
+#: starts stepping"); the spaces' own loops are measured in their modules (``cpu_loop_cost``).
 MEASURED = {
-    # DARTS space, C=16, 8 cells, B=64, 32x32 (dnas bench --loops unroll|scan): unrolled compile
-    # 540.7 s, step 12.0 s; scanned 81.6 s, 15.4 s
-    "darts": LoopCost(_work(64, (32, 32), 16, 8), fast=(540.7, 12.0), short=(81.6, 15.4),
-                      measured="dnas bench --space darts --cells 8 --loops unroll|scan"),
     # NB201 C=16 N=2 (6 cells), B=32, 8x8x1, implicit-cg with 10 CG iterations: fori_loop compile
     # 55 s, step 2.98 s (measured); unrolled: compile over 600 s (the first step did not come
     # within 10 minutes) and a step estimated at 9 first-order steps (0.081 s each; the K=5
     # ratio of docs/hypergrad.md is 5.0x)
-    "implicit": LoopCost(_work(32, (8, 8), 16, 6), fast=(600.0, 0.73), short=(55.2, 2.98),
+    "implicit": LoopCost(work(32, (8, 8), 16, 6), fast=(600.0, 0.73), short=(55.2, 2.98),
                          measured="Searcher.compiled_step, implicit-cg unroll=False; unrolled bounded"),
 }
 
@@ -84,19 +82,21 @@ def plan_cpu_loops(space: str, space_options: dict, hypergrad: str, hypergrad_op
     filled in where the user left them open, and what was chosen and why (for config.json).
     A no-op unless the kernel policy is XLA:CPU's (:mod:`dnas.backend`; the measured costs are
     XLA:CPU's), and where ``unroll`` is set."""
+    from dnas.supernet.space_base import SearchSpace
+    from dnas.supernet.spaces import SPACES
+
     space_options, hypergrad_options = dict(space_options), dict(hypergrad_options)
     plan: dict = {}
     if resolve(kernels).name != "xla_cpu":
         return space_options, hypergrad_options, plan
-    if space == "darts" and "unroll" not in space_options:
-        work = _work(batch_size, image_shape, space_options.get("channels", 16), space_options.get("layers", 8))
-        fast = MEASURED["darts"].prefer_fast(total_steps, work)
+    cls = SPACES[space][0] if isinstance(space, str) and space in SPACES else SearchSpace
+    channels, cells = cls.loop_size(space_options)
+    if cls.cpu_loop_cost is not None and "unroll" not in space_options:
+        fast = cls.cpu_loop_cost.prefer_fast(total_steps, work(batch_size, image_shape, channels, cells))
         space_options["unroll"] = True if fast else False
         plan["space_loops"] = "unroll" if fast else "scan"
     if hypergrad.startswith("implicit") and "unroll" not in hypergrad_options:
-        cells = space_options.get("cells_per_stage", space_options.get("layers", 5)) * (3 if space == "nb201" else 1)
-        work = _work(batch_size, image_shape, space_options.get("channels", 16), cells)
-        fast = MEASURED["implicit"].prefer_fast(total_steps, work)
+        fast = MEASURED["implicit"].prefer_fast(total_steps, work(batch_size, image_shape, channels, cells))
         hypergrad_options["unroll"] = True if fast else False
         plan["solver_loop"] = "unroll" if fast else "fori_loop"
     if plan:

@@ -376,15 +376,24 @@ def test_compiled_network_drops_dead_nb201_edges_and_shared_poolings():
 
 
 def test_random_darts_architectures_look_derived():
-    from dnas.latency.profile import random_architecture
+    """DARTS's sampler keeps two edges per node, each with an op other than ``none``, and every
+    such architecture is a genotype the space derives (its indices read back unchanged)."""
     from dnas.supernet.genotype import DARTS_EDGES
-    model = describe_space(build_space("darts", **TINY["darts"]), 8)
-    arch = random_architecture(model, np.random.default_rng(0))
-    none = model.op_names["normal"].index("none")
-    for g in ("normal", "reduce"):
-        for d in range(2, 6):
-            kept = [e for e, (_, dd) in enumerate(DARTS_EDGES) if dd == d and arch[g][e] != none]
-            assert len(kept) == 2
+    space = build_space("darts", **TINY["darts"])
+    rng = np.random.default_rng(0)
+    for _ in range(5):
+        arch = space.random_indices(rng)
+        none = space.group_op_names("normal").index("none")
+        for g in ("normal", "reduce"):
+            for d in range(2, 6):
+                kept = [e for e, (_, dd) in enumerate(DARTS_EDGES) if dd == d and arch[g][e] != none]
+                assert len(kept) == 2
+        scores = {g: np.eye(8)[arch[g]] for g in arch}
+        derived = space.derive(scores)
+        for g in arch:
+            np.testing.assert_array_equal(space.genotype_indices(derived)[g], arch[g])
+    nb201 = build_space("nb201", **TINY["nb201"]).random_indices(np.random.default_rng(0))
+    assert nb201["cell"].shape == (6,) and set(nb201["cell"]) <= set(range(5))
 
 
 # ------------------------------------------------------------------------------ fit

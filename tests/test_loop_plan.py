@@ -4,7 +4,8 @@ from __future__ import annotations
 import jax
 import pytest
 
-from dnas.loop_plan import MEASURED, plan_cpu_loops
+from dnas.loop_plan import plan_cpu_loops
+from dnas.supernet.darts import DartsSpace
 
 pytestmark = pytest.mark.skipif(jax.default_backend() != "cpu", reason="the plan applies to XLA:CPU only")
 
@@ -23,7 +24,7 @@ def test_short_darts_search_scans_long_one_unrolls():
 def test_the_choice_flips_where_the_measured_times_cross():
     """At the reference size the unrolled step is chosen once it saves twice its extra compile:
     after 2·Δcompile / Δstep steps (about 270 for the DARTS space)."""
-    c = MEASURED["darts"]
+    c = DartsSpace.cpu_loop_cost
     cross = 2 * (c.fast[0] - c.short[0]) / (c.short[1] - c.fast[1])
     opts = {"channels": 16, "layers": 8}
     below = plan_cpu_loops("darts", opts, "first", {}, int(cross) - 1, 64, (32, 32, 3))[0]

@@ -38,11 +38,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dnas.latency.space_latency import (OpSignature, SpaceLatencyModel, architecture_latency, deployed_latency,
+from dnas.latency.space_latency import (OpSignature, architecture_latency, deployed_latency,
                                         describe_space, latency_matrix)
 from dnas.latency.table import LatencyTable, runtime_meta
 from dnas.supernet import layers as L
-from dnas.supernet.genotype import DARTS_EDGES
 
 _INFER = L.Ctx(train=False)
 
@@ -340,26 +339,6 @@ def _discrete_space(space):
     return type(space)(dataclasses.replace(cfg, **changes))
 
 
-def random_architecture(model: SpaceLatencyModel, rng: np.random.Generator) -> dict[str, np.ndarray]:
-    """Per group, one op index per choice point: uniform for NAS-Bench-201 and the chain
-    (``zero`` included where offered), derived-genotype-like for DARTS (every intermediate
-    node keeps two incoming edges with non-``none`` ops, the other edges are ``none``)."""
-    if model.space != "darts":
-        return {g: rng.integers(0, k, size=n) for g, (n, k) in model.groups.items()}
-    out = {}
-    for g, (n, k) in model.groups.items():
-        names = model.op_names[g]
-        none = names.index("none")
-        ops = [j for j in range(k) if j != none]
-        idx = np.full(n, none, np.int64)
-        for d in range(2, 6):
-            edges = [e for e, (_, dd) in enumerate(DARTS_EDGES) if dd == d]
-            for e in rng.choice(edges, 2, replace=False):
-                idx[e] = rng.choice(ops)
-        out[g] = idx
-    return out
-
-
 def _spearman(a, b) -> float:
     from dnas.latency.fit import spearman
     return spearman(a, b)
@@ -400,7 +379,7 @@ def validate(table: LatencyTable, space, n_archs: int = 20, batch_size: int | No
     with LoadMonitor() as load:
         overhead = dispatch_overhead(batch_size, repeats, warmup, statistic=statistic) if subtract_overhead else 0.0
         for _ in tqdm(range(n_archs), desc="compiling networks", unit="arch", disable=not progress, leave=False):
-            arch = random_architecture(model, rng)
+            arch = space.random_indices(rng)
 
             def run(p, s, x, arch=arch):
                 with jax.ensure_compile_time_eval():   # keeps the static op indices static under jit

@@ -23,8 +23,10 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from dnas.backend import resolve
+from dnas.loop_plan import LoopCost, work
 from dnas.supernet import layers as L
 from dnas.supernet.genotype import DARTS_EDGES, DARTS_OPS, DartsGenotype, derive_darts, edge_label
 from dnas.supernet.mixed import MixedOp, scan_edges, take_edges, unrolled_edges
@@ -175,9 +177,33 @@ class DartsSpace(SearchSpace):
     #: the derivation keeps two edges per node; the others read as ``none``
     dropped_op = "none"
 
+    #: C=16, 8 cells, B=64, 32x32 on the 2-core CPU, jaxlib 0.10.2 (docs/benchmarks.md, "A short
+    #: run starts stepping"): unrolled compile 540.7 s, step 12.0 s; scanned 81.6 s, 15.4 s
+    cpu_loop_cost = LoopCost(work(64, (32, 32), 16, 8), fast=(540.7, 12.0), short=(81.6, 15.4),
+                             measured="dnas bench --space darts --cells 8 --loops unroll|scan")
+
     @classmethod
     def options_from_flags(cls, flags: dict) -> dict:
         return cell_options_from_flags(flags, cls.name, cls.cells_option)
+
+    @classmethod
+    def loop_size(cls, options: dict) -> tuple[int, int]:
+        return int(options.get("channels", DartsConfig.channels)), int(options.get("layers", DartsConfig.layers))
+
+    def random_indices(self, rng: np.random.Generator) -> dict[str, np.ndarray]:
+        """Derived-genotype-like: every intermediate node keeps two incoming edges with ops other
+        than ``none``, uniformly; the other edges are ``none``."""
+        out = {}
+        for g, (n, k) in self.groups.items():
+            none = self.group_op_names(g).index("none")
+            ops = [j for j in range(k) if j != none]
+            idx = np.full(n, none, np.int64)
+            for d in range(2, 6):
+                edges = [e for e, (_, dd) in enumerate(DARTS_EDGES) if dd == d]
+                for e in rng.choice(edges, 2, replace=False):
+                    idx[e] = rng.choice(ops)
+            out[g] = idx
+        return out
 
     @classmethod
     def train_protocol_for(cls, image_side: int) -> dict:

@@ -108,6 +108,11 @@ class NB201Space(SearchSpace):
     def options_from_flags(cls, flags: dict) -> dict:
         return cell_options_from_flags(flags, cls.name, cls.cells_option)
 
+    @classmethod
+    def loop_size(cls, options: dict) -> tuple[int, int]:
+        return (int(options.get("channels", NB201Config.channels)),
+                3 * int(options.get("cells_per_stage", NB201Config.cells_per_stage)))
+
     def __init__(self, config: NB201Config = NB201Config()):
         self.config = c = config
         self.kernels = resolve(c.kernels)

@@ -84,6 +84,17 @@ class SearchSpace:
         refuse_flags(flags, getattr(cls, "name", cls.__name__))
         return {}
 
+    #: measured XLA:CPU (compile, step) costs of the supernet's unrolled and scanned loops
+    #: (:class:`dnas.loop_plan.LoopCost`), from which ``--loops auto`` picks by the run's length;
+    #: None: the space has no loop form to choose
+    cpu_loop_cost = None
+
+    @classmethod
+    def loop_size(cls, options: dict) -> tuple[int, int]:
+        """``(channels, cells)`` of the supernet ``options`` build, for the loop plan's work
+        estimate (:func:`dnas.loop_plan.plan_cpu_loops`)."""
+        return int(options.get("channels", 16)), 5
+
     @classmethod
     def train_protocol_for(cls, image_side: int) -> dict[str, Any]:
         """:attr:`train_protocol` for images of ``image_side`` pixels (a space whose network
@@ -144,6 +155,12 @@ class SearchSpace:
                 idx.append(names.index(choices[label]))
             out[group] = np.array(idx, np.int64)
         return out
+
+    def random_indices(self, rng: np.random.Generator) -> dict[str, np.ndarray]:
+        """A random discrete architecture as op indices per group (what ``dnas latency
+        validate`` times): uniform over every choice point's candidates. A space whose
+        genotypes are constrained (DARTS: two kept edges per node) samples like its derivation."""
+        return {g: rng.integers(0, k, size=n) for g, (n, k) in self.groups.items()}
 
     def choice_point_nodes(self, group: str) -> list[int]:
         """The node each choice point feeds (edges into the same node share a node id)."""
