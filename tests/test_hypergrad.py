@@ -249,6 +249,7 @@ from dnas.searcher import Hyper, make_searcher  # noqa: E402
 TINY = dict(channels=4, cells_per_stage=1, num_classes=10, in_channels=1, unroll=False)  # scanned: short compiles
 
 
+@pytest.mark.slow  # ~40 s on 2 cores; on a supernet also: test_nnx's test_user_model_unrolled_hypergradient_...
 def test_supernet_unrolled_equals_explicit_darts_second_order(digit_batches):
     """On the NB201 supernet: the `unrolled` hypergradient of α, log lr and log wd equals
     jax.grad (reverse-over-reverse) of the DARTS one-step objective written out by hand,

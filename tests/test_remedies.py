@@ -191,6 +191,7 @@ def test_remedies_through_the_cli(tmp_path):
     assert json.loads((out / "genotype.json").read_text())["arch"].count("~") == 6
 
 
+@pytest.mark.slow  # ~35 s on 2 cores; the selection itself: test_planted (DARTS-PT recovers the plant)
 def test_darts_pt_through_the_cli_on_a_search_run(tmp_path, capsys):
     """`dnas select --method pt RUN` on a finished search: one decision per NB201 edge, each the op
     whose removal cost the most accuracy, written as a genotype; a sampled relaxation is refused."""
