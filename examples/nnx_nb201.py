@@ -1,0 +1,129 @@
+"""NAS-Bench-201 written as your own Flax NNX model with ``dnas.nnx`` choice points.
+
+The NAS-Bench-201 supernet (Dong & Yang, ICLR 2020) in a user's primitives: every cell's six
+edges are :class:`~dnas.nnx.Choice` points among the benchmark's five ops, and the edges of all
+15 cells share the labels ``"0->1"`` ... ``"2->3"``, so that they are one architecture decision,
+as in the benchmark. Copy it to search a variant of the cell (other ops, more nodes) without
+writing a ``SearchSpace``:
+
+    dnas search --space examples.nnx_nb201:space --space-option cells_per_stage=1 --epochs 5
+
+(from the repository root). Given the built-in ``nb201`` space's weights
+(:func:`load_builtin_weights`) it computes what the built-in space computes: logits, the
+gradient with respect to the architecture weights, BatchNorm statistics
+(``tests/test_nnx_nb201.py``). The built-in module is the same supernet with stacked,
+scannable cells and the XLA:CPU kernels; ``docs/benchmarks.md`` ("NAS-Bench-201 as an NNX
+model") measures what that buys.
+"""
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from dnas.nnx import Choice, Identity, Zero
+from dnas.supernet.genotype import NB201_EDGES, NB201_OPS, edge_label
+
+
+def _bn(c, affine, rngs):
+    # PyTorch's momentum 0.1 is Flax's 0.9; affine=False as DARTS-style search cells
+    return nnx.BatchNorm(c, momentum=0.9, epsilon=1e-5, use_bias=affine, use_scale=affine, rngs=rngs)
+
+
+class ReLUConvBN(nnx.Module):
+    def __init__(self, c_in, c_out, k, stride, affine, rngs):
+        self.conv = nnx.Conv(c_in, c_out, (k, k), strides=stride, padding=[(k // 2, k // 2)] * 2, use_bias=False,
+                             rngs=rngs)
+        self.bn = _bn(c_out, affine, rngs)
+
+    def __call__(self, x):
+        return self.bn(self.conv(jax.nn.relu(x)))
+
+
+def avg_pool_3x3(x):
+    return nn.avg_pool(x, (3, 3), strides=(1, 1), padding=((1, 1), (1, 1)), count_include_pad=False)
+
+
+class Cell(nnx.Module):
+    """Node d sums its incoming edges; each edge chooses one of NAS-Bench-201's five ops."""
+
+    def __init__(self, c, rngs):
+        self.edges = nnx.List([Choice({"none": Zero(), "skip_connect": Identity(),
+                                       "nor_conv_1x1": ReLUConvBN(c, c, 1, 1, False, rngs),
+                                       "nor_conv_3x3": ReLUConvBN(c, c, 3, 1, False, rngs),
+                                       "avg_pool_3x3": avg_pool_3x3}, label=edge_label(s, d))
+                               for s, d in NB201_EDGES])
+
+    def __call__(self, x):
+        nodes = [x]
+        for d in range(1, 4):
+            nodes.append(sum(self.edges[e](nodes[s]) for e, (s, dd) in enumerate(NB201_EDGES) if dd == d))
+        return nodes[3]
+
+
+class Reduction(nnx.Module):
+    """NAS-Bench-201's residual reduction block."""
+
+    def __init__(self, c_in, c_out, rngs):
+        self.a = ReLUConvBN(c_in, c_out, 3, 2, True, rngs)
+        self.b = ReLUConvBN(c_out, c_out, 3, 1, True, rngs)
+        self.short = nnx.Conv(c_in, c_out, (1, 1), use_bias=False, rngs=rngs)
+
+    def __call__(self, x):
+        return self.b(self.a(x)) + self.short(nn.avg_pool(x, (2, 2), strides=(2, 2)))
+
+
+class NB201(nnx.Module):
+    """The supernet: stem, three stages of ``n`` cells (C, 2C, 4C channels) with the residual
+    reduction blocks between them, and the head; every cell's edge ``s->d`` is the choice
+    point labelled ``"s->d"``, one decision for all cells."""
+
+    def __init__(self, rngs, c=16, n=5, in_channels=3, num_classes=10):
+        widths = (c, 2 * c, 4 * c)
+        self.stem = nnx.Conv(in_channels, c, (3, 3), padding=[(1, 1)] * 2, use_bias=False, rngs=rngs)
+        self.stem_bn = _bn(c, True, rngs)
+        self.stages = nnx.List([nnx.List([Cell(w, rngs) for _ in range(n)]) for w in widths])
+        self.reductions = nnx.List([Reduction(widths[i], widths[i + 1], rngs) for i in range(2)])
+        self.head_bn = _bn(widths[-1], True, rngs)
+        self.classifier = nnx.Linear(widths[-1], num_classes, rngs=rngs)
+
+    def __call__(self, x):
+        x = self.stem_bn(self.stem(x))
+        for i, stage in enumerate(self.stages):
+            for cell in stage:
+                x = cell(x)
+            if i < 2:
+                x = self.reductions[i](x)
+        return self.classifier(jnp.mean(jax.nn.relu(self.head_bn(x)), axis=(1, 2)))
+
+
+def load_builtin_weights(model: NB201, params) -> None:
+    """Write the built-in ``nb201`` space's weights (``build_space("nb201", ...).init(key)[0]``,
+    same channels and cells) into ``model``: the two then compute the same supernet."""
+    def conv_bn(m, p):   # relu_conv_bn: (relu, conv, bn)
+        m.conv.kernel[...] = p[1]["w"]
+        if p[2]:
+            m.bn.scale[...], m.bn.bias[...] = p[2]["scale"], p[2]["bias"]
+
+    model.stem.kernel[...] = params["stem"][0]["w"]
+    model.stem_bn.scale[...], model.stem_bn.bias[...] = params["stem"][1]["scale"], params["stem"][1]["bias"]
+    for i, stage in enumerate(model.stages):
+        ops = params[f"stage{i}"]   # per op: leaves stacked over (cell, edge)
+        for k, cell in enumerate(stage):
+            for e, edge in enumerate(cell.edges):
+                for j, name in enumerate(NB201_OPS):
+                    if name.startswith("nor_conv"):
+                        conv_bn(edge.candidates[j], jax.tree_util.tree_map(lambda a: a[k, e], ops[j]))
+        if i < 2:
+            r = params[f"reduce{i}"]
+            conv_bn(model.reductions[i].a, r["a"])
+            conv_bn(model.reductions[i].b, r["b"])
+            model.reductions[i].short.kernel[...] = r["short"][1]["w"]
+    model.head_bn.scale[...], model.head_bn.bias[...] = params["head_bn"]["scale"], params["head_bn"]["bias"]
+    model.classifier.kernel[...], model.classifier.bias[...] = params["classifier"]["w"], params["classifier"]["b"]
+
+
+def space(in_channels: int = 3, num_classes: int = 10, channels: int = 16, cells_per_stage: int = 5) -> NB201:
+    """The supernet as a space factory for the command line (``--space examples.nnx_nb201:space``)."""
+    return NB201(nnx.Rngs(0), c=channels, n=cells_per_stage, in_channels=in_channels, num_classes=num_classes)

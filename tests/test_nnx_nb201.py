@@ -1,0 +1,74 @@
+"""NAS-Bench-201 declared with ``dnas.nnx``'s primitives, as a user would write it, computes
+what the built-in space computes.
+
+The built-in ``nb201`` space (dnas/supernet/nb201.py) is one ``SearchSpace`` module with stacked
+cells and the XLA:CPU kernels. examples/nnx_nb201.py is the same supernet as an ordinary Flax
+NNX model: 15 cells (here 3) whose six edges are ``Choice`` points sharing the labels ``"0->1"`` ... ``"2->3"``,
+so that all cells are one architecture decision, as in the benchmark. Given the built-in
+space's weights, the two give the same logits, the same gradient of the loss with respect to
+the architecture weights, and the same BatchNorm statistics (the built-in keeps PyTorch's
+unbiased running variance, Flax the biased one; the test converts). The NNX declaration is
+therefore a description of the built-in space in the user's primitives; the built-in module is
+its fast implementation.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from dnas.relaxations import dense_mix
+from dnas.supernet.genotype import NB201_EDGES, NB201_OPS, edge_label
+from dnas.supernet.layers import Ctx
+from dnas.supernet.nnx_space import NNXSpace
+from dnas.supernet.spaces import build_space
+from examples.nnx_nb201 import NB201, load_builtin_weights
+
+C, N, SIDE = 4, 1, 8
+
+
+def test_nb201_declared_with_nnx_choices_equals_the_built_in_space():
+    builtin = build_space("nb201", channels=C, cells_per_stage=N, in_channels=1, num_classes=10)
+    params, state = builtin.init(jax.random.PRNGKey(0))
+    model = NB201(nnx.Rngs(1), c=C, n=N, in_channels=1)
+    load_builtin_weights(model, params)
+    space = NNXSpace(model)
+    labels = [edge_label(s, d) for s, d in NB201_EDGES]
+    assert space.groups == {label: (1, 5) for label in labels}      # 6 decisions, shared by all cells
+    nparams, nstats = space.init(jax.random.PRNGKey(2))
+
+    rng = np.random.default_rng(3)
+    w = jnp.asarray(rng.dirichlet(np.ones(5), size=6), jnp.float32)   # α's softmax, one row per edge
+    x = jnp.asarray(rng.standard_normal((16, SIDE, SIDE, 1)), jnp.float32)
+    r = jnp.asarray(rng.standard_normal((16, 10)), jnp.float32)
+    ctx = Ctx(train=True)
+
+    def builtin_loss(w):
+        logits, new_state = builtin.apply(params, state, x, {"cell": w}, dense_mix, ctx)
+        return jnp.sum(logits * r), (logits, new_state)
+
+    def nnx_loss(w):
+        logits, new_stats = space.apply(nparams, nstats, x, {lab: w[e][None] for e, lab in enumerate(labels)},
+                                        dense_mix, ctx)
+        return jnp.sum(logits * r), (logits, new_stats)
+
+    (_, (want, want_state)), want_grad = jax.jit(jax.value_and_grad(builtin_loss, has_aux=True))(w)
+    (_, (got, got_stats)), got_grad = jax.jit(jax.value_and_grad(nnx_loss, has_aux=True))(w)
+    np.testing.assert_allclose(got, want, rtol=2e-4, atol=2e-5)
+    np.testing.assert_allclose(got_grad, want_grad, rtol=2e-3, atol=2e-4)   # ∂loss/∂(α's weights), 6 x 5
+    assert float(jnp.abs(want_grad).max()) > 1e-2    # a gradient that says something
+    # inference (BatchNorm's running statistics), after the training step's statistics
+    eval_w = {lab: w[e][None] for e, lab in enumerate(labels)}
+    np.testing.assert_allclose(space.apply(nparams, nstats, x, eval_w, dense_mix, Ctx(train=False))[0],
+                               builtin.apply(params, state, x, {"cell": w}, dense_mix, Ctx(train=False))[0],
+                               rtol=2e-4, atol=2e-5)
+    n = 16 * SIDE * SIDE   # the stem's BatchNorm sees the whole batch at full resolution
+    np.testing.assert_allclose(got_stats["stem_bn"]["mean"], want_state["stem"][1]["mean"], rtol=1e-4, atol=1e-6)
+    # PyTorch's running variance is unbiased: 0.9 + 0.1 * var * n / (n - 1); Flax's biased
+    np.testing.assert_allclose(got_stats["stem_bn"]["var"] - 0.9,
+                               (want_state["stem"][1]["var"] - 0.9) * (n - 1) / n, rtol=1e-4, atol=1e-6)
+    # the first cell's 3x3 convolution on edge 0->1 (the stacked leaves' [cell 0, edge 0])
+    conv3 = NB201_OPS.index("nor_conv_3x3")
+    np.testing.assert_allclose(got_stats["stages"][0][0]["edges"][0]["candidates"][conv3]["bn"]["mean"],
+                               want_state["stage0"][conv3][2]["mean"][0, 0], rtol=1e-4, atol=1e-6)
