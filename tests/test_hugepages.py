@@ -38,7 +38,7 @@ def test_no_restart_when_disabled_done_or_set(monkeypatch):
 
 @pytest.mark.slow  # two `dnas` commands (~30 s on 2 cores); when to restart is tested above
 @pytest.mark.skipif(not hugepages.should_reexec({}), reason="no glibc >= 2.35 with transparent huge pages here")
-@pytest.mark.xdist_group("tiny_bench")  # one worker runs both tiny_bench commands once
+@pytest.mark.xdist_group("tiny_bench")  # with --dist loadgroup, one worker runs both tiny_bench commands once
 def test_dnas_command_runs_with_the_tunable():
     assert with_defaults()["glibc_tunables"] == "glibc.malloc.hugetlb=1"
     assert without_defaults()["glibc_tunables"] is None

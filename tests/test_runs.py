@@ -96,7 +96,7 @@ def uninterrupted(tmp_path_factory):
     return out
 
 
-@pytest.mark.xdist_group("uninterrupted")   # one worker computes the baseline run once
+@pytest.mark.xdist_group("uninterrupted")   # with --dist loadgroup, one worker computes the baseline run once
 def test_search_killed_by_sigkill_resumes_bit_for_bit(uninterrupted, tmp_path):
     out = tmp_path / "killed"
     r = _interrupt(SEARCH, out, signal.SIGKILL)
@@ -110,7 +110,7 @@ def test_search_killed_by_sigkill_resumes_bit_for_bit(uninterrupted, tmp_path):
     assert_same_run(uninterrupted, out)
 
 
-@pytest.mark.xdist_group("uninterrupted")   # one worker computes the baseline run once
+@pytest.mark.xdist_group("uninterrupted")   # with --dist loadgroup, one worker computes the baseline run once
 def test_corrupt_latest_checkpoint_is_named_and_resume_falls_back(uninterrupted, tmp_path):
     out = tmp_path / "corrupt"
     shutil.copytree(uninterrupted, out)
@@ -138,7 +138,7 @@ def test_corrupt_latest_checkpoint_is_named_and_resume_falls_back(uninterrupted,
     assert_same_run(uninterrupted, out)   # the steps after the good checkpoint were run again
 
 
-@pytest.mark.xdist_group("uninterrupted")   # one worker computes the baseline run once
+@pytest.mark.xdist_group("uninterrupted")   # with --dist loadgroup, one worker computes the baseline run once
 def test_sigterm_checkpoints_and_resumes_exactly(uninterrupted, tmp_path):
     out = tmp_path / "term"
     r = _interrupt(SEARCH, out, signal.SIGTERM)

@@ -32,7 +32,7 @@ def test_no_defaults_for_a_jaxlib_that_dropped_the_flag(monkeypatch):
 
 
 @pytest.mark.skipif(not defaults_apply(), reason="the installed jaxlib does not take dnas's XLA:CPU flag")
-@pytest.mark.xdist_group("tiny_bench")  # one worker runs both tiny_bench commands once
+@pytest.mark.xdist_group("tiny_bench")  # with --dist loadgroup, one worker runs both tiny_bench commands once
 @pytest.mark.slow  # two `dnas` commands (~30 s on 2 cores); the flag logic itself is tested above
 def test_dnas_command_compiles_with_the_flag_and_computes_the_same_step():
     """The flag reaches XLA (a mistyped or removed flag would abort the process) and changes
