@@ -12,9 +12,10 @@ and "A short run starts stepping quickly"):
 
 With ``--loops auto`` (no ``unroll`` option given) :func:`plan_cpu_loops` estimates each
 mode's step time over the run from figures measured on the 2-core CPU at a reference size
-(a space's ``cpu_loop_cost``, the DARTS space's; :data:`MEASURED` for the solver loop), the step scaled by the run's work (batch × pixels × channels² × cells)
-relative to the reference, and takes the fast mode only when the time it saves is at least
-twice its extra compile (:meth:`LoopCost.prefer_fast`). A short run then starts stepping
+(a space's ``cpu_loop_cost``, the DARTS space's; :data:`MEASURED` for the solver loop), the
+step scaled by the run's work (batch × pixels × channels² × cells) relative to the reference,
+and takes the fast mode only when the time it saves is at least twice its extra compile
+(:meth:`LoopCost.prefer_fast`). A short run then starts stepping
 within the two minutes a user will wait, and a long run keeps the fastest step.
 On accelerators nothing changes (their loops are scanned anyway).
 """

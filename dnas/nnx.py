@@ -10,8 +10,8 @@ A researcher marks what is to be searched where it lives, in the model's own cod
 
 Every choice point has a ``label``; a genotype (:class:`dnas.supernet.genotype.ChoiceGenotype`)
 maps labels to what was chosen. Choice points that share a label are one decision (a cell
-repeated through the network: :func:`choice_point_uses`). :class:`dnas.supernet.nnx_space.NNXSpace` turns such a model
-into a search space, so every relaxation, hypergradient estimator, latency loss,
+repeated through the network: :func:`choice_point_uses`). :class:`dnas.supernet.nnx_space.NNXSpace`
+turns such a model into a search space, so every relaxation, hypergradient estimator, latency loss,
 multi-device and multi-seed search applies to it unchanged; :func:`fix` returns the model with
 each choice point replaced by its choice.
 
@@ -217,14 +217,18 @@ def _active(label: str) -> _Mixing:
 
 
 @contextlib.contextmanager
-def mixing(samples: Mapping[str, Any], mix: Callable, ctx=None):
-    """Within this context every choice point of a model mixes its candidates with ``mix``
-    (a relaxation's) and its sample ``samples[label]`` (leading axis of length 1)."""
-    token = _ACTIVE.set(_Mixing(samples, mix, ctx))
+def _activated(m: _Mixing):
+    token = _ACTIVE.set(m)
     try:
         yield
     finally:
         _ACTIVE.reset(token)
+
+
+def mixing(samples: Mapping[str, Any], mix: Callable, ctx=None):
+    """Within this context every choice point of a model mixes its candidates with ``mix``
+    (a relaxation's) and its sample ``samples[label]`` (leading axis of length 1)."""
+    return _activated(_Mixing(samples, mix, ctx))
 
 
 class _FirstCandidates(_Mixing):
@@ -241,16 +245,11 @@ class _FirstCandidates(_Mixing):
         return inputs[0]
 
 
-@contextlib.contextmanager
 def first_candidates(record: Callable[[Choice, Any], None] | None = None):
     """Within this context every :class:`Choice` runs its first candidate (after calling
     ``record(choice, x)``) and every :class:`InputChoice` passes its first input: the supernet
     as one architecture, to find the shapes each choice point sees."""
-    token = _ACTIVE.set(_FirstCandidates(record))
-    try:
-        yield
-    finally:
-        _ACTIVE.reset(token)
+    return _activated(_FirstCandidates(record))
 
 
 # --------------------------------------------------------------------------- structure

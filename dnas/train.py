@@ -384,7 +384,8 @@ def prepare_train(cfg: TrainConfig, *, resume: bool = False) -> _TrainPrepared:
     benchmark = None
     if cfg.nb201_table is not None:
         if genotype.space != "nb201":
-            raise ValueError(f"--nb201-table looks up NAS-Bench-201 cells; this genotype is of the {genotype.space!r} space")
+            raise ValueError(f"--nb201-table looks up NAS-Bench-201 cells; this genotype is of the "
+                             f"{genotype.space!r} space")
         from dnas.nb201_table import NB201Table
         benchmark = NB201Table.load(cfg.nb201_table).lookup(genotype)
     dataset = cfg.dataset if cfg.dataset is not None else search_cfg.get("dataset")

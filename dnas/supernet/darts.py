@@ -32,7 +32,7 @@ from dnas.supernet.genotype import DARTS_EDGES, DARTS_OPS, DartsGenotype, derive
 from dnas.supernet.mixed import MixedOp, scan_edges, take_edges, unrolled_edges
 from dnas.supernet.network import Network, Output, check_options, drop_key, drop_path
 from dnas.supernet.ops import candidate_ops, darts_op
-from dnas.supernet.space_base import SearchSpace, cell_options_from_flags, check_partial
+from dnas.supernet.space_base import SearchSpace, check_partial
 
 #: The DARTS paper's CIFAR-10 evaluation network.
 NETWORK_DEFAULTS = {"channels": 36, "layers": 20, "stem_multiplier": 3}
@@ -181,10 +181,6 @@ class DartsSpace(SearchSpace):
     #: run starts stepping"): unrolled compile 540.7 s, step 12.0 s; scanned 81.6 s, 15.4 s
     cpu_loop_cost = LoopCost(work(64, (32, 32), 16, 8), fast=(540.7, 12.0), short=(81.6, 15.4),
                              measured="dnas bench --space darts --cells 8 --loops unroll|scan")
-
-    @classmethod
-    def options_from_flags(cls, flags: dict) -> dict:
-        return cell_options_from_flags(flags, cls.name, cls.cells_option)
 
     @classmethod
     def loop_size(cls, options: dict) -> tuple[int, int]:

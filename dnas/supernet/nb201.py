@@ -29,7 +29,7 @@ from dnas.supernet.genotype import NB201_EDGES, NB201_OPS, NB201Genotype, derive
 from dnas.supernet.mixed import MixedOp, scan_edges, unrolled_edges
 from dnas.supernet.network import Network, Output, check_options
 from dnas.supernet.ops import candidate_ops, nb201_op
-from dnas.supernet.space_base import SearchSpace, cell_options_from_flags, check_partial
+from dnas.supernet.space_base import SearchSpace, check_partial
 
 #: The NAS-Bench-201 evaluation network's size (the benchmark trains every cell in it).
 NETWORK_DEFAULTS = {"channels": 16, "cells_per_stage": 5}
@@ -103,10 +103,6 @@ class NB201Space(SearchSpace):
     train_protocol = {"batch_size": 256, "lr": 0.1, "nesterov": True, "weight_decay": 5e-4, "grad_clip": None,
                       "drop_path": 0.0, "cutout": 0, "auxiliary_weight": 0.0, "label_smoothing": 0.0,
                       "network": NETWORK_DEFAULTS}
-
-    @classmethod
-    def options_from_flags(cls, flags: dict) -> dict:
-        return cell_options_from_flags(flags, cls.name, cls.cells_option)
 
     @classmethod
     def loop_size(cls, options: dict) -> tuple[int, int]:

@@ -80,9 +80,13 @@ class SearchSpace:
         """The space's config options from the flags ``dnas search``, ``bench`` and ``latency``
         share (``{"--channels": 16, "--cells": 2, "--width-mult": None, "--conv-impl": None,
         "--loops": None, "--stem-stride": None}``, ``None`` = unset). A space with no such
-        options (a user's) refuses every set flag: its options come as ``--space-option``."""
-        refuse_flags(flags, getattr(cls, "name", cls.__name__))
-        return {}
+        options (a user's) refuses every set flag: its options come as ``--space-option``. A
+        space with a :attr:`cells_option` (the cell spaces) reads them as
+        :func:`cell_options_from_flags`."""
+        if cls.cells_option is None:
+            refuse_flags(flags, getattr(cls, "name", cls.__name__))
+            return {}
+        return cell_options_from_flags(flags, cls.name, cls.cells_option)
 
     #: measured XLA:CPU (compile, step) costs of the supernet's unrolled and scanned loops
     #: (:class:`dnas.loop_plan.LoopCost`), from which ``--loops auto`` picks by the run's length;
