@@ -32,6 +32,10 @@ import jax.numpy as jnp
 from flax import nnx
 from jax import lax
 
+from dnas.kernels.cpu.pin import pinned
+from dnas.supernet.layers import policy
+from dnas.supernet.nnx_kernels import in_branch
+
 __all__ = ["Choice", "InputChoice", "Identity", "Zero", "FixedInputs", "fix", "choice_points", "choice_point_uses",
            "mixing", "first_candidates", "set_search_mode"]
 
@@ -159,7 +163,10 @@ class _OpCandidates:
                 y = ops[i](x_)
                 return y, nnx.state(ops)
             return run
-        return lax.switch(index, [branch(i) for i in range(self.num)], current if state is None else state, x)
+        # the kernel policy's convolutions for a switch branch (dnas.supernet.nnx_kernels), unless
+        # the estimator differentiates twice (Ctx.custom_vjp: a custom backward pass has no forward mode)
+        with in_branch(self.ctx is None or self.ctx.custom_vjp):
+            return lax.switch(index, [branch(i) for i in range(self.num)], current if state is None else state, x)
 
 
 class _InputCandidates:
@@ -186,6 +193,20 @@ class _Mixing:
 
     def __init__(self, samples: Mapping[str, Any], mix: Callable, ctx):
         self.samples, self.mix, self.ctx = samples, mix, ctx
+        # the kernel policy's pin_nodes: a choice point's input (a node of a cell, usually a sum
+        # of other choice points' outputs) stored once, as the built-in cells' node sums are
+        # (dnas.supernet.mixed._node_sum); by identity, so several points reading one node pin it once
+        self.pin = ctx is not None and policy(ctx).pin_nodes
+        self._pinned: dict[int, tuple] = {}
+
+    def _input(self, x):
+        if not self.pin:
+            return x
+        if id(x) not in self._pinned:
+            pinned_x = pinned(x)
+            self._pinned[id(x)] = (x, pinned_x)         # holding x keeps its id unique for the pass
+            self._pinned[id(pinned_x)] = (pinned_x, pinned_x)
+        return self._pinned[id(x)][1]
 
     def _sample(self, label: str):
         if label not in self.samples:
@@ -194,7 +215,7 @@ class _Mixing:
         return jax.tree_util.tree_map(lambda a: a[0], self.samples[label])
 
     def choose(self, choice: Choice, x):
-        y, state = self.mix(self._sample(choice.label), _OpCandidates(choice.candidates, self.ctx), x)
+        y, state = self.mix(self._sample(choice.label), _OpCandidates(choice.candidates, self.ctx), self._input(x))
         if state is not None:
             nnx.update(choice.candidates, state)
         return y

@@ -57,7 +57,6 @@ from dnas.supernet.layers import Ctx
 from dnas.supernet.spaces import SPACES, SearchSpace, build_space, space_label, takes_option
 
 #: The spaces built from dnas's own layer kit (they read ``Ctx.compute_dtype``).
-BUILTIN_SPACE_TYPES = tuple(cls for cls, _ in SPACES.values())
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -147,7 +146,7 @@ class Searcher:
     def __init__(self, space: SearchSpace, relaxation: Relaxation, hyper: Hyper = Hyper(),
                  total_steps: int = 1, num_devices: int = 1, hypergrad: str = "first",
                  hypergrad_options: dict | None = None, tune: tuple[str, ...] = (), latency=None,
-                 num_seeds: int = 1, precision: str = "float32", remedies=()):
+                 num_seeds: int = 1, precision: str = "float32", remedies=(), kernels=None):
         # anti-collapse remedies (dnas.remedies): wrappers of the relaxation, a weight-step perturbation
         self.remedies = tuple(remedies)
         self.base_relax = relaxation   # without the remedies' wrappers (dnas.select evaluates with it)
@@ -173,8 +172,8 @@ class Searcher:
         # the batch's examples follow the seeds' axis when seeds are vmapped
         self.parallel = DataParallel(self.num_devices, batch_axis=int(self.num_seeds > 1))
         self.axis_name = self.parallel.axis_name
-        # the kernel policy (dnas.backend): the space's, as built, for every forward pass
-        self.kernels = resolve_kernels(getattr(space, "kernels", None))
+        # the kernel policy (dnas.backend) of every forward pass: ``kernels``, else the space's as built
+        self.kernels = resolve_kernels(kernels if kernels is not None else getattr(space, "kernels", None))
         # per-member convolutions under vmap on XLA:CPU (see the module docstring and Ctx.members)
         self.member_convs = (self.num_seeds > 1 and self.kernels.branch_convs
                              and hypergrad in FIRST_DERIVATIVES_ONLY)
@@ -233,7 +232,7 @@ class Searcher:
         if delta is not None:  # SDARTS: the weight step under perturbed mixing weights (dnas.remedies)
             samples = perturb_samples(samples, delta)
         ctx = Ctx(train=train, axis_name=self.axis_name, members=self.member_convs,
-                  loop_convs=self.hypergrad_name in FIRST_DERIVATIVES_ONLY,
+                  custom_vjp=self.hypergrad_name in FIRST_DERIVATIVES_ONLY,
                   compute_dtype=self.compute_dtype, kernels=self.kernels)
         return self.space.apply(params, stats, x, samples, self.relax.mix, ctx)
 
@@ -452,9 +451,9 @@ def make_searcher(space, relaxation: str = "darts", *, space_options: dict | Non
                              f"the channels, and the space {space_label(space)!r} cannot build its ops that narrow "
                              "(for PC-DARTS use the relaxation option k=1)")
         built = build_space(space, **{**space_options, "partial_channels": relax.partial_channels})
-    if precision != "float32" and not isinstance(built, BUILTIN_SPACE_TYPES):
-        raise ValueError(f"--precision {precision} sets the compute dtype of dnas's built-in convolutions; for "
-                         f"{space_label(space)!r} set dtype on your own layers instead")
+    if precision != "float32" and not built.honours_compute_dtype:
+        raise ValueError(f"--precision {precision} sets the compute dtype of dnas's built-in convolutions and of a "
+                         f"Flax model's nnx.Conv layers; for {space_label(space)!r} set the dtype in your own layers")
     return Searcher(built, relax, hyper, total_steps, num_devices, hypergrad=hypergrad,
                     hypergrad_options=hypergrad_options, tune=tuple(tune), latency=objective, num_seeds=num_seeds,
-                    precision=precision, remedies=remedy_list)
+                    precision=precision, remedies=remedy_list, kernels=getattr(built, "kernels", policy))

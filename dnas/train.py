@@ -392,9 +392,9 @@ def prepare_train(cfg: TrainConfig, *, resume: bool = False) -> _TrainPrepared:
     data_dir = cfg.data_dir if cfg.data_dir is not None else search_cfg.get("data_dir")
     data = load_dataset(dataset, limit_examples=cfg.limit_examples, seed=cfg.seed, data_dir=data_dir)
     space = train_space(genotype, search_cfg, data)
-    if cfg.precision != "float32" and not isinstance(space, type):
-        raise ValueError(f"--precision {cfg.precision} sets the compute dtype of dnas's built-in convolutions; for "
-                         f"{space.name!r} set dtype on your own layers instead")
+    if cfg.precision != "float32" and not space.honours_compute_dtype:
+        raise ValueError(f"--precision {cfg.precision} sets the compute dtype of dnas's built-in convolutions and of "
+                         f"a Flax model's nnx.Conv layers; for {space.name!r} set the dtype in your own layers")
     proto = resolve_protocol(cfg, space, data.image_shape[0])
     network = space.network(genotype, **_network_options(cfg, space, search_cfg, data, proto))
 

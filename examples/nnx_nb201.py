@@ -11,9 +11,10 @@ writing a ``SearchSpace``:
 (from the repository root). Given the built-in ``nb201`` space's weights
 (:func:`load_builtin_weights`) it computes what the built-in space computes: logits, the
 gradient with respect to the architecture weights, BatchNorm statistics
-(``tests/test_nnx_nb201.py``). The built-in module is the same supernet with stacked,
-scannable cells and the XLA:CPU kernels; ``docs/benchmarks.md`` ("NAS-Bench-201 as an NNX
-model") measures what that buys.
+(``tests/test_nnx_nb201.py``). The kernel policy reaches its ``nnx.Conv`` and
+``nnx.BatchNorm`` layers as it reaches the built-in module's (:mod:`dnas.supernet.nnx_kernels`);
+the built-in module adds stacked, scannable cells and a backward pass of its own for sampled
+ops. ``docs/benchmarks.md`` ("NAS-Bench-201 as an NNX model") measures both forms.
 """
 from __future__ import annotations
 

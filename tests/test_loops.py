@@ -73,7 +73,7 @@ def test_scanned_shifted_view_supernet_equals_unrolled():
 @pytest.mark.skipif(jax.default_backend() != "cpu", reason="the CPU formulations")
 def test_scanned_edges_keep_shifted_views_unrolled_edges_in_scanned_cells_the_dense_kernel():
     assert L.loop_ctx(L.Ctx(), False, True) == L.Ctx()
-    assert L.loop_ctx(L.Ctx(loop_convs=False), True, False) == L.Ctx(loop_convs=False)
+    assert L.loop_ctx(L.Ctx(custom_vjp=False), True, False) == L.Ctx(custom_vjp=False)
     scanned, cells_only = L.loop_ctx(L.Ctx(), True, False), L.loop_ctx(L.Ctx(), True, True)
     assert scanned.branch and not scanned.dense_separable
     assert cells_only.branch and cells_only.dense_separable

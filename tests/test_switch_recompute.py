@@ -94,3 +94,46 @@ def test_backward_starts_from_the_saved_output():
     conv_ops = sum(n.startswith("nor_conv") for n in NB201_OPS)
     assert _conv_and_dot_count(dense_hlo) == 3 * conv_ops
     assert _conv_and_dot_count(hlo) == 3 * conv_ops
+
+
+@pytest.mark.parametrize("space", ["nb201", "darts"])
+def test_sampled_op_differentiates_twice_without_custom_backward_passes(space):
+    """Second-order estimators differentiate the sampled op forward-over-reverse (Hessian-vector
+    products); a custom VJP has no forward mode. With ``Ctx.custom_vjp`` cleared (what the
+    searcher does for those estimators) the sampled op runs JAX's own switch and convolutions:
+    the Hessian-vector product exists and equals finite differences of the gradient (float64)."""
+    ops = {"nb201": NB201_OPS, "darts": DARTS_OPS}[space]
+    mixed = MixedOp(candidate_ops(space, ops, 4, 1))
+    with jax.enable_x64(True):
+        f64 = lambda t: jax.tree_util.tree_map(lambda a: jnp.asarray(a, jnp.float64), t)  # noqa: E731
+        params, state = f64(mixed.init(jax.random.PRNGKey(0)))
+        x = jnp.asarray(np.random.default_rng(1).standard_normal((2, 6, 6, 4)), jnp.float64)
+        _check_second_order(mixed, ops, space, params, state, x)
+
+
+def _check_second_order(mixed, ops, space, params, state, x):
+    conv = ops.index("nor_conv_3x3" if space == "nb201" else "sep_conv_3x3")
+
+    def grad_fn(custom_vjp):
+        def loss(p):
+            ctx = Ctx(train=True, kernels=XLA_CPU, custom_vjp=custom_vjp)
+            y, _ = Candidates(mixed.layers, p, state, ctx).one(jnp.int32(conv), x)
+            return jnp.sum(jnp.sin(y) * y)
+        return jax.grad(loss)
+
+    v = jax.tree_util.tree_map(lambda a: jnp.ones_like(a) * 0.01, params)
+    with pytest.raises(TypeError, match="custom_vjp"):
+        jax.jvp(grad_fn(True), (params,), (v,))
+    _, hvp = jax.jit(lambda p: jax.jvp(grad_fn(False), (p,), (v,)))(params)
+    eps = 1e-4
+    shift = lambda s: jax.tree_util.tree_map(lambda a, b: a + s * b, params, v)  # noqa: E731
+    fd = jax.tree_util.tree_map(lambda a, b: (a - b) / (2 * eps), grad_fn(False)(shift(eps)),
+                                grad_fn(False)(shift(-eps)))
+    leaves = [(a, b) for a, b in zip(jax.tree_util.tree_leaves(hvp), jax.tree_util.tree_leaves(fd))]
+    assert max(float(jnp.abs(a).max()) for a, _ in leaves) > 1e-4   # the conv's own weights have curvature
+    for a, b in leaves:
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-8)
+    # the same first derivative as the custom backward passes
+    custom, plain = grad_fn(True)(params), grad_fn(False)(params)
+    for a, b in zip(jax.tree_util.tree_leaves(custom), jax.tree_util.tree_leaves(plain)):
+        np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-10)

@@ -91,6 +91,7 @@ class ChainConfig:
 
 
 class ChainSpace(SearchSpace):
+    honours_compute_dtype = True   # every convolution through dnas.supernet.layers._conv
     name = "chain"
     op_names = KEEP_OPS
     #: the ProxylessNAS mobile supernet scaled down for small images on a CPU

@@ -160,6 +160,7 @@ class _DartsCell:
 
 
 class DartsSpace(SearchSpace):
+    honours_compute_dtype = True   # every convolution through dnas.supernet.layers._conv
     name = "darts"
     op_names = DARTS_OPS
     search_defaults = {"--channels": 8, "--cells": 5}

@@ -45,10 +45,11 @@ class Ctx(NamedTuple):
     flow on XLA:CPU. ``members``: true while tracing under a ``vmap`` over independent
     searches (``dnas search --seeds``) on the CPU: convolutions take the same branch path,
     whose convolutions run one per member there (:func:`dnas.kernels.cpu.branch_conv.member_conv`)
-    instead of as one slow grouped convolution. ``loop_convs``: whether a space whose loops are
-    scanned on CPU may switch its convolutions to the branch path (:func:`loop_mode`); the
-    searcher clears it for estimators that differentiate twice (the branch convolution's
-    ``custom_vjp`` has no forward mode). ``dense_separable``: :func:`separable_conv`'s
+    instead of as one slow grouped convolution. ``custom_vjp``: whether kernels with a custom backward pass may
+    run: the branch convolutions of a sampled op and of scanned loops (:func:`loop_mode`) and
+    a sampled op's own backward pass (:func:`dnas.supernet.mixed.switch_sampled`). The searcher
+    clears it for estimators that differentiate twice: a ``custom_vjp`` has no forward mode.
+    ``dense_separable``: :func:`separable_conv`'s
     ``auto`` runs as one dense convolution (set in a sampled op's branch and in scanned cells
     whose edges are unrolled: where the shifted views' larger graph makes compiles too long).
     ``compute_dtype``: when set (``jnp.bfloat16``: ``--precision bfloat16``), convolutions
@@ -62,7 +63,7 @@ class Ctx(NamedTuple):
     axis_name: str | None = None
     branch: bool = False
     members: bool = False
-    loop_convs: bool = True
+    custom_vjp: bool = True
     dense_separable: bool = False
     compute_dtype: Any = None
     kernels: Any = None
@@ -167,9 +168,9 @@ def loop_mode(unroll: bool | str | None = None, kernels: KernelPolicy | None = N
 
 def loop_ctx(ctx: Ctx, loop_convs: bool, edges_unrolled: bool) -> Ctx:
     """``ctx`` for a network whose loops are scanned: convolutions on the branch path when the
-    space's loop mode asks for it (:func:`loop_mode`) and the caller allows it (``ctx.loop_convs``),
+    space's loop mode asks for it (:func:`loop_mode`) and the caller allows it (``ctx.custom_vjp``),
     separable ones as a dense convolution when the edges inside the scanned cells are unrolled."""
-    if not (loop_convs and ctx.loop_convs):
+    if not (loop_convs and ctx.custom_vjp):
         return ctx
     return ctx._replace(branch=True, dense_separable=ctx.dense_separable or edges_unrolled)
 
@@ -206,12 +207,12 @@ def _conv(x, w, stride, padding, dilation, groups=1, branch=False, members=False
     weight) stays float32. XLA fuses the casts into the neighbouring elementwise fusions.
     """
     if dtype is not None:
-        out = _conv_impl(x.astype(dtype), w.astype(dtype), stride, padding, dilation, groups, branch, members, kernels)
+        out = conv_impl(x.astype(dtype), w.astype(dtype), stride, padding, dilation, groups, branch, members, kernels)
         return out.astype(x.dtype)
-    return _conv_impl(x, w, stride, padding, dilation, groups, branch, members, kernels)
+    return conv_impl(x, w, stride, padding, dilation, groups, branch, members, kernels)
 
 
-def _conv_impl(x, w, stride, padding, dilation, groups=1, branch=False, members=False, kernels=None):
+def conv_impl(x, w, stride, padding, dilation, groups=1, branch=False, members=False, kernels=None):
     """``branch``/``members``: the :mod:`branch_conv` path (custom backward pass; with
     ``members`` one convolution per member under ``vmap``). Under XLA:CPU's kernel policy
     (``kernels``) 1x1 convolutions run as a matrix product, and depthwise ones (off the

@@ -55,10 +55,12 @@ class Candidates:
         """
         state = self.state if state is None else state
         kernels = policy(self.ctx)
-        # XLA:CPU's policy: the branch's convolutions through branch_conv (fast inside lax.switch)
-        ctx = self.ctx._replace(branch=kernels.branch_convs, dense_separable=True, kernels=kernels)
+        # XLA:CPU's policy: the branch's convolutions through branch_conv (fast inside lax.switch);
+        # neither they nor switch_sampled when the estimator differentiates twice (Ctx.custom_vjp)
+        custom = self.ctx.custom_vjp
+        ctx = self.ctx._replace(branch=kernels.branch_convs and custom, dense_separable=True, kernels=kernels)
         branches = tuple(_Branch(layer, i, ctx) for i, layer in enumerate(self.layers))
-        if not kernels.recompute_sampled:
+        if not (kernels.recompute_sampled and custom):
             return lax.switch(index, [b.apply for b in branches], self.params, state, x)
         return switch_sampled(branches, index, _varying_like(self.params, x), state, x)
 

@@ -92,6 +92,7 @@ def nb201_macro(channels: int, in_channels: int, num_classes: int) -> NB201Macro
 
 
 class NB201Space(SearchSpace):
+    honours_compute_dtype = True   # every convolution through dnas.supernet.layers._conv
     name = "nb201"
     op_names = NB201_OPS
     #: the default ``dnas search``: a real but short search on the embedded digits

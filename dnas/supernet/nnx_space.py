@@ -12,10 +12,11 @@ so candidate sets of any size coexist and α, ``alphas.json`` and the pictures a
 label. Derivation takes the best-scored candidate of a :class:`~dnas.nnx.Choice` and the
 ``n_chosen`` best inputs of an :class:`~dnas.nnx.InputChoice`.
 
-What a user model does not get: PC-DARTS's partial channels (its candidates would have to be
-built for ``C/K`` channels; ``k=1`` works), ``--precision bfloat16`` (set ``dtype`` on the Flax
-layers instead), and dropout during the search (``deterministic`` is set: the search state
-holds no RNG stream for it).
+The kernel policy and ``--precision`` reach the model's ``nnx.Conv`` and ``nnx.BatchNorm``
+layers in the copy merged for each forward pass (:mod:`dnas.supernet.nnx_kernels`). What a
+user model does not get: PC-DARTS's partial channels (its candidates would have to be built
+for ``C/K`` channels; ``k=1`` works), and dropout during the search (``deterministic`` is set:
+the search state holds no RNG stream for it).
 """
 from __future__ import annotations
 
@@ -28,6 +29,8 @@ from flax import nnx
 
 from dnas.nnx import Choice, InputChoice, choice_points, fix, mixing, set_search_mode
 from dnas.supernet.genotype import ChoiceGenotype
+from dnas.supernet.layers import policy
+from dnas.supernet.nnx_kernels import follow_policy
 from dnas.supernet.network import Network, Output, check_options
 from dnas.supernet.space_base import SearchSpace
 
@@ -36,6 +39,8 @@ class NNXSpace(SearchSpace):
     """``model``: an ``nnx.Module`` instance (every seed starts from its weights), or a factory
     ``rngs -> nnx.Module`` (each seed's weights are initialised from its own key).
     ``num_classes``: when given, the model's logits are checked to have that many columns."""
+
+    honours_compute_dtype = True   # nnx.Conv layers through dnas.supernet.nnx_kernels.PolicyConv
 
     def __init__(self, model: nnx.Module | Callable[[nnx.Rngs], nnx.Module], name: str | None = None,
                  num_classes: int | None = None):
@@ -73,6 +78,7 @@ class NNXSpace(SearchSpace):
     def apply(self, params, state, x, samples, mix, ctx):
         model = set_search_mode(nnx.merge(self.graphdef, params, state, self._rest, copy=True),
                                 train=bool(ctx.train), axis_name=ctx.axis_name)
+        follow_policy(model, policy(ctx), members=ctx.members, compute_dtype=ctx.compute_dtype)
         with mixing(samples, mix, ctx):
             logits = model(x)
         if self.num_classes is not None and logits.shape[-1] != self.num_classes:
@@ -133,6 +139,7 @@ class NNXSpace(SearchSpace):
         def apply(params, stats, x, ctx, drop=None):
             model = set_search_mode(nnx.merge(graphdef, params, stats, rest, copy=True), train=bool(ctx.train),
                                     axis_name=ctx.axis_name)
+            follow_policy(model, policy(ctx), compute_dtype=ctx.compute_dtype)
             logits = model(x)
             if num_classes is not None and logits.shape[-1] != num_classes:
                 raise ValueError(f"{self.name} returns {logits.shape[-1]} logits per example; the data has "

@@ -74,6 +74,9 @@ class SearchSpace:
     has_drop_path: bool = False
     #: the op a genotype reads at a choice point the derivation did not keep (DARTS: ``"none"``)
     dropped_op: str | None = None
+    #: whether the supernet and derived network run their convolutions in ``Ctx.compute_dtype``
+    #: (``--precision bfloat16``); a space that does not is refused that flag
+    honours_compute_dtype: bool = False
 
     @classmethod
     def options_from_flags(cls, flags: dict) -> dict:

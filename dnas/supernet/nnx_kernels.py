@@ -1,0 +1,144 @@
+"""The kernel policy (:mod:`dnas.backend`) applied to a Flax NNX model's own layers.
+
+A user's model is written with plain ``nnx.Conv`` and ``nnx.BatchNorm``; the built-in spaces
+run their layers through XLA:CPU's formulations (``docs/cpu.md``). :func:`follow_policy` gives
+a user's model the same formulations, on the copy of the model that one traced forward pass
+merges from its weights (the user's own objects are never touched):
+
+* every ``nnx.Conv`` gets a convolution function with ``lax.conv_general_dilated``'s
+  signature (Flax's own hook, ``Conv.conv_general_dilated``) that routes a 2-D NHWC/HWIO
+  convolution to :func:`dnas.supernet.layers.conv_impl`: 1x1 convolutions as matrix products,
+  depthwise ones as shifted views, and inside a sampled op's ``lax.switch`` (:func:`in_branch`)
+  or under the vmap over seeds the backward pass of :mod:`dnas.kernels.cpu.branch_conv`;
+  anything else (other ranks, dilated inputs, asymmetric padding, a precision) is passed to
+  ``lax.conv_general_dilated`` unchanged;
+* every ``nnx.BatchNorm`` normalising the last axis of a 4-D input in training mode runs
+  :func:`dnas.supernet.layers.batch_normalize`: the same values, gradients and running
+  statistics as Flax's (biased variance, Flax's momentum convention), with the backward pass
+  written from the output and, under XLA:CPU's policy, the output stored once. It also writes
+  its running statistics as whole values: Flax's ``variable[...] = tracer`` asks the tracer for
+  its sharding, which costs a walk of the whole traced program per write; a supernet with
+  hundreds of BatchNorms spent most of its tracing time there (``docs/benchmarks.md``).
+
+Both policies compute the same function: ``tests/test_nnx_kernels.py`` compares a user
+model's logits, gradients and statistics under ``xla_cpu`` and ``native``.
+"""
+from __future__ import annotations
+
+import contextlib
+import contextvars
+
+from flax import nnx
+from jax import lax
+
+from dnas.backend import KernelPolicy
+from dnas.supernet.layers import batch_normalize, conv_impl
+
+_BRANCH: contextvars.ContextVar[bool] = contextvars.ContextVar("dnas_nnx_branch", default=False)
+
+_NHWC_HWIO = lax.ConvDimensionNumbers((0, 3, 1, 2), (3, 2, 0, 1), (0, 3, 1, 2))
+
+
+@contextlib.contextmanager
+def in_branch(custom_vjp: bool = True):
+    """Within this context convolutions run inside a sampled op's ``lax.switch`` branch, through
+    the branch kernels when ``custom_vjp`` (not when the estimator differentiates twice)."""
+    token = _BRANCH.set(bool(custom_vjp))
+    try:
+        yield
+    finally:
+        _BRANCH.reset(token)
+
+
+def _same(values) -> int | None:
+    values = tuple(values)
+    return values[0] if values and all(v == values[0] for v in values) else None
+
+
+class PolicyConv:
+    """``lax.conv_general_dilated``'s signature, computed by the policy's formulation where
+    the convolution is one dnas has formulations for (see the module docstring).
+
+    ``compute_dtype`` (``--precision bfloat16``): input and kernel are cast to it and the output
+    back, as dnas's own convolutions do (:func:`dnas.supernet.layers._conv`; Micikevicius et al.
+    2018): everything around the convolution stays float32."""
+
+    def __init__(self, kernels: KernelPolicy, members: bool = False, compute_dtype=None):
+        self.kernels, self.members, self.compute_dtype = kernels, members, compute_dtype
+
+    def _plain(self, lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation, dimension_numbers,
+               batch_group_count, precision, extra):
+        """``(stride, padding, dilation)`` as integers when dnas's formulations apply, else None."""
+        if (lhs.ndim != 4 or extra or precision is not None or batch_group_count != 1
+                or lhs.dtype != rhs.dtype or dimension_numbers != _NHWC_HWIO):
+            return None
+        if lhs_dilation is not None and any(d != 1 for d in lhs_dilation):
+            return None
+        if isinstance(padding, str):
+            padding = lax.padtype_to_pads(lhs.shape[1:3], rhs.shape[:2], window_strides, padding)
+        pad = _same(p for pair in padding for p in pair)
+        stride = _same(window_strides)
+        dilation = _same(rhs_dilation) if rhs_dilation is not None else 1
+        if pad is None or stride is None or dilation is None:
+            return None
+        return stride, pad, dilation
+
+    def __call__(self, lhs, rhs, *args, **kwargs):
+        dtype = self.compute_dtype
+        if dtype is None or lhs.dtype == dtype:
+            return self._conv(lhs, rhs, *args, **kwargs)
+        return self._conv(lhs.astype(dtype), rhs.astype(dtype), *args, **kwargs).astype(lhs.dtype)
+
+    def _conv(self, lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
+              dimension_numbers=None, feature_group_count=1, batch_group_count=1, precision=None,
+              out_sharding=None, **extra):
+        plain = self._plain(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation, dimension_numbers,
+                            batch_group_count, precision, extra or out_sharding is not None)
+        if plain is None:
+            return lax.conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation,
+                                            dimension_numbers, feature_group_count, batch_group_count, precision,
+                                            out_sharding=out_sharding, **extra)
+        stride, pad, dilation = plain
+        branch = _BRANCH.get() and self.kernels.branch_convs
+        return conv_impl(lhs, rhs, stride, pad, dilation, feature_group_count, branch=branch,
+                         members=self.members, kernels=self.kernels)
+
+
+class PolicyBatchNorm(nnx.BatchNorm):
+    """``nnx.BatchNorm`` whose training-mode normalisation is dnas's (see the module
+    docstring); every other case is Flax's own ``__call__``."""
+
+    dnas_pin: bool = False
+
+    def __call__(self, x, use_running_average=None, *, mask=None):
+        running = self.use_running_average if use_running_average is None else use_running_average
+        axis = self.axis if isinstance(self.axis, int) else (self.axis[0] if len(self.axis) == 1 else None)
+        if (running or mask is not None or x.ndim != 4 or axis not in (-1, 3) or self.axis_index_groups is not None
+                or not self.use_fast_variance or self.dtype not in (None, x.dtype)
+                or self.mean[...].dtype != x.dtype):
+            return super().__call__(x, use_running_average, mask=mask)
+        y, mean, var = batch_normalize(x, self.epsilon, self.axis_name, self.dnas_pin)
+        m = self.momentum
+        self.mean.set_value(lax.stop_gradient(m * self.mean[...] + (1 - m) * mean))
+        self.var.set_value(lax.stop_gradient(m * self.var[...] + (1 - m) * var))
+        if self.scale is not None:
+            y = y * self.scale[...]
+        if self.bias is not None:
+            y = y + self.bias[...]
+        return y
+
+
+def follow_policy(model: nnx.Module, kernels: KernelPolicy, members: bool = False,
+                  compute_dtype=None) -> nnx.Module:
+    """Give ``model``'s convolutions and BatchNorms (in place) the policy's formulations, and
+    its convolutions the ``compute_dtype`` (``Ctx.compute_dtype``). Call it on a model merged
+    for one forward pass, not on the user's own object."""
+    conv = PolicyConv(kernels, members, compute_dtype)
+    for _, m in nnx.iter_modules(model):
+        if isinstance(m, nnx.Conv) and m.conv_general_dilated is lax.conv_general_dilated:
+            m.conv_general_dilated = conv
+        elif type(m) is nnx.BatchNorm:
+            m.__class__ = PolicyBatchNorm
+            m.dnas_pin = kernels.pin_bn_output
+    return model
+

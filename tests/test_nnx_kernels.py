@@ -1,0 +1,170 @@
+"""The kernel policy reaching a user's Flax NNX layers (dnas.supernet.nnx_kernels).
+
+Each formulation is compared with Flax's own layer (values and gradients), and a user model
+under XLA:CPU's policy with the same model under the native one (logits, gradients with respect
+to weights and α, BatchNorm statistics), for a relaxation that mixes every candidate and one
+that samples a candidate under ``lax.switch``."""
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from jax import lax
+
+from dnas.backend import NATIVE, XLA_CPU
+from dnas.nnx import Choice, Identity, Zero
+from dnas.relaxations import get_relaxation
+from dnas.supernet.layers import Ctx
+from dnas.supernet.nnx_kernels import PolicyBatchNorm, PolicyConv, follow_policy, in_branch
+from dnas.supernet.nnx_space import NNXSpace
+
+CONVS = [
+    pytest.param(dict(in_features=6, out_features=5, kernel_size=(3, 3)), id="3x3-same"),
+    pytest.param(dict(in_features=6, out_features=5, kernel_size=(1, 1), padding="VALID"), id="1x1-matmul"),
+    pytest.param(dict(in_features=6, out_features=5, kernel_size=(3, 3), strides=2, padding=[(1, 1)] * 2),
+                 id="3x3-stride2"),
+    pytest.param(dict(in_features=6, out_features=6, kernel_size=(3, 3), feature_group_count=6,
+                      kernel_dilation=2, padding=[(2, 2)] * 2), id="depthwise-dilated"),
+    pytest.param(dict(in_features=6, out_features=5, kernel_size=(3, 3), padding=[(0, 1), (1, 1)]),
+                 id="asymmetric-fallback"),
+]
+
+
+@pytest.mark.parametrize("branch", [False, True], ids=["top-level", "switch-branch"])
+@pytest.mark.parametrize("kw", CONVS)
+def test_policy_convolution_equals_flax(kw, branch):
+    conv = nnx.Conv(**kw, use_bias=False, rngs=nnx.Rngs(0))
+    x = jax.random.normal(jax.random.PRNGKey(1), (2, 9, 9, kw["in_features"]))
+    graphdef, params = nnx.split(conv)
+
+    def run(fn):
+        def loss(p, x_):
+            m = nnx.merge(graphdef, p)
+            if fn is not None:
+                m.conv_general_dilated = fn
+            if branch:   # inside a switch, as a sampled op's candidate runs
+                with in_branch():
+                    return lax.switch(0, [lambda v: jnp.sum(jnp.sin(m(v))), lambda v: 0.0 * jnp.sum(v)], x_)
+            return jnp.sum(jnp.sin(m(x_)))
+        return jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))(params, x)
+
+    (v1, g1), (v2, g2) = run(PolicyConv(XLA_CPU)), run(None)
+    np.testing.assert_allclose(v1, v2, rtol=1e-5)
+    for a, b in zip(jax.tree_util.tree_leaves(g1), jax.tree_util.tree_leaves(g2)):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("affine", [True, False])
+def test_policy_batchnorm_equals_flax(affine):
+    """Training mode: output, gradients (input, scale, bias) and running statistics; then
+    inference with the updated statistics."""
+    bn = nnx.BatchNorm(5, momentum=0.8, epsilon=1e-3, use_scale=affine, use_bias=affine, rngs=nnx.Rngs(0))
+    if affine:
+        bn.scale[...] = jnp.linspace(0.5, 2.0, 5)
+        bn.bias[...] = jnp.linspace(-1.0, 1.0, 5)
+    x = 3.0 + 2.0 * jax.random.normal(jax.random.PRNGKey(1), (4, 6, 6, 5))
+    graphdef, params, stats = nnx.split(bn, nnx.Param, nnx.BatchStat)
+
+    def run(cls):
+        def loss(p, x_):
+            m = nnx.merge(graphdef, p, stats, copy=True)
+            m.__class__ = cls
+            y = m(x_)
+            return jnp.sum(jnp.sin(y) * jnp.arange(5.0)), (y, nnx.state(m, nnx.BatchStat))
+        (v, (y, new_stats)), g = jax.jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True))(params, x)
+        m = nnx.merge(graphdef, params, new_stats, copy=True)
+        m.__class__, m.use_running_average = cls, True
+        return v, y, g, new_stats, m(x)
+
+    got, want = run(PolicyBatchNorm), run(nnx.BatchNorm)
+    for a, b in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(want)):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+    # the statistics moved: the comparison is not of two untouched copies
+    assert not np.allclose(got[3]["mean"][...], 0.0)
+
+
+class Edge(nnx.Module):
+    def __init__(self, c, k, groups, rngs):
+        self.conv = nnx.Conv(c, c, (k, k), feature_group_count=groups, use_bias=False, rngs=rngs)
+        self.bn = nnx.BatchNorm(c, use_scale=False, use_bias=False, rngs=rngs)
+
+    def __call__(self, x):
+        return self.bn(self.conv(jax.nn.relu(x)))
+
+
+class Cells(nnx.Module):
+    """Two cells of two nodes; every edge a choice among 1x1, 3x3, depthwise 3x3, skip, zero."""
+
+    def __init__(self, rngs, c=8):
+        self.stem = nnx.Conv(3, c, (3, 3), use_bias=False, rngs=rngs)
+        self.stem_bn = nnx.BatchNorm(c, rngs=rngs)
+
+        def edge(label):
+            return Choice({"conv1": Edge(c, 1, 1, rngs), "conv3": Edge(c, 3, 1, rngs), "dw3": Edge(c, 3, c, rngs),
+                           "skip": Identity(), "zero": Zero()}, label=label)
+        self.cells = nnx.List([nnx.List([edge("0->1"), edge("0->2"), edge("1->2")]) for _ in range(2)])
+        self.head = nnx.Linear(c, 10, rngs=rngs)
+
+    def __call__(self, x):
+        x = self.stem_bn(self.stem(x))
+        for e in self.cells:
+            n1 = e[0](x)
+            x = e[1](x) + e[2](n1)
+        return self.head(jnp.mean(x, axis=(1, 2)))
+
+
+def _run(model, kernels, relaxation):
+    space = NNXSpace(model)
+    relax = get_relaxation(relaxation, space=space)
+    params, stats = space.init(jax.random.PRNGKey(0))
+    arch = relax.init(jax.random.PRNGKey(1), space.groups)
+    x = jax.random.normal(jax.random.PRNGKey(2), (4, 10, 10, 3))
+    y = jnp.arange(4)
+
+    def loss(params, arch):
+        samples = relax.sample(arch, jax.random.PRNGKey(3), 0.5)
+        logits, new_stats = space.apply(params, stats, x, samples, relax.mix, Ctx(train=True, kernels=kernels))
+        return -jnp.mean(jax.nn.log_softmax(logits)[jnp.arange(4), y]), (logits, new_stats)
+
+    fn = jax.jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True))
+    out = jax.device_get(fn(params, arch))
+    return out, fn.lower(params, arch).compile().as_text()
+
+
+@pytest.mark.parametrize("relaxation", ["darts", "gdas"])
+def test_user_model_under_both_policies(relaxation):
+    model = Cells(nnx.Rngs(0))
+    ((v1, (l1, s1)), g1), hlo_cpu = _run(model, XLA_CPU, relaxation)
+    ((v2, (l2, s2)), g2), hlo_native = _run(model, NATIVE, relaxation)
+    np.testing.assert_allclose(l1, l2, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(v1, v2, rtol=1e-5)
+    for a, b in zip(jax.tree_util.tree_leaves((s1, g1)), jax.tree_util.tree_leaves((s2, g2))):
+        np.testing.assert_allclose(a, b, rtol=2e-3, atol=1e-5)
+    # the α gradient is not all zeros (GDAS's through its straight-through sample)
+    assert max(float(np.abs(a).max()) for a in jax.tree_util.tree_leaves(g1[1])) > 1e-6
+    # different programs: XLA:CPU's pins and matrix-product 1x1 convolutions are dots, and its
+    # sampled convolutions carry their own backward pass (custom VJP)
+    dots = lambda hlo: len(re.findall(r"= \S+ dot\(", hlo))  # noqa: E731
+    assert dots(hlo_cpu) > dots(hlo_native)
+    # the user's model is untouched: its layers are still Flax's own
+    assert all(type(m) is nnx.BatchNorm for _, m in nnx.iter_modules(model) if isinstance(m, nnx.BatchNorm))
+    assert all(m.conv_general_dilated is lax.conv_general_dilated
+               for _, m in nnx.iter_modules(model) if isinstance(m, nnx.Conv))
+
+
+def test_follow_policy_leaves_custom_layers_alone():
+    """A convolution function the user set, and a BatchNorm subclass of theirs, are kept."""
+    class MyBN(nnx.BatchNorm):
+        pass
+
+    def my_conv(*args, **kw):
+        return lax.conv_general_dilated(*args, **kw)
+    conv = nnx.Conv(3, 3, (3, 3), conv_general_dilated=my_conv, rngs=nnx.Rngs(0))
+    plain = nnx.Conv(3, 3, (3, 3), rngs=nnx.Rngs(0))
+    mods = nnx.List([conv, plain, MyBN(3, rngs=nnx.Rngs(0)), nnx.BatchNorm(3, rngs=nnx.Rngs(0))])
+    follow_policy(mods, XLA_CPU)
+    assert mods[0].conv_general_dilated is my_conv
+    assert isinstance(mods[1].conv_general_dilated, PolicyConv)
+    assert type(mods[2]) is MyBN and type(mods[3]) is PolicyBatchNorm
