@@ -195,7 +195,7 @@ class _Mixing:
         self.samples, self.mix, self.ctx = samples, mix, ctx
         # the kernel policy's pin_nodes: a choice point's input (a node of a cell, usually a sum
         # of other choice points' outputs) stored once, as the built-in cells' node sums are
-        # (dnas.supernet.mixed._node_sum); by identity, so several points reading one node pin it once
+        # (dnas.supernet.mixed.node_sum); by identity, so several points reading one node pin it once
         self.pin = ctx is not None and policy(ctx).pin_nodes
         self._pinned: dict[int, tuple] = {}
 

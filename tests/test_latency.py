@@ -339,7 +339,8 @@ def test_context_profiling_measures_the_marginal_cost_in_a_chain():
 
 
 def test_compiled_network_drops_dead_nb201_edges_and_shared_poolings():
-    from dnas.latency.space_latency import deployed_latency, nb201_running_edges, running_parts
+    from dnas.latency.space_latency import deployed_latency, running_parts
+    from dnas.supernet.nb201 import nb201_running_edges
     # node 2 feeds nothing (2->3 is none): its two edges are dead code
     runs, connected, nodes = nb201_running_edges(
         ["avg_pool_3x3", "nor_conv_3x3", "nor_conv_1x1", "skip_connect", "skip_connect", "none"])

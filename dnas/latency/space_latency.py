@@ -39,10 +39,7 @@ import numpy as np
 
 from dnas.latency.table import LatencyTable, LatencyTableError, MissingLatencyKeysError, signature_key  # noqa: F401 (re-exported)
 from dnas.supernet import layers as L
-from dnas.supernet.genotype import NB201_EDGES
 
-#: Input resolution assumed when none is given (the spaces' reference settings).
-DEFAULT_INPUT_SIZE = {"nb201": 32, "darts": 32, "chain": 224}
 #: Keys of tables learnt per choice point / per op (see :mod:`dnas.latency.fit`).
 FIXED_KEY = "fixed"
 
@@ -97,6 +94,8 @@ class SpaceLatencyModel:
     choice_points: list[ChoicePoint]
     fixed: list[OpSignature]
     config: dict = dataclasses.field(default_factory=dict)
+    #: the space's :meth:`~dnas.supernet.space_base.SearchSpace.running_parts` (None: everything runs)
+    running: Callable | None = dataclasses.field(default=None, compare=False, repr=False)
 
     def keys(self) -> list[str]:
         """Every table key the space needs (unique, in network order)."""
@@ -122,7 +121,7 @@ class SpaceLatencyModel:
 
 # ------------------------------------------------------------------------------ shapes
 
-def _out_shape(layer: L.Layer, in_shape: tuple, residual: bool = False) -> tuple:
+def output_shape_of(layer: L.Layer, in_shape: tuple, residual: bool = False) -> tuple:
     """Per-example output shape of ``layer`` on a per-example input shape (traced, not run)."""
     def f(key, x):
         p, s = layer.init(key)
@@ -132,7 +131,7 @@ def _out_shape(layer: L.Layer, in_shape: tuple, residual: bool = False) -> tuple
     return tuple(int(d) for d in out.shape[1:])
 
 
-def _head(bn: L.Layer | None, classifier: L.Layer, relu: bool) -> L.Layer:
+def head_layer(bn: L.Layer | None, classifier: L.Layer, relu: bool) -> L.Layer:
     """[BN, ReLU,] global average pooling, classifier: one fixed part."""
     def init(key):
         kb, kc = jax.random.split(key)
@@ -151,26 +150,26 @@ def _head(bn: L.Layer | None, classifier: L.Layer, relu: bool) -> L.Layer:
     return L.Layer(init, apply)
 
 
-def _fixed(op: str, layer: L.Layer, in_shape: tuple, attrs=(), key_op: str | None = None,
+def fixed_part(op: str, layer: L.Layer, in_shape: tuple, attrs=(), key_op: str | None = None,
            where: str = "") -> OpSignature:
-    out = _out_shape(layer, in_shape)
+    out = output_shape_of(layer, in_shape)
     return OpSignature(op, signature_key(key_op or op, in_shape, out, attrs), tuple(in_shape), out, tuple(attrs),
                        build=lambda: layer, where=where)
 
 
 def _node_sum_layer(terms: int) -> L.Layer:
     """The sum of ``terms`` inputs into one cell node, as the cells compute it
-    (:func:`dnas.supernet.mixed._node_sum`: elementwise adds, then a product with the
+    (:func:`dnas.supernet.mixed.node_sum`: elementwise adds, then a product with the
     identity that materialises the node); profiled on ``terms`` scaled copies of one input."""
-    from dnas.supernet.mixed import _node_sum
+    from dnas.supernet.mixed import node_sum
 
     def apply(p, s, x, ctx):
-        return _node_sum([x * (1.0 + 0.5 * i) for i in range(terms)]), s
+        return node_sum([x * (1.0 + 0.5 * i) for i in range(terms)]), s
 
     return L.Layer(lambda key: ((), ()), apply)
 
 
-def _node_sum(prefix: str, shape: tuple, terms: int, where: str) -> OpSignature:
+def node_sum_part(prefix: str, shape: tuple, terms: int, where: str) -> OpSignature:
     """A fixed part: the sum into a cell node with ``terms`` incoming edges (every edge is a
     term, a ``none`` edge a zero one: the identity product runs whatever the ops)."""
     attrs = (("terms", terms),)
@@ -180,7 +179,7 @@ def _node_sum(prefix: str, shape: tuple, terms: int, where: str) -> OpSignature:
 
 # ------------------------------------------------------------------------------ walks
 
-def _cell_candidates(space, prefix: str, group: str, attrs_of: dict, make_op, c: int, hw: tuple,
+def cell_candidates(space, prefix: str, group: str, attrs_of: dict, make_op, c: int, hw: tuple,
                      stride: int) -> tuple[OpSignature, ...]:
     """The candidate-op signatures of one cell edge (``none`` is free: no key)."""
     cfg = space.config
@@ -200,15 +199,15 @@ def _cell_candidates(space, prefix: str, group: str, attrs_of: dict, make_op, c:
 
 
 def describe_space(space, input_size: int | None = None) -> SpaceLatencyModel:
-    """The latency model of a built search space at ``input_size`` (H = W; default: 32 for
-    nb201/darts, 224 for chain)."""
+    """The latency model of a built search space at ``input_size`` (H = W; default: the
+    space's ``latency_input_size``, 32 for nb201/darts, 224 for chain)."""
     if isinstance(space, SpaceLatencyModel):
         return space
     name = getattr(space, "name", None)
     if not hasattr(space, "latency_walk"):
         raise ValueError(f"no latency model for search space {name!r}: it has no latency_walk (the built-in "
                          "spaces have one; a user model's choice points are profiled with dnas latency profile)")
-    input_size = int(input_size or DEFAULT_INPUT_SIZE.get(name, 32))
+    input_size = int(input_size or getattr(space, "latency_input_size", 32))
     points, fixed = space.latency_walk(input_size)
     groups = dict(space.groups)
     op_names = {g: tuple(space.group_op_names(g)) for g in groups}
@@ -220,7 +219,8 @@ def describe_space(space, input_size: int | None = None) -> SpaceLatencyModel:
     if covered != rows:
         raise ValueError(f"latency model of {name!r} misses choice points {sorted(rows - covered)}")
     cfg = dataclasses.asdict(space.config) if dataclasses.is_dataclass(getattr(space, "config", None)) else {}
-    return SpaceLatencyModel(name, input_size, int(cfg.get("in_channels", 3)), groups, op_names, points, fixed, cfg)
+    return SpaceLatencyModel(name, input_size, int(cfg.get("in_channels", 3)), groups, op_names, points, fixed, cfg,
+                             running=getattr(space, "running_parts", None))
 
 
 # ------------------------------------------------------------------------------ matrices
@@ -236,7 +236,7 @@ def latency_matrix(space, table: LatencyTable, input_size: int | None = None
     built space or a :class:`SpaceLatencyModel`) under ``table``.
 
     ``input_size`` defaults to the table's ``meta["input_size"]`` when the table was made for
-    this space (or says for none), else the space default (:data:`DEFAULT_INPUT_SIZE`).
+    this space (or says for none), else the space's default (:func:`describe_space`).
     Entry ``[i, j]`` sums op ``j``'s latency over every use of choice point ``i``; free ops
     (``none``/``zero``) are 0. Missing keys -> :class:`MissingLatencyKeysError` naming all.
     """
@@ -306,76 +306,39 @@ def architecture_latency(indices: dict[str, Any], matrix: dict[str, np.ndarray],
 
 # ------------------------------------------------------------------------------ what a compiled network runs
 
-#: NAS-Bench-201 ops with parameters: on a constant (all-zero) input they still run; the
-#: parameter-free ones (pooling, identity) are constant-folded by the compiler.
-_NB201_PARAM_OPS = frozenset({"nor_conv_1x1", "nor_conv_3x3"})
-_POOL_OPS = frozenset({"avg_pool_3x3", "max_pool_3x3"})
+#: parameter-free poolings: two of them on one node are one computation for the compiler
+POOL_OPS = frozenset({"avg_pool_3x3", "max_pool_3x3"})
 
 
-def nb201_running_edges(ops: list[str]) -> tuple[list[bool], bool, set]:
-    """Which edges of a NAS-Bench-201 cell a compiler that removes dead code (XLA) runs,
-    whether the cell's output depends on its input, and which nodes it computes.
-
-    An edge runs when its op is not ``none``, its destination node reaches the cell output
-    through non-``none`` edges (else its result is dead code), and its input is not a
-    constant — a node all of whose inputs are ``none`` is zeros, and pooling or the identity of
-    zeros is folded away at compile time (convolutions keep running: their weights are
-    arguments). A node is computed (its sum materialised) when it is live and not constant.
-    A cell whose output does not depend on its input makes everything before it dead
-    (``connected`` False). Returns ``(runs per edge, connected, computed nodes)``."""
-    if len(ops) != len(NB201_EDGES):
-        raise ValueError(f"a NAS-Bench-201 cell has {len(NB201_EDGES)} edges, got {len(ops)} ops")
-    nz = [op != "none" for op in ops]
-    live = {3}
-    for e in reversed(range(len(NB201_EDGES))):          # edges are ordered by destination
-        s, d = NB201_EDGES[e]
-        if nz[e] and d in live:
-            live.add(s)
-    variable, reach, runs = {0}, {0}, []
-    for e, (s, d) in enumerate(NB201_EDGES):
-        out_var = nz[e] and (s in variable or ops[e] in _NB201_PARAM_OPS)
-        if out_var:
-            variable.add(d)
-        if nz[e] and s in reach:
-            reach.add(d)
-        runs.append(out_var and d in live)
-    return runs, 3 in reach, live & variable
+def shared_pooling(model: SpaceLatencyModel, indices: dict[str, Any], runs: list[bool]) -> list[bool]:
+    """``runs`` with a parameter-free pooling of the same node by two running edges of a cell
+    counted once (XLA's common-subexpression elimination; the per-edge BatchNorm after it is
+    negligible). A cell's edges are the choice points whose ``where`` shares the part before
+    the last ``/``; an edge ``s->d`` reads node ``s``."""
+    runs, seen = list(runs), set()
+    for i, cp in enumerate(model.choice_points):
+        op = cp.candidates[int(np.asarray(indices[cp.group])[cp.row])].op
+        if runs[i] and op in POOL_OPS:
+            cell, edge = cp.where.rsplit("/", 1)
+            key = (cell, edge.split("->")[0], op)
+            runs[i] = key not in seen
+            seen.add(key)
+    return runs
 
 
 def running_parts(model: SpaceLatencyModel, indices: dict[str, Any]) -> tuple[list[bool], list[bool]]:
     """``(runs[i] for model.choice_points, runs[j] for model.fixed)``: which choice-point uses
     and fixed parts the compiled network of the discrete architecture ``indices`` executes.
 
-    NAS-Bench-201: :func:`nb201_running_edges` per cell (every cell shares the architecture;
-    a node sum runs when its node is computed; if the cell output does not depend on its
-    input, only the last cell's running parts and the head remain). The chain and derived
-    DARTS architectures (every intermediate node is part of the cell output) run every op
-    they choose and every fixed part; a free op (``none``/``zero``) never runs."""
+    Every chosen op that computes something and every fixed part, less what the space's
+    :meth:`~dnas.supernet.space_base.SearchSpace.running_parts` says a compiler removes
+    (NAS-Bench-201: dead and constant edges; NAS-Bench-201 and DARTS: a pooling shared by two
+    edges). A free op (``none``/``zero``) never runs."""
     chosen = [cp.candidates[int(np.asarray(indices[cp.group])[cp.row])] for cp in model.choice_points]
-    runs = [c.key is not None for c in chosen]
-    fixed = [True] * len(model.fixed)
-    if model.space == "nb201":
-        ops = [model.op_names["cell"][int(i)] for i in np.asarray(indices["cell"])]
-        edges, connected, nodes = nb201_running_edges(ops)
-        last = model.choice_points[-1].where.rsplit("/", 1)[0]            # "stage2/cell4"
-        cell_runs = lambda where: connected or where.startswith(last + "/")  # noqa: E731
-        runs = [r and edges[cp.row] and cell_runs(cp.where) for r, cp in zip(runs, model.choice_points)]
-        for j, sig in enumerate(model.fixed):
-            if sig.op == "nb201/node_sum":
-                fixed[j] = cell_runs(sig.where) and int(sig.where.rsplit("node", 1)[1]) in nodes
-            elif sig.op != "nb201/head":
-                fixed[j] = connected
-    if model.space in ("nb201", "darts"):
-        # a parameter-free pooling of the same node by two running edges of a cell is one
-        # computation (common-subexpression elimination); its per-edge BatchNorm is negligible
-        seen = set()
-        for i, (cp, c) in enumerate(zip(model.choice_points, chosen)):
-            if runs[i] and c.op in _POOL_OPS:
-                cell, edge = cp.where.rsplit("/", 1)
-                k = (cell, edge.split("->")[0], c.op)
-                runs[i] = k not in seen
-                seen.add(k)
-    return runs, fixed
+    runs, fixed = [c.key is not None for c in chosen], [True] * len(model.fixed)
+    if model.running is None:
+        return runs, fixed
+    return model.running(model, indices, runs, fixed)
 
 
 def deployed_latency(model: SpaceLatencyModel, table: LatencyTable, indices: dict[str, Any]) -> float:

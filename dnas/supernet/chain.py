@@ -94,6 +94,7 @@ class ChainSpace(SearchSpace):
     honours_compute_dtype = True   # every convolution through dnas.supernet.layers._conv
     name = "chain"
     op_names = KEEP_OPS
+    latency_input_size = 224   # ProxylessNAS's mobile setting, which the published tables cover
     #: the ProxylessNAS mobile supernet scaled down for small images on a CPU
     search_defaults = {"--width-mult": 0.25, "--cells": 2, "--stem-stride": 1}
     bench_defaults = search_defaults
@@ -192,15 +193,15 @@ class ChainSpace(SearchSpace):
         """Every block with its candidates' signatures under the ProxylessNAS keys
         (``expanded_conv-...``; the default configuration is covered by the published Pixel-1
         table key for key), and the fixed stem, head and classifier."""
-        from dnas.latency.space_latency import ChoicePoint, OpSignature, _fixed, _head, _out_shape
+        from dnas.latency.space_latency import ChoicePoint, OpSignature, fixed_part, head_layer, output_shape_of
 
         space, cfg = self, self.config
         w = lambda ch: make_divisible(ch * cfg.width_mult)  # noqa: E731
         hw = (input_size, input_size)
         stem_conv = _conv_bn(cfg.in_channels, w(cfg.stem_channels), 3, cfg.stem_stride)
-        conv = _fixed("Conv", stem_conv, hw + (cfg.in_channels,))
+        conv = fixed_part("Conv", stem_conv, hw + (cfg.in_channels,))
         first = mbconv(w(cfg.stem_channels), w(cfg.first_channels), 3, 1, 1)
-        first_out = _out_shape(first, conv.output_shape)
+        first_out = output_shape_of(first, conv.output_shape)
         first_sig = OpSignature("expanded_conv", _mb_key(conv.output_shape, first_out, 1, 3, 1, False),
                                 conv.output_shape, first_out,
                                 (("expand", 1), ("kernel", 3), ("stride", 1), ("idskip", 0)),
@@ -224,8 +225,8 @@ class ChainSpace(SearchSpace):
                                          attrs, build=build, residual=keep))
             points.append(ChoicePoint(group, row, f"block{b}", tuple(cands)))
             shape = out_shape
-        head = _fixed("Conv_1", space.head, shape)
-        logits = _fixed("Logits", _head(None, space.classifier, False), head.output_shape)
+        head = fixed_part("Conv_1", space.head, shape)
+        logits = fixed_part("Logits", head_layer(None, space.classifier, False), head.output_shape)
         return points, fixed + [head, logits]
 
 

@@ -286,19 +286,19 @@ class DartsSpace(SearchSpace):
         (:mod:`dnas.latency.space_latency`): a ``normal`` edge is used by every normal cell, the
         edges from the cell inputs of a reduction cell run at stride 2; each cell also costs its
         two preprocessing convolutions and its four node sums."""
-        from dnas.latency.space_latency import ChoicePoint, _fixed, _head, _node_sum
+        from dnas.latency.space_latency import ChoicePoint, fixed_part, head_layer, node_sum_part
 
         space, cfg = self, self.config
         hw = (input_size, input_size)
-        stem = _fixed("darts/stem", space.stem, hw + (cfg.in_channels,), (("kernel", 3),))
+        stem = fixed_part("darts/stem", space.stem, hw + (cfg.in_channels,), (("kernel", 3),))
         fixed, points = [stem], []
         hw_pp = hw_p = stem.output_shape[:2]
         for i, cell in enumerate(space.cells):
             c_pp, c_p, c, reduction, reduction_prev = cell.signature
             group = "reduce" if reduction else "normal"
-            pre0 = _fixed("darts/preprocess_reduce" if reduction_prev else "darts/preprocess",
-                          cell.pre0, hw_pp + (c_pp,), (("stride", 2 if reduction_prev else 1),))
-            pre1 = _fixed("darts/preprocess", cell.pre1, hw_p + (c_p,), (("stride", 1),))
+            pre0 = fixed_part("darts/preprocess_reduce" if reduction_prev else "darts/preprocess",
+                              cell.pre0, hw_pp + (c_pp,), (("stride", 2 if reduction_prev else 1),))
+            pre1 = fixed_part("darts/preprocess", cell.pre1, hw_p + (c_p,), (("stride", 1),))
             fixed += [pre0, pre1]
             hw_in = pre1.output_shape[:2]
             hw_out = (-(-hw_in[0] // 2), -(-hw_in[1] // 2)) if reduction else hw_in
@@ -306,12 +306,19 @@ class DartsSpace(SearchSpace):
             inner = _darts_candidates(space, group, c, hw_out, 1)
             for e, (s, d) in enumerate(DARTS_EDGES):
                 points.append(ChoicePoint(group, e, f"cell{i}/edge{s}->{d}", from_input if s < 2 else inner))
-            fixed += [_node_sum("darts", hw_out + (c,), sum(1 for _, dd in DARTS_EDGES if dd == d),
-                                f"cell{i}/node{d}") for d in range(2, 6)]
+            fixed += [node_sum_part("darts", hw_out + (c,), sum(1 for _, dd in DARTS_EDGES if dd == d),
+                                    f"cell{i}/node{d}") for d in range(2, 6)]
             hw_pp, hw_p = hw_p, hw_out
         c_last = space.cells[-1].signature[2] * 4
-        fixed.append(_fixed("darts/head", _head(None, space.classifier, False), hw_p + (c_last,)))
+        fixed.append(fixed_part("darts/head", head_layer(None, space.classifier, False), hw_p + (c_last,)))
         return points, fixed
+
+    def running_parts(self, model, indices, runs, fixed):
+        """Every intermediate node of a derived DARTS cell is part of its output, so every chosen
+        op runs, except a pooling shared by two edges of a cell, which runs once."""
+        from dnas.latency.space_latency import shared_pooling
+
+        return shared_pooling(model, indices, runs), fixed
 
 
 # ------------------------------------------------------------------------------ evaluation network
@@ -441,5 +448,5 @@ _DARTS_ATTRS = {"max_pool_3x3": (("kernel", 3),), "avg_pool_3x3": (("kernel", 3)
 
 
 def _darts_candidates(space, group: str, c: int, hw: tuple, stride: int) -> tuple:
-    from dnas.latency.space_latency import _cell_candidates
-    return _cell_candidates(space, "darts", group, _DARTS_ATTRS, darts_op, c, hw, stride)
+    from dnas.latency.space_latency import cell_candidates
+    return cell_candidates(space, "darts", group, _DARTS_ATTRS, darts_op, c, hw, stride)

@@ -204,7 +204,7 @@ def unrolled_edges(mixed: MixedOp, params, state, samples, src: Sequence[int], d
 
     def node(i):
         if not done[i]:
-            parts[i], done[i] = [_node_sum(parts[i], pin)], True
+            parts[i], done[i] = [node_sum(parts[i], pin)], True
         return parts[i][0]
 
     n = jax.tree_util.tree_leaves(params)[0].shape[0]
@@ -220,7 +220,7 @@ def unrolled_edges(mixed: MixedOp, params, state, samples, src: Sequence[int], d
     return [node(i) if parts[i] else None for i in range(len(parts))], stack_trees(new_states)
 
 
-def _node_sum(terms: list, pin: bool = True) -> jax.Array:
+def node_sum(terms: list, pin: bool = True) -> jax.Array:
     """Σ terms, materialised once (a product with the identity matrix) when ``pin`` (the kernel
     policy's ``pin_nodes``, XLA:CPU's).
 

@@ -22,6 +22,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from dnas.backend import resolve
 from dnas.supernet import layers as L
@@ -187,11 +188,11 @@ class NB201Space(SearchSpace):
         """Every use of every choice point with its candidates' signatures, and the fixed parts
         (:mod:`dnas.latency.space_latency`): edge ``e`` of the ``cell`` group is used by every
         cell of the three stages, at the stage's width; nodes with several inputs cost a sum."""
-        from dnas.latency.space_latency import ChoicePoint, _fixed, _head, _node_sum
+        from dnas.latency.space_latency import ChoicePoint, fixed_part, head_layer, node_sum_part
 
         space, cfg = self, self.config
         hw = (input_size, input_size)
-        fixed = [_fixed("nb201/stem", space.stem, hw + (cfg.in_channels,), (("kernel", 3),), where="stem")]
+        fixed = [fixed_part("nb201/stem", space.stem, hw + (cfg.in_channels,), (("kernel", 3),), where="stem")]
         points = []
         terms = {d: sum(1 for _, dd in NB201_EDGES if dd == d) for d in (1, 2, 3)}
         for stage, width in enumerate(space.widths):
@@ -199,16 +200,71 @@ class NB201Space(SearchSpace):
             for cell in range(cfg.cells_per_stage):
                 for e, (s, d) in enumerate(NB201_EDGES):
                     points.append(ChoicePoint("cell", e, f"stage{stage}/cell{cell}/edge{s}->{d}", cands))
-                fixed += [_node_sum("nb201", hw + (width,), terms[d], f"stage{stage}/cell{cell}/node{d}")
+                fixed += [node_sum_part("nb201", hw + (width,), terms[d], f"stage{stage}/cell{cell}/node{d}")
                           for d in (2, 3) if terms[d] > 1]
             if stage < 2:
-                red = _fixed("nb201/resblock", space.reductions[stage], hw + (width,), (("stride", 2),),
-                             where=f"reduce{stage}")
+                red = fixed_part("nb201/resblock", space.reductions[stage], hw + (width,), (("stride", 2),),
+                                 where=f"reduce{stage}")
                 fixed.append(red)
                 hw = red.output_shape[:2]
-        fixed.append(_fixed("nb201/head", _head(space.head_bn, space.classifier, True), hw + (space.widths[-1],),
-                            where="head"))
+        fixed.append(fixed_part("nb201/head", head_layer(space.head_bn, space.classifier, True),
+                                hw + (space.widths[-1],), where="head"))
         return points, fixed
+
+    def running_parts(self, model, indices, runs, fixed):
+        """Every cell shares the architecture, so :func:`nb201_running_edges` of the cell says
+        which edges run in each; a node sum runs when its node is computed; when the cell output
+        does not depend on its input, only the last cell's running parts and the head remain.
+        A pooling shared by two edges of a cell runs once."""
+        from dnas.latency.space_latency import shared_pooling
+
+        ops = [self.group_op_names("cell")[int(i)] for i in np.asarray(indices["cell"])]
+        edges, connected, nodes = nb201_running_edges(ops)
+        last = model.choice_points[-1].where.rsplit("/", 1)[0]            # "stage2/cell4"
+        cell_runs = lambda where: connected or where.startswith(last + "/")  # noqa: E731
+        runs = [r and edges[cp.row] and cell_runs(cp.where) for r, cp in zip(runs, model.choice_points)]
+        fixed = list(fixed)
+        for j, sig in enumerate(model.fixed):
+            if sig.op == "nb201/node_sum":
+                fixed[j] = cell_runs(sig.where) and int(sig.where.rsplit("node", 1)[1]) in nodes
+            elif sig.op != "nb201/head":
+                fixed[j] = connected
+        return shared_pooling(model, indices, runs), fixed
+
+
+#: NAS-Bench-201 ops with parameters: on a constant (all-zero) input they still run; the
+#: parameter-free ones (pooling, identity) are constant-folded by the compiler.
+_PARAM_OPS = frozenset({"nor_conv_1x1", "nor_conv_3x3"})
+
+
+def nb201_running_edges(ops: list[str]) -> tuple[list[bool], bool, set]:
+    """Which edges of a NAS-Bench-201 cell a compiler that removes dead code (XLA) runs,
+    whether the cell's output depends on its input, and which nodes it computes.
+
+    An edge runs when its op is not ``none``, its destination node reaches the cell output
+    through non-``none`` edges (else its result is dead code), and its input is not a
+    constant — a node all of whose inputs are ``none`` is zeros, and pooling or the identity of
+    zeros is folded away at compile time (convolutions keep running: their weights are
+    arguments). A node is computed (its sum materialised) when it is live and not constant.
+    A cell whose output does not depend on its input makes everything before it dead
+    (``connected`` False). Returns ``(runs per edge, connected, computed nodes)``."""
+    if len(ops) != len(NB201_EDGES):
+        raise ValueError(f"a NAS-Bench-201 cell has {len(NB201_EDGES)} edges, got {len(ops)} ops")
+    nz = [op != "none" for op in ops]
+    live = {3}
+    for e in reversed(range(len(NB201_EDGES))):          # edges are ordered by destination
+        s, d = NB201_EDGES[e]
+        if nz[e] and d in live:
+            live.add(s)
+    variable, reach, runs = {0}, {0}, []
+    for e, (s, d) in enumerate(NB201_EDGES):
+        out_var = nz[e] and (s in variable or ops[e] in _PARAM_OPS)
+        if out_var:
+            variable.add(d)
+        if nz[e] and s in reach:
+            reach.add(d)
+        runs.append(out_var and d in live)
+    return runs, 3 in reach, live & variable
 
 
 # ------------------------------------------------------------------------------ derived network
@@ -283,5 +339,5 @@ _NB201_ATTRS = {"none": (), "skip_connect": (), "nor_conv_1x1": (("kernel", 1),)
 
 
 def _nb201_candidates(space, c: int, hw: tuple, stride: int = 1) -> tuple:
-    from dnas.latency.space_latency import _cell_candidates
-    return _cell_candidates(space, "nb201", "cell", _NB201_ATTRS, nb201_op, c, hw, stride)
+    from dnas.latency.space_latency import cell_candidates
+    return cell_candidates(space, "nb201", "cell", _NB201_ATTRS, nb201_op, c, hw, stride)

@@ -102,6 +102,18 @@ class SearchSpace:
         estimate (:func:`dnas.loop_plan.plan_cpu_loops`)."""
         return int(options.get("channels", 16)), 5
 
+    #: the input side (pixels) the latency model assumes when none is given
+    latency_input_size: int = 32
+
+    def running_parts(self, model, indices: dict[str, Any], runs: list[bool],
+                      fixed: list[bool]) -> tuple[list[bool], list[bool]]:
+        """Which choice-point uses and fixed parts of the latency model ``model``
+        (:func:`dnas.latency.space_latency.describe_space`) the compiled network of the discrete
+        architecture ``indices`` executes, given ``runs`` (every chosen op that computes
+        something) and ``fixed`` (every fixed part): what a compiler's dead-code and
+        common-subexpression elimination leave of them. By default everything runs."""
+        return runs, fixed
+
     @classmethod
     def train_protocol_for(cls, image_side: int) -> dict[str, Any]:
         """:attr:`train_protocol` for images of ``image_side`` pixels (a space whose network

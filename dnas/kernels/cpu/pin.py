@@ -5,7 +5,7 @@ when such fusions grow large it may give up and store every operand instead. A d
 library call that XLA neither fuses nor simplifies away, so ``t @ I`` (exact at ``HIGHEST``
 precision, ``2·C`` FLOPs per element) makes ``t`` one fusion of its own, stored once. Its
 transpose is the same product, so the pin holds for the cotangent in the backward pass too.
-Used for the cell nodes' sums (:func:`dnas.supernet.mixed._node_sum`), for a depthwise
+Used for the cell nodes' sums (:func:`dnas.supernet.mixed.node_sum`), for a depthwise
 convolution's input gradient (:mod:`dnas.kernels.cpu.depthwise`) and, on the CPU, for BatchNorm's
 output (:func:`dnas.supernet.layers.batch_normalize`); ``docs/benchmarks.md``.
 """
