@@ -168,3 +168,50 @@ def test_follow_policy_leaves_custom_layers_alone():
     assert mods[0].conv_general_dilated is my_conv
     assert isinstance(mods[1].conv_general_dilated, PolicyConv)
     assert type(mods[2]) is MyBN and type(mods[3]) is PolicyBatchNorm
+
+
+def test_tracing_a_user_model_never_walks_the_traced_program(monkeypatch):
+    """Flax's ``variable[...] = tracer`` asks the tracer for its sharding, whose error message
+    walks the whole traced program (``find_progenitors``): once per BatchNorm statistic, the
+    trace cost grew with the square of the model. dnas's BatchNorm writes whole values; a
+    traced search step of a user model must not walk the program at all."""
+    from jax._src.interpreters import partial_eval as pe
+
+    from dnas.searcher import make_searcher
+    walks = []
+    original = pe.JaxprStackFrame.find_progenitors
+
+    def counting(self, tracer):
+        walks.append(1)
+        return original(self, tracer)
+    monkeypatch.setattr(pe.JaxprStackFrame, "find_progenitors", counting)
+    s = make_searcher(Cells(nnx.Rngs(0)), "darts")
+    state = s.init(jax.random.PRNGKey(0))
+    batch = (jnp.zeros((4, 10, 10, 3)), jnp.arange(4))
+    s.compiled_step(donate=False).trace(state, batch, batch)
+    assert not walks
+    # the check would see them: Flax's own BatchNorm, traced the same way, walks the program
+    graphdef, bn_state = nnx.split(nnx.BatchNorm(3, rngs=nnx.Rngs(0)))
+    jax.jit(lambda st, v: nnx.merge(graphdef, st)(v)).trace(bn_state, jnp.ones((2, 4, 4, 3)))
+    assert walks
+
+
+def test_user_model_seeds_vmapped_equal_each_seed_alone():
+    """Two seeds in one vmapped program (per-member convolutions under XLA:CPU's policy) step
+    like each seed's own search."""
+    from dnas.searcher import make_searcher
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.standard_normal((2, 4, 10, 10, 3)), jnp.float32)
+    y = jnp.asarray(rng.integers(0, 10, (2, 4)), jnp.int32)
+    multi = make_searcher(lambda rngs: Cells(rngs), "gdas", num_seeds=2, total_steps=2)
+    assert multi.member_convs
+    state = multi.init_members((3, 7))
+    state, _ = multi.compiled_step(donate=False)(state, (x, y), (x[:, ::-1], y[:, ::-1]))
+    for i, seed in enumerate((3, 7)):
+        one = make_searcher(lambda rngs: Cells(rngs), "gdas", total_steps=2)
+        alone = one.init(jax.random.PRNGKey(seed))
+        alone, _ = one.compiled_step(donate=False)(alone, (x[i], y[i]), (x[i, ::-1], y[i, ::-1]))
+        member = multi.member(state, i)
+        for a, b in zip(jax.tree_util.tree_leaves((alone.arch, alone.params, alone.batch_stats)),
+                        jax.tree_util.tree_leaves((member.arch, member.params, member.batch_stats))):
+            np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
