@@ -356,6 +356,34 @@ def test_derived_network_of_a_user_model_is_the_fixed_model(train):
         space.network(g, channels=8)
 
 
+def test_derived_network_of_a_user_model_computes_in_bfloat16():
+    """``dnas train --precision bfloat16`` on a user model: the fixed model's convolutions read
+    bfloat16 (the kernel policy's convolution casts input and kernel), its logits stay float32
+    and within bfloat16's precision of the float32 network's."""
+    space = NNXSpace(lambda rngs: Net(rngs))
+    g = ChoiceGenotype({"op": "conv5", "act": "tanh", "merge": (0, 2)}, "Net")
+    net = space.network(g, num_classes=10, in_channels=1)
+    params, stats = net.init(jax.random.PRNGKey(3))
+    x = _x(8, seed=1)
+
+    def logits(dtype):
+        return net.apply(params, stats, x, Ctx(train=True, compute_dtype=dtype)).logits
+    l32, l16 = np.asarray(logits(None)), np.asarray(logits(jnp.bfloat16))
+    assert l16.dtype == np.float32 and not np.array_equal(l16, l32)
+    np.testing.assert_allclose(l16, l32, rtol=5e-2, atol=2e-2 * float(np.abs(l32).max()))
+
+    def conv_operands(jaxpr):
+        for eqn in jaxpr.eqns:
+            if eqn.primitive.name == "conv_general_dilated":
+                yield tuple(str(v.aval.dtype) for v in eqn.invars)
+            for sub in eqn.params.values():
+                inner = getattr(sub, "jaxpr", sub)
+                if hasattr(inner, "eqns"):
+                    yield from conv_operands(inner)
+    convs = list(conv_operands(jax.make_jaxpr(lambda: logits(jnp.bfloat16))().jaxpr))
+    assert len(convs) == 2 and all(c == ("bfloat16", "bfloat16") for c in convs), convs   # stem and conv5
+
+
 def test_dnas_train_retrains_a_user_models_search(tmp_path):
     """``dnas train RUN`` on a search of a user's model (by import spec): the space is rebuilt
     from the run's config, the network is the fixed model under the generic protocol, and the
