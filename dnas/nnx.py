@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+from functools import partial
 from typing import Any, Callable, Mapping, Sequence
 
 import jax
@@ -142,7 +143,9 @@ class _OpCandidates:
 
     ``all`` runs the modules in place (their BatchNorm statistics update as usual) and returns
     no state; ``one`` runs them functionally (split, switch over merged copies) and returns
-    the candidates' new NNX state, which :meth:`_Mixing.choose` writes back."""
+    the candidates' new NNX state, which :meth:`_Mixing.choose` writes back. Under the kernel
+    policy's ``recompute_sampled`` its backward pass recomputes the sampled candidate
+    (:func:`_recomputed_switch`) instead of storing every candidate's activations."""
 
     def __init__(self, candidates: nnx.List, ctx):
         self.modules, self.ctx = candidates, ctx
@@ -155,18 +158,62 @@ class _OpCandidates:
         return [op(x) for op in self.modules], None
 
     def one(self, index, x, state=None):
-        graphdef, current = nnx.split(self.modules)
+        # the weights always come from the modules (a state threaded through two sampled paths,
+        # as ProxylessNAS's, brings its BatchNorm statistics only), so their gradient has one path
+        graphdef, params, stats = nnx.split(self.modules, nnx.Param, ...)
+        if state is not None:
+            _, stats = nnx.split_state(state, nnx.Param, ...)
 
         def branch(i):
-            def run(st, x_):
-                ops = nnx.merge(graphdef, st)
+            def run(params_, stats_, x_):
+                ops = nnx.merge(graphdef, params_, stats_, copy=True)
                 y = ops[i](x_)
-                return y, nnx.state(ops)
+                return y, nnx.state(ops, nnx.Param, ...)[1]
             return run
-        # the kernel policy's convolutions for a switch branch (dnas.supernet.nnx_kernels), unless
-        # the estimator differentiates twice (Ctx.custom_vjp: a custom backward pass has no forward mode)
-        with in_branch(self.ctx is None or self.ctx.custom_vjp):
-            return lax.switch(index, [branch(i) for i in range(self.num)], current if state is None else state, x)
+        branches = tuple(branch(i) for i in range(self.num))
+        # the kernel policy's convolutions for a switch branch (dnas.supernet.nnx_kernels) and the
+        # sampled op's own backward pass, unless the estimator differentiates twice (Ctx.custom_vjp:
+        # a custom backward pass has no forward mode)
+        custom = self.ctx is None or self.ctx.custom_vjp
+        with in_branch(custom):
+            if custom and self.ctx is not None and policy(self.ctx).recompute_sampled:
+                from dnas.supernet.mixed import _varying_like
+                y, new_stats = _recomputed_switch(branches, index, _varying_like(params, x), stats, x)
+            else:
+                y, new_stats = lax.switch(index, branches, params, stats, x)
+        return y, nnx.merge_state(params, new_stats)
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _recomputed_switch(branches, index, params, stats, x):
+    """``lax.switch(index, branches, params, stats, x)`` whose backward pass recomputes the
+    sampled branch and differentiates it alone (as :func:`dnas.supernet.mixed.switch_sampled`
+    does for the built-in ops): autodiff of the switch stores, and zero-fills, the residuals
+    of every candidate, this stores only the branch inputs. The new statistics get no gradient."""
+    return lax.switch(index, branches, params, stats, x)
+
+
+def _recomputed_switch_fwd(branches, index, params, stats, x):
+    return lax.switch(index, branches, params, stats, x), (index, params, stats, x)
+
+
+def _recomputed_switch_bwd(branches, res, g):
+    index, params, stats, x = res
+    gy = g[0]
+
+    def backward(run):
+        def f(params_, stats_, x_):
+            # traced with the backward pass, after the forward's context has closed: the
+            # recomputed branch's convolutions are branch ones again (dnas.supernet.nnx_kernels)
+            with in_branch():
+                y, vjp = jax.vjp(lambda p, v: run(p, stats_, v)[0], params_, x_)
+                return vjp(gy)
+        return f
+    g_params, g_x = lax.switch(index, [backward(run) for run in branches], params, stats, x)
+    return None, g_params, None, g_x
+
+
+_recomputed_switch.defvjp(_recomputed_switch_fwd, _recomputed_switch_bwd)
 
 
 class _InputCandidates:

@@ -215,3 +215,33 @@ def test_user_model_seeds_vmapped_equal_each_seed_alone():
         for a, b in zip(jax.tree_util.tree_leaves((alone.arch, alone.params, alone.batch_stats)),
                         jax.tree_util.tree_leaves((member.arch, member.params, member.batch_stats))):
             np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("relaxation", ["gdas", "proxyless"])
+def test_sampled_choice_points_recomputed_backward_equals_autodiff(relaxation):
+    """A sampled choice point differentiated by its own backward pass (the sampled branch
+    recomputed, ``dnas.nnx._recomputed_switch``) gives autodiff's gradients of the plain
+    switch (``Ctx.custom_vjp`` off), for weights and α, with the statistics threaded through
+    ProxylessNAS's two sampled paths; and it keeps fewer bytes for the backward pass."""
+    model = Cells(nnx.Rngs(0))
+    space = NNXSpace(model)
+    relax = get_relaxation(relaxation, space=space)
+    params, stats = space.init(jax.random.PRNGKey(0))
+    arch = relax.init(jax.random.PRNGKey(1), space.groups)
+    x = jax.random.normal(jax.random.PRNGKey(2), (4, 10, 10, 3))
+
+    def grads(custom_vjp):
+        def loss(params, arch):
+            samples = relax.sample(arch, jax.random.PRNGKey(3), 0.5)
+            ctx = Ctx(train=True, kernels=XLA_CPU, custom_vjp=custom_vjp)
+            logits, new_stats = space.apply(params, stats, x, samples, relax.mix, ctx)
+            return jnp.sum(jnp.sin(logits)), new_stats
+        fn = jax.jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True))
+        return jax.device_get(fn(params, arch)), fn.lower(params, arch).compile().memory_analysis()
+    ((v1, s1), g1), mem1 = grads(True)
+    ((v2, s2), g2), mem2 = grads(False)
+    np.testing.assert_allclose(v1, v2, rtol=1e-5)
+    for a, b in zip(jax.tree_util.tree_leaves((s1, g1)), jax.tree_util.tree_leaves((s2, g2))):
+        np.testing.assert_allclose(a, b, rtol=2e-3, atol=1e-5)
+    assert max(float(np.abs(a).max()) for a in jax.tree_util.tree_leaves(g1[0])) > 1e-4
+    assert mem1.temp_size_in_bytes < mem2.temp_size_in_bytes
