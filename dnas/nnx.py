@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-from functools import partial
 from typing import Any, Callable, Mapping, Sequence
 
 import jax
@@ -35,6 +34,7 @@ from jax import lax
 
 from dnas.kernels.cpu.pin import pinned
 from dnas.supernet.layers import policy
+from dnas.supernet.mixed import switch_sampled, varying_like
 from dnas.supernet.nnx_kernels import in_branch
 
 __all__ = ["Choice", "InputChoice", "Identity", "Zero", "FixedInputs", "fix", "choice_points", "choice_point_uses",
@@ -145,7 +145,8 @@ class _OpCandidates:
     no state; ``one`` runs them functionally (split, switch over merged copies) and returns
     the candidates' new NNX state, which :meth:`_Mixing.choose` writes back. Under the kernel
     policy's ``recompute_sampled`` its backward pass recomputes the sampled candidate
-    (:func:`_recomputed_switch`) instead of storing every candidate's activations."""
+    (:class:`_ModuleBranch` under :func:`dnas.supernet.mixed.switch_sampled`) instead of
+    storing every candidate's activations."""
 
     def __init__(self, candidates: nnx.List, ctx):
         self.modules, self.ctx = candidates, ctx
@@ -163,57 +164,42 @@ class _OpCandidates:
         graphdef, params, stats = nnx.split(self.modules, nnx.Param, ...)
         if state is not None:
             _, stats = nnx.split_state(state, nnx.Param, ...)
-
-        def branch(i):
-            def run(params_, stats_, x_):
-                ops = nnx.merge(graphdef, params_, stats_, copy=True)
-                y = ops[i](x_)
-                return y, nnx.state(ops, nnx.Param, ...)[1]
-            return run
-        branches = tuple(branch(i) for i in range(self.num))
+        branches = tuple(_ModuleBranch(graphdef, i) for i in range(self.num))
         # the kernel policy's convolutions for a switch branch (dnas.supernet.nnx_kernels) and the
         # sampled op's own backward pass, unless the estimator differentiates twice (Ctx.custom_vjp:
         # a custom backward pass has no forward mode)
         custom = self.ctx is None or self.ctx.custom_vjp
         with in_branch(custom):
             if custom and self.ctx is not None and policy(self.ctx).recompute_sampled:
-                from dnas.supernet.mixed import _varying_like
-                y, new_stats = _recomputed_switch(branches, index, _varying_like(params, x), stats, x)
+                y, new_stats = switch_sampled(branches, index, varying_like(params, x), stats, x)
             else:
-                y, new_stats = lax.switch(index, branches, params, stats, x)
+                y, new_stats = lax.switch(index, [b.apply for b in branches], params, stats, x)
         return y, nnx.merge_state(params, new_stats)
 
 
-@partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _recomputed_switch(branches, index, params, stats, x):
-    """``lax.switch(index, branches, params, stats, x)`` whose backward pass recomputes the
-    sampled branch and differentiates it alone (as :func:`dnas.supernet.mixed.switch_sampled`
-    does for the built-in ops): autodiff of the switch stores, and zero-fills, the residuals
-    of every candidate, this stores only the branch inputs. The new statistics get no gradient."""
-    return lax.switch(index, branches, params, stats, x)
+class _ModuleBranch:
+    """Candidate ``i`` of a :class:`Choice` as a branch of :func:`dnas.supernet.mixed.switch_sampled`:
+    ``apply(params, stats, x) -> (y, new_stats)`` on the NNX states of all candidates; the
+    backward pass recomputes the candidate (a user's module is opaque, so there is no saved
+    output to start from, as there is for the built-in ops ending in an affine-free BatchNorm)."""
 
+    def __init__(self, graphdef, i: int):
+        self.graphdef, self.i = graphdef, i
 
-def _recomputed_switch_fwd(branches, index, params, stats, x):
-    return lax.switch(index, branches, params, stats, x), (index, params, stats, x)
+    def apply(self, params, stats, x):
+        ops = nnx.merge(self.graphdef, params, stats, copy=True)
+        y = ops[self.i](x)
+        return y, nnx.state(ops, nnx.Param, ...)[1]
 
+    def forward(self, params, stats, x):
+        y, new_stats = self.apply(params, stats, x)
+        return y, new_stats, jnp.zeros(y.shape[-1:], y.dtype)
 
-def _recomputed_switch_bwd(branches, res, g):
-    index, params, stats, x = res
-    gy = g[0]
-
-    def backward(run):
-        def f(params_, stats_, x_):
-            # traced with the backward pass, after the forward's context has closed: the
-            # recomputed branch's convolutions are branch ones again (dnas.supernet.nnx_kernels)
-            with in_branch():
-                y, vjp = jax.vjp(lambda p, v: run(p, stats_, v)[0], params_, x_)
-                return vjp(gy)
-        return f
-    g_params, g_x = lax.switch(index, [backward(run) for run in branches], params, stats, x)
-    return None, g_params, None, g_x
-
-
-_recomputed_switch.defvjp(_recomputed_switch_fwd, _recomputed_switch_bwd)
+    def backward(self, params, x, y, saved, gy, *, state):
+        # traced with the backward pass, after the forward's context has closed: the recomputed
+        # candidate's convolutions are branch ones again (dnas.supernet.nnx_kernels)
+        with in_branch():
+            return jax.vjp(lambda p, v: self.apply(p, state, v)[0], params, x)[1](gy)
 
 
 class _InputCandidates:

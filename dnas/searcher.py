@@ -54,9 +54,8 @@ from dnas.relaxations import Relaxation, entropy, get_relaxation
 from dnas.remedies import (apply_to_relaxation, get_remedies, perturb_samples, remedy_metrics,
                            weight_step_perturbation)
 from dnas.supernet.layers import Ctx
+from dnas.supernet.space_base import refuse_precision
 from dnas.supernet.spaces import SPACES, SearchSpace, build_space, space_label, takes_option
-
-#: The spaces built from dnas's own layer kit (they read ``Ctx.compute_dtype``).
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -451,9 +450,7 @@ def make_searcher(space, relaxation: str = "darts", *, space_options: dict | Non
                              f"the channels, and the space {space_label(space)!r} cannot build its ops that narrow "
                              "(for PC-DARTS use the relaxation option k=1)")
         built = build_space(space, **{**space_options, "partial_channels": relax.partial_channels})
-    if precision != "float32" and not built.honours_compute_dtype:
-        raise ValueError(f"--precision {precision} sets the compute dtype of dnas's built-in convolutions and of a "
-                         f"Flax model's nnx.Conv layers; for {space_label(space)!r} set the dtype in your own layers")
+    refuse_precision(built, precision, space_label(space))
     return Searcher(built, relax, hyper, total_steps, num_devices, hypergrad=hypergrad,
                     hypergrad_options=hypergrad_options, tune=tuple(tune), latency=objective, num_seeds=num_seeds,
                     precision=precision, remedies=remedy_list, kernels=getattr(built, "kernels", policy))

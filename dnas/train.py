@@ -42,6 +42,7 @@ from dnas.searcher import accuracy, check_finite, compute_dtype
 from dnas.supernet.derived import DropPath, Network, count_params
 from dnas.supernet.genotype import DARTS_V2, Genotype, genotype_to_json, load_genotype, parse_nb201, save_genotype
 from dnas.supernet.layers import Ctx
+from dnas.supernet.space_base import refuse_precision
 
 _PROTOCOL_KEYS = ("batch_size", "lr", "nesterov", "weight_decay", "grad_clip", "drop_path", "cutout",
                   "auxiliary_weight", "label_smoothing")
@@ -392,9 +393,7 @@ def prepare_train(cfg: TrainConfig, *, resume: bool = False) -> _TrainPrepared:
     data_dir = cfg.data_dir if cfg.data_dir is not None else search_cfg.get("data_dir")
     data = load_dataset(dataset, limit_examples=cfg.limit_examples, seed=cfg.seed, data_dir=data_dir)
     space = train_space(genotype, search_cfg, data)
-    if cfg.precision != "float32" and not space.honours_compute_dtype:
-        raise ValueError(f"--precision {cfg.precision} sets the compute dtype of dnas's built-in convolutions and of "
-                         f"a Flax model's nnx.Conv layers; for {space.name!r} set the dtype in your own layers")
+    refuse_precision(space, cfg.precision, space.name)
     proto = resolve_protocol(cfg, space, data.image_shape[0])
     network = space.network(genotype, **_network_options(cfg, space, search_cfg, data, proto))
 

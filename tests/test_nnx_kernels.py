@@ -220,7 +220,7 @@ def test_user_model_seeds_vmapped_equal_each_seed_alone():
 @pytest.mark.parametrize("relaxation", ["gdas", "proxyless"])
 def test_sampled_choice_points_recomputed_backward_equals_autodiff(relaxation):
     """A sampled choice point differentiated by its own backward pass (the sampled branch
-    recomputed, ``dnas.nnx._recomputed_switch``) gives autodiff's gradients of the plain
+    recomputed, ``dnas.nnx._ModuleBranch`` under ``switch_sampled``) gives autodiff's gradients of the plain
     switch (``Ctx.custom_vjp`` off), for weights and α, with the statistics threaded through
     ProxylessNAS's two sampled paths; and it keeps fewer bytes for the backward pass."""
     model = Cells(nnx.Rngs(0))

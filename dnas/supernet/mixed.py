@@ -62,7 +62,7 @@ class Candidates:
         branches = tuple(_Branch(layer, i, ctx) for i, layer in enumerate(self.layers))
         if not (kernels.recompute_sampled and custom):
             return lax.switch(index, [b.apply for b in branches], self.params, state, x)
-        return switch_sampled(branches, index, _varying_like(self.params, x), state, x)
+        return switch_sampled(branches, index, varying_like(self.params, x), state, x)
 
 
 class _Branch:
@@ -110,7 +110,7 @@ class _Branch:
         return jax.vjp(f, params, x)[1](gz)
 
 
-def _varying_like(tree, x):
+def varying_like(tree, x):
     """Inside ``shard_map``: mark the (replicated) ``tree`` as varying over the axes ``x`` varies
     over, so a custom backward pass may return per-device cotangents for it (the transpose of
     the cast sums them over devices, as autodiff does for the plain form)."""
@@ -128,8 +128,9 @@ def _varying_like(tree, x):
 
 @partial(jax.custom_vjp, nondiff_argnums=(0,))
 def switch_sampled(branches, index, params, state, x):
-    """``lax.switch`` over the candidates' :class:`_Branch` es with a backward pass of the
-    chosen branch only.
+    """``lax.switch`` over the candidates' branches with a backward pass of the chosen branch
+    only. A branch has :class:`_Branch`'s ``apply``, ``forward`` and ``backward`` (the NNX
+    choice points' is :class:`dnas.nnx._ModuleBranch`).
 
     Autodiff of a ``lax.switch`` stores the residuals of *every* branch (JAX joins them across
     branches and zero-fills the slots a branch does not use), so a sampled op costs the memory

@@ -45,6 +45,14 @@ def cell_options_from_flags(flags: dict, space: str, cells_option: str) -> dict:
     return {k: v for k, v in opts.items() if v is not None}
 
 
+def refuse_precision(space, precision: str, label: str) -> None:
+    """A ValueError naming the problem when ``precision`` is not float32 and ``space`` does not
+    run its convolutions in ``Ctx.compute_dtype`` (:attr:`SearchSpace.honours_compute_dtype`)."""
+    if precision != "float32" and not space.honours_compute_dtype:
+        raise ValueError(f"--precision {precision} sets the compute dtype of dnas's built-in convolutions and of a "
+                         f"Flax model's nnx.Conv layers; for {label!r} set the dtype in your own layers")
+
+
 class SearchSpace:
     """A supernet with labelled choice points (see :mod:`dnas.supernet.spaces`). Optional hooks:
     ``network(genotype, **options) -> Network`` (a static method: the stand-alone network
