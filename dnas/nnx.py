@@ -206,6 +206,7 @@ class _InputCandidates:
     """An :class:`InputChoice`'s inputs as candidates whose outputs are the inputs themselves."""
 
     auxiliary_skip = False   # picking inputs is not an op: no DARTS- auxiliary skip (dnas.remedies)
+    partial_channels = False   # nor PC-DARTS's channel split: every channel of the inputs is mixed
 
     def __init__(self, inputs: list, ctx):
         self.inputs, self.ctx = inputs, ctx

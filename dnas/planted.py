@@ -68,7 +68,8 @@ def planted_search(relaxation: str, steps: int, *, a_lr: float = 3e-3, task: Pla
                    seed: int = 1, relaxation_options: dict | None = None, hypergrad: str = "first",
                    num_devices: int = 1) -> dict:
     """Search ``task`` with ``relaxation`` for ``steps`` steps; returns ``{"chosen", "planted",
-    "recovered" (count), "probs", "val_acc", "arch", "problem"}``."""
+    "recovered" (count), "recovered_at_start" (the count of the initial α's derivation),
+    "probs", "val_acc", "arch", "problem"}``."""
     from dnas.searcher import Hyper, make_searcher
 
     plant_idx = [NB201_OPS.index(op) for op in task.plant]
@@ -82,6 +83,7 @@ def planted_search(relaxation: str, steps: int, *, a_lr: float = 3e-3, task: Pla
     x = rng.normal(size=(n, task.image_size, task.image_size, 3)).astype(np.float32)
     y = _teacher_labels(s, teacher.params, teacher.batch_stats, plant_idx, x)
     state = s.init(jax.random.PRNGKey(seed))._replace(params=teacher.params, batch_stats=teacher.batch_stats)
+    start = np.asarray(jax.device_get(s.relax.derive_scores(state.arch))["cell"]).argmax(-1)
     state = s.replicate(state)
     step = s.compiled_step(donate=False)
     b = task.batch_size
@@ -94,6 +96,8 @@ def planted_search(relaxation: str, steps: int, *, a_lr: float = 3e-3, task: Pla
     return {"relaxation": relaxation, "steps": steps, "a_lr": a_lr,
             "planted": list(task.plant), "chosen": [NB201_OPS[c] for c in chosen],
             "recovered": int((chosen == np.asarray(plant_idx)).sum()), "of": len(plant_idx),
+            # the control: what the architecture the search starts from already gets right
+            "recovered_at_start": int((start == np.asarray(plant_idx)).sum()),
             "probs": np.asarray(s.probs(state)["cell"]).round(3).tolist(),
             "val_acc": float(metrics["val_acc"]), "arch": jax.device_get(state.arch),
             # what a selection after the search needs (dnas.select): the searcher, the final state,

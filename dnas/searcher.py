@@ -445,10 +445,12 @@ def make_searcher(space, relaxation: str = "darts", *, space_options: dict | Non
     if latency:  # of the full-width network (before PC-DARTS narrows the candidate ops)
         objective = _latency_objective(space, built, space_options, latency)
     if relax.partial_channels != 1:  # the space's candidate ops see 1/K of the channels
-        if not isinstance(space, str) or not takes_option(space, "partial_channels"):
+        if not takes_option(space, "partial_channels"):
             raise ValueError(f"relaxation {relax.name!r} runs the candidate ops on 1/{relax.partial_channels} of "
-                             f"the channels, and the space {space_label(space)!r} cannot build its ops that narrow "
-                             "(for PC-DARTS use the relaxation option k=1)")
+                             f"the channels, and the space {space_label(space)!r} cannot build its ops that narrow: "
+                             "a space (or a model factory) must take the option partial_channels=K and build its "
+                             "candidates for 1/K of their input's channels (for PC-DARTS without partial channels "
+                             "use the relaxation option k=1)")
         built = build_space(space, **{**space_options, "partial_channels": relax.partial_channels})
     refuse_precision(built, precision, space_label(space))
     return Searcher(built, relax, hyper, total_steps, num_devices, hypergrad=hypergrad,

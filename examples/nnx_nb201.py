@@ -47,9 +47,12 @@ def avg_pool_3x3(x):
 
 
 class Cell(nnx.Module):
-    """Node d sums its incoming edges; each edge chooses one of NAS-Bench-201's five ops."""
+    """Node d sums its incoming edges; each edge chooses one of NAS-Bench-201's five ops.
+    ``partial_channels=K`` builds the candidates for ``C/K`` channels: PC-DARTS (Xu et al., ICLR
+    2020, eq. 2) runs them on that part of the node and passes the rest by them."""
 
-    def __init__(self, c, rngs):
+    def __init__(self, c, rngs, partial_channels=1):
+        c //= partial_channels
         self.edges = nnx.List([Choice({"none": Zero(), "skip_connect": Identity(),
                                        "nor_conv_1x1": ReLUConvBN(c, c, 1, 1, False, rngs),
                                        "nor_conv_3x3": ReLUConvBN(c, c, 3, 1, False, rngs),
@@ -80,11 +83,13 @@ class NB201(nnx.Module):
     reduction blocks between them, and the head; every cell's edge ``s->d`` is the choice
     point labelled ``"s->d"``, one decision for all cells."""
 
-    def __init__(self, rngs, c=16, n=5, in_channels=3, num_classes=10):
+    def __init__(self, rngs, c=16, n=5, in_channels=3, num_classes=10, partial_channels=1):
         widths = (c, 2 * c, 4 * c)
+        if c % partial_channels:
+            raise ValueError(f"partial_channels={partial_channels} must divide the channels {c}")
         self.stem = nnx.Conv(in_channels, c, (3, 3), padding=[(1, 1)] * 2, use_bias=False, rngs=rngs)
         self.stem_bn = _bn(c, True, rngs)
-        self.stages = nnx.List([nnx.List([Cell(w, rngs) for _ in range(n)]) for w in widths])
+        self.stages = nnx.List([nnx.List([Cell(w, rngs, partial_channels) for _ in range(n)]) for w in widths])
         self.reductions = nnx.List([Reduction(widths[i], widths[i + 1], rngs) for i in range(2)])
         self.head_bn = _bn(widths[-1], True, rngs)
         self.classifier = nnx.Linear(widths[-1], num_classes, rngs=rngs)
@@ -125,6 +130,9 @@ def load_builtin_weights(model: NB201, params) -> None:
     model.classifier.kernel[...], model.classifier.bias[...] = params["classifier"]["w"], params["classifier"]["b"]
 
 
-def space(in_channels: int = 3, num_classes: int = 10, channels: int = 16, cells_per_stage: int = 5) -> NB201:
-    """The supernet as a space factory for the command line (``--space examples.nnx_nb201:space``)."""
-    return NB201(nnx.Rngs(0), c=channels, n=cells_per_stage, in_channels=in_channels, num_classes=num_classes)
+def space(in_channels: int = 3, num_classes: int = 10, channels: int = 16, cells_per_stage: int = 5,
+          partial_channels: int = 1) -> NB201:
+    """The supernet as a space factory for the command line (``--space examples.nnx_nb201:space``).
+    ``partial_channels`` is set by the search for PC-DARTS (``--relaxation pc_darts``)."""
+    return NB201(nnx.Rngs(0), c=channels, n=cells_per_stage, in_channels=in_channels, num_classes=num_classes,
+                 partial_channels=partial_channels)

@@ -274,6 +274,50 @@ def test_user_model_unrolled_hypergradient_equals_explicit_objective(relaxation)
     assert gap > 10 * (1e-7 + 1e-3 * max(float(jnp.abs(truth[g]).max()) for g in truth))
 
 
+class NarrowNet(Net):
+    """``Net`` whose layer choice is built for ``1/partial_channels`` of the channels (PC-DARTS)."""
+
+    def __init__(self, rngs, c=4, partial_channels=1):
+        super().__init__(rngs, c)
+        n = c // partial_channels
+        self.op = Choice({"conv3": ConvBN(n, 3, rngs), "conv5": ConvBN(n, 5, rngs), "skip": Identity(),
+                          "zero": Zero()}, label="op")
+
+
+def test_pc_darts_partial_channels_on_a_user_model():
+    """PC-DARTS (Xu et al., ICLR 2020, eq. 2) on a user model whose factory takes
+    ``partial_channels``: the layer choice mixes its candidates on the first C/K channels, the
+    rest bypass it and the channels are shuffled; the input choice mixes whole inputs. Checked
+    against that mixture written by hand, then a search step through make_searcher. A model
+    instance cannot rebuild its candidates narrower and is refused, naming the option."""
+    from dnas.relaxations.pc_darts import channel_shuffle, partial_mix
+    from dnas.supernet.spaces import build_space
+    space = build_space(NarrowNet, partial_channels=2)
+    assert space.groups == {"op": (1, 4), "act": (1, 2), "merge": (1, 3)}
+    params, stats = space.init(jax.random.PRNGKey(0))
+    w, x = _weights(space, 2), _x()
+    logits, _ = space.apply(params, stats, x, w, partial_mix(2), Ctx(train=False))
+
+    ref = space.module(params, stats)
+    _set_train(ref, False)
+    h0 = ref.bn(ref.stem(x))
+    part = sum(w["op"][0, i] * op(h0[..., :2]) for i, op in enumerate(ref.op.candidates))
+    h1 = channel_shuffle(jnp.concatenate([part, h0[..., 2:]], -1), 2)
+    # the activation choice is a layer choice too: its (parameter-free) candidates see half the channels
+    h2 = channel_shuffle(jnp.concatenate([w["act"][0, 0] * jax.nn.relu(h1[..., :2])
+                                          + w["act"][0, 1] * jnp.tanh(h1[..., :2]), h1[..., 2:]], -1), 2)
+    ins = [h0, h2, 0.5 * h0 + h2]
+    want = ref.head(sum(w["merge"][0, i] * ins[i] for i in range(3)).mean((1, 2)))
+    np.testing.assert_allclose(logits, want, rtol=1e-5, atol=1e-6)
+
+    s = make_searcher(NarrowNet, "pc_darts", relaxation_options={"k": 2}, total_steps=2)
+    assert s.space.points["op"].candidates[0].conv.kernel.shape[-2:] == (2, 2)   # built narrow
+    _, m = _step_twice(s, _x(8), jnp.arange(8) % 10)
+    assert all(np.isfinite(float(v)) for v in m.values()) and float(m["a_grad_norm"]) > 0
+    with pytest.raises(ValueError, match="must take the option partial_channels=K"):
+        make_searcher(NarrowNet(nnx.Rngs(0)), "pc_darts", relaxation_options={"k": 2})
+
+
 # every estimator through a user model (unrolled is checked exactly above): `pytest -m slow`
 @pytest.mark.slow
 @pytest.mark.parametrize("estimator", sorted(set(ESTIMATORS) - {"first", "unrolled"}))

@@ -16,9 +16,11 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from flax import nnx
 
 from dnas.relaxations import dense_mix
+from dnas.relaxations.pc_darts import partial_mix
 from dnas.supernet.genotype import NB201_EDGES, NB201_OPS, edge_label
 from dnas.supernet.layers import Ctx
 from dnas.supernet.nnx_space import NNXSpace
@@ -28,11 +30,15 @@ from examples.nnx_nb201 import NB201, load_builtin_weights
 C, N, SIDE = 4, 1, 8
 
 
-def test_nb201_declared_with_nnx_choices_equals_the_built_in_space():
-    builtin = build_space("nb201", channels=C, cells_per_stage=N, in_channels=1, num_classes=10)
+@pytest.mark.parametrize("k", [1, 2], ids=["darts", "pc_darts-k2"])
+def test_nb201_declared_with_nnx_choices_equals_the_built_in_space(k):
+    """``k=2``: PC-DARTS's partial channels (the candidates built for half the channels, the
+    other half bypassing them, then shuffled) on both, by the relaxation's own ``mix``."""
+    builtin = build_space("nb201", channels=C, cells_per_stage=N, in_channels=1, num_classes=10, partial_channels=k)
     params, state = builtin.init(jax.random.PRNGKey(0))
-    model = NB201(nnx.Rngs(1), c=C, n=N, in_channels=1)
+    model = NB201(nnx.Rngs(1), c=C, n=N, in_channels=1, partial_channels=k)
     load_builtin_weights(model, params)
+    mix = dense_mix if k == 1 else partial_mix(k)
     space = NNXSpace(model)
     labels = [edge_label(s, d) for s, d in NB201_EDGES]
     assert space.groups == {label: (1, 5) for label in labels}      # 6 decisions, shared by all cells
@@ -45,12 +51,12 @@ def test_nb201_declared_with_nnx_choices_equals_the_built_in_space():
     ctx = Ctx(train=True)
 
     def builtin_loss(w):
-        logits, new_state = builtin.apply(params, state, x, {"cell": w}, dense_mix, ctx)
+        logits, new_state = builtin.apply(params, state, x, {"cell": w}, mix, ctx)
         return jnp.sum(logits * r), (logits, new_state)
 
     def nnx_loss(w):
         logits, new_stats = space.apply(nparams, nstats, x, {lab: w[e][None] for e, lab in enumerate(labels)},
-                                        dense_mix, ctx)
+                                        mix, ctx)
         return jnp.sum(logits * r), (logits, new_stats)
 
     (_, (want, want_state)), want_grad = jax.jit(jax.value_and_grad(builtin_loss, has_aux=True))(w)
@@ -60,8 +66,8 @@ def test_nb201_declared_with_nnx_choices_equals_the_built_in_space():
     assert float(jnp.abs(want_grad).max()) > 1e-2    # a gradient that says something
     # inference (BatchNorm's running statistics), after the training step's statistics
     eval_w = {lab: w[e][None] for e, lab in enumerate(labels)}
-    np.testing.assert_allclose(space.apply(nparams, nstats, x, eval_w, dense_mix, Ctx(train=False))[0],
-                               builtin.apply(params, state, x, {"cell": w}, dense_mix, Ctx(train=False))[0],
+    np.testing.assert_allclose(space.apply(nparams, nstats, x, eval_w, mix, Ctx(train=False))[0],
+                               builtin.apply(params, state, x, {"cell": w}, mix, Ctx(train=False))[0],
                                rtol=2e-4, atol=2e-5)
     n = 16 * SIDE * SIDE   # the stem's BatchNorm sees the whole batch at full resolution
     np.testing.assert_allclose(got_stats["stem_bn"]["mean"], want_state["stem"][1]["mean"], rtol=1e-4, atol=1e-6)

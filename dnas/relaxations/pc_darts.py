@@ -11,7 +11,8 @@
   the op weights, and derivation ranks ``edge weight × op weight``.
 
 With ``K=1`` every channel goes through the ops, and with ``edge_norm=False`` the relaxation is
-exactly DARTS.
+exactly DARTS. Candidates that run no op (a :class:`dnas.nnx.InputChoice`'s inputs, marked
+``partial_channels = False``) are mixed on all their channels.
 """
 from __future__ import annotations
 
@@ -60,7 +61,7 @@ def partial_mix(k: int):
         c = x.shape[-1]
         if c % k:
             raise ValueError(f"PC-DARTS: {c} channels are not divisible by K={k}")
-        if k == 1:
+        if k == 1 or not getattr(candidates, "partial_channels", True):   # (an input choice runs no op)
             outs, state = candidates.all(x)
             return sum(w * o for w, o in zip(weights, outs)), state
         part, rest = take_channels(x, c // k), x[..., c // k:]

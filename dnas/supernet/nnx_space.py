@@ -13,10 +13,12 @@ label. Derivation takes the best-scored candidate of a :class:`~dnas.nnx.Choice`
 ``n_chosen`` best inputs of an :class:`~dnas.nnx.InputChoice`.
 
 The kernel policy and ``--precision`` reach the model's ``nnx.Conv`` and ``nnx.BatchNorm``
-layers in the copy merged for each forward pass (:mod:`dnas.supernet.nnx_kernels`). What a
-user model does not get: PC-DARTS's partial channels (its candidates would have to be built
-for ``C/K`` channels; ``k=1`` works), and dropout during the search (``deterministic`` is set:
-the search state holds no RNG stream for it).
+layers in the copy merged for each forward pass (:mod:`dnas.supernet.nnx_kernels`). PC-DARTS's
+partial channels need the candidates built for ``C/K`` channels: a factory that takes
+``partial_channels`` is called with it (:func:`dnas.supernet.spaces.as_space`). What a user
+model does not get: dropout during the search (``deterministic`` is set: the search state
+holds no RNG stream for it), and PC-DARTS's edge normalisation (every choice point is a row of
+its own, so no two edges share a node).
 """
 from __future__ import annotations
 

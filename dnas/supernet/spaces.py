@@ -77,15 +77,24 @@ def space_factory(name: str):
     return factory
 
 
-def takes_option(space: str, option: str) -> bool:
-    """Whether the space called ``space`` can be built with ``option`` (a config field of a
-    built-in space, a parameter of a user's factory)."""
-    if space in SPACES:
+def takes_option(space, option: str) -> bool:
+    """Whether ``space`` can be built with ``option``: a config field of a built-in space, a
+    parameter of a user's factory (named, or passed as an object: a model factory
+    ``rngs -> model`` that takes ``partial_channels``, say)."""
+    if isinstance(space, str) and space in SPACES:
         return option in {f.name for f in dataclasses.fields(SPACES[space][1])}
+    factory = space_factory(space) if isinstance(space, str) else space
+    if isinstance(factory, SearchSpace) or _is_nnx_module(factory):
+        return False
+    return _has_parameter(factory, option)
+
+
+def _has_parameter(fn, name: str) -> bool:
+    """Whether ``fn`` (a function, or a class: its ``__init__``, as Flax's module metaclass hides
+    the constructor's signature) names the parameter ``name``."""
     import inspect
-    factory = space_factory(space)
     try:
-        return callable(factory) and option in inspect.signature(factory).parameters
+        return callable(fn) and name in inspect.signature(fn.__init__ if isinstance(fn, type) else fn).parameters
     except (TypeError, ValueError):
         return False
 
@@ -102,7 +111,8 @@ def as_space(obj, options: dict | None = None, name: str | None = None) -> Searc
     """``obj`` as a :class:`SearchSpace`: itself, or a Flax NNX model (or a factory ``rngs ->
     model``) wrapped in :class:`~dnas.supernet.nnx_space.NNXSpace`."""
     options = dict(options or {})
-    bad = sorted(set(options) - {"in_channels", "num_classes"})
+    builds = {"partial_channels"} if not isinstance(obj, SearchSpace) and not _is_nnx_module(obj) else set()
+    bad = sorted(set(options) - {"in_channels", "num_classes"} - {k for k in builds if _has_parameter(obj, k)})
     if bad:
         raise ValueError(f"space options {bad} apply to spaces built by name; a {type(obj).__name__} object "
                          "is already built")
@@ -110,6 +120,9 @@ def as_space(obj, options: dict | None = None, name: str | None = None) -> Searc
         return obj
     if _is_nnx_module(obj) or callable(obj):
         from dnas.supernet.nnx_space import NNXSpace
+        if "partial_channels" in options:   # a factory rngs -> model that builds PC-DARTS's narrow candidates
+            import functools
+            obj = functools.partial(obj, partial_channels=options["partial_channels"])
         return NNXSpace(obj, num_classes=options.get("num_classes"))   # in_channels: the model's own layers
     raise TypeError(f"{name or 'the space'}: expected a SearchSpace, a Flax NNX model or a factory of one, "
                     f"got {type(obj).__name__}")
