@@ -8,6 +8,10 @@ A researcher marks what is to be searched where it lives, in the model's own cod
 * :class:`InputChoice` — pick ``n_chosen`` of ``n`` incoming tensors (a DARTS cell node picks
   2 of its predecessors), summed (or averaged) in the chosen network.
 
+A network that repeats a cell can stack the repeats' weights and loop over them with
+:func:`scan` (Flax's ``nnx.scan`` with the kernel policy's loop convolutions), so that the
+cell is traced and compiled once.
+
 Every choice point has a ``label``; a genotype (:class:`dnas.supernet.genotype.ChoiceGenotype`)
 maps labels to what was chosen. Choice points that share a label are one decision (a cell
 repeated through the network: :func:`choice_point_uses`). :class:`dnas.supernet.nnx_space.NNXSpace`
@@ -37,8 +41,8 @@ from dnas.supernet.layers import policy
 from dnas.supernet.mixed import switch_sampled, varying_like
 from dnas.supernet.nnx_kernels import in_branch
 
-__all__ = ["Choice", "InputChoice", "Identity", "Zero", "FixedInputs", "fix", "choice_points", "choice_point_uses",
-           "mixing", "first_candidates", "set_search_mode"]
+__all__ = ["Choice", "InputChoice", "Identity", "Zero", "FixedInputs", "fix", "scan", "choice_points",
+           "choice_point_uses", "mixing", "first_candidates", "set_search_mode"]
 
 
 class Identity(nnx.Module):
@@ -305,6 +309,28 @@ def first_candidates(record: Callable[[Choice, Any], None] | None = None):
     ``record(choice, x)``) and every :class:`InputChoice` passes its first input: the supernet
     as one architecture, to find the shapes each choice point sees."""
     return _activated(_FirstCandidates(record))
+
+
+def scan(f: Callable, **scan_options) -> Callable:
+    """``nnx.scan(f, **scan_options)`` for a loop over repeated cells of a searched model (a
+    stage of cells whose weights are stacked by ``nnx.vmap``; ``examples/nnx_nb201.py``): the
+    stage then traces and compiles one cell instead of all of them.
+
+    The difference from ``nnx.scan`` is the kernel policy's loop formulation: while the loop
+    body is traced, its ``nnx.Conv`` layers run as the built-in spaces' scanned cells do. Under
+    XLA:CPU's policy that is the convolution with a backward pass of its own
+    (:mod:`dnas.kernels.cpu.branch_conv`), because XLA:CPU runs a convolution's own backward
+    pass inside a loop body many times slower (``docs/cpu.md``); not under estimators that
+    differentiate twice (a custom backward pass has no forward mode). The native policy's
+    convolutions are XLA's, as with ``nnx.scan``."""
+    scanned = nnx.scan(f, **scan_options)
+
+    def run(*args, **kwargs):
+        active = _ACTIVE.get()
+        ctx = active.ctx if active is not None else None
+        with in_branch(ctx is None or ctx.custom_vjp):
+            return scanned(*args, **kwargs)
+    return run
 
 
 # --------------------------------------------------------------------------- structure

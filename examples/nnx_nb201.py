@@ -13,8 +13,9 @@ writing a ``SearchSpace``:
 gradient with respect to the architecture weights, BatchNorm statistics
 (``tests/test_nnx_nb201.py``). The kernel policy reaches its ``nnx.Conv`` and
 ``nnx.BatchNorm`` layers as it reaches the built-in module's (:mod:`dnas.supernet.nnx_kernels`);
-the built-in module adds stacked, scannable cells and a backward pass of its own for sampled
-ops. ``docs/benchmarks.md`` ("NAS-Bench-201 as an NNX model") measures both forms.
+``scan_cells=True`` stacks each stage's cells and runs them with :func:`dnas.nnx.scan`, as the
+built-in module can; the built-in module adds a backward pass for sampled ops that starts from
+their saved output. ``docs/benchmarks.md`` ("NAS-Bench-201 as an NNX model") measures the forms.
 """
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+import dnas.nnx
 from dnas.nnx import Choice, Identity, Zero
 from dnas.supernet.genotype import NB201_EDGES, NB201_OPS, edge_label
 
@@ -83,13 +85,17 @@ class NB201(nnx.Module):
     reduction blocks between them, and the head; every cell's edge ``s->d`` is the choice
     point labelled ``"s->d"``, one decision for all cells."""
 
-    def __init__(self, rngs, c=16, n=5, in_channels=3, num_classes=10, partial_channels=1):
+    def __init__(self, rngs, c=16, n=5, in_channels=3, num_classes=10, partial_channels=1, scan_cells=False):
         widths = (c, 2 * c, 4 * c)
         if c % partial_channels:
             raise ValueError(f"partial_channels={partial_channels} must divide the channels {c}")
+        self.scan_cells = scan_cells
         self.stem = nnx.Conv(in_channels, c, (3, 3), padding=[(1, 1)] * 2, use_bias=False, rngs=rngs)
         self.stem_bn = _bn(c, True, rngs)
-        self.stages = nnx.List([nnx.List([Cell(w, rngs, partial_channels) for _ in range(n)]) for w in widths])
+        if scan_cells:   # one Cell per stage whose weights are stacked over its n cells
+            self.stages = nnx.List([_stacked_cells(w, n, partial_channels, rngs) for w in widths])
+        else:
+            self.stages = nnx.List([nnx.List([Cell(w, rngs, partial_channels) for _ in range(n)]) for w in widths])
         self.reductions = nnx.List([Reduction(widths[i], widths[i + 1], rngs) for i in range(2)])
         self.head_bn = _bn(widths[-1], True, rngs)
         self.classifier = nnx.Linear(widths[-1], num_classes, rngs=rngs)
@@ -97,11 +103,25 @@ class NB201(nnx.Module):
     def __call__(self, x):
         x = self.stem_bn(self.stem(x))
         for i, stage in enumerate(self.stages):
-            for cell in stage:
-                x = cell(x)
+            if self.scan_cells:
+                x = dnas.nnx.scan(lambda cell, h: cell(h), in_axes=(0, nnx.Carry), out_axes=nnx.Carry)(stage, x)
+            else:
+                for cell in stage:
+                    x = cell(x)
             if i < 2:
                 x = self.reductions[i](x)
         return self.classifier(jnp.mean(jax.nn.relu(self.head_bn(x)), axis=(1, 2)))
+
+
+def _stacked_cells(c, n, partial_channels, rngs) -> Cell:
+    """``n`` cells as one :class:`Cell` whose weights have a leading axis of length ``n``
+    (``nnx.vmap`` of the constructor), for ``nnx.scan``: the stage then traces and compiles
+    one cell instead of ``n``. The choice points are one each, so all ``n`` cells share them."""
+    @nnx.split_rngs(splits=n)
+    @nnx.vmap(in_axes=(0,), out_axes=0)
+    def make(rngs):
+        return Cell(c, rngs, partial_channels)
+    return make(rngs)
 
 
 def load_builtin_weights(model: NB201, params) -> None:
@@ -116,7 +136,9 @@ def load_builtin_weights(model: NB201, params) -> None:
     model.stem_bn.scale[...], model.stem_bn.bias[...] = params["stem"][1]["scale"], params["stem"][1]["bias"]
     for i, stage in enumerate(model.stages):
         ops = params[f"stage{i}"]   # per op: leaves stacked over (cell, edge)
-        for k, cell in enumerate(stage):
+        # a scanned stage is one Cell holding every cell's weights: it takes them all at once
+        cells = [(slice(None), stage)] if model.scan_cells else list(enumerate(stage))
+        for k, cell in cells:
             for e, edge in enumerate(cell.edges):
                 for j, name in enumerate(NB201_OPS):
                     if name.startswith("nor_conv"):
@@ -131,8 +153,9 @@ def load_builtin_weights(model: NB201, params) -> None:
 
 
 def space(in_channels: int = 3, num_classes: int = 10, channels: int = 16, cells_per_stage: int = 5,
-          partial_channels: int = 1) -> NB201:
+          partial_channels: int = 1, scan_cells: bool = False) -> NB201:
     """The supernet as a space factory for the command line (``--space examples.nnx_nb201:space``).
-    ``partial_channels`` is set by the search for PC-DARTS (``--relaxation pc_darts``)."""
+    ``partial_channels`` is set by the search for PC-DARTS (``--relaxation pc_darts``);
+    ``--space-option scan_cells=true`` scans each stage's cells (``nnx.scan``)."""
     return NB201(nnx.Rngs(0), c=channels, n=cells_per_stage, in_channels=in_channels, num_classes=num_classes,
-                 partial_channels=partial_channels)
+                 partial_channels=partial_channels, scan_cells=scan_cells)

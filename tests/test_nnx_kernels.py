@@ -13,6 +13,7 @@ import pytest
 from flax import nnx
 from jax import lax
 
+import dnas.nnx
 from dnas.backend import NATIVE, XLA_CPU
 from dnas.nnx import Choice, Identity, Zero
 from dnas.relaxations import get_relaxation
@@ -245,3 +246,55 @@ def test_sampled_choice_points_recomputed_backward_equals_autodiff(relaxation):
         np.testing.assert_allclose(a, b, rtol=2e-3, atol=1e-5)
     assert max(float(np.abs(a).max()) for a in jax.tree_util.tree_leaves(g1[0])) > 1e-4
     assert mem1.temp_size_in_bytes < mem2.temp_size_in_bytes
+
+
+class ScannedCells(nnx.Module):
+    """Three cells with stacked weights (``nnx.vmap``) run by ``dnas.nnx.scan``."""
+
+    def __init__(self, rngs, c=8, n=3):
+        self.stem = nnx.Conv(3, c, (3, 3), use_bias=False, rngs=rngs)
+
+        @nnx.split_rngs(splits=n)
+        @nnx.vmap(in_axes=(0,), out_axes=0)
+        def make(rngs):
+            return Choice({"conv3": Edge(c, 3, 1, rngs), "conv1": Edge(c, 1, 1, rngs), "skip": Identity()},
+                          label="edge")
+        self.cells = make(rngs)
+        self.head = nnx.Linear(c, 10, rngs=rngs)
+
+    def __call__(self, x):
+        x = dnas.nnx.scan(lambda cell, h: h + cell(h), in_axes=(0, nnx.Carry), out_axes=nnx.Carry)(
+            self.cells, self.stem(x))
+        return self.head(jnp.mean(x, axis=(1, 2)))
+
+
+def test_scanned_cells_take_the_policys_loop_convolutions():
+    """``dnas.nnx.scan``: under XLA:CPU's policy the loop body's convolutions carry their own
+    backward pass (XLA:CPU's own is many times slower inside a loop), as the built-in scanned
+    cells' do; not under the native policy, nor when the estimator differentiates twice. The
+    numbers are the same under both policies."""
+    model = ScannedCells(nnx.Rngs(0))
+    space = NNXSpace(model)
+    assert space.groups == {"edge": (1, 3)}   # one choice point, shared by the three cells
+    params, stats = space.init(jax.random.PRNGKey(0))
+    w = {"edge": jnp.asarray([[0.5, 0.3, 0.2]])}
+    x = jax.random.normal(jax.random.PRNGKey(2), (4, 10, 10, 3))
+    mix = get_relaxation("darts", space=space).mix
+
+    def grads(ctx):
+        def loss(params, w):
+            logits, _ = space.apply(params, stats, x, w, mix, ctx)
+            return jnp.sum(logits ** 2)
+        fn = jax.value_and_grad(loss, argnums=(0, 1))
+        # the forward pass's program: a custom VJP shows there as custom_vjp_call (only the
+        # loop body's 3x3 convolution can be one: the stem is outside the loop, 1x1 is a matmul)
+        return jax.device_get(jax.jit(fn)(params, w)), str(jax.make_jaxpr(loss)(params, w))
+
+    (v1, g1), jaxpr_cpu = grads(Ctx(train=True, kernels=XLA_CPU))
+    (v2, g2), jaxpr_native = grads(Ctx(train=True, kernels=NATIVE))
+    _, jaxpr_twice = grads(Ctx(train=True, kernels=XLA_CPU, custom_vjp=False))
+    np.testing.assert_allclose(v1, v2, rtol=1e-5)
+    for a, b in zip(jax.tree_util.tree_leaves(g1), jax.tree_util.tree_leaves(g2)):
+        np.testing.assert_allclose(a, b, rtol=2e-3, atol=1e-5)
+    assert "scan[" in jaxpr_cpu and jaxpr_cpu.count("custom_vjp_call") == 1
+    assert "custom_vjp_call" not in jaxpr_native and "custom_vjp_call" not in jaxpr_twice

@@ -30,13 +30,16 @@ from examples.nnx_nb201 import NB201, load_builtin_weights
 C, N, SIDE = 4, 1, 8
 
 
-@pytest.mark.parametrize("k", [1, 2], ids=["darts", "pc_darts-k2"])
-def test_nb201_declared_with_nnx_choices_equals_the_built_in_space(k):
+@pytest.mark.parametrize("k, scan, cells", [(1, False, N), (2, False, N), (1, True, 2)],
+                         ids=["darts", "pc_darts-k2", "scanned-cells"])
+def test_nb201_declared_with_nnx_choices_equals_the_built_in_space(k, scan, cells):
     """``k=2``: PC-DARTS's partial channels (the candidates built for half the channels, the
-    other half bypassing them, then shuffled) on both, by the relaxation's own ``mix``."""
-    builtin = build_space("nb201", channels=C, cells_per_stage=N, in_channels=1, num_classes=10, partial_channels=k)
+    other half bypassing them, then shuffled) on both, by the relaxation's own ``mix``.
+    ``scan``: each stage's cells are one ``Cell`` with stacked weights under ``nnx.scan``."""
+    builtin = build_space("nb201", channels=C, cells_per_stage=cells, in_channels=1, num_classes=10,
+                          partial_channels=k)
     params, state = builtin.init(jax.random.PRNGKey(0))
-    model = NB201(nnx.Rngs(1), c=C, n=N, in_channels=1, partial_channels=k)
+    model = NB201(nnx.Rngs(1), c=C, n=cells, in_channels=1, partial_channels=k, scan_cells=scan)
     load_builtin_weights(model, params)
     mix = dense_mix if k == 1 else partial_mix(k)
     space = NNXSpace(model)
@@ -74,7 +77,9 @@ def test_nb201_declared_with_nnx_choices_equals_the_built_in_space(k):
     # PyTorch's running variance is unbiased: 0.9 + 0.1 * var * n / (n - 1); Flax's biased
     np.testing.assert_allclose(got_stats["stem_bn"]["var"] - 0.9,
                                (want_state["stem"][1]["var"] - 0.9) * (n - 1) / n, rtol=1e-4, atol=1e-6)
-    # the first cell's 3x3 convolution on edge 0->1 (the stacked leaves' [cell 0, edge 0])
+    # every cell's 3x3 convolution on edge 0->1 (the built-in's stacked leaves' [cell, edge 0])
     conv3 = NB201_OPS.index("nor_conv_3x3")
-    np.testing.assert_allclose(got_stats["stages"][0][0]["edges"][0]["candidates"][conv3]["bn"]["mean"],
-                               want_state["stage0"][conv3][2]["mean"][0, 0], rtol=1e-4, atol=1e-6)
+    stage0 = got_stats["stages"][0]
+    got_mean = (stage0["edges"][0]["candidates"][conv3]["bn"]["mean"] if scan else
+                np.stack([stage0[i]["edges"][0]["candidates"][conv3]["bn"]["mean"] for i in range(cells)]))
+    np.testing.assert_allclose(got_mean, want_state["stage0"][conv3][2]["mean"][:, 0], rtol=1e-4, atol=1e-6)
