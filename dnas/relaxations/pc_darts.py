@@ -58,12 +58,12 @@ def take_channels(x: jax.Array, n: int) -> jax.Array:
 
 def partial_mix(k: int):
     def mix(weights, candidates, x):
-        c = x.shape[-1]
-        if c % k:
-            raise ValueError(f"PC-DARTS: {c} channels are not divisible by K={k}")
         if k == 1 or not getattr(candidates, "partial_channels", True):   # (an input choice runs no op)
             outs, state = candidates.all(x)
             return sum(w * o for w, o in zip(weights, outs)), state
+        c = x.shape[-1]
+        if c % k:
+            raise ValueError(f"PC-DARTS: {c} channels are not divisible by K={k}")
         part, rest = take_channels(x, c // k), x[..., c // k:]
         outs, state = candidates.all(part)
         y = sum(w * o for w, o in zip(weights, outs))
