@@ -8,7 +8,6 @@ the same command, bit for bit (α, weights, every logged metric but wall times).
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 import signal
@@ -27,28 +26,20 @@ TINY = ["--channels", "4", "--cells", "1", "--limit-examples", "200", "--batch-s
 SEARCH = ["search", *TINY, "--epochs", "3", "--checkpoint-steps", "4"]
 
 
-#: The subprocesses share one compilation cache (this module's): the programs of a killed run,
-#: its resume and the uninterrupted run are the same, so only the first of them compiles.
-#: (Resuming from a cached executable is part of what is tested: it must change nothing.)
-_CACHE = {}
-
-
-def _env() -> dict:
-    if "dir" not in _CACHE:
-        import tempfile
-        _CACHE["dir"] = tempfile.mkdtemp(prefix="dnas-test-cache-")
-    return dict(os.environ, DNAS_COMPILE_CACHE=_CACHE["dir"])
+#: The subprocesses inherit the test session's compilation cache (``DNAS_COMPILE_CACHE``, set by
+#: tests/conftest.py): the programs of a killed run, its resume and the uninterrupted run are the
+#: same, so only the first of them compiles. (Resuming from a cached executable is part of what
+#: is tested: it must change nothing.)
 
 
 def _cli(args) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "dnas.cli", *args], capture_output=True, text=True, timeout=600,
-                          env=_env())
+    return subprocess.run([sys.executable, "-m", "dnas.cli", *args], capture_output=True, text=True, timeout=600)
 
 
 def _interrupt(args, out: Path, sig) -> subprocess.CompletedProcess:
     """Start ``dnas ARGS --out OUT`` and send ``sig`` as soon as its first checkpoint exists."""
     p = subprocess.Popen([sys.executable, "-m", "dnas.cli", *args, "--out", str(out)], stdout=subprocess.PIPE,
-                         stderr=subprocess.STDOUT, text=True, env=_env())
+                         stderr=subprocess.STDOUT, text=True)
     deadline = time.time() + 600
     while p.poll() is None and time.time() < deadline:
         ck = out / "checkpoints"

@@ -111,8 +111,10 @@ def as_space(obj, options: dict | None = None, name: str | None = None) -> Searc
     """``obj`` as a :class:`SearchSpace`: itself, or a Flax NNX model (or a factory ``rngs ->
     model``) wrapped in :class:`~dnas.supernet.nnx_space.NNXSpace`."""
     options = dict(options or {})
-    builds = {"partial_channels"} if not isinstance(obj, SearchSpace) and not _is_nnx_module(obj) else set()
-    bad = sorted(set(options) - {"in_channels", "num_classes"} - {k for k in builds if _has_parameter(obj, k)})
+    allowed = {"in_channels", "num_classes"}
+    if takes_option(obj, "partial_channels"):   # a model factory that builds PC-DARTS's narrow candidates
+        allowed.add("partial_channels")
+    bad = sorted(set(options) - allowed)
     if bad:
         raise ValueError(f"space options {bad} apply to spaces built by name; a {type(obj).__name__} object "
                          "is already built")
