@@ -586,14 +586,25 @@ def _cmd_search(args, cfg) -> int:
     return 0
 
 
+#: A search whose final mean α entropy is at least this share of the uniform one's is reported
+#: as undecided (the share docs/reproduce.md measures the default search against).
+UNDECIDED = 0.9
+
+
 def _print_search(summary: dict, seed: int) -> None:
-    runs = (zip(summary["seeds"], summary["genotypes"], summary["finals"]) if "seeds" in summary
-            else [(seed, summary["genotype"], summary.get("final", {}))])
-    for seed, g, final in runs:
+    if "seeds" in summary:
+        runs = zip(summary["seeds"], summary["genotypes"], summary["finals"], summary["alpha_entropies"])
+    else:
+        runs = [(seed, summary["genotype"], summary.get("final", {}), summary["alpha_entropy"])]
+    for seed, g, final, h in runs:
         tag = f"seed {seed}: " if "seeds" in summary else ""
         print(f"{tag}derived architecture: {json.dumps(g)}")
         print(f"{tag}final epoch: train_acc={final.get('train_acc', float('nan')):.3f} "
               f"val_acc={final.get('val_acc', float('nan')):.3f}")
+        if h["final"] >= UNDECIDED * h["uniform"]:
+            print(f"{tag}note: alpha is still close to uniform (mean entropy {h['final']:.3f}, uniform "
+                  f"{h['uniform']:.3f}), so this architecture is barely a decision: search longer or harder "
+                  "data, or raise --a-lr (docs/reproduce.md)")
     if summary.get("compile_s") is not None:
         print(f"{summary['steps']} steps in {summary['wall_time_s']:.1f} s "
               f"(first step incl. compile {summary['compile_s']:.1f} s)")

@@ -30,7 +30,7 @@ import math
 import os
 import time
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, Mapping, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -156,6 +156,20 @@ def write_alphas(path: Path, searcher: Searcher, state: SearchState) -> dict:
         out["parameters"] = jax.tree_util.tree_map(lambda a: np.asarray(a).tolist(), arch)
     write_json_atomic(path, out)
     return out
+
+
+def alpha_entropy(probs: Mapping[str, Any]) -> dict:
+    """How far α has decided: the final architecture distribution's mean entropy over the
+    choice points (nats) and that of the uniform distribution, the mean of ``ln n`` over
+    choice points of ``n`` options, where every search starts. A ratio near 1 means the
+    derived architecture is the argmax of a near-uniform α, close to a random pick."""
+    ents, uniform = [], []
+    for p in probs.values():
+        p = np.asarray(p, dtype=np.float64)
+        p = p.reshape(-1, p.shape[-1])
+        ents.extend(-(p * np.log(np.clip(p, 1e-12, 1.0))).sum(-1))
+        uniform.extend([math.log(p.shape[-1])] * p.shape[0])
+    return {"final": float(np.mean(ents)), "uniform": float(np.mean(uniform))}
 
 
 def _member_data(cfg: SearchConfig, seed: int, cache: dict):
@@ -561,12 +575,13 @@ def _finish(prep: _Prepared, state, step: int, compile_s, epoch_records: list, w
         from dnas.supernet.genotype import genotype_from_json
         kept = next(r for r in history if r["epoch"] == halt["keep_epoch"])
         genotypes[0] = genotype_from_json(kept["genotype"])
+    decided = [alpha_entropy(searcher.probs(st)) for st in states]
     summary = {"out": str(out), "genotype": genotype_to_json(genotypes[0]), "steps": step, "epochs": prep.epochs,
                "wall_time_s": wall, "compile_s": compile_s, "devices": prep.num_devices,
-               "processes": jax.process_count(), "final": epoch_records[0]}
+               "processes": jax.process_count(), "final": epoch_records[0], "alpha_entropy": decided[0]}
     if multi:
         summary.update(seeds=list(seeds), genotypes=[genotype_to_json(g) for g in genotypes],
-                       finals=epoch_records)
+                       finals=epoch_records, alpha_entropies=decided)
     if halt:
         summary["stopped"] = halt
     if not prep.primary:
@@ -661,7 +676,8 @@ def write_op_frequency(out: Path, searcher: Searcher, seeds, genotypes) -> dict:
     mats = {g: np.array([[c / len(seeds) for c in row.values()] for row in rows.values()])
             for g, rows in freq.items()}
     plot_alphas(mats, {g: list(searcher.space.group_op_names(g)) for g in mats}, out / "op_frequency.png",
-                title=f"op chosen, fraction of {len(seeds)} seeds")
+                title=f"op chosen, fraction of {len(seeds)} seeds",
+                row_labels_by_key={g: [str(k) for k in rows] for g, rows in freq.items()})
     return freq
 
 
@@ -761,7 +777,9 @@ class _Board:
             probs = searcher.probs(st)
             img = alphas_image({g: np.asarray(p) for g, p in probs.items()},
                                {g: list(searcher.space.group_op_names(g)) for g in probs},
-                               title=f"op probabilities, epoch {epoch + 1}")
+                               title=f"op probabilities, epoch {epoch + 1}",
+                               row_labels_by_key={g: [str(c) for c in searcher.space.choice_point_names(g)]
+                                                  for g in probs})
             w.add_image("alphas/probabilities", img, step, dataformats="HWC")
             w.flush()
 
@@ -793,9 +811,9 @@ def _plots(out: Path, genotype, alphas: dict, searcher: Searcher) -> None:
     probs = {g: np.asarray(v["probs"]) for g, v in alphas["groups"].items()}
     ops = {g: list(searcher.space.group_op_names(g)) for g in probs}
     save_picture(out / "genotype.png", lambda p: plot_genotype(genotype, p))
-    save_picture(out / "alphas.png", lambda p: plot_alphas(probs, ops, p))
-    save_picture(out / "hyperparams.png", lambda p: plot_hyperparams(out / "metrics.jsonl", p, tuned=searcher.tune))
     points = {g: [str(c) for c in searcher.space.choice_point_names(g)] for g in probs}
+    save_picture(out / "alphas.png", lambda p: plot_alphas(probs, ops, p, row_labels_by_key=points))
+    save_picture(out / "hyperparams.png", lambda p: plot_hyperparams(out / "metrics.jsonl", p, tuned=searcher.tune))
     save_picture(out / "alpha_evolution.png", lambda p: plot_alpha_evolution(out / "alphas.jsonl", ops, points, p))
     save_picture(out / "collapse.png", lambda p: plot_epoch_curves(out / "metrics.jsonl", p))
 

@@ -44,6 +44,8 @@ def pytest_configure(config):
     ``DNAS_TEST_SESSION_CACHE=off pytest`` compiles everything afresh."""
     import tempfile
 
+    if hasattr(config, "workerinput"):
+        _pin_worker(config.workerinput)
     if os.environ.get(_SESSION_CACHE) is None and not hasattr(config, "workerinput"):
         os.environ[_SESSION_CACHE] = tempfile.mkdtemp(prefix="dnas-test-cache-")
         config._dnas_cache_owner = True
@@ -55,6 +57,22 @@ def pytest_configure(config):
     import jax
     jax.config.update("jax_compilation_cache_dir", where)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.1)
+
+
+def _pin_worker(workerinput) -> None:
+    """Give each xdist worker a core of its own (worker ``gwI`` the I-th core it may use) when
+    there are at least as many cores as workers. XLA:CPU sizes its thread pools by the cores a
+    process may run on: unpinned, every worker (and every ``dnas`` subprocess a test starts)
+    runs as many threads as the machine has cores, and on 2 cores the workers' threads fight
+    over them. Subprocesses inherit the pin. Must run before JAX starts its backend.
+    ``DNAS_TEST_PIN=off`` leaves the workers unpinned."""
+    if os.environ.get("DNAS_TEST_PIN", "").lower() == "off" or not hasattr(os, "sched_setaffinity"):
+        return
+    cores = sorted(os.sched_getaffinity(0))
+    workers = int(workerinput.get("workercount", 0) or 0)
+    index = int(workerinput["workerid"].lstrip("gw") or 0)
+    if workers and len(cores) >= workers:
+        os.sched_setaffinity(0, {cores[index % len(cores)]})
 
 
 def pytest_unconfigure(config):

@@ -85,6 +85,22 @@ def test_alphas_json_matches_checkpoint_and_genotype(tiny_run):
     assert s.derive(state).arch == g["arch"]
 
 
+
+def test_search_says_when_alpha_has_not_decided(tiny_run, capsys):
+    """The summary records α's final mean entropy against the uniform one's, and the printout
+    warns when the derived cell is the argmax of a near-uniform α (2 epochs on 256 digits: α
+    barely moves), and not when α has decided."""
+    from dnas.cli import _print_search
+    summary = json.loads((tiny_run / "summary.json").read_text())
+    p = np.asarray(json.loads((tiny_run / "alphas.json").read_text())["groups"]["cell"]["probs"])
+    assert summary["alpha_entropy"] == pytest.approx({"final": float(-(p * np.log(p)).sum(-1).mean()),
+                                                      "uniform": float(np.log(5))}, rel=1e-5)
+    _print_search(summary, 3)
+    assert "alpha is still close to uniform" in capsys.readouterr().out
+    _print_search(dict(summary, alpha_entropy={"final": 0.8, "uniform": float(np.log(5))}), 3)
+    out = capsys.readouterr().out
+    assert "derived architecture" in out and "close to uniform" not in out
+
 def test_same_seed_same_architecture(tiny_run, tmp_path, compile_cache):
     """A rerun, its step now read from the persistent compilation cache, gives the same α."""
     assert any(compile_cache.iterdir()), "the first run stored no compiled program"

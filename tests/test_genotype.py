@@ -430,6 +430,56 @@ def test_plot_alphas(tmp_path):
         plot_alphas({"cell": np.zeros((6, 4))}, {"cell": NB201_OPS}, tmp_path / "x.png")
 
 
+
+def test_user_model_alphas_share_a_heatmap_and_wrap(tmp_path):
+    """A user model's choice points are one-row groups each: those offering the same ops are
+    rows of one heatmap (in natural label order, the values kept), the others panels of their
+    own, and the panels wrap instead of growing into a strip."""
+    from PIL import Image
+
+    from dnas.supernet.plot import _alpha_panels, plot_alphas
+    rng = np.random.default_rng(1)
+    ops_a, ops_b = ["conv3", "conv5", "skip"], ["max", "conv_s2"]
+    probs = {f"block{i}": rng.dirichlet(np.ones(3))[None] for i in (10, 2, 1)}
+    probs["down"] = rng.dirichlet(np.ones(2))[None]
+    ops = {k: ops_b if k == "down" else ops_a for k in probs}
+    mats = {k: (np.asarray(v), ops[k]) for k, v in probs.items()}
+    panels = _alpha_panels(mats, {k: [k] for k in probs})
+    assert [(t, rows) for t, _, _, rows in panels] == [("3 choice points", ["block1", "block2", "block10"]),
+                                                       ("down", ["down"])]
+    np.testing.assert_array_equal(panels[0][1], np.concatenate([probs[k] for k in ("block1", "block2", "block10")]))
+    # the built-in cells keep their own panels and edge names
+    (t, m, _, rows), = _alpha_panels({"cell": (np.full((6, 5), 0.2), list(NB201_OPS))}, None)
+    assert t == "cell" and m.shape == (6, 5) and rows[0] == "0 → 1"
+    # 24 choice points with 24 different op sets: a grid no wider than max_width (16 in)
+    many = {f"c{i}": rng.dirichlet(np.ones(3))[None] for i in range(24)}
+    p = plot_alphas(many, {k: [f"{k}_op{j}" for j in range(3)] for k in many}, tmp_path / "many.png", dpi=50)
+    _check_png(Path(p), 300, 300)
+    with Image.open(p) as im:
+        assert im.size[0] <= 16 * 50 and im.size[1] > im.size[0] / 2
+
+
+def test_edge_labelled_choice_points_draw_as_cells(tmp_path):
+    """Labels ``src->dst`` (optionally ``group/src->dst``) read as a cell's edges: nodes in layers
+    by their deepest input; anything else, a cycle or an input choice falls back to boxes."""
+    from dnas.supernet.genotype import ChoiceGenotype
+    from dnas.supernet.plot import _cell_edges, _edge_layers, plot_genotype
+    nb201 = ChoiceGenotype({"0->1": "nor_conv_3x3", "0->2": "none", "1->2": "skip_connect",
+                            "0->3": "nor_conv_1x1", "1->3": "avg_pool_3x3", "2->3": "nor_conv_3x3"}, "NB201")
+    cells = _cell_edges(nb201)
+    assert list(cells) == [None] and len(cells[None]) == 6
+    assert _edge_layers(cells[None]) == {"0": 0, "1": 1, "2": 2, "3": 3}
+    two = ChoiceGenotype({"normal/in0->a": "conv3", "normal/a->out": "sep", "reduce/x->y": "pool"})
+    assert {g: sorted(e) for g, e in _cell_edges(two).items()} == {
+        "normal": [("a", "out", "sep"), ("in0", "a", "conv3")], "reduce": [("x", "y", "pool")]}
+    for choices in ({"a->b": "c", "b->a": "c"}, {"a->b": "c", "head": "d"}, {"a->b": [0, 1]}):
+        assert _cell_edges(ChoiceGenotype(choices)) is None
+    _check_png(Path(plot_genotype(nb201, tmp_path / "cell.png")), 600, 200)
+    _check_png(Path(plot_genotype(two, tmp_path / "two.png")), 400, 300)
+    boxes = ChoiceGenotype({"block1": "conv3", "readout": [0, 2]})
+    _check_png(Path(plot_genotype(boxes, tmp_path / "b.png")), 300, 100)
+
+
 # ----------------------------------------------------------------------------- label -> choice
 
 def test_genotypes_are_label_to_choice_mappings():

@@ -197,6 +197,7 @@ def test_tracing_a_user_model_never_walks_the_traced_program(monkeypatch):
     assert walks
 
 
+@pytest.mark.slow  # 16-21 s on 2 cores; seeds vmapped on a built-in space: test_seeds.py
 def test_user_model_seeds_vmapped_equal_each_seed_alone():
     """Two seeds in one vmapped program (per-member convolutions under XLA:CPU's policy) step
     like each seed's own search."""

@@ -30,7 +30,11 @@ from examples.nnx_nb201 import NB201, load_builtin_weights
 C, N, SIDE = 4, 1, 8
 
 
-@pytest.mark.parametrize("k, scan, cells", [(1, False, N), (2, False, N), (1, True, 2)],
+# PC-DARTS and the scanned cells: pytest -m slow (17-32 s each on 2 cores); the default run checks
+# the mechanisms on small models (test_nnx.py::test_pc_darts_partial_channels_on_a_user_model,
+# test_nnx_kernels.py::test_scanned_cells_take_the_policys_loop_convolutions)
+@pytest.mark.parametrize("k, scan, cells", [(1, False, N), pytest.param(2, False, N, marks=pytest.mark.slow),
+                                            pytest.param(1, True, 2, marks=pytest.mark.slow)],
                          ids=["darts", "pc_darts-k2", "scanned-cells"])
 def test_nb201_declared_with_nnx_choices_equals_the_built_in_space(k, scan, cells):
     """``k=2``: PC-DARTS's partial channels (the candidates built for half the channels, the

@@ -7,7 +7,10 @@ import pytest
 
 from dnas.searcher import make_searcher
 
-CASES = [pytest.param("gdas", "nb201", {"channels": 4, "cells_per_stage": 1}, id="gdas"),
+# both slow (26-45 s and more on 2 cores); the default run checks GDAS across 8 devices on a user
+# model (test_nnx.py::test_user_model_eight_devices_equal_one[gdas]) and GDAS+SDARTS-RS
+# (test_remedies.py::test_remedies_on_a_user_model_eight_devices_equal_one[gdas+rs])
+CASES = [pytest.param("gdas", "nb201", {"channels": 4, "cells_per_stage": 1}, id="gdas", marks=pytest.mark.slow),
          pytest.param("proxyless", "chain", {"width_mult": 0.25, "stage_depths": (1, 1, 1, 1, 1, 1), "stem_stride": 1},
                       id="proxyless", marks=pytest.mark.slow)]  # the chain's compile is slow on 2 cores
 

@@ -4,7 +4,8 @@
   ``c_{k-1}``, intermediate nodes 0..3, output ``c_{k}`` fed by the concat edges, each chosen
   edge an arrow labelled with its op); NAS-Bench-201: the 4-node cell with its 6 labelled
   edges (``none`` edges faint, unlabelled); chain: a strip of labelled blocks.
-* :func:`plot_alphas` — one annotated heatmap per architecture-parameter group.
+* :func:`plot_alphas` — annotated heatmaps of the op probabilities, one per group (a user
+  model's one-row choice points with the same ops share one), wrapped into rows.
 
 No graphviz: nodes are laid out in layers (a node's layer is one more than its deepest input),
 edges are quadratic curves bent just enough to miss other nodes, and labels are placed along
@@ -178,7 +179,7 @@ class _Graph:
         for k, n in self.nodes.items():
             face, edge = styles[n["kind"]]
             x, y = n["xy"]
-            if n["kind"] == "inner":
+            if n["kind"] == "inner" and tuple(n["half"]) == (_NODE_R, _NODE_R):
                 p = Circle((x, y), _NODE_R, fc=face, ec=edge, lw=1.6, zorder=3)
             else:
                 hw, hh = self._extent(k)
@@ -347,14 +348,99 @@ def _plot_chain(g: ChainGenotype, path, title, dpi, per_row: int = 8) -> Path:
                        title or f"chain genotype ({len(g.ops)} blocks)", path, dpi, per_row)
 
 
+def _natural_key(label: str):
+    """Sort ``block2`` before ``block10``: digit runs compare as numbers."""
+    return [(0, int(t), "") if t.isdigit() else (1, 0, t) for t in re.split(r"(\d+)", label)]
+
+
+#: A choice-point label that names a cell edge: ``src->dst``, optionally under a group, ``group/src->dst``.
+_EDGE_LABEL = re.compile(r"^(?:(?P<group>.+)/)?(?P<src>[^/]+?)->(?P<dst>[^/]+)$")
+
+
+def _cell_edges(g: ChoiceGenotype) -> dict[str | None, list[tuple[str, str, str]]] | None:
+    """The genotype as cells, ``{group: [(src, dst, op), ...]}``, when every label is an edge
+    label (:func:`dnas.supernet.genotype.edge_label`, optionally under ``group/``), every choice
+    an op, and each group's edges form a DAG; else None."""
+    cells: dict[str | None, list[tuple[str, str, str]]] = {}
+    for label, choice in g.choices.items():
+        m = _EDGE_LABEL.match(label)
+        if m is None or not isinstance(choice, str) or m["src"] == m["dst"]:
+            return None
+        cells.setdefault(m["group"], []).append((m["src"], m["dst"], choice))
+    for edges in cells.values():
+        if _edge_layers(edges) is None:
+            return None
+    return cells
+
+
+def _edge_layers(edges) -> dict[str, int] | None:
+    """Each node's layer, one more than its deepest input's (sources at 0); None on a cycle."""
+    inputs: dict[str, list[str]] = {}
+    for s, d, _ in edges:
+        inputs.setdefault(s, [])
+        inputs.setdefault(d, []).append(s)
+    layer: dict[str, int] = {}
+    for _ in range(len(inputs) + 1):
+        changed = False
+        for n, srcs in inputs.items():
+            v = 1 + max((layer.get(s, 0) for s in srcs), default=-1)
+            if layer.get(n) != v:
+                layer[n], changed = v, True
+        if not changed:
+            return layer
+        if max(layer.values()) > len(inputs):
+            return None
+    return None
+
+
+def _cell_graph(edges) -> _Graph:
+    """A user's cell drawn from its edge labels: sources as input boxes, sinks as output boxes,
+    nodes in layers left to right; ``none``/``zero`` edges faint and unlabelled."""
+    layer = _edge_layers(edges)
+    has_out = {s for s, _, _ in edges}
+    has_in = {d for _, d, _ in edges}
+    dx, dy = 3.4, 1.6
+    gr = _Graph()
+    for L in range(max(layer.values()) + 1):
+        members = sorted((n for n in layer if layer[n] == L), key=_natural_key)
+        for j, n in enumerate(members):
+            y = (len(members) - 1) / 2 * dy - j * dy
+            if len(members) == 1 and L % 2 and 0 < L < max(layer.values()):
+                y = 0.5 * dy      # zigzag lone middle nodes so skip edges can pass
+            kind = "input" if n not in has_in else "output" if n not in has_out else "inner"
+            if kind == "inner":
+                half = None if len(n) <= 2 else (max(0.4, 0.1 * len(n) + 0.2), 0.34)
+            else:
+                half = (max(0.55, 0.1 * len(n) + 0.25), 0.34)
+            gr.node(n, (L * dx, y), n, kind, half=half)
+    ops = [op for _, _, op in edges]
+    for s, d, op in edges:
+        if op in ("none", "zero"):
+            gr.edge(s, d, None, OP_COLORS[op], style=(0, (2, 3)), lw=1.0, alpha=0.7, arrow=False)
+        else:
+            gr.edge(s, d, op, _op_color(op, ops))
+    return gr
+
+
 def _plot_choices(g: ChoiceGenotype, path, title, dpi, per_row: int = 6) -> Path:
-    """A model's choice points in label order, each box its choice (inputs as ``in 0+2``)."""
-    ops = [v if isinstance(v, str) else "in " + "+".join(map(str, v)) for v in g.choices.values()]
-    return _plot_boxes(ops, list(g.choices), title or f"{g.model}: {len(ops)} choice points", path, dpi, per_row)
+    """A model's choice points. Labelled as cell edges (``src->dst``, ``group/src->dst``): one
+    cell drawing per group. Otherwise a grid of boxes in label order, each its choice (inputs
+    as ``in 0+2``), with no arrows: the labels do not say how the choice points are wired."""
+    cells = _cell_edges(g)
+    if cells is not None:
+        names = list(cells)
+        fig = _panels([_cell_graph(cells[n]) for n in names], [n for n in names],
+                      title or f"{g.model}: {len(g.choices)} choice points", dpi)
+        return _save(fig, path)
+    labels = sorted(g.choices, key=_natural_key)
+    ops = [v if isinstance(v, str) else "in " + "+".join(map(str, v)) for v in (g.choices[k] for k in labels)]
+    return _plot_boxes(ops, labels, title or f"{g.model}: {len(ops)} choice points", path, dpi, per_row,
+                       arrows=False)
 
 
-def _plot_boxes(ops: list, labels: list, title: str, path, dpi, per_row: int) -> Path:
-    """A row-wrapped sequence of boxes joined by arrows, ``ops[i]`` inside and ``labels[i]`` above."""
+def _plot_boxes(ops: list, labels: list, title: str, path, dpi, per_row: int, arrows: bool = True) -> Path:
+    """A row-wrapped sequence of boxes, ``ops[i]`` inside and ``labels[i]`` above, joined by
+    arrows when ``arrows`` (a chain's blocks run in order)."""
     n = len(ops)
     per_row = max(1, min(per_row, n))
     rows = math.ceil(n / per_row)
@@ -392,7 +478,7 @@ def _plot_boxes(ops: list, labels: list, title: str, path, dpi, per_row: int) ->
         centers.append((x0, y0))
     arrow_kw = dict(arrowstyle="-|>,head_length=0.5,head_width=0.25", mutation_scale=12,
                     color="#555555", lw=1.2, zorder=1)
-    for i in range(n - 1):
+    for i in range(n - 1 if arrows else 0):
         (xa, ya), (xb, yb) = centers[i], centers[i + 1]
         if (i + 1) % per_row:
             ax.add_patch(FancyArrowPatch((xa + bw, ya + bh / 2), (xb, yb + bh / 2), shrinkA=1, shrinkB=1, **arrow_kw))
@@ -431,6 +517,7 @@ def plot_genotype(g: Any, path: str | os.PathLike, title: str | None = None, dpi
 # ----------------------------------------------------------------------------- alphas
 
 def _row_labels(n_rows: int, op_names: Sequence[str]) -> list[str]:
+    """The built-in cells' edge names when the ops and row count are theirs, else row numbers."""
     names = tuple(op_names)
     if n_rows == len(DARTS_EDGES) and names == DARTS_OPS:
         node = {0: r"c_{k-2}", 1: r"c_{k-1}"}
@@ -440,11 +527,42 @@ def _row_labels(n_rows: int, op_names: Sequence[str]) -> list[str]:
     return [f"{i}" for i in range(n_rows)]
 
 
+def _alpha_panels(mats: dict, row_labels_by_key: Mapping[str, Sequence[str]] | None) -> list[tuple]:
+    """``(title, matrix, ops, row labels)`` per heatmap. Groups of one row (a user model's choice
+    points, each its own group) that offer the same ops share one heatmap, a row each, so a
+    model with many choice points reads as one table rather than a strip of one-row maps."""
+    panels, merged = [], {}
+    for key, (m, ops) in mats.items():
+        rows = list(row_labels_by_key.get(key, ())) if row_labels_by_key else []
+        labels = _row_labels(m.shape[0], ops)
+        if labels == [str(i) for i in range(m.shape[0])] and len(rows) == m.shape[0]:
+            labels = [str(r) for r in rows]
+        if m.shape[0] == 1:
+            label = str(key) if labels[0] in (str(key), "0") else f"{key}: {labels[0]}"
+            merged.setdefault(tuple(ops), []).append((label, m))
+            if len(merged[tuple(ops)]) == 1:
+                panels.append(("merge", tuple(ops)))
+        else:
+            panels.append((str(key), m, list(ops), labels))
+    out = []
+    for p in panels:
+        if p[0] != "merge":
+            out.append(p)
+            continue
+        rows = sorted(merged[p[1]], key=lambda r: _natural_key(r[0]))
+        title = rows[0][0] if len(rows) == 1 else f"{len(rows)} choice points"
+        out.append((title, np.concatenate([m for _, m in rows]), list(p[1]), [r for r, _ in rows]))
+    return out
+
+
 def plot_alphas(alpha_probs: Mapping[str, Any], op_names_by_key: Mapping[str, Sequence[str]],
-                path: str | os.PathLike, title: str | None = None, dpi: int = 120) -> Path:
-    """One heatmap per key of ``alpha_probs`` (rows = edges / choice points, columns = the ops
-    ``op_names_by_key[key]``), each cell annotated with its probability and each row's
-    largest value in bold. Writes a PNG at ``path`` and returns the path."""
+                path: str | os.PathLike, title: str | None = None, dpi: int = 120,
+                row_labels_by_key: Mapping[str, Sequence[str]] | None = None, max_width: float = 16.0) -> Path:
+    """Annotated heatmaps of the op probabilities: rows = edges / choice points (named by
+    ``row_labels_by_key[key]`` where given), columns = the ops ``op_names_by_key[key]``, each
+    cell's probability written in it and each row's largest value in bold. One heatmap per key,
+    except that one-row keys with the same ops share one (see :func:`_alpha_panels`); heatmaps
+    wrap into rows of at most ``max_width`` inches. Writes a PNG at ``path``; returns the path."""
     if not alpha_probs:
         raise ValueError("plot_alphas: alpha_probs is empty")
     mats = {}
@@ -457,54 +575,69 @@ def plot_alphas(alpha_probs: Mapping[str, Any], op_names_by_key: Mapping[str, Se
             raise ValueError(f"plot_alphas: {key!r} must be a 2-D array with {len(ops)} columns "
                              f"(one per op), got shape {m.shape}")
         mats[key] = (m, ops)
-    cell_w, cell_h = 0.78, 0.36
-    widths = [len(ops) * cell_w + 2.6 for m, ops in mats.values()]
-    heights = [m.shape[0] * cell_h + 1.8 for m, ops in mats.values()]
-    W, H = sum(widths), max(heights) + (0.4 if title else 0.0)
+    cell_w, cell_h, top, right = 0.78, 0.36, 0.5, 0.85
+    boxes = []                              # (panel, width, height, left margin, bottom margin) in inches
+    for panel in _alpha_panels(mats, row_labels_by_key):
+        _, m, ops, rows = panel
+        lm = 0.35 + 0.07 * max(len(re.sub(r"[${}\\]|rightarrow", "", r)) for r in rows)
+        bm = 0.35 + 0.045 * max(len(o) for o in ops)
+        boxes.append((panel, lm + len(ops) * cell_w + right, top + m.shape[0] * cell_h + bm, lm, bm))
+    grid, row = [], []                      # greedy: fill each row up to max_width
+    for b in boxes:
+        if row and sum(r[1] for r in row) + b[1] > max_width:
+            grid.append(row)
+            row = []
+        row.append(b)
+    grid.append(row)
+    head = 0.45 if title else 0.0
+    W = max(sum(b[1] for b in r) for r in grid)
+    H = head + sum(max(b[2] for b in r) for r in grid)
     fig = _new_figure(W, H, dpi)
     if title:
-        fig.suptitle(title, fontsize=12)
-    x = 0.0
-    for (key, (m, ops)), w, h in zip(mats.items(), widths, heights):
-        left = (x + 1.35) / W
-        ax_w = (w - 2.6 + 0.25) / W
-        ax_h = (h - 1.8) / H
-        bottom = 1.2 / H
-        ax = fig.add_axes([left, bottom, ax_w * (len(ops) * cell_w) / (len(ops) * cell_w + 0.25), ax_h])
-        vmax = max(1e-12, float(np.nanmax(m))) if m.size else 1.0
-        vmin = min(0.0, float(np.nanmin(m))) if m.size else 0.0
-        im = ax.imshow(m, cmap="Blues", vmin=vmin, vmax=vmax, aspect="auto", interpolation="nearest")
-        ax.set_xticks(range(len(ops)))
-        ax.set_xticklabels(ops, rotation=40, ha="right", fontsize=8)
-        ax.set_yticks(range(m.shape[0]))
-        ax.set_yticklabels(_row_labels(m.shape[0], ops), fontsize=8)
-        ax.set_title(str(key), fontsize=11, fontweight="bold")
-        ax.tick_params(length=0)
-        fs = 7 if len(ops) > 6 else 8
-        for i in range(m.shape[0]):
-            jbest = int(np.nanargmax(m[i])) if np.isfinite(m[i]).any() else -1
-            for j in range(m.shape[1]):
-                v = m[i, j]
-                frac = (v - vmin) / (vmax - vmin) if vmax > vmin else 0.0
-                ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=fs,
-                        color="white" if frac > 0.6 else "#222222",
-                        fontweight="bold" if j == jbest else "normal")
-        cax = fig.add_axes([left + ax_w * (len(ops) * cell_w) / (len(ops) * cell_w + 0.25) + 0.08 / W,
-                            bottom, 0.12 / W, ax_h])
-        fig.colorbar(im, cax=cax).ax.tick_params(labelsize=7)
-        x += w
+        fig.suptitle(title, fontsize=12, y=1 - 0.08 / H, va="top")
+    y_top = H - head
+    for r in grid:
+        x = 0.0
+        row_h = max(b[2] for b in r)
+        for (key, m, ops, rows), w, h, lm, bm in r:
+            hw, hh = len(ops) * cell_w, m.shape[0] * cell_h
+            bottom = y_top - top - hh
+            ax = fig.add_axes([(x + lm) / W, bottom / H, hw / W, hh / H])
+            vmax = max(1e-12, float(np.nanmax(m))) if m.size else 1.0
+            vmin = min(0.0, float(np.nanmin(m))) if m.size else 0.0
+            im = ax.imshow(m, cmap="Blues", vmin=vmin, vmax=vmax, aspect="auto", interpolation="nearest")
+            ax.set_xticks(range(len(ops)))
+            ax.set_xticklabels(ops, rotation=40, ha="right", fontsize=8)
+            ax.set_yticks(range(m.shape[0]))
+            ax.set_yticklabels(rows, fontsize=8)
+            ax.set_title(str(key), fontsize=11, fontweight="bold")
+            ax.tick_params(length=0)
+            fs = 7 if len(ops) > 6 else 8
+            for i in range(m.shape[0]):
+                jbest = int(np.nanargmax(m[i])) if np.isfinite(m[i]).any() else -1
+                for j in range(m.shape[1]):
+                    v = m[i, j]
+                    frac = (v - vmin) / (vmax - vmin) if vmax > vmin else 0.0
+                    ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=fs,
+                            color="white" if frac > 0.6 else "#222222",
+                            fontweight="bold" if j == jbest else "normal")
+            cax = fig.add_axes([(x + lm + hw + 0.08) / W, bottom / H, 0.12 / W, hh / H])
+            fig.colorbar(im, cax=cax).ax.tick_params(labelsize=7)
+            x += w
+        y_top -= row_h
     return _save(fig, path)
 
 
 def alphas_image(alpha_probs: Mapping[str, Any], op_names_by_key: Mapping[str, Sequence[str]],
-                 title: str | None = None, dpi: int = 80) -> np.ndarray:
-    """:func:`plot_alphas` as an ``(H, W, 3)`` uint8 array (for TensorBoard images)."""
+                 title: str | None = None, dpi: int = 80, **options) -> np.ndarray:
+    """:func:`plot_alphas` (``options`` are its keywords) as an ``(H, W, 3)`` uint8 array (for
+    TensorBoard images)."""
     import io
 
     from PIL import Image
 
     buf = io.BytesIO()
-    plot_alphas(alpha_probs, op_names_by_key, buf, title=title, dpi=dpi)
+    plot_alphas(alpha_probs, op_names_by_key, buf, title=title, dpi=dpi, **options)
     buf.seek(0)
     return np.asarray(Image.open(buf).convert("RGB"))
 
