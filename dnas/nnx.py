@@ -5,8 +5,12 @@ A researcher marks what is to be searched where it lives, in the model's own cod
 * :class:`Choice` — a layer choice (NNI's ``LayerChoice``; a DARTS edge): the candidates are any
   Flax modules (or functions) mapping the same input to outputs of one shape, e.g. a 3x3 and a
   5x5 convolution, :class:`Identity` (skip) and :class:`Zero` (drop the layer);
-* :class:`InputChoice` — pick ``n_chosen`` of ``n`` incoming tensors (a DARTS cell node picks
-  2 of its predecessors), summed (or averaged) in the chosen network.
+* :class:`InputChoice` — pick ``n_chosen`` of ``n`` incoming tensors, summed (or averaged) in
+  the chosen network.
+
+A DARTS cell node is a :class:`Choice` per incoming edge marked with the node
+(``node=``, ``keep=``): the derivation keeps the node's ``keep`` strongest edges (DARTS's rule)
+and sets the others to ``none``.
 
 A network that repeats a cell can stack the repeats' weights and loop over them with
 :func:`scan` (Flax's ``nnx.scan`` with the kernel policy's loop convolutions), so that the
@@ -80,9 +84,18 @@ class Choice(nnx.Module):
 
     During a search the relaxation mixes the candidates; :func:`fix` replaces the choice point by
     the chosen candidate. All candidates must map an input to outputs of the same shape.
+
+    ``node`` and ``keep``: this choice point is one incoming edge of the cell node ``node``, and
+    the derived architecture keeps that node's ``keep`` strongest edges, DARTS's rule (Liu et
+    al., ICLR 2019, §2.4). An edge's strength is its largest score among the options other than
+    ``none`` (the option that removes the edge, a :class:`Zero`), and a kept edge takes that
+    option; every other edge of the node gets ``none`` (ties: the earlier edge in the model's
+    graph order, the earlier option). Without ``node`` a choice point derives its best option,
+    ``none`` included. Edges of one node must agree on ``keep`` and ``none``.
     """
 
-    def __init__(self, options: Mapping[str, Any], label: str):
+    def __init__(self, options: Mapping[str, Any], label: str, *, node: str | None = None,
+                 keep: int | None = None, none: str = "none"):
         self.label = _check_label(label, "Choice")
         if not isinstance(options, Mapping) or len(options) < 2:
             raise ValueError(f"Choice {label!r}: options must be a mapping name -> module with at least two "
@@ -94,6 +107,18 @@ class Choice(nnx.Module):
                 raise ValueError(f"Choice {label!r}: option {name!r} is not callable ({type(op).__name__})")
         self.names = tuple(options)
         self.candidates = nnx.List([op if isinstance(op, nnx.Module) else _Function(op) for op in options.values()])
+        if (node is None) != (keep is None):
+            raise ValueError(f"Choice {label!r}: node and keep go together (an edge of node `node`, which keeps "
+                             f"its `keep` strongest edges), got node={node!r}, keep={keep!r}")
+        if node is not None:
+            _check_label(node, f"Choice {label!r}: node")
+            if not isinstance(keep, int) or isinstance(keep, bool) or keep < 1:
+                raise ValueError(f"Choice {label!r}: keep must be a positive number of edges, got {keep!r}")
+            if none not in self.names:
+                raise ValueError(f"Choice {label!r}: an edge of node {node!r} needs a {none!r} option (the edge "
+                                 f"removed; name it with none=...); its options are "
+                                 f"{list(self.names)}")
+        self.node, self.keep, self.none = node, keep, none
 
     def __call__(self, x):
         return _active(self.label).choose(self, x)
@@ -352,7 +377,7 @@ def set_search_mode(model: nnx.Module, train: bool, axis_name: str | None = None
 def _signature(point) -> tuple:
     """What the uses of one label must agree on to share one decision."""
     if isinstance(point, Choice):
-        return ("Choice", point.names)
+        return ("Choice", point.names) + ((point.node, point.keep, point.none) if point.node is not None else ())
     return ("InputChoice", point.n_candidates, point.n_chosen, point.reduction)
 
 
@@ -373,7 +398,19 @@ def choice_point_uses(model: nnx.Module) -> dict[str, list[tuple[tuple, Choice |
                                  f"{_signature(module)}): a shared label is one decision over the same candidates")
             if not any(m is module for _, m in uses):
                 uses.append((tuple(path), module))
+    _check_nodes({label: uses[0][1] for label, uses in found.items()})
     return found
+
+
+def _check_nodes(points: Mapping[str, Any]) -> None:
+    """The edges of one cell node (:class:`Choice` ``node``) agree on ``keep`` and ``none``."""
+    first: dict[str, tuple[str, Choice]] = {}
+    for label, p in points.items():
+        if isinstance(p, Choice) and p.node is not None:
+            other, q = first.setdefault(p.node, (label, p))
+            if (q.keep, q.none) != (p.keep, p.none):
+                raise ValueError(f"the edges {other!r} and {label!r} of node {p.node!r} disagree: keep={q.keep}, "
+                                 f"none={q.none!r} against keep={p.keep}, none={p.none!r}")
 
 
 def choice_points(model: nnx.Module) -> dict[str, tuple[tuple, Choice | InputChoice]]:

@@ -446,17 +446,17 @@ def test_user_model_alphas_share_a_heatmap_and_wrap(tmp_path):
     mats = {k: (np.asarray(v), ops[k]) for k, v in probs.items()}
     panels = _alpha_panels(mats, {k: [k] for k in probs})
     assert [(t, rows) for t, _, _, rows in panels] == [("3 choice points", ["block1", "block2", "block10"]),
-                                                       ("down", ["down"])]
+                                                       ("down", [""])]
     np.testing.assert_array_equal(panels[0][1], np.concatenate([probs[k] for k in ("block1", "block2", "block10")]))
     # the built-in cells keep their own panels and edge names
     (t, m, _, rows), = _alpha_panels({"cell": (np.full((6, 5), 0.2), list(NB201_OPS))}, None)
     assert t == "cell" and m.shape == (6, 5) and rows[0] == "0 → 1"
-    # 24 choice points with 24 different op sets: a grid no wider than max_width (16 in)
+    # 24 choice points with 24 different op sets: a grid, not a strip
     many = {f"c{i}": rng.dirichlet(np.ones(3))[None] for i in range(24)}
     p = plot_alphas(many, {k: [f"{k}_op{j}" for j in range(3)] for k in many}, tmp_path / "many.png", dpi=50)
     _check_png(Path(p), 300, 300)
     with Image.open(p) as im:
-        assert im.size[0] <= 16 * 50 and im.size[1] > im.size[0] / 2
+        assert 1.0 < im.size[0] / im.size[1] <= 3.0, im.size
 
 
 def test_edge_labelled_choice_points_draw_as_cells(tmp_path):

@@ -510,3 +510,74 @@ def test_latency_profile_and_objective_of_a_user_model(tmp_path):
     probs = {"block": jnp.asarray([[0.1, 0.2, 0.3, 0.4]])}
     want = sum(p * ms[o] for p, o in zip([0.1, 0.2, 0.3, 0.4], ops)) + table.entries["fixed"]["mean_ms"]
     np.testing.assert_allclose(float(s.latency.expected(probs)), want, rtol=1e-5)
+
+
+# ----------------------------------------------------------------------------- cell nodes (DARTS's rule)
+
+class DartsShapedCells(nnx.Module):
+    """DARTS's normal and reduction cells as labelled edges: node ``d`` (2..5) sums one
+    ``Choice(node=, keep=2)`` per predecessor, over DARTS's op names. The candidates are
+    parameter-free stand-ins (derivation reads names and scores only)."""
+
+    def __init__(self, keep: int = 2):
+        from dnas.supernet.genotype import DARTS_EDGES, DARTS_OPS, edge_label
+
+        def ops():
+            return {name: Zero() if name == "none" else Identity() if name == "skip_connect"
+                    else (lambda x, k=k: x * (k + 1)) for k, name in enumerate(DARTS_OPS)}
+        self.edges = DARTS_EDGES
+        self.cells = nnx.List([nnx.List([Choice(ops(), label=f"{kind}/{edge_label(s, d)}", node=f"{kind}/{d}",
+                                                keep=keep) for s, d in DARTS_EDGES])
+                               for kind in ("normal", "reduce")])
+
+    def __call__(self, x):
+        out = 0.0
+        for cell in self.cells:
+            states = [x, x]
+            for d in range(2, 6):
+                states.append(sum(edge(states[s]) for edge, (s, dd) in zip(cell, self.edges) if dd == d))
+            out = out + sum(states[2:])
+        return out.mean((1, 2))
+
+
+def test_cell_node_edges_derive_by_darts_rule():
+    """Choice points marked as a node's edges derive what dnas's DARTS derivation
+    (``derive_darts``, DARTS's ``genotype()``) derives from the same scores, ties included
+    (scores rounded to one decimal), dropped edges as ``none``; without the marks every edge
+    takes its argmax, ``none`` included; ``dnas.fix`` puts Zero on the dropped edges."""
+    from dnas.supernet.genotype import DARTS_EDGES, derive_darts, edge_label
+    space = NNXSpace(DartsShapedCells())
+    rng = np.random.default_rng(0)
+    for _ in range(30):
+        raw = {k: rng.random((14, 8)).round(1) for k in ("normal", "reduce")}
+        want = derive_darts(raw["normal"], raw["reduce"])
+        scores = {f"{k}/{edge_label(s, d)}": raw[k][e][None] for k in raw for e, (s, d) in enumerate(DARTS_EDGES)}
+        got = space.derive(scores)
+        assert got.choices == {label: want[label] for label in scores}
+        assert sum(c != "none" for c in got.choices.values()) == 16
+    fixed = dnas.fix(DartsShapedCells(), got)
+    kept = [isinstance(e, Zero) for cell in fixed.cells for e in cell]
+    assert kept == [got.choices[label] == "none" for label in scores]
+    # keep=3: node 2 has two edges and keeps both; nodes 3-5 keep three
+    g3 = NNXSpace(DartsShapedCells(keep=3)).derive(scores)
+    assert sum(c != "none" for c in g3.choices.values()) == 2 * (2 + 3 + 3 + 3)
+
+
+def test_cell_node_refusals():
+    ops = {"none": Zero(), "skip": Identity(), "double": lambda x: 2 * x}
+    with pytest.raises(ValueError, match="node and keep go together"):
+        Choice(ops, label="a", node="n")
+    with pytest.raises(ValueError, match="keep must be a positive"):
+        Choice(ops, label="a", node="n", keep=0)
+    with pytest.raises(ValueError, match="needs a 'zero' option"):
+        Choice(ops, label="a", node="n", keep=1, none="zero")
+
+    class Disagree(nnx.Module):
+        def __init__(self):
+            self.a = Choice(ops, label="a", node="n", keep=1)
+            self.b = Choice(ops, label="b", node="n", keep=2)
+
+        def __call__(self, x):
+            return self.a(x) + self.b(x)
+    with pytest.raises(ValueError, match="of node 'n' disagree: keep=1"):
+        NNXSpace(Disagree())

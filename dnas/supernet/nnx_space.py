@@ -99,14 +99,29 @@ class NNXSpace(SearchSpace):
         return [0]
 
     def derive(self, scores) -> ChoiceGenotype:
+        """Each choice point's best-scored option (ties: the earlier); an input choice's
+        ``n_chosen`` best-scored inputs (ties: lower index); a cell node's edges (``Choice(...,
+        node=, keep=)``) by DARTS's rule: the ``keep`` edges with the strongest option other than
+        ``none`` keep that option, the others become ``none``."""
         choices: dict[str, Any] = {}
+        edges: dict[str, list[tuple[float, str]]] = {}   # node -> [(strength, label)] in graph order
         for label, point in self.points.items():
             row = np.asarray(scores[label]).reshape(-1)
-            if isinstance(point, InputChoice):   # the n_chosen best-scored inputs (ties: lower index)
+            if isinstance(point, InputChoice):
                 order = np.argsort(-row, kind="stable")
                 choices[label] = tuple(sorted(int(i) for i in order[:point.n_chosen]))
-            else:
+            elif point.node is None:
                 choices[label] = point.names[int(np.argmax(row))]
+            else:
+                cols = [j for j, n in enumerate(point.names) if n != point.none]
+                best = cols[int(np.argmax(row[cols]))]
+                choices[label] = point.names[best]
+                edges.setdefault(point.node, []).append((float(row[best]), label))
+        for node_edges in edges.values():
+            ranked = sorted(range(len(node_edges)), key=lambda i: (-node_edges[i][0], i))
+            for i in ranked[self.points[node_edges[0][1]].keep:]:
+                label = node_edges[i][1]
+                choices[label] = self.points[label].none
         return ChoiceGenotype(choices, self.name)
 
     def genotype_indices(self, genotype) -> dict[str, np.ndarray]:

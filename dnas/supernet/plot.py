@@ -550,19 +550,50 @@ def _alpha_panels(mats: dict, row_labels_by_key: Mapping[str, Sequence[str]] | N
             out.append(p)
             continue
         rows = sorted(merged[p[1]], key=lambda r: _natural_key(r[0]))
-        title = rows[0][0] if len(rows) == 1 else f"{len(rows)} choice points"
-        out.append((title, np.concatenate([m for _, m in rows]), list(p[1]), [r for r, _ in rows]))
+        if len(rows) == 1:   # a panel of one choice point: its label is the title
+            out.append((rows[0][0], rows[0][1], list(p[1]), [""]))
+        else:
+            out.append((f"{len(rows)} choice points", np.concatenate([m for _, m in rows]), list(p[1]),
+                        [r for r, _ in rows]))
     return out
+
+
+def _wrap(boxes: list, max_width: float, head: float, max_aspect: float = 3.0) -> list[list]:
+    """Rows of ``boxes`` (``box[1]``: width, ``box[2]``: height, inches), in order. Of the
+    layouts that fill rows greedily up to some width (at most ``max_width``), the one with the
+    least blank area that is at most ``max_aspect`` times as wide as high, fewer rows on a tie
+    (within 2 %): a strip of one-row heatmaps folds, two tall ones stay side by side."""
+    widths = [b[1] for b in boxes]
+    cap = max(max(widths), max_width)
+    # every width a row can have: the sums of consecutive boxes (then at most 60 row counts)
+    limits = sorted({sum(widths[i:j]) for i in range(len(widths)) for j in range(i + 1, len(widths) + 1)}
+                    if len(widths) <= 60 else {sum(widths) / n for n in range(1, len(widths) + 1)}, reverse=True)
+    best, best_cost = None, (math.inf, math.inf)
+    for limit in (min(max(v, max(widths)), cap) + 1e-9 for v in limits):
+        grid, row = [], []
+        for b in boxes:
+            if row and sum(r[1] for r in row) + b[1] > limit:
+                grid.append(row)
+                row = []
+            row.append(b)
+        grid.append(row)
+        w = max(sum(b[1] for b in r) for r in grid)
+        h = head + sum(max(b[2] for b in r) for r in grid)
+        cost = (0.0, w * h) if w / h <= max_aspect else (w / h, w * h)
+        if cost[0] < best_cost[0] - 1e-9 or (cost[0] == best_cost[0] and cost[1] < 0.98 * best_cost[1]):
+            best, best_cost = grid, cost
+    return best
 
 
 def plot_alphas(alpha_probs: Mapping[str, Any], op_names_by_key: Mapping[str, Sequence[str]],
                 path: str | os.PathLike, title: str | None = None, dpi: int = 120,
-                row_labels_by_key: Mapping[str, Sequence[str]] | None = None, max_width: float = 16.0) -> Path:
+                row_labels_by_key: Mapping[str, Sequence[str]] | None = None, max_width: float = 24.0) -> Path:
     """Annotated heatmaps of the op probabilities: rows = edges / choice points (named by
     ``row_labels_by_key[key]`` where given), columns = the ops ``op_names_by_key[key]``, each
     cell's probability written in it and each row's largest value in bold. One heatmap per key,
     except that one-row keys with the same ops share one (see :func:`_alpha_panels`); heatmaps
-    wrap into rows of at most ``max_width`` inches. Writes a PNG at ``path``; returns the path."""
+    wrap into rows (at most ``max_width`` inches wide) into the most compact picture at most
+    three times as wide as high (:func:`_wrap`). Writes a PNG at ``path``; returns the path."""
     if not alpha_probs:
         raise ValueError("plot_alphas: alpha_probs is empty")
     mats = {}
@@ -582,14 +613,8 @@ def plot_alphas(alpha_probs: Mapping[str, Any], op_names_by_key: Mapping[str, Se
         lm = 0.35 + 0.07 * max(len(re.sub(r"[${}\\]|rightarrow", "", r)) for r in rows)
         bm = 0.35 + 0.045 * max(len(o) for o in ops)
         boxes.append((panel, lm + len(ops) * cell_w + right, top + m.shape[0] * cell_h + bm, lm, bm))
-    grid, row = [], []                      # greedy: fill each row up to max_width
-    for b in boxes:
-        if row and sum(r[1] for r in row) + b[1] > max_width:
-            grid.append(row)
-            row = []
-        row.append(b)
-    grid.append(row)
     head = 0.45 if title else 0.0
+    grid = _wrap(boxes, max_width, head)
     W = max(sum(b[1] for b in r) for r in grid)
     H = head + sum(max(b[2] for b in r) for r in grid)
     fig = _new_figure(W, H, dpi)
