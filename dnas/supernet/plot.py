@@ -3,7 +3,9 @@
 * :func:`plot_genotype` — DARTS: normal and reduction cell panels (inputs ``c_{k-2}``,
   ``c_{k-1}``, intermediate nodes 0..3, output ``c_{k}`` fed by the concat edges, each chosen
   edge an arrow labelled with its op); NAS-Bench-201: the 4-node cell with its 6 labelled
-  edges (``none`` edges faint, unlabelled); chain: a strip of labelled blocks.
+  edges (``none`` edges faint, unlabelled); chain: a strip of labelled blocks; a user model:
+  its cells when the labels name edges (``src->dst``, ``group/src->dst``), else a grid of
+  labelled boxes.
 * :func:`plot_alphas` — annotated heatmaps of the op probabilities, one per group (a user
   model's one-row choice points with the same ops share one), wrapped into rows.
 
@@ -395,7 +397,8 @@ def _edge_layers(edges) -> dict[str, int] | None:
 
 def _cell_graph(edges) -> _Graph:
     """A user's cell drawn from its edge labels: sources as input boxes, sinks as output boxes,
-    nodes in layers left to right; ``none``/``zero`` edges faint and unlabelled."""
+    nodes in layers left to right (by every edge); a ``none``/``zero`` edge is no edge and is
+    not drawn."""
     layer = _edge_layers(edges)
     has_out = {s for s, _, _ in edges}
     has_in = {d for _, d, _ in edges}
@@ -415,9 +418,7 @@ def _cell_graph(edges) -> _Graph:
             gr.node(n, (L * dx, y), n, kind, half=half)
     ops = [op for _, _, op in edges]
     for s, d, op in edges:
-        if op in ("none", "zero"):
-            gr.edge(s, d, None, OP_COLORS[op], style=(0, (2, 3)), lw=1.0, alpha=0.7, arrow=False)
-        else:
+        if op not in ("none", "zero"):
             gr.edge(s, d, op, _op_color(op, ops))
     return gr
 
