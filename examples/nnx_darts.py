@@ -20,8 +20,9 @@ without writing a ``SearchSpace``:
 (from the repository root). The widths and the reduction positions come from the built-in
 ``darts`` space's plan (:func:`dnas.supernet.darts.darts_plan`), and the ops follow its search
 form: affine-free BatchNorm, pooling followed by an affine-free BatchNorm, a factorized reduce
-for a skip at stride 2. Unlike ``examples/nnx_nb201.py`` this model is not yet checked to
-compute what the built-in space computes.
+for a skip at stride 2. Given the built-in space's weights (:func:`load_builtin_weights`) it
+computes what the built-in space computes: logits, the gradient with respect to both cells'
+architecture weights, BatchNorm statistics (``tests/test_nnx_darts.py``, ``pytest -m slow``).
 """
 from __future__ import annotations
 
@@ -161,6 +162,54 @@ class DartsNet(nnx.Module):
         for cell in self.cells:
             s0, s1 = s1, cell(s0, s1)
         return self.classifier(jnp.mean(s1, axis=(1, 2)))
+
+
+_INPUT_EDGES = [e for e, (s, _) in enumerate(DARTS_EDGES) if s < 2]    # the built-in's "in" stack
+_INNER_EDGES = [e for e, (s, _) in enumerate(DARTS_EDGES) if s >= 2]  # its "inner" stack
+
+
+def load_builtin_weights(model: DartsNet, params, runs) -> None:
+    """Write the built-in ``darts`` space's weights (``space.init(key)[0]`` of ``build_space(
+    "darts", ...)`` with the same channels and layers; ``runs``: its ``space.runs``, the cells
+    stacked together) into ``model``: the two then compute the same supernet."""
+    def conv(m, w):
+        m.kernel[...] = w
+
+    def sep(m, p):      # separable convolution: depthwise, then pointwise
+        conv(m.dw, p["dw"])
+        conv(m.pw, p["pw"])
+
+    def fr(m, p):       # factorized reduce
+        conv(m.a, p["a"]["w"])
+        conv(m.b, p["b"]["w"])
+
+    def pre(m, p):
+        if isinstance(m, FactorizedReduce):
+            fr(m, p)
+        else:           # (relu, conv, bn)
+            conv(m.conv, p[1]["w"])
+
+    conv(model.stem, params["stem"][0]["w"])
+    model.stem_bn.scale[...], model.stem_bn.bias[...] = params["stem"][1]["scale"], params["stem"][1]["bias"]
+    where = {i: (r, k) for r, run in enumerate(runs) for k, i in enumerate(run)}
+    for i, cell in enumerate(model.cells):
+        r, k = where[i]
+        p = jax.tree_util.tree_map(lambda a: a[k], params[f"cells{r}"])
+        pre(cell.pre0, p["pre0"])
+        pre(cell.pre1, p["pre1"])
+        for e, edge in enumerate(cell.edges):
+            stack, j = ("in", _INPUT_EDGES.index(e)) if e in _INPUT_EDGES else ("inner", _INNER_EDGES.index(e))
+            ops = jax.tree_util.tree_map(lambda a: a[j], p[stack])
+            for name, op in zip(edge.names, edge.candidates):
+                o = DARTS_OPS.index(name)
+                if name.startswith("sep_conv"):          # (relu, sep, bn, relu, sep, bn)
+                    sep(op.a, ops[o][1])
+                    sep(op.b, ops[o][4])
+                elif name.startswith("dil_conv"):        # (relu, sep, bn)
+                    sep(op, ops[o][1])
+                elif isinstance(op, FactorizedReduce):   # a skip at stride 2
+                    fr(op, ops[o])
+    model.classifier.kernel[...], model.classifier.bias[...] = params["classifier"]["w"], params["classifier"]["b"]
 
 
 def space(in_channels: int = 3, num_classes: int = 10, channels: int = 16, layers: int = 8) -> DartsNet:

@@ -66,3 +66,55 @@ def test_nnx_darts_derives_and_fixes_darts_cells():
     want = derive_darts(raw["normal"], raw["reduce"])
     assert g.choices == {label: want[label] for label in g.choices}
     _check_fixed(tiny(nnx.Rngs(1)), g)
+
+
+@pytest.mark.slow  # 75 s on 2 cores: compiling both supernets' forward and α-gradient
+def test_nnx_darts_equals_the_built_in_space():
+    """Given the built-in ``darts`` space's weights (one normal and two reduction cells, the
+    second after a reduction: every kind of preprocessing and stride), the NNX model gives the
+    same logits and α-gradient for both cells' α, the same BatchNorm statistics and the same
+    inference output (measured: logits equal to the bit, gradients to 7e-6 of 30)."""
+    from dnas.relaxations import dense_mix
+    from dnas.supernet.layers import Ctx
+    from dnas.supernet.spaces import build_space
+    from examples.nnx_darts import load_builtin_weights
+
+    builtin = build_space("darts", channels=4, layers=3, in_channels=1, num_classes=10, unroll=True)
+    params, state = builtin.init(jax.random.PRNGKey(0))
+    model = tiny(nnx.Rngs(1))
+    load_builtin_weights(model, params, builtin.runs)
+    space = NNXSpace(model)
+    nparams, nstats = space.init(jax.random.PRNGKey(2))
+    rng = np.random.default_rng(3)
+    w = {k: jnp.asarray(rng.dirichlet(np.ones(8), size=14), jnp.float32) for k in ("normal", "reduce")}
+    x = jnp.asarray(rng.standard_normal((16, 8, 8, 1)), jnp.float32)
+    r = jnp.asarray(rng.standard_normal((16, 10)), jnp.float32)
+
+    def per_label(w):
+        return {f"{k}/{edge_label(s, d)}": w[k][e][None] for k in w for e, (s, d) in enumerate(DARTS_EDGES)}
+
+    def builtin_loss(w):
+        logits, st = builtin.apply(params, state, x, w, dense_mix, Ctx(train=True))
+        return jnp.sum(logits * r), (logits, st)
+
+    def nnx_loss(w):
+        logits, st = space.apply(nparams, nstats, x, per_label(w), dense_mix, Ctx(train=True))
+        return jnp.sum(logits * r), (logits, st)
+
+    (_, (want, want_state)), want_grad = jax.jit(jax.value_and_grad(builtin_loss, has_aux=True))(w)
+    (_, (got, got_stats)), got_grad = jax.jit(jax.value_and_grad(nnx_loss, has_aux=True))(w)
+    np.testing.assert_allclose(got, want, rtol=2e-4, atol=2e-5)
+    for k in w:
+        np.testing.assert_allclose(got_grad[k], want_grad[k], rtol=2e-3, atol=2e-4)
+        assert float(jnp.abs(want_grad[k]).max()) > 1e-2
+    n = 16 * 8 * 8
+    np.testing.assert_allclose(got_stats["stem_bn"]["mean"], want_state["stem"][1]["mean"], rtol=1e-4, atol=1e-6)
+    # PyTorch's running variance is unbiased: 0.9 + 0.1 * var * n / (n - 1); Flax's biased
+    np.testing.assert_allclose(got_stats["stem_bn"]["var"] - 0.9,
+                               (want_state["stem"][1]["var"] - 0.9) * (n - 1) / n, rtol=1e-4, atol=1e-6)
+    # the last cell's (a reduction after a reduction) factorized-reduce preprocessing
+    np.testing.assert_allclose(got_stats["cells"][2]["pre0"]["bn"]["mean"], want_state["cells2"]["pre0"]["mean"][0],
+                               rtol=1e-4, atol=1e-6)
+    # inference: BatchNorm on running statistics (the initial ones on both)
+    np.testing.assert_allclose(space.apply(nparams, nstats, x, per_label(w), dense_mix, Ctx(train=False))[0],
+                               builtin.apply(params, state, x, w, dense_mix, Ctx(train=False))[0], rtol=2e-4, atol=2e-5)
