@@ -42,6 +42,7 @@ from dnas.hugepages import trim_heap
 from dnas.device_loop import ARCH_STREAM_OFFSET, AUG_SALT
 from dnas.loop_plan import plan_cpu_loops, resolve_loop
 from dnas.searcher import Hyper, NonFiniteLossError, SearchState, Searcher, check_finite, make_searcher
+from dnas.relaxations import entropy
 from dnas.rundir import (RunDirError, atomic_path, check_state_finite, claim_out, count_lines, discard_after,
                          refuse_changes, restore_checkpoint, restore_latest, save_checkpoint, truncate_lines, write_json_atomic)
 from dnas.supernet.genotype import genotype_to_json, save_genotype
@@ -158,18 +159,18 @@ def write_alphas(path: Path, searcher: Searcher, state: SearchState) -> dict:
     return out
 
 
+def _point_names(space, groups) -> dict[str, list[str]]:
+    """Every group's choice-point names, as the pictures label their rows."""
+    return {g: [str(c) for c in space.choice_point_names(g)] for g in groups}
+
+
 def alpha_entropy(probs: Mapping[str, Any]) -> dict:
     """How far α has decided: the final architecture distribution's mean entropy over the
     choice points (nats) and that of the uniform distribution, the mean of ``ln n`` over
     choice points of ``n`` options, where every search starts. A ratio near 1 means the
     derived architecture is the argmax of a near-uniform α, close to a random pick."""
-    ents, uniform = [], []
-    for p in probs.values():
-        p = np.asarray(p, dtype=np.float64)
-        p = p.reshape(-1, p.shape[-1])
-        ents.extend(-(p * np.log(np.clip(p, 1e-12, 1.0))).sum(-1))
-        uniform.extend([math.log(p.shape[-1])] * p.shape[0])
-    return {"final": float(np.mean(ents)), "uniform": float(np.mean(uniform))}
+    uniform = [math.log(np.shape(p)[-1]) for p in probs.values() for _ in range(int(np.prod(np.shape(p)[:-1])))]
+    return {"final": float(entropy(dict(probs))), "uniform": float(np.mean(uniform))}
 
 
 def _member_data(cfg: SearchConfig, seed: int, cache: dict):
@@ -778,8 +779,7 @@ class _Board:
             img = alphas_image({g: np.asarray(p) for g, p in probs.items()},
                                {g: list(searcher.space.group_op_names(g)) for g in probs},
                                title=f"op probabilities, epoch {epoch + 1}",
-                               row_labels_by_key={g: [str(c) for c in searcher.space.choice_point_names(g)]
-                                                  for g in probs})
+                               row_labels_by_key=_point_names(searcher.space, probs))
             w.add_image("alphas/probabilities", img, step, dataformats="HWC")
             w.flush()
 
@@ -811,7 +811,7 @@ def _plots(out: Path, genotype, alphas: dict, searcher: Searcher) -> None:
     probs = {g: np.asarray(v["probs"]) for g, v in alphas["groups"].items()}
     ops = {g: list(searcher.space.group_op_names(g)) for g in probs}
     save_picture(out / "genotype.png", lambda p: plot_genotype(genotype, p))
-    points = {g: [str(c) for c in searcher.space.choice_point_names(g)] for g in probs}
+    points = _point_names(searcher.space, probs)
     save_picture(out / "alphas.png", lambda p: plot_alphas(probs, ops, p, row_labels_by_key=points))
     save_picture(out / "hyperparams.png", lambda p: plot_hyperparams(out / "metrics.jsonl", p, tuned=searcher.tune))
     save_picture(out / "alpha_evolution.png", lambda p: plot_alpha_evolution(out / "alphas.jsonl", ops, points, p))

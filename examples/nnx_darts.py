@@ -32,7 +32,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from dnas.nnx import Choice, Identity
-from dnas.supernet.darts import darts_plan
+from dnas.supernet.darts import _DARTS_IN, _DARTS_INNER, darts_plan
 from dnas.supernet.genotype import DARTS_EDGES, DARTS_OPS, edge_label
 
 
@@ -164,10 +164,6 @@ class DartsNet(nnx.Module):
         return self.classifier(jnp.mean(s1, axis=(1, 2)))
 
 
-_INPUT_EDGES = [e for e, (s, _) in enumerate(DARTS_EDGES) if s < 2]    # the built-in's "in" stack
-_INNER_EDGES = [e for e, (s, _) in enumerate(DARTS_EDGES) if s >= 2]  # its "inner" stack
-
-
 def load_builtin_weights(model: DartsNet, params, runs) -> None:
     """Write the built-in ``darts`` space's weights (``space.init(key)[0]`` of ``build_space(
     "darts", ...)`` with the same channels and layers; ``runs``: its ``space.runs``, the cells
@@ -198,7 +194,8 @@ def load_builtin_weights(model: DartsNet, params, runs) -> None:
         pre(cell.pre0, p["pre0"])
         pre(cell.pre1, p["pre1"])
         for e, edge in enumerate(cell.edges):
-            stack, j = ("in", _INPUT_EDGES.index(e)) if e in _INPUT_EDGES else ("inner", _INNER_EDGES.index(e))
+            # the built-in stacks the edges reading the cell inputs ("in") apart from the others
+            stack, j = ("in", _DARTS_IN.index(e)) if e in _DARTS_IN else ("inner", _DARTS_INNER.index(e))
             ops = jax.tree_util.tree_map(lambda a: a[j], p[stack])
             for name, op in zip(edge.names, edge.candidates):
                 o = DARTS_OPS.index(name)

@@ -390,9 +390,7 @@ def _edge_layers(edges) -> dict[str, int] | None:
                 layer[n], changed = v, True
         if not changed:
             return layer
-        if max(layer.values()) > len(inputs):
-            return None
-    return None
+    return None   # still rising after as many rounds as nodes: a cycle
 
 
 def _cell_graph(edges) -> _Graph:
@@ -608,12 +606,12 @@ def plot_alphas(alpha_probs: Mapping[str, Any], op_names_by_key: Mapping[str, Se
                              f"(one per op), got shape {m.shape}")
         mats[key] = (m, ops)
     cell_w, cell_h, top, right = 0.78, 0.36, 0.5, 0.85
-    boxes = []                              # (panel, width, height, left margin, bottom margin) in inches
+    boxes = []                              # (panel, width, height, left margin) in inches
     for panel in _alpha_panels(mats, row_labels_by_key):
         _, m, ops, rows = panel
         lm = 0.35 + 0.07 * max(len(re.sub(r"[${}\\]|rightarrow", "", r)) for r in rows)
         bm = 0.35 + 0.045 * max(len(o) for o in ops)
-        boxes.append((panel, lm + len(ops) * cell_w + right, top + m.shape[0] * cell_h + bm, lm, bm))
+        boxes.append((panel, lm + len(ops) * cell_w + right, top + m.shape[0] * cell_h + bm, lm))
     head = 0.45 if title else 0.0
     grid = _wrap(boxes, max_width, head)
     W = max(sum(b[1] for b in r) for r in grid)
@@ -625,7 +623,7 @@ def plot_alphas(alpha_probs: Mapping[str, Any], op_names_by_key: Mapping[str, Se
     for r in grid:
         x = 0.0
         row_h = max(b[2] for b in r)
-        for (key, m, ops, rows), w, h, lm, bm in r:
+        for (key, m, ops, rows), w, h, lm in r:
             hw, hh = len(ops) * cell_w, m.shape[0] * cell_h
             bottom = y_top - top - hh
             ax = fig.add_axes([(x + lm) / W, bottom / H, hw / W, hh / H])
