@@ -90,6 +90,37 @@ class ChainConfig:
     kernels: str = "auto"         # dnas.backend kernel policy: auto, xla_cpu or native
 
 
+@dataclasses.dataclass(frozen=True)
+class ChainPlan:
+    """The chain's widths and block layout under a :class:`ChainConfig`: the stem convolution's
+    and the first MBConv's channels, the searchable blocks as ``(group, index in group, c_in,
+    c_out, stride)``, the head convolution's channels. ``group`` is ``"keep"`` for a block that
+    keeps its input's shape (stride 1, same width: a residual connection, and ``zero`` among
+    its options), ``"reshape"`` otherwise."""
+    stem: int
+    first: int
+    blocks: tuple
+    last: int
+
+
+def chain_plan(c: ChainConfig) -> ChainPlan:
+    """Widths scaled by ``width_mult`` (:func:`make_divisible`), each stage's first block at the
+    stage's stride, the head keeping 1280 channels unless the width grows (ProxylessNAS's and
+    MobileNetV2's rule). The built-in space and a model written with ``dnas.nnx``
+    (``examples/nnx_chain.py``) both build from it."""
+    w = lambda ch: make_divisible(ch * c.width_mult)  # noqa: E731
+    blocks, c_in, counts = [], w(c.first_channels), {"reshape": 0, "keep": 0}
+    for width, depth, stride in zip(c.stage_widths, c.stage_depths, c.stage_strides):
+        for i in range(depth):
+            s = stride if i == 0 else 1
+            group = "keep" if (s == 1 and c_in == w(width)) else "reshape"
+            blocks.append((group, counts[group], c_in, w(width), s))
+            counts[group] += 1
+            c_in = w(width)
+    return ChainPlan(w(c.stem_channels), w(c.first_channels), tuple(blocks),
+                     w(c.last_channels) if c.width_mult > 1 else c.last_channels)
+
+
 class ChainSpace(SearchSpace):
     honours_compute_dtype = True   # every convolution through dnas.supernet.layers._conv
     name = "chain"
@@ -131,23 +162,16 @@ class ChainSpace(SearchSpace):
     def __init__(self, config: ChainConfig = ChainConfig()):
         self.config = c = config
         self.kernels = resolve(c.kernels)
-        w = lambda ch: make_divisible(ch * c.width_mult)  # noqa: E731
-        self.stem = L.sequential(_conv_bn(c.in_channels, w(c.stem_channels), 3, c.stem_stride),
-                                 mbconv(w(c.stem_channels), w(c.first_channels), 3, 1, 1))
-        self.blocks = []   # (group, index in group, c_in, c_out, stride)
-        c_in, counts = w(c.first_channels), {"reshape": 0, "keep": 0}
-        for width, depth, stride in zip(c.stage_widths, c.stage_depths, c.stage_strides):
-            for i in range(depth):
-                s = stride if i == 0 else 1
-                group = "keep" if (s == 1 and c_in == w(width)) else "reshape"
-                self.blocks.append((group, counts[group], c_in, w(width), s))
-                counts[group] += 1
-                c_in = w(width)
+        plan = self.plan = chain_plan(c)
+        self.stem = L.sequential(_conv_bn(c.in_channels, plan.stem, 3, c.stem_stride),
+                                 mbconv(plan.stem, plan.first, 3, 1, 1))
+        self.blocks = list(plan.blocks)   # (group, index in group, c_in, c_out, stride)
+        counts = {g: sum(b[0] == g for b in plan.blocks) for g in ("reshape", "keep")}
         self.groups = {g: (n, len(MB_OPS) + (g == "keep")) for g, n in counts.items() if n}
         self.mixed = [MixedOp([chain_op(o, ci, co, s) for o in self.group_op_names(g)])
                       for g, _, ci, co, s in self.blocks]
-        self.head = _conv_bn(c_in, w(c.last_channels) if c.width_mult > 1 else c.last_channels, 1, 1)
-        self.classifier = L.dense(w(c.last_channels) if c.width_mult > 1 else c.last_channels, c.num_classes)
+        self.head = _conv_bn(plan.blocks[-1][3], plan.last, 1, 1)
+        self.classifier = L.dense(plan.last, c.num_classes)
 
     def group_op_names(self, group: str) -> tuple[str, ...]:
         return KEEP_OPS if group == "keep" else MB_OPS
@@ -195,12 +219,11 @@ class ChainSpace(SearchSpace):
         table key for key), and the fixed stem, head and classifier."""
         from dnas.latency.space_latency import ChoicePoint, OpSignature, fixed_part, head_layer, output_shape_of
 
-        space, cfg = self, self.config
-        w = lambda ch: make_divisible(ch * cfg.width_mult)  # noqa: E731
+        space, cfg, plan = self, self.config, self.plan
         hw = (input_size, input_size)
-        stem_conv = _conv_bn(cfg.in_channels, w(cfg.stem_channels), 3, cfg.stem_stride)
+        stem_conv = _conv_bn(cfg.in_channels, plan.stem, 3, cfg.stem_stride)
         conv = fixed_part("Conv", stem_conv, hw + (cfg.in_channels,))
-        first = mbconv(w(cfg.stem_channels), w(cfg.first_channels), 3, 1, 1)
+        first = mbconv(plan.stem, plan.first, 3, 1, 1)
         first_out = output_shape_of(first, conv.output_shape)
         first_sig = OpSignature("expanded_conv", _mb_key(conv.output_shape, first_out, 1, 3, 1, False),
                                 conv.output_shape, first_out,

@@ -25,6 +25,7 @@ import ast
 import dataclasses
 import json
 import os
+import re
 from pathlib import Path
 from typing import Any, ClassVar, Iterable, Mapping, Sequence, Union
 
@@ -366,6 +367,11 @@ class ChainGenotype(_ChoiceMapping):
         return cls(tuple(choices[f"block{i}"] for i in range(len(choices))))
 
 
+def natural_key(label: str):
+    """Sort ``block2`` before ``block10``: digit runs compare as numbers."""
+    return [(0, int(t), "") if t.isdigit() else (1, 0, t) for t in re.split(r"(\d+)", label)]
+
+
 @dataclasses.dataclass(frozen=True)
 class ChoiceGenotype(_ChoiceMapping):
     """The architecture of a model with labelled choice points (:mod:`dnas.nnx`): a mapping
@@ -393,7 +399,8 @@ class ChoiceGenotype(_ChoiceMapping):
             else:
                 raise GenotypeError(f"choice genotype: choice {choice!r} of {label!r} is neither an op name "
                                     "nor a non-empty list of input indices")
-        object.__setattr__(self, "choices", dict(sorted(clean.items())))
+        # in natural order (block2 before block10), as the model's labels read
+        object.__setattr__(self, "choices", dict(sorted(clean.items(), key=lambda item: natural_key(item[0]))))
 
     @classmethod
     def from_choices(cls, choices: Mapping[str, Any], model: str = "model") -> "ChoiceGenotype":

@@ -30,7 +30,7 @@ from matplotlib.patches import Circle, FancyArrowPatch, FancyBboxPatch
 
 from dnas.supernet.genotype import (DARTS_EDGES, DARTS_OPS, NB201_EDGES, NB201_OPS, ChainGenotype, ChoiceGenotype,
                                     DartsGenotype, GenotypeError, NB201Genotype, genotype_from_json,
-                                    parse_nb201)
+                                    natural_key, parse_nb201)
 
 __all__ = ["plot_genotype", "plot_alphas", "OP_COLORS"]
 
@@ -350,11 +350,6 @@ def _plot_chain(g: ChainGenotype, path, title, dpi, per_row: int = 8) -> Path:
                        title or f"chain genotype ({len(g.ops)} blocks)", path, dpi, per_row)
 
 
-def _natural_key(label: str):
-    """Sort ``block2`` before ``block10``: digit runs compare as numbers."""
-    return [(0, int(t), "") if t.isdigit() else (1, 0, t) for t in re.split(r"(\d+)", label)]
-
-
 #: A choice-point label that names a cell edge: ``src->dst``, optionally under a group, ``group/src->dst``.
 _EDGE_LABEL = re.compile(r"^(?:(?P<group>.+)/)?(?P<src>[^/]+?)->(?P<dst>[^/]+)$")
 
@@ -403,7 +398,7 @@ def _cell_graph(edges) -> _Graph:
     dx, dy = 3.4, 1.6
     gr = _Graph()
     for L in range(max(layer.values()) + 1):
-        members = sorted((n for n in layer if layer[n] == L), key=_natural_key)
+        members = sorted((n for n in layer if layer[n] == L), key=natural_key)
         for j, n in enumerate(members):
             y = (len(members) - 1) / 2 * dy - j * dy
             if len(members) == 1 and L % 2 and 0 < L < max(layer.values()):
@@ -431,7 +426,7 @@ def _plot_choices(g: ChoiceGenotype, path, title, dpi, per_row: int = 6) -> Path
         fig = _panels([_cell_graph(cells[n]) for n in names], [n for n in names],
                       title or f"{g.model}: {len(g.choices)} choice points", dpi)
         return _save(fig, path)
-    labels = sorted(g.choices, key=_natural_key)
+    labels = sorted(g.choices, key=natural_key)
     ops = [v if isinstance(v, str) else "in " + "+".join(map(str, v)) for v in (g.choices[k] for k in labels)]
     return _plot_boxes(ops, labels, title or f"{g.model}: {len(ops)} choice points", path, dpi, per_row,
                        arrows=False)
@@ -548,7 +543,7 @@ def _alpha_panels(mats: dict, row_labels_by_key: Mapping[str, Sequence[str]] | N
         if p[0] != "merge":
             out.append(p)
             continue
-        rows = sorted(merged[p[1]], key=lambda r: _natural_key(r[0]))
+        rows = sorted(merged[p[1]], key=lambda r: natural_key(r[0]))
         if len(rows) == 1:   # a panel of one choice point: its label is the title
             out.append((rows[0][0], rows[0][1], list(p[1]), [""]))
         else:
