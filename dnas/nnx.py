@@ -85,13 +85,15 @@ class Choice(nnx.Module):
     During a search the relaxation mixes the candidates; :func:`fix` replaces the choice point by
     the chosen candidate. All candidates must map an input to outputs of the same shape.
 
-    ``node`` and ``keep``: this choice point is one incoming edge of the cell node ``node``, and
-    the derived architecture keeps that node's ``keep`` strongest edges, DARTS's rule (Liu et
-    al., ICLR 2019, §2.4). An edge's strength is its largest score among the options other than
-    ``none`` (the option that removes the edge, a :class:`Zero`), and a kept edge takes that
-    option; every other edge of the node gets ``none`` (ties: the earlier edge in the model's
-    graph order, the earlier option). Without ``node`` a choice point derives its best option,
-    ``none`` included. Edges of one node must agree on ``keep`` and ``none``.
+    ``node``: this choice point is one incoming edge of the cell node ``node``. PC-DARTS's edge
+    normalisation (Xu et al., ICLR 2020, eq. 4) weighs the edges of one node against each other.
+    ``keep`` (with ``node``): the derived architecture keeps that node's ``keep`` strongest
+    edges, DARTS's rule (Liu et al., ICLR 2019, §2.4). An edge's strength is its largest score
+    among the options other than ``none`` (the option that removes the edge, a :class:`Zero`),
+    and a kept edge takes that option; every other edge of the node gets ``none`` (ties: the
+    earlier edge in the model's graph order, the earlier option). Without ``keep`` a choice
+    point derives its best option, ``none`` included (NAS-Bench-201's rule). Edges of one node
+    must agree on ``keep`` and ``none``.
     """
 
     def __init__(self, options: Mapping[str, Any], label: str, *, node: str | None = None,
@@ -107,11 +109,12 @@ class Choice(nnx.Module):
                 raise ValueError(f"Choice {label!r}: option {name!r} is not callable ({type(op).__name__})")
         self.names = tuple(options)
         self.candidates = nnx.List([op if isinstance(op, nnx.Module) else _Function(op) for op in options.values()])
-        if (node is None) != (keep is None):
-            raise ValueError(f"Choice {label!r}: node and keep go together (an edge of node `node`, which keeps "
-                             f"its `keep` strongest edges), got node={node!r}, keep={keep!r}")
+        if keep is not None and node is None:
+            raise ValueError(f"Choice {label!r}: keep={keep!r} needs a node (an edge of node `node`, which keeps "
+                             f"its `keep` strongest edges)")
         if node is not None:
             _check_label(node, f"Choice {label!r}: node")
+        if keep is not None:
             if not isinstance(keep, int) or isinstance(keep, bool) or keep < 1:
                 raise ValueError(f"Choice {label!r}: keep must be a positive number of edges, got {keep!r}")
             if none not in self.names:

@@ -49,7 +49,9 @@ def avg_pool_3x3(x):
 
 
 class Cell(nnx.Module):
-    """Node d sums its incoming edges; each edge chooses one of NAS-Bench-201's five ops.
+    """Node d sums its incoming edges; each edge chooses one of NAS-Bench-201's five ops. The
+    edges are marked with their node (``node=str(d)``, no ``keep``: every edge derives its own
+    best op, ``none`` included), so PC-DARTS weighs a node's edges against each other.
     ``partial_channels=K`` builds the candidates for ``C/K`` channels: PC-DARTS (Xu et al., ICLR
     2020, eq. 2) runs them on that part of the node and passes the rest by them."""
 
@@ -58,7 +60,7 @@ class Cell(nnx.Module):
         self.edges = nnx.List([Choice({"none": Zero(), "skip_connect": Identity(),
                                        "nor_conv_1x1": ReLUConvBN(c, c, 1, 1, False, rngs),
                                        "nor_conv_3x3": ReLUConvBN(c, c, 3, 1, False, rngs),
-                                       "avg_pool_3x3": avg_pool_3x3}, label=edge_label(s, d))
+                                       "avg_pool_3x3": avg_pool_3x3}, label=edge_label(s, d), node=str(d))
                                for s, d in NB201_EDGES])
 
     def __call__(self, x):

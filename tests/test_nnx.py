@@ -565,8 +565,8 @@ def test_cell_node_edges_derive_by_darts_rule():
 
 def test_cell_node_refusals():
     ops = {"none": Zero(), "skip": Identity(), "double": lambda x: 2 * x}
-    with pytest.raises(ValueError, match="node and keep go together"):
-        Choice(ops, label="a", node="n")
+    with pytest.raises(ValueError, match="keep=2 needs a node"):
+        Choice(ops, label="a", keep=2)
     with pytest.raises(ValueError, match="keep must be a positive"):
         Choice(ops, label="a", node="n", keep=0)
     with pytest.raises(ValueError, match="needs a 'zero' option"):
@@ -581,3 +581,50 @@ def test_cell_node_refusals():
             return self.a(x) + self.b(x)
     with pytest.raises(ValueError, match="of node 'n' disagree: keep=1"):
         NNXSpace(Disagree())
+
+
+def test_pc_darts_normalises_a_user_models_edges_over_their_node():
+    """PC-DARTS's edge normalisation (Xu et al., ICLR 2020, eq. 4) on a user model: the edges
+    marked with one node are separate choice points, each with its own β, and are weighted by
+    the softmax of their β over that node (a reduction cell's node is not a normal cell's).
+    The mixed output equals the mixture written by hand, and the derivation ranks edge weight
+    × op weight, as DARTS's derivation of PC-DARTS's scores does."""
+    from dnas.searcher import make_searcher
+    from dnas.supernet.genotype import DARTS_EDGES, DARTS_OPS, derive_darts, edge_label
+    s = make_searcher(DartsShapedCells(), "pc_darts", relaxation_options={"k": 1})
+    rng = np.random.default_rng(0)
+    kinds = ("normal", "reduce")
+    labels = {k: [f"{k}/{edge_label(a, d)}" for a, d in DARTS_EDGES] for k in kinds}
+    alpha = {k: rng.standard_normal((14, 8)) for k in kinds}
+    beta = {k: 2.0 * rng.standard_normal(14) for k in kinds}
+    arch = {"alpha": {lab: jnp.asarray(alpha[k][e][None], jnp.float32) for k in kinds
+                      for e, lab in enumerate(labels[k])},
+            "beta": {lab: jnp.asarray(beta[k][e:e + 1], jnp.float32) for k in kinds for e, lab in enumerate(labels[k])}}
+    params, stats = s.space.init(jax.random.PRNGKey(0))
+    x = jnp.ones((2, 4, 4, 3), jnp.float32)
+    got, _ = s._forward(params, stats, arch, x, None, 0.0)
+
+    # by hand: DartsShapedCells's op k scales its input by k + 1 (none by 0, skip_connect by 1)
+    scale = np.asarray([0.0 if o == "none" else 1.0 if o == "skip_connect" else k + 1
+                        for k, o in enumerate(DARTS_OPS)])
+    total, scores = 0.0, {}
+    for k in kinds:
+        p = np.exp(alpha[k]) / np.exp(alpha[k]).sum(1, keepdims=True)
+        edge_w = np.empty(14)
+        for d in range(2, 6):
+            into = [e for e, (_, dd) in enumerate(DARTS_EDGES) if dd == d]
+            edge_w[into] = np.exp(beta[k][into]) / np.exp(beta[k][into]).sum()
+        scores[k] = p * edge_w[:, None]
+        states = [1.0, 1.0]
+        for d in range(2, 6):
+            states.append(sum(edge_w[e] * (p[e] @ scale) * states[a] for e, (a, dd) in enumerate(DARTS_EDGES)
+                              if dd == d))
+        total += sum(states[2:])
+    np.testing.assert_allclose(np.asarray(got), np.full((2, 3), total), rtol=1e-5)
+
+    g = s.space.derive(s.relax.derive_scores(arch))
+    want = derive_darts(scores["normal"], scores["reduce"])
+    assert g.choices == {lab: want[lab] for lab in g.choices}
+    # the edge weights changed the derivation: op weights alone derive another cell
+    plain = derive_darts(np.exp(alpha["normal"]), np.exp(alpha["reduce"]))
+    assert any(plain[lab] != want[lab] for lab in g.choices)

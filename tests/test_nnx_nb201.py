@@ -87,3 +87,25 @@ def test_nb201_declared_with_nnx_choices_equals_the_built_in_space(k, scan, cell
     got_mean = (stage0["edges"][0]["candidates"][conv3]["bn"]["mean"] if scan else
                 np.stack([stage0[i]["edges"][0]["candidates"][conv3]["bn"]["mean"] for i in range(cells)]))
     np.testing.assert_allclose(got_mean, want_state["stage0"][conv3][2]["mean"][:, 0], rtol=1e-4, atol=1e-6)
+
+
+def test_pc_darts_weighs_the_nnx_cells_edges_as_the_built_in_space():
+    """PC-DARTS's edge normalisation (β softmaxed over the edges entering a node) gives the NNX
+    model's six edge labels, marked with their nodes, the built-in ``nb201`` space's mixing
+    weights for the same α and β; without the marks every edge would weigh 1."""
+    from dnas.relaxations import get_relaxation
+    builtin = build_space("nb201", channels=C, cells_per_stage=N, in_channels=1, num_classes=10)
+    space = NNXSpace(NB201(nnx.Rngs(0), c=C, n=N, in_channels=1))
+    labels = [edge_label(s, d) for s, d in NB201_EDGES]
+    rng = np.random.default_rng(0)
+    alpha, beta = rng.standard_normal((6, 5)), 2.0 * rng.standard_normal(6)
+    want = get_relaxation("pc_darts", space=builtin).sample(
+        {"alpha": {"cell": jnp.asarray(alpha, jnp.float32)}, "beta": {"cell": jnp.asarray(beta, jnp.float32)}},
+        None, 0.0)["cell"]
+    got = get_relaxation("pc_darts", space=space).sample(
+        {"alpha": {lab: jnp.asarray(alpha[e][None], jnp.float32) for e, lab in enumerate(labels)},
+         "beta": {lab: jnp.asarray(beta[e:e + 1], jnp.float32) for e, lab in enumerate(labels)}}, None, 0.0)
+    np.testing.assert_allclose(np.concatenate([got[lab] for lab in labels]), want, rtol=1e-6)
+    p = np.exp(alpha) / np.exp(alpha).sum(1, keepdims=True)
+    assert not np.allclose(want, p, atol=1e-2)   # the edge weights are not all 1 (node 1 has one edge)
+    np.testing.assert_allclose(want[0], p[0], rtol=1e-6)

@@ -72,8 +72,14 @@ def partial_mix(k: int):
 
 
 def pc_darts(space, k: int = 4, edge_norm: bool = True) -> Relaxation:
-    """``space`` supplies the destination node of every edge (``space.choice_point_nodes``)."""
-    nodes = {g: np.asarray(space.choice_point_nodes(g), np.int32) for g in space.groups}
+    """``space`` supplies the destination node of every edge (``space.choice_point_nodes``): the
+    edges entering one node may lie in several groups (a user model's cell edges are one
+    choice point each, ``dnas.nnx.Choice(..., node=)``), so β is normalised over all groups."""
+    groups = sorted(space.groups)
+    ids: dict = {}
+    seg = np.asarray([ids.setdefault(node, len(ids)) for g in groups for node in space.choice_point_nodes(g)],
+                     np.int32)
+    splits = np.cumsum([space.groups[g][0] for g in groups])[:-1]
 
     def init(key, groups):
         alpha = init_alpha(key, groups)
@@ -82,16 +88,13 @@ def pc_darts(space, k: int = 4, edge_norm: bool = True) -> Relaxation:
 
     def edge_weights(arch):
         """softmax of β over the edges entering the same node (1 everywhere without edge_norm)."""
-        out = {}
-        for g, beta in arch["beta"].items():
-            if not edge_norm:
-                out[g] = jnp.ones_like(beta)
-                continue
-            seg, n = nodes[g], int(nodes[g].max()) + 1
-            m = jax.ops.segment_max(beta, seg, num_segments=n)
-            e = jnp.exp(beta - m[seg])
-            out[g] = e / jax.ops.segment_sum(e, seg, num_segments=n)[seg]
-        return out
+        if not edge_norm:
+            return {g: jnp.ones_like(beta) for g, beta in arch["beta"].items()}
+        beta = jnp.concatenate([arch["beta"][g] for g in groups])
+        m = jax.ops.segment_max(beta, seg, num_segments=len(ids))
+        e = jnp.exp(beta - m[seg])
+        w = e / jax.ops.segment_sum(e, seg, num_segments=len(ids))[seg]
+        return dict(zip(groups, jnp.split(w, splits)))
 
     def probs(arch):
         return {g: jax.nn.softmax(a, axis=-1) for g, a in arch["alpha"].items()}

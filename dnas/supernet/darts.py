@@ -270,7 +270,7 @@ class DartsSpace(SearchSpace):
         return [edge_label(s, d) for s, d in DARTS_EDGES]
 
     def choice_point_nodes(self, group):
-        return [d for _, d in DARTS_EDGES]
+        return [(group, d) for _, d in DARTS_EDGES]   # a normal cell's node d is not a reduction cell's
 
     def derive(self, scores):
         return derive_darts(jnp.asarray(scores["normal"]), jnp.asarray(scores["reduce"]))

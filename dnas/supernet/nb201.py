@@ -173,7 +173,7 @@ class NB201Space(SearchSpace):
         return nb201_labels()
 
     def choice_point_nodes(self, group):
-        return [d for _, d in NB201_EDGES]
+        return [(group, d) for _, d in NB201_EDGES]
 
     def derive(self, scores):
         return parse_nb201(derive_nb201(jnp.asarray(scores["cell"])))

@@ -96,13 +96,16 @@ class NNXSpace(SearchSpace):
         return [group]
 
     def choice_point_nodes(self, group):
-        return [0]
+        """A cell edge's node (``Choice(..., node=)``), shared by the node's edges; any other
+        choice point is a node of its own."""
+        node = getattr(self.points[group], "node", None)
+        return [("node", node) if node is not None else ("point", group)]
 
     def derive(self, scores) -> ChoiceGenotype:
         """Each choice point's best-scored option (ties: the earlier); an input choice's
-        ``n_chosen`` best-scored inputs (ties: lower index); a cell node's edges (``Choice(...,
-        node=, keep=)``) by DARTS's rule: the ``keep`` edges with the strongest option other than
-        ``none`` keep that option, the others become ``none``."""
+        ``n_chosen`` best-scored inputs (ties: lower index); the edges of a cell node that keeps
+        some of them (``Choice(..., node=, keep=)``) by DARTS's rule: the ``keep`` edges with the
+        strongest option other than ``none`` keep that option, the others become ``none``."""
         choices: dict[str, Any] = {}
         edges: dict[str, list[tuple[float, str]]] = {}   # node -> [(strength, label)] in graph order
         for label, point in self.points.items():
@@ -110,7 +113,7 @@ class NNXSpace(SearchSpace):
             if isinstance(point, InputChoice):
                 order = np.argsort(-row, kind="stable")
                 choices[label] = tuple(sorted(int(i) for i in order[:point.n_chosen]))
-            elif point.node is None:
+            elif point.keep is None:
                 choices[label] = point.names[int(np.argmax(row))]
             else:
                 cols = [j for j, n in enumerate(point.names) if n != point.none]

@@ -189,9 +189,11 @@ class SearchSpace:
         genotypes are constrained (DARTS: two kept edges per node) samples like its derivation."""
         return {g: rng.integers(0, k, size=n) for g, (n, k) in self.groups.items()}
 
-    def choice_point_nodes(self, group: str) -> list[int]:
-        """The node each choice point feeds (edges into the same node share a node id)."""
-        return list(range(self.groups[group][0]))
+    def choice_point_nodes(self, group: str) -> list:
+        """The node each choice point of ``group`` feeds, as a hashable key: choice points that
+        feed the same node, in this group or another, share the key (PC-DARTS normalises the
+        edges entering a node over them). By default every choice point is a node of its own."""
+        return [(group, i) for i in range(self.groups[group][0])]
 
     def describe(self) -> dict:
         return {"space": self.name, **dataclasses.asdict(self.config)}
