@@ -27,10 +27,9 @@ from dnas.supernet.nnx_space import NNXSpace
 from dnas.supernet.spaces import build_space
 from examples.nnx_chain import ChainNet, MBConv, load_builtin_weights
 
-# width 0.25, two stages of two blocks: each stage's second block keeps its shape ("keep"),
-# with a residual connection and ``zero`` among its options
-OPTIONS = {"width_mult": 0.25, "stage_widths": (24, 40), "stage_depths": (2, 2), "stage_strides": (2, 2),
-           "stem_stride": 1}
+# width 0.25, one stage of two blocks: the first changes the shape ("reshape"), the second keeps
+# it ("keep": a residual connection and ``zero`` among its options)
+OPTIONS = {"width_mult": 0.25, "stage_widths": (24,), "stage_depths": (2,), "stage_strides": (2,), "stem_stride": 1}
 SIDE, BATCH = 8, 8
 
 
@@ -48,13 +47,13 @@ def _per_block(builtin, weights):
             for b, (g, i, *_rest) in enumerate(builtin.blocks)}
 
 
-# DARTS's dense mix: pytest -m slow (26 s on 2 cores); the default run checks it on NAS-Bench-201
+# DARTS's dense mix: pytest -m slow (21 s on 2 cores); the default run checks it on NAS-Bench-201
 # (test_nnx_nb201.py) and ProxylessNAS's sampled path, the chain's own relaxation, here
 @pytest.mark.parametrize("relaxation", [pytest.param("darts", marks=pytest.mark.slow), "proxyless"])
 def test_chain_declared_with_nnx_choices_equals_the_built_in_space(relaxation):
     builtin, params, state, model = _pair()
     space = NNXSpace(model)
-    assert builtin.groups == {"reshape": (2, 6), "keep": (2, 7)}
+    assert builtin.groups == {"reshape": (1, 6), "keep": (1, 7)}
     assert space.groups == {f"block{b}": (1, 7 if g == "keep" else 6) for b, (g, *_r) in enumerate(builtin.blocks)}
     nparams, nstats = space.init(jax.random.PRNGKey(2))
 
@@ -107,7 +106,7 @@ def test_nnx_chain_derives_the_built_in_genotype_and_fixes_it():
     space = NNXSpace(model)
     rng = np.random.default_rng(5)
     alpha = {g: jnp.asarray(rng.standard_normal((n, k)), jnp.float32) for g, (n, k) in builtin.groups.items()}
-    alpha["keep"] = alpha["keep"].at[1, KEEP_OPS.index("zero")].set(9.0)   # one block left out
+    alpha["keep"] = alpha["keep"].at[0, KEEP_OPS.index("zero")].set(9.0)   # the keep block left out
     want = builtin.derive(alpha)
     g = space.derive(_per_block(builtin, alpha))
     assert isinstance(want, ChainGenotype) and "zero" in want.ops
