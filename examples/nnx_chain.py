@@ -88,7 +88,7 @@ class ChainNet(nnx.Module):
         self.residual = tuple(group == "keep" for group, *_ in plan.blocks)
         self.blocks = nnx.List([Choice(block_ops(c_in, c_out, stride, group == "keep", rngs), label=f"block{b}")
                                 for b, (group, _, c_in, c_out, stride) in enumerate(plan.blocks)])
-        self.head = ConvBN(plan.blocks[-1][3], plan.last, 1, rngs)
+        self.head = ConvBN(plan.head_in, plan.last, 1, rngs)
         self.classifier = nnx.Linear(plan.last, config.num_classes, rngs=rngs)
 
     def __call__(self, x):

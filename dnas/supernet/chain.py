@@ -94,12 +94,13 @@ class ChainConfig:
 class ChainPlan:
     """The chain's widths and block layout under a :class:`ChainConfig`: the stem convolution's
     and the first MBConv's channels, the searchable blocks as ``(group, index in group, c_in,
-    c_out, stride)``, the head convolution's channels. ``group`` is ``"keep"`` for a block that
+    c_out, stride)``, the channels entering the head and the head convolution's. ``group`` is ``"keep"`` for a block that
     keeps its input's shape (stride 1, same width: a residual connection, and ``zero`` among
     its options), ``"reshape"`` otherwise."""
     stem: int
     first: int
     blocks: tuple
+    head_in: int
     last: int
 
 
@@ -117,7 +118,7 @@ def chain_plan(c: ChainConfig) -> ChainPlan:
             blocks.append((group, counts[group], c_in, w(width), s))
             counts[group] += 1
             c_in = w(width)
-    return ChainPlan(w(c.stem_channels), w(c.first_channels), tuple(blocks),
+    return ChainPlan(w(c.stem_channels), w(c.first_channels), tuple(blocks), c_in,
                      w(c.last_channels) if c.width_mult > 1 else c.last_channels)
 
 
@@ -170,7 +171,7 @@ class ChainSpace(SearchSpace):
         self.groups = {g: (n, len(MB_OPS) + (g == "keep")) for g, n in counts.items() if n}
         self.mixed = [MixedOp([chain_op(o, ci, co, s) for o in self.group_op_names(g)])
                       for g, _, ci, co, s in self.blocks]
-        self.head = _conv_bn(plan.blocks[-1][3], plan.last, 1, 1)
+        self.head = _conv_bn(plan.head_in, plan.last, 1, 1)
         self.classifier = L.dense(plan.last, c.num_classes)
 
     def group_op_names(self, group: str) -> tuple[str, ...]:
