@@ -116,7 +116,7 @@ def test_nnx_chain_derives_the_built_in_genotype_and_fixes_it():
     for b, op in enumerate(want.ops):
         kept = fixed.blocks[b]
         assert (op == "zero") == (not isinstance(kept, MBConv))
-        if isinstance(kept, MBConv):   # the chosen kernel and expansion
+        if isinstance(kept, MBConv):   # the chosen kernel; the projection reads the depthwise output
             _, k, e = op.split("_")
             assert kept.depthwise.conv.kernel.shape[:2] == (int(k[1:]),) * 2
             assert kept.project.conv.kernel.shape[2] == kept.depthwise.conv.kernel.shape[3] == \
@@ -127,8 +127,8 @@ def test_nnx_chain_derives_the_built_in_genotype_and_fixes_it():
     # the derived network's blocks: the supernet's chosen candidate's weights
     for b, op in enumerate(want.ops):
         if op != "zero":
-            nparams["blocks"][b] = params["blocks"][b][builtin.group_op_names(builtin.blocks[b][0]).index(op)]
-            nstate["blocks"][b] = state["blocks"][b][builtin.group_op_names(builtin.blocks[b][0]).index(op)]
+            o = builtin.group_op_names(builtin.blocks[b][0]).index(op)
+            nparams["blocks"][b], nstate["blocks"][b] = params["blocks"][b][o], state["blocks"][b][o]
     nparams = {**nparams, "stem": params["stem"], "head": params["head"], "classifier": params["classifier"]}
     x = jnp.asarray(rng.standard_normal((4, SIDE, SIDE, 1)), jnp.float32)
     fixed.eval()
