@@ -11,6 +11,11 @@ space; the trace stays under ``--trace-dir`` for TensorBoard or Perfetto.
 
     python benchmarks/profile_step.py darts examples.nnx_darts:space --option channels=16 --option layers=5
 
+The step runs in the ``dnas`` command's environment: its XLA:CPU flags (:mod:`dnas.xla_flags`)
+and huge pages for XLA's buffers (:mod:`dnas.hugepages`, a restart of the script), so the
+profile is of the program ``dnas bench`` and ``dnas search`` run (without the flags XLA:CPU
+emits other fusions, and the two forms of a space compare differently).
+
 ``--option K=V`` is passed to every space. The DARTS and NAS-Bench-201 twins take the built-in
 spaces' option names (``channels``, ``layers``, ``cells_per_stage``); where a factory names one
 otherwise (the chain's ``stage_depths`` is ``max_depth`` in ``examples/nnx_chain.py``),
@@ -27,12 +32,19 @@ import os
 import re
 import time
 
-import jax
-import jax.numpy as jnp
+from dnas.hugepages import reexec_with_hugepages
+from dnas.xla_flags import apply_cpu_defaults
 
-from dnas.options import key_values
-from dnas.searcher import make_searcher
-from dnas.supernet.spaces import SPACES
+if __name__ == "__main__":     # before JAX starts its backend, as the dnas command does
+    reexec_with_hugepages()
+    apply_cpu_defaults()
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+
+from dnas.options import key_values  # noqa: E402
+from dnas.searcher import make_searcher  # noqa: E402
+from dnas.supernet.spaces import SPACES  # noqa: E402
 
 
 def event_kinds(trace_dir: str) -> tuple[float, dict]:
@@ -49,14 +61,18 @@ def event_kinds(trace_dir: str) -> tuple[float, dict]:
 
 
 def profile(space: str, relaxation: str, options: dict, batch: int, warmup: int, steps: int, trace_dir: str,
-            top: int) -> dict:
+            top: int, hlo_path: str | None = None) -> dict:
     s = make_searcher(space, relaxation, space_options={**options, "in_channels": 3, "num_classes": 10},
                       total_steps=1000)
-    state = s.init(jax.random.PRNGKey(0))
-    b = (jax.random.normal(jax.random.PRNGKey(1), (batch, 32, 32, 3)), jnp.zeros((batch,), jnp.int32))
+    state = s.replicate(s.init(jax.random.PRNGKey(0)))
+    b = s.shard((jax.random.normal(jax.random.PRNGKey(1), (batch, 32, 32, 3)), jnp.zeros((batch,), jnp.int32)))
     t = time.perf_counter()
-    step = jax.jit(s.step).lower(state, b, b).compile()
+    step = s.compiled_step(donate=True).lower(state, b, b).compile()   # dnas bench's program
     compile_s = time.perf_counter() - t
+    if hlo_path:     # the optimised HLO XLA runs, to diff two spaces' programs instruction by instruction
+        os.makedirs(os.path.dirname(hlo_path) or ".", exist_ok=True)
+        with open(hlo_path, "w") as f:
+            f.write(step.as_text())
     for _ in range(warmup):
         state, _ = jax.block_until_ready(step(state, b, b))
     times = []
@@ -72,7 +88,7 @@ def profile(space: str, relaxation: str, options: dict, batch: int, warmup: int,
     return {"space": space, "relaxation": relaxation, "options": options, "batch_size": batch,
             "compile_s": round(compile_s, 1), "step_s": [round(x, 3) for x in times],
             "traced_step_ms": round(wall, 1), "kinds": dict(list(fusions.items())[:top]),
-            "trace_dir": trace_dir, "jax_version": jax.__version__}
+            "trace_dir": trace_dir, "jax_version": jax.__version__, "xla_flags": os.environ.get("XLA_FLAGS", "")}
 
 
 def main(argv=None) -> None:
@@ -87,12 +103,18 @@ def main(argv=None) -> None:
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--top", type=int, default=25, help="how many kinds to print, longest first")
     ap.add_argument("--trace-dir", default="profile_step")
+    ap.add_argument("--compile-cache", default="off", metavar="DIR|off",
+                    help="persistent compilation cache (as dnas bench's: a program it compiled loads from it)")
+    ap.add_argument("--hlo", action="store_true", help="also write each space's optimised HLO to TRACE_DIR/I-SPACE.hlo")
     args = ap.parse_args(argv)
+    from dnas.cli import enable_compile_cache
+    enable_compile_cache(args.compile_cache)
     common, builtin = key_values(args.option, "--option"), key_values(args.builtin_option, "--builtin-option")
     for i, space in enumerate(args.spaces):
         options = {**common, **builtin} if space in SPACES else common
-        out = profile(space, args.relaxation, options, args.batch_size, args.warmup, args.steps,
-                      os.path.join(args.trace_dir, f"{i}-{re.sub(r'[^A-Za-z0-9_]+', '_', space)}"), args.top)
+        where = os.path.join(args.trace_dir, f"{i}-{re.sub(r'[^A-Za-z0-9_]+', '_', space)}")
+        out = profile(space, args.relaxation, options, args.batch_size, args.warmup, args.steps, where, args.top,
+                      where + ".hlo" if args.hlo else None)
         print(json.dumps(out), flush=True)
 
 

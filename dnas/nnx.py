@@ -46,7 +46,8 @@ from dnas.supernet.mixed import switch_sampled, varying_like
 from dnas.supernet.nnx_kernels import in_branch
 
 __all__ = ["Choice", "InputChoice", "Identity", "Zero", "FixedInputs", "fix", "scan", "choice_points",
-           "choice_point_uses", "mixing", "first_candidates", "set_search_mode"]
+           "choice_point_uses", "mixing", "first_candidates", "set_search_mode",
+           "draws_random_numbers"]
 
 
 class Identity(nnx.Module):
@@ -363,18 +364,39 @@ def scan(f: Callable, **scan_options) -> Callable:
 
 # --------------------------------------------------------------------------- structure
 
-def set_search_mode(model: nnx.Module, train: bool, axis_name: str | None = None) -> nnx.Module:
+def set_search_mode(model: nnx.Module, train: bool, axis_name: str | None = None,
+                    dropout_key: jax.Array | None = None) -> nnx.Module:
     """Put every layer of ``model`` (in place) in the mode dnas runs it in: BatchNorm on batch
     statistics when ``train`` (else running ones) and synchronised over the devices of
-    ``axis_name``; dropout off (the search state holds no RNG stream for it). Returns ``model``."""
+    ``axis_name``. Dropout (every module with a ``deterministic`` flag: ``nnx.Dropout``, the
+    attention layers' dropout) is off, unless ``train`` and ``dropout_key`` is given: then it
+    is on, and every random stream of the model is reseeded from ``dropout_key`` (a
+    ``nnx.Dropout`` built without ``rngs`` gets a stream of its own), so the masks are a
+    function of that key alone. The model's own stream state is not carried from step to
+    step (it is not part of the weights or statistics dnas keeps): ``dnas train`` passes each
+    step's key, the search passes none (the search state holds no stream for it, and DARTS's
+    search protocol has no dropout). Returns ``model``."""
+    on = bool(train) and dropout_key is not None
     for _, m in nnx.iter_modules(model):
         if isinstance(m, nnx.BatchNorm):
             m.axis_name = axis_name
         if hasattr(m, "use_running_average"):
             m.use_running_average = not train
         if hasattr(m, "deterministic"):
-            m.deterministic = True
+            m.deterministic = not on
+        if on and isinstance(m, nnx.Dropout) and m.rngs is None:
+            m.rngs = nnx.Rngs(**{m.rng_collection: 0})[m.rng_collection]   # reseeded below
+    if on:
+        tags = sorted({s.key.tag for _, s in nnx.iter_graph(model) if isinstance(s, nnx.RngStream)})
+        # each stream draws its own key from its tag's (reseed splits per stream)
+        nnx.reseed(model, **{t: jax.random.fold_in(dropout_key, i) for i, t in enumerate(tags)})
     return model
+
+
+def draws_random_numbers(model: nnx.Module) -> bool:
+    """Whether ``model`` has dropout (a module with a ``deterministic`` flag), i.e. whether its
+    training forward pass needs a key (:func:`set_search_mode`)."""
+    return any(hasattr(m, "deterministic") for _, m in nnx.iter_modules(model))
 
 
 def _signature(point) -> tuple:

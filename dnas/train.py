@@ -260,7 +260,7 @@ class Trainer:
     def step(self, state: TrainState, x, y, drop_prob):
         ctx = Ctx(train=True, axis_name=self.axis_name, compute_dtype=self.compute_dtype, kernels=self.kernels)
         key = jax.random.fold_in(state.key, state.step)
-        drop = DropPath(key, drop_prob) if self.proto["drop_path"] else None
+        drop = DropPath(key, drop_prob) if self.proto["drop_path"] or self.network.stochastic else None
         aux_w, smoothing = self.proto["auxiliary_weight"], self.proto["label_smoothing"]
 
         def loss_fn(params):

@@ -428,6 +428,61 @@ def test_derived_network_of_a_user_model_computes_in_bfloat16():
     assert len(convs) == 2 and all(c == ("bfloat16", "bfloat16") for c in convs), convs   # stem and conv5
 
 
+class DropNet(nnx.Module):
+    """A choice point, then dropout, then a linear readout (``readout=False``: the dropout's
+    output is the logits)."""
+
+    def __init__(self, rngs, with_rngs=True, readout=False):
+        self.op = Choice({"id": Identity(), "neg": jnp.negative}, label="op")
+        self.drop = nnx.Dropout(0.5, rngs=rngs if with_rngs else None)
+        self.head = nnx.Linear(100, 10, rngs=rngs) if readout else None
+
+    def __call__(self, x):
+        h = self.drop(self.op(x))
+        return h if self.head is None else self.head(h)
+
+
+@pytest.mark.parametrize("with_rngs", [True, False])
+def test_fixed_model_trains_with_its_dropout_and_searches_without(with_rngs):
+    """``dnas train`` runs a user model's dropout, its masks a function of the step's key; the
+    evaluation and the search run without it. The kept entries of a tensor of ones are
+    1/(1 - 0.5) = 2 (negated by the chosen op), the dropped ones 0, each with probability 0.5."""
+    from dnas.supernet.network import DropPath
+    space = NNXSpace(lambda rngs: DropNet(rngs, with_rngs=with_rngs))
+    net = space.network(ChoiceGenotype({"op": "neg"}, "DropNet"))
+    assert net.stochastic
+    params, stats = net.init(jax.random.PRNGKey(0))
+    x = jnp.ones((64, 100))
+    train_logits = jax.jit(lambda key: net.apply(params, stats, x, Ctx(train=True), DropPath(key, 0.0)).logits)
+    a, b = np.asarray(train_logits(jax.random.PRNGKey(1))), np.asarray(train_logits(jax.random.PRNGKey(2)))
+    assert set(np.unique(a)) == {-2.0, 0.0}
+    assert abs(np.mean(a == 0) - 0.5) < 0.03          # 6,400 draws: 4.8 standard deviations
+    np.testing.assert_array_equal(a, train_logits(jax.random.PRNGKey(1)))   # the key decides the masks
+    assert 0.4 < np.mean(a != b) < 0.6                 # another key, independent masks (0.5 expected)
+    np.testing.assert_array_equal(net.apply(params, stats, x, Ctx(train=False)).logits, -x)
+    p, s = space.init(jax.random.PRNGKey(0))
+    searched, _ = space.apply(p, s, x, {"op": jnp.array([[0.0, 1.0]])}, dense_mix, Ctx(train=True))
+    np.testing.assert_array_equal(searched, -x)
+
+
+def test_trainer_draws_a_user_models_dropout_per_step():
+    """Through the trainer: each step draws new masks (step 0 and step 1 of the same weights
+    give different losses), the same step the same ones; a model without dropout gets no key."""
+    from dnas.supernet.space_base import GENERIC_TRAIN_PROTOCOL
+    from dnas.train import Trainer
+    net = NNXSpace(lambda rngs: DropNet(rngs, readout=True)).network(ChoiceGenotype({"op": "id"}, "DropNet"))
+    trainer = Trainer(net, GENERIC_TRAIN_PROTOCOL, total_steps=10)
+    state = trainer.init(jax.random.PRNGKey(0))
+    x = jnp.asarray(np.random.RandomState(0).randn(32, 100), jnp.float32)
+    y = jnp.asarray(np.arange(32) % 10, jnp.int32)
+    step = jax.jit(trainer.step)
+    loss = [float(step(state._replace(step=jnp.int32(i)), x, y, 0.0)[1]["train_loss"]) for i in (0, 1, 0)]
+    assert loss[0] == loss[2] and loss[0] != loss[1]
+    plain = NNXSpace(Net(nnx.Rngs(0))).network(ChoiceGenotype({"op": "conv3", "act": "relu", "merge": (0, 1)},
+                                                              "Net"))
+    assert not plain.stochastic
+
+
 def test_dnas_train_retrains_a_user_models_search(tmp_path):
     """``dnas train RUN`` on a search of a user's model (by import spec): the space is rebuilt
     from the run's config, the network is the fixed model under the generic protocol, and the
@@ -628,3 +683,40 @@ def test_pc_darts_normalises_a_user_models_edges_over_their_node():
     # the edge weights changed the derivation: op weights alone derive another cell
     plain = derive_darts(np.exp(alpha["normal"]), np.exp(alpha["reduce"]))
     assert any(plain[lab] != want[lab] for lab in g.choices)
+
+
+class OneNode(nnx.Module):
+    """A cell node summing three labelled edges that keep two, each a 3x3 convolution, a skip
+    or ``none``."""
+
+    def __init__(self, rngs, c=4):
+        self.stem = nnx.Conv(1, c, (3, 3), rngs=rngs)
+        self.edges = nnx.List([Choice({"conv": nnx.Conv(c, c, (3, 3), rngs=rngs), "skip": Identity(), "none": Zero()},
+                                      label=f"e{i}", node="n", keep=2) for i in range(3)])
+        self.head = nnx.Linear(c, 10, rngs=rngs)
+
+    def __call__(self, x):
+        h = self.stem(x)
+        return self.head(sum(e(jnp.tanh((i + 1) * h)) for i, e in enumerate(self.edges)).mean((1, 2)))
+
+
+def test_perturbation_selection_on_a_user_models_cell_node():
+    """DARTS-PT (``dnas.select``) on a user model's node edges: every edge selects the op whose
+    removal costs the supernet most (never ``none``), and the node keeps its two edges whose
+    selected op costs most to remove, the third becoming ``none``."""
+    from dnas.select import PTOptions, perturbation_select
+    s = make_searcher(OneNode(nnx.Rngs(0)), "darts", total_steps=4)
+    state = s.init(jax.random.PRNGKey(0))
+    x, y = np.asarray(_x(96, seed=3)), np.arange(96) % 10
+    sel = perturbation_select(s, state, (x[:64], y[:64]), (x[64:], y[64:]),
+                              PTOptions(eval_examples=64, batch_size=64, tune_steps=2, tune_batch_size=16))
+    chosen = {d["group"]: d for d in sel["decisions"]}      # a user model's group is its choice point
+    assert sorted(chosen) == ["e0", "e1", "e2"]
+    for d in chosen.values():
+        assert d["chosen"] in ("conv", "skip")
+        assert d["accuracy_without"][d["chosen"]] == min(d["accuracy_without"].values())
+    cost = {label: max(d["accuracy"] - d["accuracy_without"][d["chosen"]], 0.0) for label, d in chosen.items()}
+    dropped = min(sorted(cost), key=lambda label: (cost[label], -int(label[1])))   # ties: the later edge goes
+    g = sel["genotype"]
+    assert [g[label] for label in ("e0", "e1", "e2")] == [
+        "none" if label == dropped else chosen[label]["chosen"] for label in ("e0", "e1", "e2")]

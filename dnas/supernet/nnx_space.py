@@ -15,10 +15,9 @@ label. Derivation takes the best-scored candidate of a :class:`~dnas.nnx.Choice`
 The kernel policy and ``--precision`` reach the model's ``nnx.Conv`` and ``nnx.BatchNorm``
 layers in the copy merged for each forward pass (:mod:`dnas.supernet.nnx_kernels`). PC-DARTS's
 partial channels need the candidates built for ``C/K`` channels: a factory that takes
-``partial_channels`` is called with it (:func:`dnas.supernet.spaces.as_space`). What a user
-model does not get: dropout during the search (``deterministic`` is set: the search state
-holds no RNG stream for it), and PC-DARTS's edge normalisation (every choice point is a row of
-its own, so no two edges share a node).
+``partial_channels`` is called with it (:func:`dnas.supernet.spaces.as_space`). Dropout is off
+during the search (the search state holds no random stream for it, and DARTS's search protocol
+has none) and on when ``dnas train`` trains the fixed model (:meth:`NNXSpace.network`).
 """
 from __future__ import annotations
 
@@ -29,11 +28,11 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from dnas.nnx import Choice, InputChoice, choice_points, fix, mixing, set_search_mode
+from dnas.nnx import Choice, InputChoice, choice_points, draws_random_numbers, fix, mixing, set_search_mode
 from dnas.supernet.genotype import ChoiceGenotype
 from dnas.supernet.layers import policy
 from dnas.supernet.nnx_kernels import follow_policy
-from dnas.supernet.network import Network, Output, check_options
+from dnas.supernet.network import Network, Output, check_options, drop_key
 from dnas.supernet.space_base import SearchSpace
 
 
@@ -145,20 +144,24 @@ class NNXSpace(SearchSpace):
         any training (a factory's, initialised from the run's key; an instance's own initial
         weights), as pure ``init``/``apply`` (split outside the jitted step, like the supernet),
         run in the mode the search runs it in (BatchNorm on batch statistics in training,
-        synchronised over the devices; dropout off). ``num_classes`` is checked against the
+        synchronised over the devices), except that the model's dropout is on in training, its
+        masks drawn from the step's key (``drop``; each device its own), so ``dnas train`` is
+        deterministic given the seed. ``num_classes`` is checked against the
         logits; ``in_channels`` is the model's own layers' business."""
         check_options(self.name, options, ("num_classes", "in_channels"))
         num_classes = options.get("num_classes")
-        graphdef, _, _, rest = nnx.split(fix(self._fresh(jax.random.PRNGKey(0)), genotype),
-                                         nnx.Param, nnx.BatchStat, ...)
+        template = fix(self._fresh(jax.random.PRNGKey(0)), genotype)
+        graphdef, _, _, rest = nnx.split(template, nnx.Param, nnx.BatchStat, ...)
 
         def init(key):
             _, params, stats, _ = nnx.split(fix(self._fresh(key), genotype), nnx.Param, nnx.BatchStat, ...)
             return nnx.to_pure_dict(params), nnx.to_pure_dict(stats)
 
         def apply(params, stats, x, ctx, drop=None):
+            # dropout on in training, its masks drawn from the step's key (per device when data parallel)
             model = set_search_mode(nnx.merge(graphdef, params, stats, rest, copy=True), train=bool(ctx.train),
-                                    axis_name=ctx.axis_name)
+                                    axis_name=ctx.axis_name,
+                                    dropout_key=None if drop is None else drop_key(drop, ctx, 0))
             follow_policy(model, policy(ctx), compute_dtype=ctx.compute_dtype)
             logits = model(x)
             if num_classes is not None and logits.shape[-1] != num_classes:
@@ -168,7 +171,7 @@ class NNXSpace(SearchSpace):
 
         config = {"model": self.name, "choices": {k: v if isinstance(v, str) else list(v)
                                                   for k, v in dict(genotype.items()).items()}, **options}
-        return Network(init, apply, genotype, config)
+        return Network(init, apply, genotype, config, stochastic=draws_random_numbers(template))
 
     def describe(self) -> dict:
         return {"space": self.name, "kind": "nnx",
