@@ -364,6 +364,12 @@ def scan(f: Callable, **scan_options) -> Callable:
 
 # --------------------------------------------------------------------------- structure
 
+def _has_dropout(module) -> bool:
+    """Flax's convention for a layer with dropout (``nnx.Dropout``, the attention layers): a
+    ``deterministic`` flag that switches it off."""
+    return hasattr(module, "deterministic")
+
+
 def set_search_mode(model: nnx.Module, train: bool, axis_name: str | None = None,
                     dropout_key: jax.Array | None = None) -> nnx.Module:
     """Put every layer of ``model`` (in place) in the mode dnas runs it in: BatchNorm on batch
@@ -382,7 +388,7 @@ def set_search_mode(model: nnx.Module, train: bool, axis_name: str | None = None
             m.axis_name = axis_name
         if hasattr(m, "use_running_average"):
             m.use_running_average = not train
-        if hasattr(m, "deterministic"):
+        if _has_dropout(m):
             m.deterministic = not on
         if on and isinstance(m, nnx.Dropout) and m.rngs is None:
             m.rngs = nnx.Rngs(**{m.rng_collection: 0})[m.rng_collection]   # reseeded below
@@ -394,9 +400,9 @@ def set_search_mode(model: nnx.Module, train: bool, axis_name: str | None = None
 
 
 def draws_random_numbers(model: nnx.Module) -> bool:
-    """Whether ``model`` has dropout (a module with a ``deterministic`` flag), i.e. whether its
-    training forward pass needs a key (:func:`set_search_mode`)."""
-    return any(hasattr(m, "deterministic") for _, m in nnx.iter_modules(model))
+    """Whether ``model`` has dropout, i.e. whether its training forward pass needs a key
+    (:func:`set_search_mode`)."""
+    return any(_has_dropout(m) for _, m in nnx.iter_modules(model))
 
 
 def _signature(point) -> tuple:
