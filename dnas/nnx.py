@@ -10,7 +10,8 @@ A researcher marks what is to be searched where it lives, in the model's own cod
 
 A DARTS cell node is a :class:`Choice` per incoming edge marked with the node
 (``node=``, ``keep=``): the derivation keeps the node's ``keep`` strongest edges (DARTS's rule)
-and sets the others to ``none``.
+and sets the others to ``none``. Sum the edges' outputs with :func:`node_sum`, which stores the
+node once during a search on XLA:CPU.
 
 A network that repeats a cell can stack the repeats' weights and loop over them with
 :func:`scan` (Flax's ``nnx.scan`` with the kernel policy's loop convolutions), so that the
@@ -42,11 +43,12 @@ from jax import lax
 
 from dnas.kernels.cpu.pin import pinned
 from dnas.supernet.layers import policy
+from dnas.supernet.mixed import node_sum as _stored_sum
 from dnas.supernet.mixed import switch_sampled, varying_like
-from dnas.supernet.nnx_kernels import in_branch
+from dnas.supernet.nnx_kernels import OutputTail, in_branch, output_tail
 
 __all__ = ["Choice", "InputChoice", "Identity", "Zero", "FixedInputs", "fix", "scan", "choice_points",
-           "choice_point_uses", "mixing", "first_candidates", "set_search_mode",
+           "choice_point_uses", "node_sum", "mixing", "first_candidates", "set_search_mode",
            "draws_random_numbers"]
 
 
@@ -167,6 +169,30 @@ class InputChoice(nnx.Module):
         return _active(self.label).choose_input(self, list(inputs))
 
 
+def node_sum(terms: Sequence[jax.Array]) -> jax.Array:
+    """``Σ terms``: a cell node, where the outputs of several choice points (its incoming edges)
+    meet. Use it for such sums in a searched model; it is the plain sum everywhere else.
+
+    During a search under XLA:CPU's kernel policy (``pin_nodes``) the sum is stored once, as the
+    built-in cells store theirs (:func:`dnas.supernet.mixed.node_sum`), and the choice points
+    that read the node take it as stored. Without it, a choice point stores its input when it
+    reads it, which covers the forward pass but not the backward one: the gradient a node
+    gathers from its readers and from what else uses it (the cell's output concatenation) is
+    then an unstored sum that XLA:CPU recomputes inside each of the node's terms' backward
+    passes, and a node no choice point reads (DARTS's last node) is recomputed inside the
+    concatenation's readers (``docs/benchmarks.md``, the DARTS space written with NNX).
+    """
+    terms = list(terms)
+    if not terms:
+        raise ValueError("node_sum: a node needs at least one term")
+    active = _ACTIVE.get()
+    if active is None or not active.pin or len(terms) == 1:
+        return sum(terms[1:], terms[0])
+    out = _stored_sum(terms, pin=True)
+    active._stored(out, out)
+    return out
+
+
 # --------------------------------------------------------------------------- the mixing context
 
 class _OpCandidates:
@@ -212,12 +238,19 @@ class _OpCandidates:
 
 class _ModuleBranch:
     """Candidate ``i`` of a :class:`Choice` as a branch of :func:`dnas.supernet.mixed.switch_sampled`:
-    ``apply(params, stats, x) -> (y, new_stats)`` on the NNX states of all candidates; the
-    backward pass recomputes the candidate (a user's module is opaque, so there is no saved
-    output to start from, as there is for the built-in ops ending in an affine-free BatchNorm)."""
+    ``apply(params, stats, x) -> (y, new_stats)`` on the NNX states of all candidates.
+
+    The backward pass recomputes the candidate, a user's module being opaque to dnas, but where
+    the candidate's output is that of an affine-free BatchNorm (a conv-BN block, DARTS's ops)
+    it starts from the saved output, as the built-in ops' backward pass does: the forward pass
+    keeps the BatchNorm's ``rstd`` and the recomputation replays the saved output for that
+    layer (:class:`dnas.supernet.nnx_kernels.OutputTail`), so the last convolution's forward
+    pass is not recomputed. Whether it applies is found while tracing the forward pass
+    (``tail``: the BatchNorm call's index, or ``None``)."""
 
     def __init__(self, graphdef, i: int):
         self.graphdef, self.i = graphdef, i
+        self.tail: int | None = None
 
     def apply(self, params, stats, x):
         ops = nnx.merge(self.graphdef, params, stats, copy=True)
@@ -225,14 +258,28 @@ class _ModuleBranch:
         return y, nnx.state(ops, nnx.Param, ...)[1]
 
     def forward(self, params, stats, x):
-        y, new_stats = self.apply(params, stats, x)
+        with output_tail(OutputTail()) as tail:
+            y, new_stats = self.apply(params, stats, x)
+        last = tail.outputs[-1] if tail.outputs else None
+        if last is not None and last[0] is y:
+            self.tail = len(tail.outputs) - 1
+            return y, new_stats, last[1].astype(y.dtype)
+        self.tail = None
         return y, new_stats, jnp.zeros(y.shape[-1:], y.dtype)
 
     def backward(self, params, x, y, saved, gy, *, state):
         # traced with the backward pass, after the forward's context has closed: the recomputed
         # candidate's convolutions are branch ones again (dnas.supernet.nnx_kernels)
+        replay = None if self.tail is None else OutputTail((self.tail, y, saved))
+
+        def recomputed(p, v):
+            if replay is None:
+                return self.apply(p, state, v)[0]
+            replay.calls = 0
+            with output_tail(replay):
+                return self.apply(p, state, v)[0]
         with in_branch():
-            return jax.vjp(lambda p, v: self.apply(p, state, v)[0], params, x)[1](gy)
+            return jax.vjp(recomputed, params, x)[1](gy)
 
 
 class _InputCandidates:
@@ -270,10 +317,13 @@ class _Mixing:
         if not self.pin:
             return x
         if id(x) not in self._pinned:
-            pinned_x = pinned(x)
-            self._pinned[id(x)] = (x, pinned_x)         # holding x keeps its id unique for the pass
-            self._pinned[id(pinned_x)] = (pinned_x, pinned_x)
+            self._stored(x, pinned(x))
         return self._pinned[id(x)][1]
+
+    def _stored(self, x, stored):
+        """Record that ``stored`` is ``x`` stored once: choice points reading either use ``stored``."""
+        self._pinned[id(x)] = (x, stored)               # holding x keeps its id unique for the pass
+        self._pinned[id(stored)] = (stored, stored)
 
     def _sample(self, label: str):
         if label not in self.samples:

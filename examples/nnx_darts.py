@@ -31,7 +31,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from dnas.nnx import Choice, Identity
+from dnas.nnx import Choice, Identity, node_sum
 from dnas.supernet.darts import _DARTS_IN, _DARTS_INNER, darts_plan
 from dnas.supernet.genotype import DARTS_EDGES, DARTS_OPS, edge_label
 
@@ -143,7 +143,7 @@ class Cell(nnx.Module):
     def __call__(self, s0, s1):
         nodes = [self.pre0(s0), self.pre1(s1)]
         for d in range(2, 6):
-            nodes.append(sum(self.edges[e](nodes[s]) for e, (s, dd) in enumerate(DARTS_EDGES) if dd == d))
+            nodes.append(node_sum([self.edges[e](nodes[s]) for e, (s, dd) in enumerate(DARTS_EDGES) if dd == d]))
         return jnp.concatenate(nodes[2:], axis=-1)
 
 

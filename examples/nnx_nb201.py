@@ -25,7 +25,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 import dnas.nnx
-from dnas.nnx import Choice, Identity, Zero
+from dnas.nnx import Choice, Identity, Zero, node_sum
 from dnas.supernet.genotype import NB201_EDGES, NB201_OPS, edge_label
 
 
@@ -66,7 +66,7 @@ class Cell(nnx.Module):
     def __call__(self, x):
         nodes = [x]
         for d in range(1, 4):
-            nodes.append(sum(self.edges[e](nodes[s]) for e, (s, dd) in enumerate(NB201_EDGES) if dd == d))
+            nodes.append(node_sum([self.edges[e](nodes[s]) for e, (s, dd) in enumerate(NB201_EDGES) if dd == d]))
         return nodes[3]
 
 

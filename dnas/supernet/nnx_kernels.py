@@ -19,6 +19,8 @@ merges from its weights (the user's own objects are never touched):
   its running statistics as whole values: Flax's ``variable[...] = tracer`` asks the tracer for
   its sharding, which costs a walk of the whole traced program per write; a supernet with
   hundreds of BatchNorms spent most of its tracing time there (``docs/benchmarks.md``).
+  Inside a sampled candidate it records (and, recomputing for the backward pass, replays) its
+  output: :class:`OutputTail`.
 
 Both policies compute the same function: ``tests/test_nnx_kernels.py`` compares a user
 model's logits, gradients and statistics under ``xla_cpu`` and ``native``.
@@ -27,12 +29,15 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+from functools import partial
 
+import jax
+import jax.numpy as jnp
 from flax import nnx
 from jax import lax
 
 from dnas.backend import KernelPolicy
-from dnas.supernet.layers import batch_normalize, conv_impl
+from dnas.supernet.layers import batch_normalize, batch_normalize_vjp, conv_impl
 
 _BRANCH: contextvars.ContextVar[bool] = contextvars.ContextVar("dnas_nnx_branch", default=False)
 
@@ -104,6 +109,58 @@ class PolicyConv:
                          members=self.members, kernels=self.kernels)
 
 
+class OutputTail:
+    """The affine-free BatchNorms a sampled candidate runs, so that its backward pass can start
+    from its output, as the built-in ops' does (:class:`dnas.supernet.mixed._Branch`).
+
+    Forward (``replay=None``): ``outputs`` gets, per training-mode :class:`PolicyBatchNorm` call
+    in call order, ``(x̂, rstd)`` when the layer is affine-free (its output is ``x̂``), else
+    ``None``. If the candidate's output *is* the last one's ``x̂``, the candidate ends in that
+    BatchNorm, and ``rstd`` is all its backward pass needs besides ``x̂``
+    (:func:`dnas.supernet.layers.batch_normalize_vjp`).
+
+    Backward (``replay=(k, x̂, rstd)``): the recomputed forward pass's ``k``-th call returns the
+    saved ``x̂`` with that derivative, so nothing reads the value of its input. XLA then drops
+    the recomputation of the layer before it (the candidate's last convolution), whose input
+    the gradient still needs but whose output it does not.
+    """
+
+    def __init__(self, replay: tuple | None = None):
+        self.outputs: list = []
+        self.replay, self.calls = replay, 0
+
+
+_TAIL: contextvars.ContextVar[OutputTail | None] = contextvars.ContextVar("dnas_nnx_tail", default=None)
+
+
+@contextlib.contextmanager
+def output_tail(tail: OutputTail):
+    """Within this context the :class:`PolicyBatchNorm` calls record into (or replay from) ``tail``."""
+    token = _TAIL.set(tail)
+    try:
+        yield tail
+    finally:
+        _TAIL.reset(token)
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _from_output(x, xhat, rstd, axis_name):
+    """``x̂`` (saved), with the derivative of batch normalisation at ``x`` written from ``x̂``."""
+    return xhat
+
+
+def _from_output_fwd(x, xhat, rstd, axis_name):
+    return xhat, (xhat, rstd)
+
+
+def _from_output_bwd(axis_name, res, g):
+    xhat, rstd = res
+    return batch_normalize_vjp(xhat, rstd, g, axis_name), jnp.zeros_like(xhat), jnp.zeros_like(rstd)
+
+
+_from_output.defvjp(_from_output_fwd, _from_output_bwd)
+
+
 class PolicyBatchNorm(nnx.BatchNorm):
     """``nnx.BatchNorm`` whose training-mode normalisation is dnas's (see the module
     docstring); every other case is Flax's own ``__call__``."""
@@ -117,7 +174,17 @@ class PolicyBatchNorm(nnx.BatchNorm):
                 or not self.use_fast_variance or self.dtype not in (None, x.dtype)
                 or self.mean[...].dtype != x.dtype):
             return super().__call__(x, use_running_average, mask=mask)
+        tail = _TAIL.get()
+        call = None
+        if tail is not None:
+            call, tail.calls = tail.calls, tail.calls + 1
+            if tail.replay is not None and tail.replay[0] == call:
+                # the recomputed candidate's last layer: its output is saved, its statistics discarded
+                return _from_output(x, tail.replay[1], tail.replay[2], self.axis_name)
         y, mean, var = batch_normalize(x, self.epsilon, self.axis_name, self.dnas_pin)
+        if tail is not None and tail.replay is None:
+            affine_free = self.scale is None and self.bias is None
+            tail.outputs.append((y, lax.rsqrt(var + self.epsilon)) if affine_free else None)
         m = self.momentum
         self.mean.set_value(lax.stop_gradient(m * self.mean[...] + (1 - m) * mean))
         self.var.set_value(lax.stop_gradient(m * self.var[...] + (1 - m) * var))
