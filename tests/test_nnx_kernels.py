@@ -423,3 +423,24 @@ def test_sampled_candidate_backward_from_its_output_is_exact(monkeypatch):
     # which candidates started from their output: the index of their last BatchNorm call
     assert {names[i]: t for i, t in tails.items()} == {"conv_bn": 0, "sep": 1, "pool_bn": 0, "affine_bn": None,
                                                        "bn_relu": None, "skip": None, "zero": None}
+
+
+@pytest.mark.skipif(jax.local_device_count() < 8, reason="needs 8 (simulated) devices; see tests/conftest.py")
+def test_backward_from_the_output_with_batchnorm_synchronised_over_eight_devices():
+    """GDAS on :class:`Cells` (three of each edge's five candidates end in an affine-free
+    BatchNorm, so the sampled ones start their backward pass from their output): eight devices,
+    whose BatchNorm statistics and their derivative are averaged over the device axis, step like
+    one device on the global batch."""
+    from dnas.searcher import make_searcher
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.standard_normal((16, 10, 10, 3)), jnp.float32)
+    y = jnp.asarray(rng.integers(0, 10, 16), jnp.int32)
+    out = []
+    for n in (1, 8):
+        s = make_searcher(Cells(nnx.Rngs(0)), "gdas", num_devices=n, total_steps=4)
+        state, step = s.replicate(s.init(jax.random.PRNGKey(0))), s.compiled_step(donate=False)
+        for _ in range(2):
+            state, metrics = step(state, s.shard((x, y)), s.shard((x[::-1], y[::-1])))
+        out.append(jax.device_get((state.arch, state.params, state.batch_stats, metrics["val_loss"])))
+    for a, b in zip(jax.tree_util.tree_leaves(out[0]), jax.tree_util.tree_leaves(out[1])):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)

@@ -146,7 +146,8 @@ def _tapwise_kernel_grad(x, g, k, stride, padding, dilation):
         view = window[:, ::stride, ::stride, :] if stride > 1 else window
         return gw.at[t].set(jnp.sum(view * g, axis=(0, 1, 2)))
 
-    gw = lax.fori_loop(0, k * k, tap, jnp.zeros((k * k, c), g.dtype))
+    # inside shard_map the loop's carry varies over the devices as its input and cotangent do
+    gw = lax.fori_loop(0, k * k, tap, varying_like(varying_like(jnp.zeros((k * k, c), g.dtype), x), g))
     return gw.reshape(k, k, c)
 
 
