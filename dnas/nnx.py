@@ -186,10 +186,10 @@ def node_sum(terms: Sequence[jax.Array]) -> jax.Array:
     if not terms:
         raise ValueError("node_sum: a node needs at least one term")
     active = _ACTIVE.get()
-    if active is None or not active.pin or len(terms) == 1:
-        return sum(terms[1:], terms[0])
-    out = _stored_sum(terms, pin=True)
-    active._stored(out, out)
+    pin = active is not None and active.pin
+    out = _stored_sum(terms, pin)
+    if pin and len(terms) > 1:
+        active._stored(out, out)
     return out
 
 
@@ -260,23 +260,19 @@ class _ModuleBranch:
     def forward(self, params, stats, x):
         with output_tail(OutputTail()) as tail:
             y, new_stats = self.apply(params, stats, x)
-        last = tail.outputs[-1] if tail.outputs else None
-        if last is not None and last[0] is y:
-            self.tail = len(tail.outputs) - 1
-            return y, new_stats, last[1].astype(y.dtype)
+        if tail.last is not None and tail.last[1] is y:
+            self.tail = tail.last[0]
+            return y, new_stats, tail.last[2].astype(y.dtype)
         self.tail = None
         return y, new_stats, jnp.zeros(y.shape[-1:], y.dtype)
 
     def backward(self, params, x, y, saved, gy, *, state):
         # traced with the backward pass, after the forward's context has closed: the recomputed
         # candidate's convolutions are branch ones again (dnas.supernet.nnx_kernels)
-        replay = None if self.tail is None else OutputTail((self.tail, y, saved))
-
         def recomputed(p, v):
-            if replay is None:
+            if self.tail is None:
                 return self.apply(p, state, v)[0]
-            replay.calls = 0
-            with output_tail(replay):
+            with output_tail(OutputTail((self.tail, y, saved))):
                 return self.apply(p, state, v)[0]
         with in_branch():
             return jax.vjp(recomputed, params, x)[1](gy)

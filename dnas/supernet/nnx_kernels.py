@@ -113,10 +113,10 @@ class OutputTail:
     """The affine-free BatchNorms a sampled candidate runs, so that its backward pass can start
     from its output, as the built-in ops' does (:class:`dnas.supernet.mixed._Branch`).
 
-    Forward (``replay=None``): ``outputs`` gets, per training-mode :class:`PolicyBatchNorm` call
-    in call order, ``(x̂, rstd)`` when the layer is affine-free (its output is ``x̂``), else
-    ``None``. If the candidate's output *is* the last one's ``x̂``, the candidate ends in that
-    BatchNorm, and ``rstd`` is all its backward pass needs besides ``x̂``
+    Forward (``replay=None``): ``last`` is the latest training-mode :class:`PolicyBatchNorm`
+    call, ``(k, x̂, rstd)`` with ``k`` its place in call order, when that layer is affine-free
+    (its output is ``x̂``), else ``None``. If the candidate's output *is* that ``x̂``, the
+    candidate ends in that BatchNorm, and ``rstd`` is all its backward pass needs besides ``x̂``
     (:func:`dnas.supernet.layers.batch_normalize_vjp`).
 
     Backward (``replay=(k, x̂, rstd)``): the recomputed forward pass's ``k``-th call returns the
@@ -126,7 +126,7 @@ class OutputTail:
     """
 
     def __init__(self, replay: tuple | None = None):
-        self.outputs: list = []
+        self.last: tuple | None = None
         self.replay, self.calls = replay, 0
 
 
@@ -184,7 +184,7 @@ class PolicyBatchNorm(nnx.BatchNorm):
         y, mean, var = batch_normalize(x, self.epsilon, self.axis_name, self.dnas_pin)
         if tail is not None and tail.replay is None:
             affine_free = self.scale is None and self.bias is None
-            tail.outputs.append((y, lax.rsqrt(var + self.epsilon)) if affine_free else None)
+            tail.last = (call, y, lax.rsqrt(var + self.epsilon)) if affine_free else None
         m = self.momentum
         self.mean.set_value(lax.stop_gradient(m * self.mean[...] + (1 - m) * mean))
         self.var.set_value(lax.stop_gradient(m * self.var[...] + (1 - m) * var))
