@@ -152,15 +152,21 @@ def _leaf_name(path) -> str:
 
 def first_nonfinite(tree) -> str | None:
     """The path (``params/cell0/edge2/conv/w``) of the first floating-point leaf of ``tree``
-    holding a NaN or an infinity, or None when every leaf is finite. Runs on the host copy."""
+    holding a NaN or an infinity, or None when every leaf is finite. Runs on the host copy.
+    A leaf of stacked same-shaped arrays (``params/float32[3,3,16,16]``,
+    :mod:`dnas.supernet.stacked_leaves`) is named with its first bad entry (``entry 7``)."""
     import jax
 
     from dnas.distributed import to_host
     for path, leaf in jax.tree_util.tree_flatten_with_path(to_host(tree))[0]:
         a = np.asarray(leaf)
         if np.issubdtype(a.dtype, np.floating) or a.dtype.kind == "V":   # "V": bfloat16 from ml_dtypes
-            if not np.all(np.isfinite(a.astype(np.float32))):
-                return _leaf_name(path)
+            finite = np.isfinite(a.astype(np.float32))
+            if not np.all(finite):
+                name = _leaf_name(path)
+                if name.endswith("]") and a.ndim:   # stacked layers: which one
+                    name += f" entry {int(np.argmin(finite.reshape(len(a), -1).all(axis=1)))}"
+                return name
     return None
 
 

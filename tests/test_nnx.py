@@ -70,6 +70,8 @@ def test_soft_mixture_equals_hand_written(train):
     w = _weights(space, 1)
     x = _x()
     logits, new_stats = space.apply(params, stats, x, w, dense_mix, Ctx(train=train))
+    new_stats = space.unstacked(params, new_stats)[1]       # keyed as the model's layers
+    params, stats = space.unstacked(params, stats)
 
     ref = nnx.clone(model)
     _set_train(ref, train)
@@ -164,6 +166,7 @@ def test_one_hot_equals_fixed_model(choice, mix):
         fn = _sampled_mix
     x = _x(seed=2)
     logits, new_stats = jax.jit(lambda p, s: space.apply(p, s, x, samples, fn, Ctx(train=True)))(params, stats)
+    new_stats = space.unstacked(params, new_stats)[1]    # keyed as the model's layers
 
     fixed = dnas.fix(model, genotype)
     if mix == "sampled":
@@ -344,7 +347,8 @@ def test_search_api_writes_a_run_and_its_genotype(tmp_path):
         alphas = json.loads((tmp_path / "run" / f"seed-{seed}" / "alphas.json").read_text())
         assert alphas["groups"]["op"]["op_names"] == ["conv3", "conv5", "skip", "zero"]
     assert (tmp_path / "run" / "seed-0" / "genotype.png").stat().st_size > 0
-    stem = [np.asarray(result.searcher.member(result.state, i).params["stem"]["kernel"]) for i in (0, 1)]
+    members = [result.searcher.member(result.state, i) for i in (0, 1)]
+    stem = [np.asarray(result.searcher.space.unstacked(m.params, m.batch_stats)[0]["stem"]["kernel"]) for m in members]
     assert not np.allclose(stem[0], stem[1])
     config = json.loads((tmp_path / "run" / "config.json").read_text())
     assert config["space"] == "Net" and config["resolved"]["space_options"]["kind"] == "nnx"

@@ -78,6 +78,7 @@ def test_chain_declared_with_nnx_choices_equals_the_built_in_space(relaxation):
 
     (_, (want, want_state)), want_grad = jax.jit(jax.value_and_grad(builtin_loss, has_aux=True))(alpha)
     (_, (got, got_stats)), got_grad = jax.jit(jax.value_and_grad(nnx_loss, has_aux=True))(alpha)
+    got_stats = space.unstacked(nparams, got_stats)[1]   # keyed as the model's layers
     np.testing.assert_allclose(got, want, rtol=2e-4, atol=2e-5)
     for g in builtin.groups:   # ∂loss/∂α, every block's row
         np.testing.assert_allclose(got_grad[g], want_grad[g], rtol=2e-3, atol=2e-4)

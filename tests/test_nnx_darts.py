@@ -103,6 +103,7 @@ def test_nnx_darts_equals_the_built_in_space():
 
     (_, (want, want_state)), want_grad = jax.jit(jax.value_and_grad(builtin_loss, has_aux=True))(w)
     (_, (got, got_stats)), got_grad = jax.jit(jax.value_and_grad(nnx_loss, has_aux=True))(w)
+    got_stats = space.unstacked(nparams, got_stats)[1]   # keyed as the model's layers
     np.testing.assert_allclose(got, want, rtol=2e-4, atol=2e-5)
     for k in w:
         np.testing.assert_allclose(got_grad[k], want_grad[k], rtol=2e-3, atol=2e-4)

@@ -68,6 +68,7 @@ def test_nb201_declared_with_nnx_choices_equals_the_built_in_space(k, scan, cell
 
     (_, (want, want_state)), want_grad = jax.jit(jax.value_and_grad(builtin_loss, has_aux=True))(w)
     (_, (got, got_stats)), got_grad = jax.jit(jax.value_and_grad(nnx_loss, has_aux=True))(w)
+    got_stats = space.unstacked(nparams, got_stats)[1]   # keyed as the model's layers
     np.testing.assert_allclose(got, want, rtol=2e-4, atol=2e-5)
     np.testing.assert_allclose(got_grad, want_grad, rtol=2e-3, atol=2e-4)   # ∂loss/∂(α's weights), 6 x 5
     assert float(jnp.abs(want_grad).max()) > 1e-2    # a gradient that says something

@@ -6,6 +6,11 @@ and BatchNorm statistics as plain pytrees (``nnx.split`` + ``nnx.to_pure_dict``,
 the jitted step), ``apply`` merges them into the model's graph at trace time and runs it with
 every choice point mixing its candidates by the relaxation's ``mix``. The module system's
 bookkeeping therefore costs tracing time only; the compiled step sees the model's arithmetic.
+The weights and statistics are kept with their same-shaped leaves stacked
+(:mod:`dnas.supernet.stacked_leaves`; ``stack_leaves=False`` keeps the model's own layout):
+a model holds an array per layer, and XLA's compile time grows with the step's arrays.
+:meth:`NNXSpace.module` (or :meth:`NNXSpace.unstacked`) gives them back keyed by the model's
+attributes.
 
 Each choice point is a group of one row named by its label (``{label: (1, num_candidates)}``),
 so candidate sets of any size coexist and α, ``alphas.json`` and the pictures are keyed by
@@ -34,17 +39,20 @@ from dnas.supernet.layers import policy
 from dnas.supernet.nnx_kernels import follow_policy
 from dnas.supernet.network import Network, Output, check_options, drop_key
 from dnas.supernet.space_base import SearchSpace
+from dnas.supernet.stacked_leaves import StackedLeaves
 
 
 class NNXSpace(SearchSpace):
     """``model``: an ``nnx.Module`` instance (every seed starts from its weights), or a factory
     ``rngs -> nnx.Module`` (each seed's weights are initialised from its own key).
-    ``num_classes``: when given, the model's logits are checked to have that many columns."""
+    ``num_classes``: when given, the model's logits are checked to have that many columns.
+    ``stack_leaves``: ``init`` and ``apply`` hold same-shaped leaves stacked (the search's
+    layout); off, they are ``nnx.to_pure_dict`` trees of the model's own layout."""
 
     honours_compute_dtype = True   # nnx.Conv layers through dnas.supernet.nnx_kernels.PolicyConv
 
     def __init__(self, model: nnx.Module | Callable[[nnx.Rngs], nnx.Module], name: str | None = None,
-                 num_classes: int | None = None):
+                 num_classes: int | None = None, stack_leaves: bool = True):
         self.factory = None if isinstance(model, nnx.Module) else model
         if self.factory is not None and not callable(model):
             raise TypeError(f"expected an nnx.Module or a factory rngs -> nnx.Module, got {type(model).__name__}")
@@ -59,24 +67,46 @@ class NNXSpace(SearchSpace):
         self.num_classes = num_classes
         self.graphdef, params, stats, self._rest = nnx.split(instance, nnx.Param, nnx.BatchStat, ...)
         self._params0, self._stats0 = nnx.to_pure_dict(params), nnx.to_pure_dict(stats)
+        self.stack_leaves = stack_leaves
+        self._layout = (StackedLeaves(self._params0), StackedLeaves(self._stats0)) if stack_leaves else None
         self.groups = {label: (1, len(p.names)) for label, p in self.points.items()}
         self.op_names = tuple(dict.fromkeys(n for p in self.points.values() for n in p.names))
         self.config = None
 
     # ------------------------------------------------------------------ weights
     def init(self, key):
+        """The weights and BatchNorm statistics: the instance's own (copied), or the factory's
+        model initialised from ``key``; with ``stack_leaves``, same-shaped leaves stacked
+        (:mod:`dnas.supernet.stacked_leaves`)."""
         if self.factory is None:
-            return jax.tree_util.tree_map(lambda a: jnp.array(a, copy=True), (self._params0, self._stats0))
-        _, params, stats, _ = nnx.split(self.factory(nnx.Rngs(key)), nnx.Param, nnx.BatchStat, ...)
-        return nnx.to_pure_dict(params), nnx.to_pure_dict(stats)
+            params, stats = jax.tree_util.tree_map(lambda a: jnp.array(a, copy=True), (self._params0, self._stats0))
+        else:
+            _, params, stats, _ = nnx.split(self.factory(nnx.Rngs(key)), nnx.Param, nnx.BatchStat, ...)
+            params, stats = nnx.to_pure_dict(params), nnx.to_pure_dict(stats)
+        return self.stacked(params, stats)
+
+    def stacked(self, params, stats):
+        """``(params, stats)`` as pure dicts (``nnx.to_pure_dict``) in the layout :meth:`init`
+        gives: same-shaped leaves stacked with ``stack_leaves``, themselves otherwise."""
+        if self._layout is None:
+            return params, stats
+        return self._layout[0].stack(params), self._layout[1].stack(stats)
+
+    def unstacked(self, params, stats):
+        """The inverse of :meth:`stacked`: the model's weights and statistics as pure dicts, keyed
+        as the model's attributes are."""
+        if self._layout is None:
+            return params, stats
+        return self._layout[0].unstack(params), self._layout[1].unstack(stats)
 
     def module(self, params, stats) -> nnx.Module:
-        """The supernet as an ``nnx.Module`` holding ``params`` and ``stats`` (e.g. a search's
-        final state, for :func:`dnas.nnx.fix`)."""
-        params, stats = jax.tree_util.tree_map(jnp.asarray, (params, stats))
+        """The supernet as an ``nnx.Module`` holding ``params`` and ``stats`` in :meth:`init`'s
+        layout (e.g. a search's final state, for :func:`dnas.nnx.fix`)."""
+        params, stats = self.unstacked(*jax.tree_util.tree_map(jnp.asarray, (params, stats)))
         return nnx.merge(self.graphdef, params, stats, self._rest, copy=True)
 
     def apply(self, params, state, x, samples, mix, ctx):
+        params, state = self.unstacked(params, state)
         model = set_search_mode(nnx.merge(self.graphdef, params, state, self._rest, copy=True),
                                 train=bool(ctx.train), axis_name=ctx.axis_name)
         follow_policy(model, policy(ctx), members=ctx.members, compute_dtype=ctx.compute_dtype)
@@ -85,7 +115,8 @@ class NNXSpace(SearchSpace):
         if self.num_classes is not None and logits.shape[-1] != self.num_classes:
             raise ValueError(f"{self.name} returns {logits.shape[-1]} logits per example; the data has "
                              f"{self.num_classes} classes")
-        return logits, nnx.to_pure_dict(nnx.state(model, nnx.BatchStat))
+        stats = nnx.to_pure_dict(nnx.state(model, nnx.BatchStat))
+        return logits, stats if self._layout is None else self._layout[1].stack(stats)
 
     # ------------------------------------------------------------------ architecture
     def group_op_names(self, group):
@@ -137,7 +168,10 @@ class NNXSpace(SearchSpace):
     # ------------------------------------------------------------------ the derived network
     def _fresh(self, key) -> nnx.Module:
         """The model before any training: the factory's from ``key``, or the instance's own weights."""
-        return self.module(self._params0, self._stats0) if self.factory is None else self.factory(nnx.Rngs(key))
+        if self.factory is None:
+            return nnx.merge(self.graphdef, *jax.tree_util.tree_map(jnp.asarray, (self._params0, self._stats0)),
+                             self._rest, copy=True)
+        return self.factory(nnx.Rngs(key))
 
     def network(self, genotype, **options) -> Network:
         """The stand-alone network ``dnas train`` trains: :func:`dnas.fix` of the model before

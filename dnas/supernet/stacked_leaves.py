@@ -1,0 +1,66 @@
+"""Same-shaped leaves of a pytree kept as one stacked array each.
+
+A Flax NNX model holds one parameter per layer: the DARTS cell space written with
+:mod:`dnas.nnx` (``examples/nnx_darts.py``, 8 cells) has 1,399 weight arrays and 1,858
+BatchNorm statistics where the built-in space, which stacks a cell's 14 edges, has 219 and 294
+of 20 and 4 distinct shapes. Every leaf is a parameter and an output of the compiled step and
+has its own gradient-norm reduction, decay, momentum and update fusions, each with its own copy
+of the learning-rate schedule: XLA compiles per-leaf work, so the step's compile time grows with
+the number of leaves, not with the arithmetic.
+
+:class:`StackedLeaves` keeps such a tree as ``{"float32[3,3,16,1]": (n, 3, 3, 16, 1), ...}``,
+one array per (dtype, shape), in the order the leaves first appear. ``unstack`` splits the
+arrays into the original leaves inside the traced step (one ``lax.split`` per group, whose
+derivative is one concatenation), so the optimizer and the step's inputs and outputs see a
+few dozen arrays. Every weight optimizer dnas uses (SGD with momentum and decay, global-norm
+clipping, Adam) is elementwise or global, so it gives the same update stacked or per leaf up to
+the order of the floating-point sums in the global norm.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+def group_name(shape, dtype) -> str:
+    """``float32[3,3,16,1]``: the key of the stacked array holding leaves of this dtype and shape."""
+    return f"{np.dtype(dtype).name}[{','.join(str(int(d)) for d in shape)}]"
+
+
+class StackedLeaves:
+    """The layout of a pytree whose leaves of equal dtype and shape are stacked (see the
+    module's docstring). Built from a template tree (arrays or ``jax.ShapeDtypeStruct``);
+    :meth:`stack` and :meth:`unstack` convert any tree of the template's structure and shapes."""
+
+    def __init__(self, template: Any):
+        leaves, self.treedef = jax.tree_util.tree_flatten(template)
+        self.groups: dict[str, list[int]] = {}
+        self.paths = [jax.tree_util.keystr(p, simple=True, separator="/")
+                      for p, _ in jax.tree_util.tree_flatten_with_path(template)[0]]
+        for i, leaf in enumerate(leaves):
+            self.groups.setdefault(group_name(leaf.shape, leaf.dtype), []).append(i)
+        self.num_leaves = len(leaves)
+
+    def stack(self, tree) -> dict[str, jax.Array]:
+        """``{group: the group's leaves stacked on a new first axis}``."""
+        leaves = self.treedef.flatten_up_to(tree)
+        return {name: jnp.stack([leaves[i] for i in idx]) for name, idx in self.groups.items()}
+
+    def unstack(self, stacked: dict[str, jax.Array]):
+        """The tree :meth:`stack` was given."""
+        missing = sorted(set(self.groups) - set(stacked))
+        if missing:
+            raise ValueError(f"stacked leaves lack the groups {missing}")
+        leaves: list = [None] * self.num_leaves
+        for name, idx in self.groups.items():
+            parts = jax.lax.split(stacked[name], [1] * len(idx), axis=0)
+            for i, part in zip(idx, parts):
+                leaves[i] = jnp.squeeze(part, 0)
+        return self.treedef.unflatten(leaves)
+
+    def leaf_path(self, name: str, index: int) -> str:
+        """The original path (``cells/0/edges/3/conv/kernel``) of entry ``index`` of group ``name``."""
+        return self.paths[self.groups[name][index]]
