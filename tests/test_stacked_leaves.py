@@ -87,3 +87,28 @@ def test_a_diverged_stacked_leaf_is_named_with_its_entry():
     tree["conv"]["kernel"] = tree["conv"]["kernel"].at[1, 2, 0, 1].set(jnp.nan)
     layout = StackedLeaves(tree)
     assert first_nonfinite({"params": layout.stack(tree)}) == "params/float32[3,3,2,2] entry 1"
+
+
+def test_retraining_steps_in_the_stacked_layout_equal_the_models_own():
+    """``dnas train``'s network of a user model (NNXSpace.network) trains in the search's layout:
+    two SGD steps give the weights and statistics of the model's own layout."""
+    from dnas.supernet.genotype import ChoiceGenotype
+    from dnas.supernet.space_base import GENERIC_TRAIN_PROTOCOL
+    from dnas.train import Trainer
+    g = ChoiceGenotype({"op": "conv5", "act": "tanh", "merge": (0, 2)}, "Net")
+    x, y = _x(16, seed=6), jnp.arange(16) % 10
+    out = []
+    for stack in (True, False):
+        net = NNXSpace(lambda rngs: Net(rngs), stack_leaves=stack).network(g, num_classes=10)
+        trainer = Trainer(net, GENERIC_TRAIN_PROTOCOL, total_steps=10)
+        state = trainer.init(jax.random.PRNGKey(0))
+        step = jax.jit(trainer.step)
+        for _ in range(2):
+            state, _ = step(state, x, y, 0.0)
+        out.append(state)
+    stacked, own = out
+    assert len(jax.tree_util.tree_leaves(stacked.params)) < len(jax.tree_util.tree_leaves(own.params))
+    layout_p, layout_s = StackedLeaves(own.params), StackedLeaves(own.batch_stats)
+    got = (layout_p.unstack(stacked.params), layout_s.unstack(stacked.batch_stats))
+    for a, b in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves((own.params, own.batch_stats))):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)

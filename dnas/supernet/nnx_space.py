@@ -177,7 +177,8 @@ class NNXSpace(SearchSpace):
         """The stand-alone network ``dnas train`` trains: :func:`dnas.fix` of the model before
         any training (a factory's, initialised from the run's key; an instance's own initial
         weights), as pure ``init``/``apply`` (split outside the jitted step, like the supernet),
-        run in the mode the search runs it in (BatchNorm on batch statistics in training,
+        in the search's layout of the weights (``stack_leaves``), run in the mode the search
+        runs it in (BatchNorm on batch statistics in training,
         synchronised over the devices), except that the model's dropout is on in training, its
         masks drawn from the step's key (``drop``; each device its own), so ``dnas train`` is
         deterministic given the seed. ``num_classes`` is checked against the
@@ -185,13 +186,19 @@ class NNXSpace(SearchSpace):
         check_options(self.name, options, ("num_classes", "in_channels"))
         num_classes = options.get("num_classes")
         template = fix(self._fresh(jax.random.PRNGKey(0)), genotype)
-        graphdef, _, _, rest = nnx.split(template, nnx.Param, nnx.BatchStat, ...)
+        graphdef, params0, stats0, rest = nnx.split(template, nnx.Param, nnx.BatchStat, ...)
+        # the weights trained in the search's layout: same-shaped leaves stacked (stacked_leaves)
+        layouts = ((StackedLeaves(nnx.to_pure_dict(params0)), StackedLeaves(nnx.to_pure_dict(stats0)))
+                   if self.stack_leaves else None)
 
         def init(key):
             _, params, stats, _ = nnx.split(fix(self._fresh(key), genotype), nnx.Param, nnx.BatchStat, ...)
-            return nnx.to_pure_dict(params), nnx.to_pure_dict(stats)
+            params, stats = nnx.to_pure_dict(params), nnx.to_pure_dict(stats)
+            return (params, stats) if layouts is None else (layouts[0].stack(params), layouts[1].stack(stats))
 
         def apply(params, stats, x, ctx, drop=None):
+            if layouts is not None:
+                params, stats = layouts[0].unstack(params), layouts[1].unstack(stats)
             # dropout on in training, its masks drawn from the step's key (per device when data parallel)
             model = set_search_mode(nnx.merge(graphdef, params, stats, rest, copy=True), train=bool(ctx.train),
                                     axis_name=ctx.axis_name,
@@ -201,7 +208,8 @@ class NNXSpace(SearchSpace):
             if num_classes is not None and logits.shape[-1] != num_classes:
                 raise ValueError(f"{self.name} returns {logits.shape[-1]} logits per example; the data has "
                                  f"{num_classes} classes")
-            return Output(logits, None, nnx.to_pure_dict(nnx.state(model, nnx.BatchStat)))
+            stats = nnx.to_pure_dict(nnx.state(model, nnx.BatchStat))
+            return Output(logits, None, stats if layouts is None else layouts[1].stack(stats))
 
         config = {"model": self.name, "choices": {k: v if isinstance(v, str) else list(v)
                                                   for k, v in dict(genotype.items()).items()}, **options}
