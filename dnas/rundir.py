@@ -158,13 +158,14 @@ def first_nonfinite(tree) -> str | None:
     import jax
 
     from dnas.distributed import to_host
+    from dnas.supernet.stacked_leaves import is_group_name
     for path, leaf in jax.tree_util.tree_flatten_with_path(to_host(tree))[0]:
         a = np.asarray(leaf)
         if np.issubdtype(a.dtype, np.floating) or a.dtype.kind == "V":   # "V": bfloat16 from ml_dtypes
             finite = np.isfinite(a.astype(np.float32))
             if not np.all(finite):
                 name = _leaf_name(path)
-                if name.endswith("]") and a.ndim:   # stacked layers: which one
+                if a.ndim and is_group_name(name.rsplit("/", 1)[-1]):   # stacked layers: which one
                     name += f" entry {int(np.argmin(finite.reshape(len(a), -1).all(axis=1)))}"
                 return name
     return None

@@ -87,6 +87,7 @@ def test_a_diverged_stacked_leaf_is_named_with_its_entry():
     tree["conv"]["kernel"] = tree["conv"]["kernel"].at[1, 2, 0, 1].set(jnp.nan)
     layout = StackedLeaves(tree)
     assert first_nonfinite({"params": layout.stack(tree)}) == "params/float32[3,3,2,2] entry 1"
+    assert first_nonfinite({"params": tree}) == "params/conv/kernel"     # a layer of its own: its path
 
 
 def test_retraining_steps_in_the_stacked_layout_equal_the_models_own():

@@ -18,6 +18,7 @@ the order of the floating-point sums in the global norm.
 """
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import jax
@@ -28,6 +29,11 @@ import numpy as np
 def group_name(shape, dtype) -> str:
     """``float32[3,3,16,1]``: the key of the stacked array holding leaves of this dtype and shape."""
     return f"{np.dtype(dtype).name}[{','.join(str(int(d)) for d in shape)}]"
+
+
+def is_group_name(name: str) -> bool:
+    """Whether ``name`` (a key) is one :func:`group_name` writes: ``float32[3,3,16,1]``."""
+    return re.fullmatch(r"[a-z][a-z0-9]*\[(\d+(,\d+)*)?\]", name) is not None
 
 
 class StackedLeaves:
