@@ -226,10 +226,38 @@ def checkpoint_steps(ckpt_dir: str | os.PathLike) -> list[int]:
     return sorted(int(p.name) for p in ckpt_dir.iterdir() if p.is_dir() and p.name.isdigit())
 
 
+def _leaf_names(tree, parts=("params", "batch_stats")) -> list[str]:
+    import jax
+    return sorted(_leaf_name(p) for p, _ in jax.tree_util.tree_flatten_with_path({k: tree.get(k) for k in parts})[0])
+
+
+def _check_layout(ckpt_dir: Path, template: dict, step: int) -> None:
+    """Refuse a checkpoint whose weights or BatchNorm statistics are other arrays than this
+    run's (another model, or an NNX model's weights written per layer by a dnas before
+    :mod:`dnas.supernet.stacked_leaves`), naming the first difference; orbax's own error
+    for it does not say what is wrong."""
+    import orbax.checkpoint as ocp
+    try:
+        meta = ocp.StandardCheckpointer().metadata(ckpt_dir / str(step) / "state")
+    except Exception:  # noqa: BLE001 — unreadable metadata: the restore itself reports it
+        return
+    saved = getattr(meta, "item_metadata", meta)
+    saved = getattr(saved, "tree", saved)
+    if not isinstance(saved, dict):
+        return
+    have, want = _leaf_names(saved), _leaf_names(template)
+    if have != want:
+        extra, missing = sorted(set(have) - set(want)), sorted(set(want) - set(have))
+        first = "; ".join(([f"it has {extra[0]!r}"] if extra else []) + ([f"this run {missing[0]!r}"] if missing else []))
+        raise CheckpointError(f"other weights than this run's ({len(have)} arrays against {len(want)}; {first}): "
+                              "another model's, or an older dnas's per-layer NNX layout; start a new run")
+
+
 def _restore(ckpt_dir: Path, template, step: int):
     import orbax.checkpoint as ocp
 
     from dnas.distributed import to_host
+    _check_layout(ckpt_dir, template._asdict(), step)
     mgr = _manager(ckpt_dir)
     try:
         restored = mgr.restore(step, args=ocp.args.Composite(

@@ -113,3 +113,19 @@ def test_retraining_steps_in_the_stacked_layout_equal_the_models_own():
     got = (layout_p.unstack(stacked.params), layout_s.unstack(stacked.batch_stats))
     for a, b in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves((own.params, own.batch_stats))):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_a_checkpoint_of_the_per_layer_layout_is_refused_by_name(tmp_path):
+    """A checkpoint written with an NNX model's weights per layer (an older dnas) does not
+    restore into the stacked layout's state: the error says so and names an array of each."""
+    import pytest
+
+    from dnas.rundir import CheckpointError, restore_latest, save_checkpoint
+    own = make_searcher(NNXSpace(Net(nnx.Rngs(0)), stack_leaves=False), "darts")
+    save_checkpoint(tmp_path / "checkpoints", own.init(jax.random.PRNGKey(0)), 1)
+    stacked = make_searcher(NNXSpace(Net(nnx.Rngs(0))), "darts")
+    template = stacked.init(jax.random.PRNGKey(0))
+    with pytest.warns(UserWarning), pytest.raises(CheckpointError, match=r"other weights than this run's .*it has "
+                                                                        r"'batch_stats/bn/mean'.*per-layer NNX layout"):
+        restore_latest(tmp_path / "checkpoints", template)
+    assert restore_latest(tmp_path / "checkpoints", own.init(jax.random.PRNGKey(1)))[2] == 1
