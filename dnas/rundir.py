@@ -238,7 +238,8 @@ def _check_layout(ckpt_dir: Path, template: dict, step: int) -> None:
     for it does not say what is wrong."""
     import orbax.checkpoint as ocp
     try:
-        meta = ocp.StandardCheckpointer().metadata(ckpt_dir / str(step) / "state")
+        with ocp.StandardCheckpointer() as reader:
+            meta = reader.metadata(ckpt_dir / str(step) / "state")
     except Exception:  # noqa: BLE001 — unreadable metadata: the restore itself reports it
         return
     saved = getattr(meta, "item_metadata", meta)
