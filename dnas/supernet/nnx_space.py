@@ -39,7 +39,7 @@ from dnas.supernet.layers import policy
 from dnas.supernet.nnx_kernels import follow_policy
 from dnas.supernet.network import Network, Output, check_options, drop_key
 from dnas.supernet.space_base import SearchSpace
-from dnas.supernet.stacked_leaves import StackedLeaves
+from dnas.supernet.stacked_leaves import WeightLayout
 
 
 class NNXSpace(SearchSpace):
@@ -68,7 +68,7 @@ class NNXSpace(SearchSpace):
         self.graphdef, params, stats, self._rest = nnx.split(instance, nnx.Param, nnx.BatchStat, ...)
         self._params0, self._stats0 = nnx.to_pure_dict(params), nnx.to_pure_dict(stats)
         self.stack_leaves = stack_leaves
-        self._layout = (StackedLeaves(self._params0), StackedLeaves(self._stats0)) if stack_leaves else None
+        self._layout = WeightLayout(self._params0, self._stats0, stack_leaves)
         self.groups = {label: (1, len(p.names)) for label, p in self.points.items()}
         self.op_names = tuple(dict.fromkeys(n for p in self.points.values() for n in p.names))
         self.config = None
@@ -88,16 +88,12 @@ class NNXSpace(SearchSpace):
     def stacked(self, params, stats):
         """``(params, stats)`` as pure dicts (``nnx.to_pure_dict``) in the layout :meth:`init`
         gives: same-shaped leaves stacked with ``stack_leaves``, themselves otherwise."""
-        if self._layout is None:
-            return params, stats
-        return self._layout[0].stack(params), self._layout[1].stack(stats)
+        return self._layout.stacked(params, stats)
 
     def unstacked(self, params, stats):
         """The inverse of :meth:`stacked`: the model's weights and statistics as pure dicts, keyed
         as the model's attributes are."""
-        if self._layout is None:
-            return params, stats
-        return self._layout[0].unstack(params), self._layout[1].unstack(stats)
+        return self._layout.unstacked(params, stats)
 
     def module(self, params, stats) -> nnx.Module:
         """The supernet as an ``nnx.Module`` holding ``params`` and ``stats`` in :meth:`init`'s
@@ -116,7 +112,7 @@ class NNXSpace(SearchSpace):
             raise ValueError(f"{self.name} returns {logits.shape[-1]} logits per example; the data has "
                              f"{self.num_classes} classes")
         stats = nnx.to_pure_dict(nnx.state(model, nnx.BatchStat))
-        return logits, stats if self._layout is None else self._layout[1].stack(stats)
+        return logits, self._layout.stacked_stats(stats)
 
     # ------------------------------------------------------------------ architecture
     def group_op_names(self, group):
@@ -188,17 +184,14 @@ class NNXSpace(SearchSpace):
         template = fix(self._fresh(jax.random.PRNGKey(0)), genotype)
         graphdef, params0, stats0, rest = nnx.split(template, nnx.Param, nnx.BatchStat, ...)
         # the weights trained in the search's layout: same-shaped leaves stacked (stacked_leaves)
-        layouts = ((StackedLeaves(nnx.to_pure_dict(params0)), StackedLeaves(nnx.to_pure_dict(stats0)))
-                   if self.stack_leaves else None)
+        layout = WeightLayout(nnx.to_pure_dict(params0), nnx.to_pure_dict(stats0), self.stack_leaves)
 
         def init(key):
             _, params, stats, _ = nnx.split(fix(self._fresh(key), genotype), nnx.Param, nnx.BatchStat, ...)
-            params, stats = nnx.to_pure_dict(params), nnx.to_pure_dict(stats)
-            return (params, stats) if layouts is None else (layouts[0].stack(params), layouts[1].stack(stats))
+            return layout.stacked(nnx.to_pure_dict(params), nnx.to_pure_dict(stats))
 
         def apply(params, stats, x, ctx, drop=None):
-            if layouts is not None:
-                params, stats = layouts[0].unstack(params), layouts[1].unstack(stats)
+            params, stats = layout.unstacked(params, stats)
             # dropout on in training, its masks drawn from the step's key (per device when data parallel)
             model = set_search_mode(nnx.merge(graphdef, params, stats, rest, copy=True), train=bool(ctx.train),
                                     axis_name=ctx.axis_name,
@@ -209,7 +202,7 @@ class NNXSpace(SearchSpace):
                 raise ValueError(f"{self.name} returns {logits.shape[-1]} logits per example; the data has "
                                  f"{num_classes} classes")
             stats = nnx.to_pure_dict(nnx.state(model, nnx.BatchStat))
-            return Output(logits, None, stats if layouts is None else layouts[1].stack(stats))
+            return Output(logits, None, layout.stacked_stats(stats))
 
         config = {"model": self.name, "choices": {k: v if isinstance(v, str) else list(v)
                                                   for k, v in dict(genotype.items()).items()}, **options}

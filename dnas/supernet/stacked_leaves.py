@@ -42,13 +42,12 @@ class StackedLeaves:
     :meth:`stack` and :meth:`unstack` convert any tree of the template's structure and shapes."""
 
     def __init__(self, template: Any):
-        leaves, self.treedef = jax.tree_util.tree_flatten(template)
+        flat, self.treedef = jax.tree_util.tree_flatten_with_path(template)
+        self.paths = [jax.tree_util.keystr(p, simple=True, separator="/") for p, _ in flat]
         self.groups: dict[str, list[int]] = {}
-        self.paths = [jax.tree_util.keystr(p, simple=True, separator="/")
-                      for p, _ in jax.tree_util.tree_flatten_with_path(template)[0]]
-        for i, leaf in enumerate(leaves):
+        for i, (_, leaf) in enumerate(flat):
             self.groups.setdefault(group_name(leaf.shape, leaf.dtype), []).append(i)
-        self.num_leaves = len(leaves)
+        self.num_leaves = len(flat)
 
     def stack(self, tree) -> dict[str, jax.Array]:
         """``{group: the group's leaves stacked on a new first axis}``."""
@@ -70,3 +69,25 @@ class StackedLeaves:
     def leaf_path(self, name: str, index: int) -> str:
         """The original path (``cells/0/edges/3/conv/kernel``) of entry ``index`` of group ``name``."""
         return self.paths[self.groups[name][index]]
+
+
+class WeightLayout:
+    """A model's weights and BatchNorm statistics, each a :class:`StackedLeaves` (``stack``), or
+    kept as they are (the identity): the one switch :class:`~dnas.supernet.nnx_space.NNXSpace`
+    and its derived network share."""
+
+    def __init__(self, params, stats, stack: bool = True):
+        self.layouts = (StackedLeaves(params), StackedLeaves(stats)) if stack else None
+
+    def stacked(self, params, stats):
+        if self.layouts is None:
+            return params, stats
+        return self.layouts[0].stack(params), self.layouts[1].stack(stats)
+
+    def unstacked(self, params, stats):
+        if self.layouts is None:
+            return params, stats
+        return self.layouts[0].unstack(params), self.layouts[1].unstack(stats)
+
+    def stacked_stats(self, stats):
+        return stats if self.layouts is None else self.layouts[1].stack(stats)
