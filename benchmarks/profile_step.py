@@ -18,8 +18,7 @@ emits other fusions, and the two forms of a space compare differently).
 
 ``--option K=V`` is passed to every space. The DARTS and NAS-Bench-201 twins take the built-in
 spaces' option names (``channels``, ``layers``, ``cells_per_stage``); where a factory names one
-otherwise (the chain's ``stage_depths`` is ``max_depth`` in ``examples/nnx_chain.py``),
-``--builtin-option`` gives the built-in space its own.
+otherwise, ``--builtin-option`` gives the built-in space its own.
 """
 from __future__ import annotations
 

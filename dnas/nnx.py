@@ -13,6 +13,9 @@ A DARTS cell node is a :class:`Choice` per incoming edge marked with the node
 and sets the others to ``none``. Sum the edges' outputs with :func:`node_sum`, which stores the
 node once during a search on XLA:CPU.
 
+:class:`TorchBatchNorm` is ``nnx.BatchNorm`` with PyTorch's conventions (momentum 0.1, an
+unbiased running variance), which the built-in spaces use as the papers' code does.
+
 A network that repeats a cell can stack the repeats' weights and loop over them with
 :func:`scan` (Flax's ``nnx.scan`` with the kernel policy's loop convolutions), so that the
 cell is traced and compiled once.
@@ -45,11 +48,11 @@ from dnas.kernels.cpu.pin import pinned
 from dnas.supernet.layers import policy
 from dnas.supernet.mixed import node_sum as _stored_sum
 from dnas.supernet.mixed import switch_sampled, varying_like
-from dnas.supernet.nnx_kernels import OutputTail, in_branch, output_tail
+from dnas.supernet.nnx_kernels import OutputTail, TorchBatchNorm, in_branch, output_tail
 
 __all__ = ["Choice", "InputChoice", "Identity", "Zero", "FixedInputs", "fix", "scan", "choice_points",
            "choice_point_uses", "node_sum", "mixing", "first_candidates", "set_search_mode",
-           "draws_random_numbers"]
+           "draws_random_numbers", "TorchBatchNorm"]
 
 
 class Identity(nnx.Module):

@@ -1,5 +1,5 @@
 """Reference values of the ``chain`` space from the code before it was declared with ``dnas.nnx``
-(commit e06b70d, where the supernet was a ``SearchSpace`` over dnas's layer kit).
+(commit 20c0786, where the supernet was still a ``SearchSpace`` over dnas's layer kit).
 
 That code's supernet initialised its weights (``init(PRNGKey(1))``), which were written into the
 NNX model's layout (``examples/nnx_chain.py``'s ``load_builtin_weights`` at that commit) and
@@ -8,8 +8,8 @@ and the logits of that code's derived network holding the supernet's chosen ops'
 ``tests/data/chain_reference.npz``. ``tests/test_space_reference.py`` checks the current chain
 against them.
 
-Rerun at that commit (``git show e06b70d:tests/chain_reference.py``); the current code has no
-second description of the chain to run it against.
+Rerun at that commit (``git checkout 20c0786 && PYTHONPATH=. python tests/chain_reference.py``);
+the current code has no second description of the chain to run it against.
 """
 from __future__ import annotations
 
@@ -34,7 +34,7 @@ def flat(tree, prefix: str) -> dict:
     return out
 
 
-def generate() -> None:   # pragma: no cover - runs at commit e06b70d only
+def generate() -> None:   # pragma: no cover - runs at commit 20c0786 only
     from flax import nnx
 
     from dnas.relaxations.base import dense_mix

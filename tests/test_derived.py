@@ -124,25 +124,33 @@ def _edge_ops(g: DartsGenotype, kind: str) -> list[str]:
 
 
 def test_chain_network_equals_the_supernet_and_skips_zero_blocks():
+    """The derived chain is dnas.fix of the supernet: with the supernet's weights of the chosen
+    ops it computes the one-hot supernet's logits, and a zero block holds no weights."""
+    from flax import nnx
+
+    from dnas.nnx import Zero, fix
+    from dnas.supernet.chain import MBConv
+    from dnas.supernet.stacked_leaves import WeightLayout
+
     opts = dict(width_mult=0.25, stage_depths=(2, 1, 1, 1, 1, 1), stem_stride=1, num_classes=5, in_channels=3)
     space = build_space("chain", **opts)
     ops = []
     for b, (group, *_rest) in enumerate(space.blocks):
-        names = space.group_op_names(group)
+        names = space.group_op_names(f"block{b}")
         ops.append("zero" if group == "keep" else names[b % len(names)])
     assert "zero" in ops
     g = ChainGenotype(tuple(ops))
     sp, ss = space.init(jax.random.PRNGKey(1))
     net = build_network(g, **opts)
-    dp, ds = net.init(jax.random.PRNGKey(2))
-    for b, (op, (group, *_rest)) in enumerate(zip(ops, space.blocks)):
-        k = space.group_op_names(group).index(op)
-        dp["blocks"][b], ds["blocks"][b] = ((), ()) if op == "zero" else (sp["blocks"][b][k], ss["blocks"][b][k])
-    for k in ("stem", "head", "classifier"):
-        dp[k] = sp[k]
-    assert [p for p in dp["blocks"] if p == ()] == [()] * ops.count("zero")
-    samples = {grp: jnp.stack([_onehot([op], space.group_op_names(grp))[0]
-                               for op, (g_, *_r) in zip(ops, space.blocks) if g_ == grp]) for grp in space.groups}
+    fixed = fix(space.module(sp, ss), g)
+    for b, op in enumerate(ops):
+        assert isinstance(fixed.blocks[b], Zero if op == "zero" else MBConv)
+    fp, fs = (nnx.to_pure_dict(s) for s in nnx.state(fixed, nnx.Param, nnx.BatchStat))
+    dp, ds = WeightLayout(fp, fs, True).stacked(fp, fs)
+    # the network's own weights have the fixed model's shapes: the chosen MBConvs only
+    assert jax.tree_util.tree_map(jnp.shape, net.init(jax.random.PRNGKey(2))) == jax.tree_util.tree_map(
+        jnp.shape, (dp, ds))
+    samples = {f"block{b}": _onehot([op], space.group_op_names(f"block{b}")) for b, op in enumerate(ops)}
     x = jax.random.normal(jax.random.PRNGKey(3), (2, 8, 8, 3))
     ref, _ = jax.jit(lambda p, s, x: space.apply(p, s, x, samples, dense_mix, Ctx(train=True)))(sp, ss, x)
     out = jax.jit(lambda p, s, x: net.apply(p, s, x, Ctx(train=True)))(dp, ds, x)

@@ -164,11 +164,12 @@ def test_chain_default_is_covered_by_the_proxylessnas_table():
         "expanded_conv-input:112x112x32-output:112x112x16-expand:1-kernel:3-stride:1-idskip:0",
         "Conv_1-input:7x7x320-output:7x7x1280", "Logits-input:7x7x1280-output:1000"])
     assert fixed == pytest.approx(want_fixed)
-    assert mats["reshape"].shape == (6, 6) and mats["keep"].shape == (15, 7)
-    assert np.all(mats["keep"][:, -1] == 0)            # zero costs nothing
-    assert mats["reshape"][0, space.group_op_names("reshape").index("mb_k5_e6")] == pytest.approx(
+    keep = [f"block{b}" for b, (g, *_r) in enumerate(space.blocks) if g == "keep"]
+    assert len(mats) == 21 and len(keep) == 15 and all(mats[k].shape == (1, 7) for k in keep)
+    assert all(mats[k][0, -1] == 0 for k in keep)      # zero costs nothing
+    assert mats["block0"][0, space.group_op_names("block0").index("mb_k5_e6")] == pytest.approx(
         table.lookup("expanded_conv-input:112x112x16-output:56x56x24-expand:6-kernel:5-stride:2-idskip:0"))
-    assert mats["keep"][0, 0] == pytest.approx(
+    assert mats["block1"][0, 0] == pytest.approx(
         table.lookup("expanded_conv-input:56x56x24-output:56x56x24-expand:3-kernel:3-stride:1-idskip:1"))
     # a scaled-down chain is not in the Pixel-1 table: a clear error naming the keys
     with pytest.raises(MissingLatencyKeysError, match="Conv-input:224x224x3-output:112x112x16"):

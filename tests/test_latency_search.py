@@ -91,8 +91,8 @@ def test_latency_of_the_deployed_network_differs_from_the_searched_one():
         np.testing.assert_allclose(s.latency.matrix[g], mats[g], rtol=1e-5)
     # the entries are the full network's: block 0 (16 -> 24 channels, 112 -> 56 px) choosing mb_k5_e6
     table = load_table(PIXEL1)
-    j = s.space.group_op_names("reshape").index("mb_k5_e6")
-    assert s.latency.matrix["reshape"][0, j] == pytest.approx(
+    j = s.space.group_op_names("block0").index("mb_k5_e6")
+    assert s.latency.matrix["block0"][0, j] == pytest.approx(
         table.lookup("expanded_conv-input:112x112x16-output:56x56x24-expand:6-kernel:5-stride:2-idskip:0"), rel=1e-6)
     # without the deployed options the width-0.5 network is not in the table: the error names its keys
     with pytest.raises(KeyError, match="Conv-input:8x8x1-output:8x8x16"):

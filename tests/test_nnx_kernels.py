@@ -86,6 +86,31 @@ def test_policy_batchnorm_equals_flax(affine):
     assert not np.allclose(got[3]["mean"][...], 0.0)
 
 
+@pytest.mark.parametrize("devices", [1, 2])
+@pytest.mark.parametrize("kernels", [XLA_CPU, NATIVE], ids=["xla_cpu", "native"])
+def test_torch_batchnorm_keeps_pytorchs_running_statistics(kernels, devices):
+    """TorchBatchNorm normalises as nnx.BatchNorm does; its running variance moves by PyTorch's
+    rule, 0.9 · var + 0.1 · (the batch's unbiased variance), the batch being every device's
+    examples under a synchronised BatchNorm (``n`` = 2 · 4 · 6 · 6 there)."""
+    x = 3.0 + 2.0 * jax.random.normal(jax.random.PRNGKey(1), (devices, 4, 6, 6, 5))
+    want_y = nnx.BatchNorm(5, momentum=0.9, epsilon=1e-5, rngs=nnx.Rngs(0))(x.reshape((-1, 6, 6, 5)))
+
+    def one(x_):
+        bn = dnas.nnx.TorchBatchNorm(5, nnx.Rngs(0))
+        dnas.nnx.set_search_mode(bn, train=True, axis_name="d" if devices > 1 else None)
+        follow_policy(bn, kernels)
+        return bn(x_), bn.mean[...], bn.var[...]
+
+    y, mean, var = jax.vmap(one, axis_name="d")(x) if devices > 1 else jax.tree_util.tree_map(
+        lambda a: a[None], one(x[0]))
+    flat = np.asarray(x, np.float64).reshape((-1, 5))
+    np.testing.assert_allclose(np.asarray(y).reshape(want_y.shape), want_y, rtol=1e-4, atol=1e-5)
+    for d in range(devices):
+        np.testing.assert_allclose(mean[d], 0.1 * flat.mean(0), rtol=1e-5)
+        np.testing.assert_allclose(var[d], 0.9 + 0.1 * flat.var(0, ddof=1), rtol=1e-5)
+    assert not np.allclose(0.9 + 0.1 * flat.var(0, ddof=0), 0.9 + 0.1 * flat.var(0, ddof=1), rtol=1e-4)
+
+
 class Edge(nnx.Module):
     def __init__(self, c, k, groups, rngs):
         self.conv = nnx.Conv(c, c, (k, k), feature_group_count=groups, use_bias=False, rngs=rngs)

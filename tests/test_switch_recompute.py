@@ -13,6 +13,7 @@ from dnas.backend import XLA_CPU
 from dnas.bench import compiled_costs
 from dnas.supernet.chain import KEEP_OPS, chain_op
 from dnas.supernet.layers import Ctx
+from dnas.supernet.nnx_space import module_layer
 from dnas.supernet.mixed import Candidates, MixedOp
 from dnas.supernet.ops import candidate_ops
 from dnas.supernet.genotype import DARTS_OPS, NB201_OPS
@@ -35,7 +36,7 @@ def test_recomputed_switch_equals_autodiff_of_switch(space):
         mixed = MixedOp(candidate_ops(space, ops, 4, 1))
         x_shape = (4, 6, 6, 4)
     else:
-        mixed = MixedOp([chain_op(o, 8, 8, 1) for o in KEEP_OPS])
+        mixed = MixedOp([module_layer(lambda rngs, o=o: chain_op(o, 8, 8, 1, rngs)) for o in KEEP_OPS])
         x_shape = (2, 6, 6, 8)
     with jax.enable_x64(True):
         f64 = lambda t: jax.tree_util.tree_map(lambda a: jnp.asarray(a, jnp.float64), t)
@@ -58,7 +59,7 @@ def test_recomputed_switch_equals_autodiff_of_switch(space):
 def test_recomputed_switch_keeps_one_path_of_memory():
     """Chain candidates differ in shape (expansion 3 vs 6, kernel 3/5/7), so autodiff of the
     switch keeps the residuals of all of them; recomputing keeps only the branch inputs."""
-    mixed = MixedOp([chain_op(o, 16, 16, 1) for o in KEEP_OPS])
+    mixed = MixedOp([module_layer(lambda rngs, o=o: chain_op(o, 16, 16, 1, rngs)) for o in KEEP_OPS])
     params, state = mixed.init(jax.random.PRNGKey(0))
     x = jnp.zeros((16, 16, 16, 16))
 

@@ -167,7 +167,7 @@ def _profile(args) -> int:
     from dnas.latency.profile import profile_space
 
     space = _build(args)
-    if hasattr(space, "points"):   # a user's Flax model: a table keyed by choice point
+    if not hasattr(space, "latency_walk"):   # a user's Flax model: a table keyed by choice point
         from dnas.latency.nnx_profile import profile_choice_points
         table = profile_choice_points(space, (args.input_size or 32, args.input_size or 32, args.in_channels or 3),
                                       batch_size=args.batch_size, repeats=args.repeats, warmup=args.warmup,

@@ -326,6 +326,8 @@ def profile_space(space, batch_size: int = 1, input_size: int | None = None, rep
 def _static_mix(sample, candidates, x):
     """Run only the chosen op; ``sample`` is a concrete (numpy) op index."""
     i = int(np.asarray(sample))
+    if not hasattr(candidates, "layers"):   # an NNX choice point's modules (dnas.nnx)
+        return candidates.modules[i](x), None
     y, s = candidates.layers[i].apply(candidates.params[i], candidates.state[i], x, candidates.ctx)
     return y, candidates.state[:i] + (s,) + candidates.state[i + 1:]
 
@@ -371,7 +373,10 @@ def validate(table: LatencyTable, space, n_archs: int = 20, batch_size: int | No
     if subtract_overhead is None:
         subtract_overhead = bool(table.meta.get("subtract_overhead", False))
     net = _discrete_space(space)
-    params, state = numpy_init(net.init, seed)
+    if hasattr(net, "unstacked"):   # an NNX model's stacked leaves: filled by the layers' own leaf names
+        params, state = net.stacked(*numpy_init(lambda k: net.unstacked(*net.init(k)), seed))
+    else:
+        params, state = numpy_init(net.init, seed)
     x = jnp.asarray(np.random.default_rng(seed + 1).standard_normal(
         (batch_size, model.input_size, model.input_size, model.in_channels)), jnp.float32)
     rng = np.random.default_rng(seed)

@@ -7,25 +7,31 @@ and the classifier. Each searchable block chooses among MBConv with kernel {3, 5
 expansion {3, 6} (``mb_k{k}_e{e}``); a block that keeps its shape (stride 1, same width)
 has a residual connection and may also choose ``zero`` (the block is skipped).
 
-The two kinds of block are two groups of choice points, so every relaxation works on plain
-matrices: ``reshape`` (first block of a stage, 6 ops) and ``keep`` (7 ops, ``zero`` last).
-``width_mult``, the stage depths and the input size scale it down to search on 32x32 data on
-a CPU; the defaults are the ProxylessNAS mobile supernet at 224x224, which the published
-Pixel-1 latency table covers block by block.
+The space is declared once, as a Flax NNX model with ``dnas.nnx`` choice points
+(:class:`ChainNet`: every searchable block a :class:`~dnas.nnx.Choice` labelled ``block{b}``,
+with ``zero`` last where the block keeps its shape): the supernet, the stand-alone network
+``dnas train`` trains (:func:`chain_network`, :func:`dnas.fix` of it) and the latency model's
+parts (:meth:`ChainSpace.latency_walk`) are built from its modules. ``width_mult``, the stage
+depths and the input size scale it down to search on 32x32 data on a CPU; the defaults are the
+ProxylessNAS mobile supernet at 224x224, which the published Pixel-1 latency table covers
+block by block.
 """
 from __future__ import annotations
 
 import dataclasses
+import functools
 
-import jax
 import jax.numpy as jnp
+from flax import nnx
 
 from dnas.backend import resolve
+from dnas.nnx import Choice, Zero
 from dnas.supernet import layers as L
-from dnas.supernet.genotype import ChainGenotype, GenotypeError, derive_chain
-from dnas.supernet.mixed import MixedOp
-from dnas.supernet.network import Network, Output, check_options
-from dnas.supernet.space_base import SearchSpace, refuse_flags
+from dnas.supernet.genotype import ChainGenotype, GenotypeError
+from dnas.supernet.network import Network, check_options
+from dnas.supernet.nnx_kernels import TorchBatchNorm
+from dnas.supernet.nnx_space import NNXSpace, module_layer
+from dnas.supernet.space_base import refuse_flags
 
 MB_OPS = ("mb_k3_e3", "mb_k3_e6", "mb_k5_e3", "mb_k5_e6", "mb_k7_e3", "mb_k7_e6")
 KEEP_OPS = MB_OPS + ("zero",)
@@ -37,40 +43,59 @@ def make_divisible(v: float, divisor: int = 8) -> int:
     return new + divisor if new < 0.9 * v else new
 
 
-def _conv_bn(c_in, c_out, kernel, stride, groups=1, act=True) -> L.Layer:
-    conv = L.conv(c_in, c_out, kernel, stride, groups=groups)
-    bn = L.batchnorm(c_out, True)
+class ConvBN(nnx.Module):
+    """Convolution (padding ``k // 2``, no bias), BatchNorm (PyTorch's conventions, as
+    ProxylessNAS's code: :class:`~dnas.supernet.nnx_kernels.TorchBatchNorm`), ReLU6 unless
+    ``act=False``."""
 
-    def init(key):
-        (pc, _), (pb, sb) = conv.init(key), bn.init(None)
-        return {"conv": pc, "bn": pb}, sb
+    def __init__(self, c_in, c_out, k, rngs, stride=1, groups=1, act=True):
+        self.conv = nnx.Conv(c_in, c_out, (k, k), strides=stride, padding=[(k // 2, k // 2)] * 2,
+                             feature_group_count=groups, use_bias=False, rngs=rngs)
+        self.bn = TorchBatchNorm(c_out, rngs)
+        self.act = act
 
-    def apply(p, s, x, ctx):
-        y, _ = conv.apply(p["conv"], (), x, ctx)
-        y, s = bn.apply(p["bn"], s, y, ctx)
-        return (jnp.clip(y, 0.0, 6.0) if act else y), s
-
-    return L.Layer(init, apply)
-
-
-def mbconv(c_in: int, c_out: int, kernel: int, stride: int, expand: int) -> L.Layer:
-    """Inverted residual body (Sandler et al. 2018): 1x1 expand, depthwise kxk, 1x1 project,
-    BN after each, ReLU6 after the first two (no expansion conv when ``expand == 1``)."""
-    mid = c_in * expand
-    parts = ([] if expand == 1 else [_conv_bn(c_in, mid, 1, 1)]) + [
-        _conv_bn(mid, mid, kernel, stride, groups=mid), _conv_bn(mid, c_out, 1, 1, act=False)]
-    return L.sequential(*parts)
+    def __call__(self, x):
+        y = self.bn(self.conv(x))
+        return jnp.clip(y, 0.0, 6.0) if self.act else y
 
 
-def chain_op(name: str, c_in: int, c_out: int, stride: int) -> L.Layer:
-    """One candidate of a chain block: ``mb_k{3,5,7}_e{3,6}`` or ``zero``."""
+class MBConv(nnx.Module):
+    """MobileNetV2's inverted residual body (Sandler et al., CVPR 2018): 1x1 expansion to
+    ``expand`` times the channels (none when ``expand == 1``), depthwise ``k``x``k`` at
+    ``stride``, linear 1x1 projection; BatchNorm after each, ReLU6 after the first two."""
+
+    def __init__(self, c_in, c_out, k, stride, expand, rngs):
+        mid = c_in * expand
+        self.expand = ConvBN(c_in, mid, 1, rngs) if expand > 1 else None
+        self.depthwise = ConvBN(mid, mid, k, rngs, stride, groups=mid)
+        self.project = ConvBN(mid, c_out, 1, rngs, act=False)
+
+    def __call__(self, x):
+        if self.expand is not None:
+            x = self.expand(x)
+        return self.project(self.depthwise(x))
+
+
+class PooledLinear(nnx.Module):
+    """Global average pooling, then the classifier (the latency model's ``Logits`` part)."""
+
+    def __init__(self, c_in, num_classes, rngs):
+        self.linear = nnx.Linear(c_in, num_classes, rngs=rngs)
+
+    def __call__(self, x):
+        return self.linear(jnp.mean(x, axis=(1, 2)))
+
+
+def chain_op(name: str, c_in: int, c_out: int, stride: int, rngs: nnx.Rngs) -> nnx.Module:
+    """One candidate of a chain block: ``mb_k{3,5,7}_e{3,6}`` or ``zero`` (the block left out:
+    only where its residual connection keeps the input, stride 1 and the same width)."""
     if name not in KEEP_OPS:
         from dnas.supernet.ops import UnknownOpError
         raise UnknownOpError(f"unknown chain operation {name!r}; valid operations are: {', '.join(KEEP_OPS)}")
     if name == "zero":
-        return L.zero(stride)
+        return Zero()
     _, k, e = name.split("_")
-    return mbconv(c_in, c_out, int(k[1:]), stride, int(e[1:]))
+    return MBConv(c_in, c_out, int(k[1:]), stride, int(e[1:]), rngs)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -107,8 +132,7 @@ class ChainPlan:
 def chain_plan(c: ChainConfig) -> ChainPlan:
     """Widths scaled by ``width_mult`` (:func:`make_divisible`), each stage's first block at the
     stage's stride, the head keeping 1280 channels unless the width grows (ProxylessNAS's and
-    MobileNetV2's rule). The built-in space and a model written with ``dnas.nnx``
-    (``examples/nnx_chain.py``) both build from it."""
+    MobileNetV2's rule)."""
     w = lambda ch: make_divisible(ch * c.width_mult)  # noqa: E731
     blocks, c_in, counts = [], w(c.first_channels), {"reshape": 0, "keep": 0}
     for width, depth, stride in zip(c.stage_widths, c.stage_depths, c.stage_strides):
@@ -122,8 +146,38 @@ def chain_plan(c: ChainConfig) -> ChainPlan:
                      w(c.last_channels) if c.width_mult > 1 else c.last_channels)
 
 
-class ChainSpace(SearchSpace):
-    honours_compute_dtype = True   # every convolution through dnas.supernet.layers._conv
+class ChainNet(nnx.Module):
+    """The supernet, declared with ``dnas.nnx``'s primitives: stem (a 3x3 convolution and an
+    MBConv of expansion 1), the plan's searchable blocks (each a :class:`~dnas.nnx.Choice`
+    labelled ``block{b}``; a residual connection around those that keep their input's shape),
+    the 1x1 head convolution, pooling and the classifier."""
+
+    def __init__(self, rngs: nnx.Rngs, config: ChainConfig = ChainConfig()):
+        plan = chain_plan(config)
+        self.stem = ConvBN(config.in_channels, plan.stem, 3, rngs, config.stem_stride)
+        self.first = MBConv(plan.stem, plan.first, 3, 1, 1, rngs)
+        self.residual = tuple(group == "keep" for group, *_ in plan.blocks)
+        self.blocks = nnx.List([
+            Choice({op: chain_op(op, c_in, c_out, stride, rngs) for op in (KEEP_OPS if group == "keep" else MB_OPS)},
+                   label=f"block{b}")
+            for b, (group, _, c_in, c_out, stride) in enumerate(plan.blocks)])
+        self.head = ConvBN(plan.head_in, plan.last, 1, rngs)
+        self.classifier = PooledLinear(plan.last, config.num_classes, rngs)
+
+    def __call__(self, x):
+        x = self.first(self.stem(x))
+        for residual, block in zip(self.residual, self.blocks):
+            x = x + block(x) if residual else block(x)
+        return self.classifier(self.head(x))
+
+
+class ChainSpace(NNXSpace):
+    """The chain as a search space: :class:`ChainNet` searched as any NNX model is
+    (:class:`~dnas.supernet.nnx_space.NNXSpace`: one choice point per block, its α a row of
+    its own), with the space's defaults and evaluation protocol, the searched layout's
+    stand-alone network (:func:`chain_network`) and the latency model keyed by the published
+    ProxylessNAS tables' keys (:meth:`latency_walk`)."""
+
     name = "chain"
     op_names = KEEP_OPS
     latency_input_size = 224   # ProxylessNAS's mobile setting, which the published tables cover
@@ -161,70 +215,36 @@ class ChainSpace(SearchSpace):
         return {k: (tuple(v) if isinstance(v, list) else v) for k, v in space_options.items() if k in fields}
 
     def __init__(self, config: ChainConfig = ChainConfig()):
-        self.config = c = config
-        self.kernels = resolve(c.kernels)
-        plan = self.plan = chain_plan(c)
-        self.stem = L.sequential(_conv_bn(c.in_channels, plan.stem, 3, c.stem_stride),
-                                 mbconv(plan.stem, plan.first, 3, 1, 1))
-        self.blocks = list(plan.blocks)   # (group, index in group, c_in, c_out, stride)
-        counts = {g: sum(b[0] == g for b in plan.blocks) for g in ("reshape", "keep")}
-        self.groups = {g: (n, len(MB_OPS) + (g == "keep")) for g, n in counts.items() if n}
-        self.mixed = [MixedOp([chain_op(o, ci, co, s) for o in self.group_op_names(g)])
-                      for g, _, ci, co, s in self.blocks]
-        self.head = _conv_bn(plan.head_in, plan.last, 1, 1)
-        self.classifier = L.dense(plan.last, c.num_classes)
-
-    def group_op_names(self, group: str) -> tuple[str, ...]:
-        return KEEP_OPS if group == "keep" else MB_OPS
-
-    def choice_point_names(self, group: str) -> list[str]:
-        return [f"block{b}" for b, (g, *_rest) in enumerate(self.blocks) if g == group]
-
-    def init(self, key):
-        keys = jax.random.split(key, len(self.blocks) + 3)
-        params, state = {}, {}
-        params["stem"], state["stem"] = self.stem.init(keys[0])
-        inits = [m.init(k) for m, k in zip(self.mixed, keys[1:])]
-        params["blocks"], state["blocks"] = [p for p, _ in inits], [s for _, s in inits]
-        params["head"], state["head"] = self.head.init(keys[-2])
-        params["classifier"], _ = self.classifier.init(keys[-1])
-        return params, state
+        super().__init__(functools.partial(_chain_net, config=config), name="chain")
+        self.config = config
+        self.kernels = resolve(config.kernels)
+        self.plan = chain_plan(config)
+        self.blocks = list(self.plan.blocks)   # (group, index in group, c_in, c_out, stride)
 
     def apply(self, params, state, x, samples, mix, ctx):
-        ctx = L.with_kernels(ctx, self.kernels)
-        new_state = {}
-        x, new_state["stem"] = self.stem.apply(params["stem"], state["stem"], x, ctx)
-        block_states = []
-        for b, (group, i, _, _, _) in enumerate(self.blocks):
-            smp = jax.tree_util.tree_map(lambda a: a[i], samples[group])
-            y, s = self.mixed[b].apply(params["blocks"][b], state["blocks"][b], x, smp, mix, ctx)
-            x = x + y if group == "keep" else y
-            block_states.append(s)
-        new_state["blocks"] = block_states
-        x, new_state["head"] = self.head.apply(params["head"], state["head"], x, ctx)
-        logits, _ = self.classifier.apply(params["classifier"], (), jnp.mean(x, axis=(1, 2)), ctx)
-        return logits, new_state
+        return super().apply(params, state, x, samples, mix, L.with_kernels(ctx, self.kernels))
 
     def derive(self, scores) -> ChainGenotype:
-        per_group = {g: derive_chain(jnp.asarray(scores[g]), self.group_op_names(g)) for g in self.groups}
-        return ChainGenotype(tuple(per_group[g][i] for g, i, *_ in self.blocks))
+        """Every block's best-scored option (ties: the earlier), as a :class:`ChainGenotype`."""
+        return ChainGenotype.from_choices(super().derive(scores).choices)
 
-    @staticmethod
-    def network(genotype: ChainGenotype, **options) -> Network:
+    @classmethod
+    def network(cls, genotype, **options) -> Network:
         """The stand-alone network of ``genotype`` (:func:`chain_network`)."""
         return chain_network(genotype, **options)
 
     def latency_walk(self, input_size: int) -> tuple[list, list]:
         """Every block with its candidates' signatures under the ProxylessNAS keys
         (``expanded_conv-...``; the default configuration is covered by the published Pixel-1
-        table key for key), and the fixed stem, head and classifier."""
-        from dnas.latency.space_latency import ChoicePoint, OpSignature, fixed_part, head_layer, output_shape_of
+        table key for key), and the fixed stem, head and classifier. What a signature builds
+        (to profile it) is the supernet's own module (:func:`~dnas.supernet.nnx_space.module_layer`)."""
+        from dnas.latency.space_latency import ChoicePoint, OpSignature, fixed_part, output_shape_of
 
-        space, cfg, plan = self, self.config, self.plan
+        cfg, plan = self.config, self.plan
         hw = (input_size, input_size)
-        stem_conv = _conv_bn(cfg.in_channels, plan.stem, 3, cfg.stem_stride)
-        conv = fixed_part("Conv", stem_conv, hw + (cfg.in_channels,))
-        first = mbconv(plan.stem, plan.first, 3, 1, 1)
+        conv = fixed_part("Conv", module_layer(lambda rngs: ConvBN(cfg.in_channels, plan.stem, 3, rngs, cfg.stem_stride)),
+                          hw + (cfg.in_channels,))
+        first = module_layer(lambda rngs: MBConv(plan.stem, plan.first, 3, 1, 1, rngs))
         first_out = output_shape_of(first, conv.output_shape)
         first_sig = OpSignature("expanded_conv", _mb_key(conv.output_shape, first_out, 1, 3, 1, False),
                                 conv.output_shape, first_out,
@@ -232,25 +252,26 @@ class ChainSpace(SearchSpace):
                                 build=lambda: first)
         fixed, points = [conv, first_sig], []
         shape = first_out
-        for b, (group, row, c_in, c_out, stride) in enumerate(space.blocks):
+        for b, (group, _, c_in, c_out, stride) in enumerate(self.blocks):
             keep = group == "keep"
             out_shape = (-(-shape[0] // stride), -(-shape[1] // stride), c_out)
             cands = []
-            for op in space.group_op_names(group):
+            for op in (KEEP_OPS if keep else MB_OPS):
                 if op == "zero":
                     cands.append(OpSignature(op, None, shape, out_shape))
                     continue
                 _, k, e = op.split("_")
                 kernel, expand = int(k[1:]), int(e[1:])
                 attrs = (("expand", expand), ("kernel", kernel), ("stride", stride), ("idskip", int(keep)))
-                build = (lambda c_in=c_in, c_out=c_out, kernel=kernel, stride=stride, expand=expand:
-                         mbconv(c_in, c_out, kernel, stride, expand))
+                build = (lambda op=op, c_in=c_in, c_out=c_out, stride=stride:
+                         module_layer(lambda rngs: chain_op(op, c_in, c_out, stride, rngs)))
                 cands.append(OpSignature(op, _mb_key(shape, out_shape, expand, kernel, stride, keep), shape, out_shape,
                                          attrs, build=build, residual=keep))
-            points.append(ChoicePoint(group, row, f"block{b}", tuple(cands)))
+            points.append(ChoicePoint(f"block{b}", 0, f"block{b}", tuple(cands)))
             shape = out_shape
-        head = fixed_part("Conv_1", space.head, shape)
-        logits = fixed_part("Logits", head_layer(None, space.classifier, False), head.output_shape)
+        head = fixed_part("Conv_1", module_layer(lambda rngs: ConvBN(plan.head_in, plan.last, 1, rngs)), shape)
+        logits = fixed_part("Logits", module_layer(lambda rngs: PooledLinear(plan.last, cfg.num_classes, rngs)),
+                            head.output_shape)
         return points, fixed + [head, logits]
 
 
@@ -260,48 +281,30 @@ def _mb_key(c_in_shape: tuple, c_out_shape: tuple, expand: int, kernel: int, str
                          [("expand", expand), ("kernel", kernel), ("stride", stride), ("idskip", int(idskip))])
 
 
+def _chain_net(rngs: nnx.Rngs, config: ChainConfig) -> ChainNet:
+    return ChainNet(rngs, config)
+
+
 # ------------------------------------------------------------------------------ derived network
 
-def chain_network(g: ChainGenotype, **options) -> Network:
+def chain_network(g, **options) -> Network:
     """The ProxylessNAS chain (Cai, Zhu & Han, ICLR 2019) with every searchable block replaced by
-    its chosen MBConv, on the fixed parts of the :class:`ChainSpace` built with ``options`` (the
+    its chosen MBConv: :func:`dnas.fix` of the :class:`ChainNet` built with ``options`` (the
     block layout depends on them: build it with the options of the space it was searched in);
-    ``zero`` blocks are left out (their residual connection makes the block the identity)."""
+    a ``zero`` block leaves its residual connection, the identity. ``g``: a
+    :class:`ChainGenotype` or a mapping ``"block{b}"`` -> op."""
     check_options("chain", options, [f.name for f in dataclasses.fields(ChainConfig)])
     space = ChainSpace(ChainConfig(**options))
-    if len(g.ops) != len(space.blocks):
-        raise GenotypeError(f"chain genotype has {len(g.ops)} blocks but the chain space built with "
+    ops = tuple(g.ops) if isinstance(g, ChainGenotype) else tuple(dict(g).values())
+    if len(ops) != len(space.blocks):
+        raise GenotypeError(f"chain genotype has {len(ops)} blocks but the chain space built with "
                             f"{options or 'its defaults'} has {len(space.blocks)}: build it with the options "
                             "of the space it was searched in")
-    blocks = []
-    for b, (op, (group, _, c_in, c_out, stride)) in enumerate(zip(g.ops, space.blocks)):
-        valid = space.group_op_names(group)
+    for b, (op, (group, _, c_in, c_out, stride)) in enumerate(zip(ops, space.blocks)):
+        valid = KEEP_OPS if group == "keep" else MB_OPS
         if op not in valid:
             raise GenotypeError(f"chain block {b} ({c_in}->{c_out} channels, stride {stride}) cannot be {op!r}; "
                                 f"valid operations there are: {', '.join(valid)}")
-        blocks.append((group == "keep", None if op == "zero" else chain_op(op, c_in, c_out, stride)))
-
-    def init(key):
-        keys = jax.random.split(key, len(blocks) + 3)
-        params, state = {}, {}
-        params["stem"], state["stem"] = space.stem.init(keys[0])
-        inits = [((), ()) if layer is None else layer.init(k) for (_, layer), k in zip(blocks, keys[1:])]
-        params["blocks"], state["blocks"] = [p for p, _ in inits], [s for _, s in inits]
-        params["head"], state["head"] = space.head.init(keys[-2])
-        params["classifier"], _ = space.classifier.init(keys[-1])
-        return params, state
-
-    def apply(params, state, x, ctx, drop=None):
-        new = {}
-        x, new["stem"] = space.stem.apply(params["stem"], state["stem"], x, ctx)
-        new["blocks"] = []
-        for (residual, layer), p, s in zip(blocks, params["blocks"], state["blocks"]):
-            if layer is not None:
-                y, s = layer.apply(p, s, x, ctx)
-                x = x + y if residual else y
-            new["blocks"].append(s)
-        x, new["head"] = space.head.apply(params["head"], state["head"], x, ctx)
-        logits, _ = space.classifier.apply(params["classifier"], (), jnp.mean(x, axis=(1, 2)), ctx)
-        return Output(logits, None, new)
-
-    return Network(init, apply, g, {"space": "chain", **dataclasses.asdict(space.config)})
+    genotype = ChainGenotype(ops)
+    net = NNXSpace.network(space, genotype)
+    return net._replace(genotype=genotype, config={"space": "chain", **dataclasses.asdict(space.config)})

@@ -166,6 +166,8 @@ class PolicyBatchNorm(nnx.BatchNorm):
     docstring); every other case is Flax's own ``__call__``."""
 
     dnas_pin: bool = False
+    #: the running variance is updated with the batch's unbiased variance (PyTorch's convention)
+    unbiased_running_var: bool = False
 
     def __call__(self, x, use_running_average=None, *, mask=None):
         running = self.use_running_average if use_running_average is None else use_running_average
@@ -186,6 +188,11 @@ class PolicyBatchNorm(nnx.BatchNorm):
             affine_free = self.scale is None and self.bias is None
             tail.last = (call, y, lax.rsqrt(var + self.epsilon)) if affine_free else None
         m = self.momentum
+        if self.unbiased_running_var:
+            n = x.shape[0] * x.shape[1] * x.shape[2]
+            if self.axis_name is not None:
+                n = n * lax.psum(1, self.axis_name)
+            var = var * n / jnp.maximum(n - 1, 1)
         self.mean.set_value(lax.stop_gradient(m * self.mean[...] + (1 - m) * mean))
         self.var.set_value(lax.stop_gradient(m * self.var[...] + (1 - m) * var))
         if self.scale is not None:
@@ -193,6 +200,22 @@ class PolicyBatchNorm(nnx.BatchNorm):
         if self.bias is not None:
             y = y + self.bias[...]
         return y
+
+
+class TorchBatchNorm(PolicyBatchNorm):
+    """BatchNorm over N, H, W with PyTorch's conventions, which the built-in spaces and the
+    papers' code (DARTS, NAS-Bench-201, ProxylessNAS) use: momentum 0.1 (Flax's 0.9), epsilon
+    1e-5 and a running variance updated with the batch's *unbiased* variance
+    (``var · n / (n - 1)``, ``n`` the examples times pixels over every device of a synchronised
+    BatchNorm) when it normalises the channels of NHWC images; Flax's ``nnx.BatchNorm`` uses the
+    biased one. Normalisation and gradients are
+    the same as ``nnx.BatchNorm``'s; ``affine=False`` leaves out the scale and bias (DARTS's
+    search cells)."""
+
+    unbiased_running_var = True
+
+    def __init__(self, num_features: int, rngs: nnx.Rngs, affine: bool = True):
+        super().__init__(num_features, momentum=0.9, epsilon=1e-5, use_bias=affine, use_scale=affine, rngs=rngs)
 
 
 def follow_policy(model: nnx.Module, kernels: KernelPolicy, members: bool = False,
@@ -206,6 +229,8 @@ def follow_policy(model: nnx.Module, kernels: KernelPolicy, members: bool = Fals
             m.conv_general_dilated = conv
         elif type(m) is nnx.BatchNorm:
             m.__class__ = PolicyBatchNorm
+            m.dnas_pin = kernels.pin_bn_output
+        elif isinstance(m, PolicyBatchNorm):   # TorchBatchNorm
             m.dnas_pin = kernels.pin_bn_output
     return model
 

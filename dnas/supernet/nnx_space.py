@@ -35,7 +35,7 @@ from flax import nnx
 
 from dnas.nnx import Choice, InputChoice, choice_points, draws_random_numbers, fix, mixing, set_search_mode
 from dnas.supernet.genotype import ChoiceGenotype
-from dnas.supernet.layers import policy
+from dnas.supernet.layers import Layer, policy
 from dnas.supernet.nnx_kernels import follow_policy
 from dnas.supernet.network import Network, Output, check_options, drop_key
 from dnas.supernet.space_base import SearchSpace
@@ -154,10 +154,21 @@ class NNXSpace(SearchSpace):
         return ChoiceGenotype(choices, self.name)
 
     def genotype_indices(self, genotype) -> dict[str, np.ndarray]:
-        """The chosen column of every group (an input choice: its best chosen input)."""
+        """The chosen column of every group (an input choice: its best chosen input). A
+        genotype without one of the model's labels, or choosing what a point does not offer, is
+        a ``GenotypeError`` naming it."""
+        from dnas.supernet.genotype import GenotypeError
+
+        choices = dict(genotype.items())
         out = {}
         for label, point in self.points.items():
-            c = genotype[label]
+            if label not in choices:
+                raise GenotypeError(f"the {self.name} space's choice point {label!r} is not in the genotype "
+                                    f"{type(genotype).__name__} (labels: {', '.join(map(str, choices))})")
+            c = choices[label]
+            if isinstance(point, Choice) and c not in point.names:
+                raise GenotypeError(f"choice point {label!r} of the {self.name} space cannot be {c!r}; "
+                                    f"its ops: {', '.join(point.names)}")
             out[label] = np.array([point.names.index(c) if isinstance(point, Choice) else int(c[0])])
         return out
 
@@ -211,3 +222,26 @@ class NNXSpace(SearchSpace):
     def describe(self) -> dict:
         return {"space": self.name, "kind": "nnx",
                 "choice_points": {label: list(p.names) for label, p in self.points.items()}}
+
+
+def module_layer(make: Callable[[nnx.Rngs], nnx.Module]) -> Layer:
+    """A module of an NNX model as a pure ``init``/``apply`` pair
+    (:class:`~dnas.supernet.layers.Layer`), for what times or measures parts of a network one
+    at a time (the latency model's signatures, :mod:`dnas.latency.profile`). ``make(rngs)``
+    builds the module; ``init(key)`` gives its weights and BatchNorm statistics as pure dicts,
+    ``apply`` runs it in the mode ``ctx`` sets (BatchNorm on batch statistics in training, on
+    running ones otherwise) under the kernel policy, as the search runs the model."""
+    graphdef, _, _, rest = nnx.split(make(nnx.Rngs(0)), nnx.Param, nnx.BatchStat, ...)
+
+    def init(key):
+        _, params, stats, _ = nnx.split(make(nnx.Rngs(key)), nnx.Param, nnx.BatchStat, ...)
+        return nnx.to_pure_dict(params), nnx.to_pure_dict(stats)
+
+    def apply(params, stats, x, ctx):
+        module = set_search_mode(nnx.merge(graphdef, params, stats, rest, copy=True), train=bool(ctx.train),
+                                 axis_name=ctx.axis_name)
+        follow_policy(module, policy(ctx), compute_dtype=ctx.compute_dtype)
+        y = module(x)
+        return y, nnx.to_pure_dict(nnx.state(module, nnx.BatchStat))
+
+    return Layer(init, apply)
