@@ -64,3 +64,21 @@ def test_the_chain_derives_its_genotype_and_fixes_it():
     want, _ = space.apply(params, stats, x, onehot, dense_mix, Ctx(train=False))
     fixed.eval()
     np.testing.assert_allclose(fixed(x), want, rtol=2e-4, atol=2e-5)
+
+
+def test_the_search_records_the_layout_dnas_train_rebuilds():
+    """What a search run records of the space (``resolved.space_options``: ``describe()``, as
+    JSON) gives ``dnas train`` the searched block layout, whatever the network's defaults."""
+    import json
+
+    from dnas.train import _network_options, TrainConfig
+
+    space = build_space("chain", in_channels=1, num_classes=10, width_mult=0.25, stem_stride=1,
+                        stage_depths=(1, 1, 1, 1, 1, 1))
+    recorded = json.loads(json.dumps({"resolved": {"space_options": space.describe()}}))
+
+    class Data:
+        image_shape, num_classes = (8, 8, 1), 10
+    opts = _network_options(TrainConfig(genotype="unused"), "chain", recorded, Data(), {"auxiliary_weight": 0.0})
+    net = ChainConfig(**opts)
+    assert chain_plan(net) == space.plan and net.in_channels == 1 and net.num_classes == 10

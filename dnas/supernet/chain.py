@@ -224,6 +224,11 @@ class ChainSpace(NNXSpace):
     def apply(self, params, state, x, samples, mix, ctx):
         return super().apply(params, state, x, samples, mix, L.with_kernels(ctx, self.kernels))
 
+    def describe(self) -> dict:
+        """The config (what a run's ``config.json`` records under ``resolved.space_options``, and
+        ``dnas train`` rebuilds the searched layout from: :meth:`network_options_from_search`)."""
+        return {"space": self.name, **dataclasses.asdict(self.config)}
+
     def derive(self, scores) -> ChainGenotype:
         """Every block's best-scored option (ties: the earlier), as a :class:`ChainGenotype`."""
         return ChainGenotype.from_choices(super().derive(scores).choices)
