@@ -215,7 +215,7 @@ class ChainSpace(NNXSpace):
         return {k: (tuple(v) if isinstance(v, list) else v) for k, v in space_options.items() if k in fields}
 
     def __init__(self, config: ChainConfig = ChainConfig()):
-        super().__init__(functools.partial(_chain_net, config=config), name="chain")
+        super().__init__(functools.partial(ChainNet, config=config), name="chain")
         self.config = config
         self.kernels = resolve(config.kernels)
         self.plan = chain_plan(config)
@@ -286,10 +286,6 @@ def _mb_key(c_in_shape: tuple, c_out_shape: tuple, expand: int, kernel: int, str
                          [("expand", expand), ("kernel", kernel), ("stride", stride), ("idskip", int(idskip))])
 
 
-def _chain_net(rngs: nnx.Rngs, config: ChainConfig) -> ChainNet:
-    return ChainNet(rngs, config)
-
-
 # ------------------------------------------------------------------------------ derived network
 
 def chain_network(g, **options) -> Network:
@@ -300,7 +296,7 @@ def chain_network(g, **options) -> Network:
     :class:`ChainGenotype` or a mapping ``"block{b}"`` -> op."""
     check_options("chain", options, [f.name for f in dataclasses.fields(ChainConfig)])
     space = ChainSpace(ChainConfig(**options))
-    ops = tuple(g.ops) if isinstance(g, ChainGenotype) else tuple(dict(g).values())
+    ops = (g if isinstance(g, ChainGenotype) else ChainGenotype.from_choices(g)).ops
     if len(ops) != len(space.blocks):
         raise GenotypeError(f"chain genotype has {len(ops)} blocks but the chain space built with "
                             f"{options or 'its defaults'} has {len(space.blocks)}: build it with the options "
