@@ -251,7 +251,8 @@ def _check_layout(ckpt_dir: Path, template: dict, step: int) -> None:
         extra, missing = sorted(set(have) - set(want)), sorted(set(want) - set(have))
         first = "; ".join(([f"it has {extra[0]!r}"] if extra else []) + ([f"this run {missing[0]!r}"] if missing else []))
         raise CheckpointError(f"other weights than this run's ({len(have)} arrays against {len(want)}; {first}): "
-                              "another model's, or an older dnas's per-layer NNX layout; start a new run")
+                              "another model's, or an older dnas's layout of it (an NNX model's per-layer arrays, "
+                              "the chain space's SearchSpace module); start a new run")
 
 
 def _restore(ckpt_dir: Path, template, step: int):

@@ -126,6 +126,6 @@ def test_a_checkpoint_of_the_per_layer_layout_is_refused_by_name(tmp_path):
     stacked = make_searcher(NNXSpace(Net(nnx.Rngs(0))), "darts")
     template = stacked.init(jax.random.PRNGKey(0))
     with pytest.warns(UserWarning), pytest.raises(CheckpointError, match=r"other weights than this run's .*it has "
-                                                                        r"'batch_stats/bn/mean'.*per-layer NNX layout"):
+                                                                        r"'batch_stats/bn/mean'.*NNX model's per-layer arrays"):
         restore_latest(tmp_path / "checkpoints", template)
     assert restore_latest(tmp_path / "checkpoints", own.init(jax.random.PRNGKey(1)))[2] == 1
