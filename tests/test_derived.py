@@ -132,8 +132,11 @@ def test_chain_network_equals_the_supernet_and_skips_zero_blocks():
     from dnas.supernet.chain import MBConv
     from dnas.supernet.stacked_leaves import WeightLayout
 
-    opts = dict(width_mult=0.25, stage_depths=(2, 1, 1, 1, 1, 1), stem_stride=1, num_classes=5, in_channels=3)
+    # two stages of a block that changes the shape and one that keeps it (a residual connection)
+    opts = dict(width_mult=0.25, stage_widths=(24, 48), stage_depths=(2, 2), stage_strides=(2, 1), stem_stride=1,
+                last_channels=64, num_classes=5, in_channels=3)
     space = build_space("chain", **opts)
+    assert [g for g, *_r in space.blocks] == ["reshape", "keep", "reshape", "keep"]
     ops = []
     for b, (group, *_rest) in enumerate(space.blocks):
         names = space.group_op_names(f"block{b}")
