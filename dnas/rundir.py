@@ -233,9 +233,10 @@ def _leaf_names(tree, parts=("params", "batch_stats")) -> list[str]:
 
 def _check_layout(ckpt_dir: Path, template: dict, step: int) -> None:
     """Refuse a checkpoint whose weights or BatchNorm statistics are other arrays than this
-    run's (another model, or an NNX model's weights written per layer by a dnas before
-    :mod:`dnas.supernet.stacked_leaves`), naming the first difference; orbax's own error
-    for it does not say what is wrong."""
+    run's (another model, an NNX model's weights written per layer by a dnas before
+    :mod:`dnas.supernet.stacked_leaves`, or the chain space's weights from before it was an
+    NNX model), naming the first difference; orbax's own error for it does not say what is
+    wrong."""
     import orbax.checkpoint as ocp
     try:
         with ocp.StandardCheckpointer() as reader:
