@@ -220,6 +220,10 @@ class _OpCandidates:
     def all(self, x):
         return [op(x) for op in self.modules], None
 
+    def static(self, index: int, x):
+        """Only candidate ``index``, a Python integer, run in place (no switch)."""
+        return self.modules[index](x), None
+
     def one(self, index, x, state=None):
         # the weights always come from the modules (a state threaded through two sampled paths,
         # as ProxylessNAS's, brings its BatchNorm statistics only), so their gradient has one path
@@ -296,6 +300,9 @@ class _InputCandidates:
 
     def all(self, x):
         return list(self.inputs), None
+
+    def static(self, index: int, x):
+        return self.inputs[index], None
 
     def one(self, index, x, state=None):
         return lax.switch(index, [lambda i=i: self.inputs[i] for i in range(self.num)]), state

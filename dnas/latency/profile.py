@@ -325,11 +325,7 @@ def profile_space(space, batch_size: int = 1, input_size: int | None = None, rep
 
 def _static_mix(sample, candidates, x):
     """Run only the chosen op; ``sample`` is a concrete (numpy) op index."""
-    i = int(np.asarray(sample))
-    if not hasattr(candidates, "layers"):   # an NNX choice point's modules (dnas.nnx)
-        return candidates.modules[i](x), None
-    y, s = candidates.layers[i].apply(candidates.params[i], candidates.state[i], x, candidates.ctx)
-    return y, candidates.state[:i] + (s,) + candidates.state[i + 1:]
+    return candidates.static(int(np.asarray(sample)), x)
 
 
 def _discrete_space(space):

@@ -219,7 +219,11 @@ class ChainSpace(NNXSpace):
         self.config = config
         self.kernels = resolve(config.kernels)
         self.plan = chain_plan(config)
-        self.blocks = list(self.plan.blocks)   # (group, index in group, c_in, c_out, stride)
+
+    @property
+    def blocks(self) -> tuple:
+        """The searchable blocks, ``(group, index in group, c_in, c_out, stride)`` (the plan's)."""
+        return self.plan.blocks
 
     def apply(self, params, state, x, samples, mix, ctx):
         return super().apply(params, state, x, samples, mix, L.with_kernels(ctx, self.kernels))

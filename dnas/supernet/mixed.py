@@ -47,6 +47,12 @@ class Candidates:
             states.append(s)
         return outs, tuple(states)
 
+    def static(self, index: int, x: jax.Array) -> tuple[jax.Array, tuple]:
+        """Evaluate only candidate ``index``, a Python integer (a discrete architecture compiled
+        as such, no switch); returns its output and the state tuple with its state updated."""
+        y, s = self.layers[index].apply(self.params[index], self.state[index], x, self.ctx)
+        return y, self.state[:index] + (s,) + self.state[index + 1:]
+
     def one(self, index: jax.Array, x: jax.Array, state: tuple | None = None) -> tuple[jax.Array, tuple]:
         """Evaluate only candidate ``index`` (a traced integer) with ``lax.switch``.
 

@@ -102,10 +102,7 @@ class NNXSpace(SearchSpace):
         return nnx.merge(self.graphdef, params, stats, self._rest, copy=True)
 
     def apply(self, params, state, x, samples, mix, ctx):
-        params, state = self.unstacked(params, state)
-        model = set_search_mode(nnx.merge(self.graphdef, params, state, self._rest, copy=True),
-                                train=bool(ctx.train), axis_name=ctx.axis_name)
-        follow_policy(model, policy(ctx), members=ctx.members, compute_dtype=ctx.compute_dtype)
+        model = merged_for(ctx, self.graphdef, *self.unstacked(params, state), self._rest, members=ctx.members)
         with mixing(samples, mix, ctx):
             logits = model(x)
         if self.num_classes is not None and logits.shape[-1] != self.num_classes:
@@ -157,19 +154,13 @@ class NNXSpace(SearchSpace):
         """The chosen column of every group (an input choice: its best chosen input). A
         genotype without one of the model's labels, or choosing what a point does not offer, is
         a ``GenotypeError`` naming it."""
-        from dnas.supernet.genotype import GenotypeError
-
         choices = dict(genotype.items())
         out = {}
         for label, point in self.points.items():
-            if label not in choices:
-                raise GenotypeError(f"the {self.name} space's choice point {label!r} is not in the genotype "
-                                    f"{type(genotype).__name__} (labels: {', '.join(map(str, choices))})")
-            c = choices[label]
-            if isinstance(point, Choice) and c not in point.names:
-                raise GenotypeError(f"choice point {label!r} of the {self.name} space cannot be {c!r}; "
-                                    f"its ops: {', '.join(point.names)}")
-            out[label] = np.array([point.names.index(c) if isinstance(point, Choice) else int(c[0])])
+            if isinstance(point, Choice):
+                out[label] = np.array([self.chosen_column(choices, label, point.names, genotype)])
+            else:
+                out[label] = np.array([int(self.choice_at(choices, label, genotype)[0])])
         return out
 
     # ------------------------------------------------------------------ the derived network
@@ -202,12 +193,9 @@ class NNXSpace(SearchSpace):
             return layout.stacked(nnx.to_pure_dict(params), nnx.to_pure_dict(stats))
 
         def apply(params, stats, x, ctx, drop=None):
-            params, stats = layout.unstacked(params, stats)
             # dropout on in training, its masks drawn from the step's key (per device when data parallel)
-            model = set_search_mode(nnx.merge(graphdef, params, stats, rest, copy=True), train=bool(ctx.train),
-                                    axis_name=ctx.axis_name,
-                                    dropout_key=None if drop is None else drop_key(drop, ctx, 0))
-            follow_policy(model, policy(ctx), compute_dtype=ctx.compute_dtype)
+            model = merged_for(ctx, graphdef, *layout.unstacked(params, stats), rest,
+                               dropout_key=None if drop is None else drop_key(drop, ctx, 0))
             logits = model(x)
             if num_classes is not None and logits.shape[-1] != num_classes:
                 raise ValueError(f"{self.name} returns {logits.shape[-1]} logits per example; the data has "
@@ -224,6 +212,19 @@ class NNXSpace(SearchSpace):
                 "choice_points": {label: list(p.names) for label, p in self.points.items()}}
 
 
+def merged_for(ctx, graphdef, params, stats, rest, members: bool = False,
+               dropout_key: jax.Array | None = None) -> nnx.Module:
+    """A fresh module of ``graphdef`` holding ``params`` and ``stats`` (pure dicts), in the mode
+    one traced pass under ``ctx`` runs it in: BatchNorm on batch statistics in training and
+    synchronised over ``ctx.axis_name``, dropout on only given a ``dropout_key``
+    (:func:`~dnas.nnx.set_search_mode`), and the kernel policy's convolutions and BatchNorm
+    (:func:`~dnas.supernet.nnx_kernels.follow_policy`). What the supernet, the derived network
+    and :func:`module_layer` each run."""
+    model = set_search_mode(nnx.merge(graphdef, params, stats, rest, copy=True), train=bool(ctx.train),
+                            axis_name=ctx.axis_name, dropout_key=dropout_key)
+    return follow_policy(model, policy(ctx), members=members, compute_dtype=ctx.compute_dtype)
+
+
 def module_layer(make: Callable[[nnx.Rngs], nnx.Module]) -> Layer:
     """A module of an NNX model as a pure ``init``/``apply`` pair
     (:class:`~dnas.supernet.layers.Layer`), for what times or measures parts of a network one
@@ -238,9 +239,7 @@ def module_layer(make: Callable[[nnx.Rngs], nnx.Module]) -> Layer:
         return nnx.to_pure_dict(params), nnx.to_pure_dict(stats)
 
     def apply(params, stats, x, ctx):
-        module = set_search_mode(nnx.merge(graphdef, params, stats, rest, copy=True), train=bool(ctx.train),
-                                 axis_name=ctx.axis_name)
-        follow_policy(module, policy(ctx), compute_dtype=ctx.compute_dtype)
+        module = merged_for(ctx, graphdef, params, stats, rest)
         y = module(x)
         return y, nnx.to_pure_dict(nnx.state(module, nnx.BatchStat))
 

@@ -165,23 +165,30 @@ class SearchSpace:
         through :meth:`choice_labels` (the same for every space; DARTS: the edges derivation
         dropped are ``none``). A genotype of another space is a ``GenotypeError`` naming the
         missing label. What the architecture's table latency and the early-stopping rules read."""
+        choices = dict(genotype.items())   # a built-in genotype computes its mapping on each access
+        return {group: np.array([self.chosen_column(choices, label, self.group_op_names(group), genotype)
+                                 for label in self.choice_labels(group)], np.int64)
+                for group in self.groups}
+
+    def choice_at(self, choices: dict, label: str, genotype):
+        """What ``choices`` (``genotype``'s mapping) picks at ``label``; a missing label is a
+        ``GenotypeError`` naming it."""
         from dnas.supernet.genotype import GenotypeError
 
-        choices = dict(genotype.items())   # a built-in genotype computes its mapping on each access
-        out = {}
-        for group in self.groups:
-            names = list(self.group_op_names(group))
-            idx = []
-            for label in self.choice_labels(group):
-                if label not in choices:
-                    raise GenotypeError(f"the {self.name} space's choice point {label!r} is not in the genotype "
-                                        f"{type(genotype).__name__} (labels: {', '.join(choices)})")
-                if choices[label] not in names:
-                    raise GenotypeError(f"choice point {label!r} of the {self.name} space cannot be "
-                                        f"{choices[label]!r}; its ops: {', '.join(names)}")
-                idx.append(names.index(choices[label]))
-            out[group] = np.array(idx, np.int64)
-        return out
+        if label not in choices:
+            raise GenotypeError(f"the {self.name} space's choice point {label!r} is not in the genotype "
+                                f"{type(genotype).__name__} (labels: {', '.join(map(str, choices))})")
+        return choices[label]
+
+    def chosen_column(self, choices: dict, label: str, names, genotype) -> int:
+        """The column of ``names`` that ``choices`` picks at ``label`` (:meth:`choice_at`); an op
+        the choice point does not offer is a ``GenotypeError`` naming it."""
+        from dnas.supernet.genotype import GenotypeError
+
+        if self.choice_at(choices, label, genotype) not in names:
+            raise GenotypeError(f"choice point {label!r} of the {self.name} space cannot be "
+                                f"{choices[label]!r}; its ops: {', '.join(names)}")
+        return list(names).index(choices[label])
 
     def random_indices(self, rng: np.random.Generator) -> dict[str, np.ndarray]:
         """A random discrete architecture as op indices per group (what ``dnas latency
