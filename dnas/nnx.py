@@ -100,11 +100,18 @@ class Choice(nnx.Module):
     earlier edge in the model's graph order, the earlier option). Without ``keep`` a choice
     point derives its best option, ``none`` included (NAS-Bench-201's rule). Edges of one node
     must agree on ``keep`` and ``none``.
+
+    ``group``: choice points with the same ``group`` are the rows of one architecture matrix α
+    (in the model's graph order; they must offer the same options), as the edges of a
+    NAS-Bench-201 or DARTS cell are: what the relaxations sample per group, the pictures and
+    ``alphas.json`` then show as one matrix. Without it a choice point is a group of its own,
+    named by its label. A genotype is keyed by labels either way.
     """
 
     def __init__(self, options: Mapping[str, Any], label: str, *, node: str | None = None,
-                 keep: int | None = None, none: str = "none"):
+                 keep: int | None = None, none: str = "none", group: str | None = None):
         self.label = _check_label(label, "Choice")
+        self.group = label if group is None else _check_label(group, f"Choice {label!r}: group")
         if not isinstance(options, Mapping) or len(options) < 2:
             raise ValueError(f"Choice {label!r}: options must be a mapping name -> module with at least two "
                              f"candidates, got {options!r}")
@@ -311,8 +318,8 @@ class _InputCandidates:
 class _Mixing:
     """The samples of one forward pass of the supernet, by label, and the relaxation's mix."""
 
-    def __init__(self, samples: Mapping[str, Any], mix: Callable, ctx):
-        self.samples, self.mix, self.ctx = samples, mix, ctx
+    def __init__(self, samples: Mapping[str, Any], mix: Callable, ctx, rows: Mapping[str, tuple] | None = None):
+        self.samples, self.mix, self.ctx, self.rows = samples, mix, ctx, rows or {}
         # the kernel policy's pin_nodes: a choice point's input (a node of a cell, usually a sum
         # of other choice points' outputs) stored once, as the built-in cells' node sums are
         # (dnas.supernet.mixed.node_sum); by identity, so several points reading one node pin it once
@@ -332,10 +339,11 @@ class _Mixing:
         self._pinned[id(stored)] = (stored, stored)
 
     def _sample(self, label: str):
-        if label not in self.samples:
+        group, row = self.rows.get(label, (label, 0))
+        if group not in self.samples:
             raise KeyError(f"choice point {label!r} has no sample in this forward pass (known: {sorted(self.samples)}); "
                            "was the model changed after the search space was built?")
-        return jax.tree_util.tree_map(lambda a: a[0], self.samples[label])
+        return jax.tree_util.tree_map(lambda a: a[row], self.samples[group])
 
     def choose(self, choice: Choice, x):
         y, state = self.mix(self._sample(choice.label), _OpCandidates(choice.candidates, self.ctx), self._input(x))
@@ -369,10 +377,11 @@ def _activated(m: _Mixing):
         _ACTIVE.reset(token)
 
 
-def mixing(samples: Mapping[str, Any], mix: Callable, ctx=None):
+def mixing(samples: Mapping[str, Any], mix: Callable, ctx=None, rows: Mapping[str, tuple] | None = None):
     """Within this context every choice point of a model mixes its candidates with ``mix``
-    (a relaxation's) and its sample ``samples[label]`` (leading axis of length 1)."""
-    return _activated(_Mixing(samples, mix, ctx))
+    (a relaxation's) and its sample: row ``r`` of ``samples[group]`` where ``rows[label]`` is
+    ``(group, r)``; a label not in ``rows`` reads row 0 of ``samples[label]``."""
+    return _activated(_Mixing(samples, mix, ctx, rows))
 
 
 class _FirstCandidates(_Mixing):
@@ -398,7 +407,7 @@ def first_candidates(record: Callable[[Choice, Any], None] | None = None):
 
 def scan(f: Callable, **scan_options) -> Callable:
     """``nnx.scan(f, **scan_options)`` for a loop over repeated cells of a searched model (a
-    stage of cells whose weights are stacked by ``nnx.vmap``; ``examples/nnx_nb201.py``): the
+    stage of cells whose weights are stacked by ``nnx.vmap``; :mod:`dnas.supernet.nb201`): the
     stage then traces and compiles one cell instead of all of them.
 
     The difference from ``nnx.scan`` is the kernel policy's loop formulation: while the loop
@@ -464,7 +473,8 @@ def draws_random_numbers(model: nnx.Module) -> bool:
 def _signature(point) -> tuple:
     """What the uses of one label must agree on to share one decision."""
     if isinstance(point, Choice):
-        return ("Choice", point.names) + ((point.node, point.keep, point.none) if point.node is not None else ())
+        return (("Choice", point.names, point.group)
+                + ((point.node, point.keep, point.none) if point.node is not None else ()))
     return ("InputChoice", point.n_candidates, point.n_chosen, point.reduction)
 
 
@@ -504,6 +514,23 @@ def choice_points(model: nnx.Module) -> dict[str, tuple[tuple, Choice | InputCho
     """``{label: (path, choice point)}`` in the model's graph order: each label's first use
     (:func:`choice_point_uses` has them all)."""
     return {label: uses[0] for label, uses in choice_point_uses(model).items()}
+
+
+def group_rows(points: Mapping[str, Choice | InputChoice]) -> dict[str, tuple[str, int]]:
+    """``{label: (group, row)}``: where each choice point's row of α is (:class:`Choice`
+    ``group``; rows in the order of ``points``, a label without a group its own group's row 0).
+    The points of one group must offer the same options (a ValueError names them)."""
+    rows: dict[str, tuple[str, int]] = {}
+    first: dict[str, str] = {}
+    for label, p in points.items():
+        group = getattr(p, "group", label)
+        if group in first and points[first[group]].names != p.names:
+            raise ValueError(f"the choice points {first[group]!r} and {label!r} of group {group!r} offer different "
+                             f"options ({list(points[first[group]].names)} vs {list(p.names)}): the rows of one "
+                             "group's α share its columns")
+        first.setdefault(group, label)
+        rows[label] = (group, sum(1 for g, _ in rows.values() if g == group))
+    return rows
 
 
 def _path(path) -> str:

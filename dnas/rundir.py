@@ -234,8 +234,8 @@ def _leaf_names(tree, parts=("params", "batch_stats")) -> list[str]:
 def _check_layout(ckpt_dir: Path, template: dict, step: int) -> None:
     """Refuse a checkpoint whose weights or BatchNorm statistics are other arrays than this
     run's (another model, an NNX model's weights written per layer by a dnas before
-    :mod:`dnas.supernet.stacked_leaves`, or the chain space's weights from before it was an
-    NNX model), naming the first difference; orbax's own error for it does not say what is
+    :mod:`dnas.supernet.stacked_leaves`, or the chain's or NAS-Bench-201's weights from before
+    those spaces were NNX models), naming the first difference; orbax's own error for it does not say what is
     wrong."""
     import orbax.checkpoint as ocp
     try:
@@ -253,7 +253,7 @@ def _check_layout(ckpt_dir: Path, template: dict, step: int) -> None:
         first = "; ".join(([f"it has {extra[0]!r}"] if extra else []) + ([f"this run {missing[0]!r}"] if missing else []))
         raise CheckpointError(f"other weights than this run's ({len(have)} arrays against {len(want)}; {first}): "
                               "another model's, or an older dnas's layout of it (an NNX model's per-layer arrays, "
-                              "the chain space's SearchSpace module); start a new run")
+                              "the chain or nb201 space's SearchSpace module); start a new run")
 
 
 def _restore(ckpt_dir: Path, template, step: int):

@@ -52,21 +52,28 @@ def _onehot(ops, names):
 
 
 def test_nb201_network_equals_the_supernet_at_a_one_hot_architecture():
+    """The derived NB201 network is dnas.fix of the supernet (affine cells): with the supernet's
+    weights of the chosen ops it computes the one-hot supernet's logits, in training and in
+    inference, and holds only the chosen convolutions' weights."""
+    from flax import nnx
+
+    from dnas.nnx import Zero, fix
+    from dnas.supernet.stacked_leaves import WeightLayout
+
     g = parse_nb201("|nor_conv_3x3~0|+|none~0|avg_pool_3x3~1|+|skip_connect~0|nor_conv_1x1~1|nor_conv_3x3~2|")
     opts = dict(channels=4, cells_per_stage=2, num_classes=5, in_channels=3)
     space = build_space("nb201", affine=True, **opts)
     sp, ss = space.init(jax.random.PRNGKey(1))
     net = build_network(g, **opts)
-    dp, ds = net.init(jax.random.PRNGKey(2))
-    kept = [e for e, op in enumerate(g.ops) if op != "none"]
-    for i in range(3):
-        dp[f"stage{i}"] = [tuple(_at(sp[f"stage{i}"][NB201_OPS.index(g.ops[e])], c, e) for e in kept)
-                           for c in range(2)]
-        ds[f"stage{i}"] = [tuple(_at(ss[f"stage{i}"][NB201_OPS.index(g.ops[e])], c, e) for e in kept)
-                           for c in range(2)]
-    for k in ("stem", "reduce0", "reduce1", "head_bn", "classifier"):
-        dp[k] = sp[k]
-        ds[k] = ss.get(k, ds.get(k))
+    fixed = fix(space.module(sp, ss), g)
+    assert isinstance(fixed.stages[1][0].edges[1], Zero)
+    fp, fs = (nnx.to_pure_dict(s) for s in nnx.state(fixed, nnx.Param, nnx.BatchStat))
+    dp, ds = WeightLayout(fp, fs, True).stacked(fp, fs)
+    # the network's own weights have the fixed model's shapes: 3 convolutions per cell, 6 cells
+    assert jax.tree_util.tree_map(jnp.shape, net.init(jax.random.PRNGKey(2))) == jax.tree_util.tree_map(
+        jnp.shape, (dp, ds))
+    paths = ["/".join(str(k.key) for k in path) for path, _ in jax.tree_util.tree_flatten_with_path(fp)[0]]
+    assert sum(1 for p in paths if p.startswith("stages/") and p.endswith("/kernel")) == 3 * 6
     x = jax.random.normal(jax.random.PRNGKey(3), (6, 8, 8, 3))
     samples = {"cell": _onehot(g.ops, NB201_OPS)}
     for train in (True, False):

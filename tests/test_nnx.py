@@ -693,10 +693,10 @@ class OneNode(nnx.Module):
     """A cell node summing three labelled edges that keep two, each a 3x3 convolution, a skip
     or ``none``."""
 
-    def __init__(self, rngs, c=4):
+    def __init__(self, rngs, c=4, group=None):
         self.stem = nnx.Conv(1, c, (3, 3), rngs=rngs)
         self.edges = nnx.List([Choice({"conv": nnx.Conv(c, c, (3, 3), rngs=rngs), "skip": Identity(), "none": Zero()},
-                                      label=f"e{i}", node="n", keep=2) for i in range(3)])
+                                      label=f"e{i}", node="n", keep=2, group=group) for i in range(3)])
         self.head = nnx.Linear(c, 10, rngs=rngs)
 
     def __call__(self, x):
@@ -724,3 +724,57 @@ def test_perturbation_selection_on_a_user_models_cell_node():
     g = sel["genotype"]
     assert [g[label] for label in ("e0", "e1", "e2")] == [
         "none" if label == dropped else chosen[label]["chosen"] for label in ("e0", "e1", "e2")]
+
+
+def test_grouped_choice_points_are_the_rows_of_one_alpha():
+    """``Choice(..., group=)``: the choice points of a group are the rows of one α matrix (in
+    graph order), and the search computes with it what it computes with one α row per label:
+    the same logits and α-gradient, PC-DARTS's edge weights row by row, the same genotype."""
+    grouped, plain = NNXSpace(OneNode(nnx.Rngs(0), group="cell")), NNXSpace(OneNode(nnx.Rngs(0)))
+    labels = ["e0", "e1", "e2"]
+    assert grouped.groups == {"cell": (3, 3)} and plain.groups == {lab: (1, 3) for lab in labels}
+    assert grouped.choice_point_names("cell") == labels
+    assert grouped.choice_point_nodes("cell") == [("node", "n")] * 3
+    params, stats = grouped.init(jax.random.PRNGKey(0))
+    pparams, pstats = plain.init(jax.random.PRNGKey(0))
+    alpha = jnp.asarray(np.random.default_rng(1).standard_normal((3, 3)), jnp.float32)
+    x = _x(4)
+
+    def loss(space, p, s, to_samples):
+        def f(a):
+            logits, _ = space.apply(p, s, x, to_samples(jax.nn.softmax(a, -1)), dense_mix, Ctx(train=True))
+            return jnp.sum(jnp.sin(logits)), logits
+        return jax.value_and_grad(f, has_aux=True)(alpha)
+
+    (_, got), got_g = loss(grouped, params, stats, lambda w: {"cell": w})
+    (_, want), want_g = loss(plain, pparams, pstats, lambda w: {lab: w[i][None] for i, lab in enumerate(labels)})
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(got_g, want_g, rtol=1e-4, atol=1e-6)
+    assert float(jnp.abs(got_g).max()) > 1e-3
+
+    beta = jnp.asarray([0.3, -1.0, 2.0], jnp.float32)
+    pg = get_relaxation("pc_darts", space=grouped, k=1).sample({"alpha": {"cell": alpha}, "beta": {"cell": beta}},
+                                                               None, 0.0)
+    pp = get_relaxation("pc_darts", space=plain, k=1).sample(
+        {"alpha": {lab: alpha[i][None] for i, lab in enumerate(labels)},
+         "beta": {lab: beta[i:i + 1] for i, lab in enumerate(labels)}}, None, 0.0)
+    np.testing.assert_allclose(pg["cell"], np.concatenate([pp[lab] for lab in labels]), rtol=1e-6)
+    assert not np.allclose(pg["cell"], jax.nn.softmax(alpha, -1), atol=1e-2)   # the edges are weighed by β
+
+    g = grouped.derive({"cell": alpha})
+    assert g.choices == plain.derive({lab: alpha[i][None] for i, lab in enumerate(labels)}).choices
+    np.testing.assert_array_equal(grouped.genotype_indices(g)["cell"],
+                                  [plain.genotype_indices(g)[lab][0] for lab in labels])
+
+
+def test_a_group_of_choice_points_with_other_options_is_refused():
+    class Mixed(nnx.Module):
+        def __init__(self, rngs):
+            self.a = Choice({"skip": Identity(), "none": Zero()}, label="a", group="g")
+            self.b = Choice({"skip": Identity(), "tanh": jnp.tanh}, label="b", group="g")
+
+        def __call__(self, x):
+            return self.b(self.a(x))
+
+    with pytest.raises(ValueError, match="'a' and 'b' of group 'g' offer different options"):
+        NNXSpace(Mixed(nnx.Rngs(0)))

@@ -7,15 +7,12 @@ import pytest
 
 from dnas.cli import build_parser
 from dnas.searcher import make_searcher
-from examples.nnx_nb201 import space as nnx_nb201
 
 SPACES = {"nb201": {"channels": 8, "cells_per_stage": 1},
           "darts": {"channels": 8, "layers": 1, "impl": "native"}}
 
 
 def _searcher(space, precision, relaxation="darts"):
-    if space == "nnx_nb201":   # a user's Flax model: the kernel policy's convolutions read bfloat16 too
-        return make_searcher(nnx_nb201(channels=8, cells_per_stage=1), relaxation, precision=precision)
     return make_searcher(space, relaxation, space_options={"num_classes": 10, **SPACES[space]},
                          precision=precision)
 
@@ -48,7 +45,7 @@ def _operand_dtypes(space, precision):
     return convs, dots, reductions
 
 
-@pytest.mark.parametrize("space", [*sorted(SPACES), "nnx_nb201"])
+@pytest.mark.parametrize("space", sorted(SPACES))   # nb201 is a Flax NNX model, darts a SearchSpace
 def test_convolutions_compute_in_bfloat16_and_the_rest_in_float32(space):
     convs, dots, reductions = _operand_dtypes(space, "bfloat16")
     assert convs, "expected convolutions in the traced step"
@@ -64,8 +61,7 @@ def test_convolutions_compute_in_bfloat16_and_the_rest_in_float32(space):
 
 
 @pytest.mark.parametrize("space", [pytest.param("nb201", marks=pytest.mark.slow),
-                                   pytest.param("darts", marks=pytest.mark.slow),
-                                   pytest.param("nnx_nb201", marks=pytest.mark.slow)])
+                                   pytest.param("darts", marks=pytest.mark.slow)])
 def test_bfloat16_gradients_stay_well_inside_the_minibatch_noise(space):
     """The α gradient of a bfloat16 step differs from float32's far less than the float32
     gradients of two minibatches differ from each other (measured: 0.30 against 1.86 on

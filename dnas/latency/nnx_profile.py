@@ -73,10 +73,10 @@ def profile_choice_points(space, input_shape: tuple, batch_size: int = 1, repeat
     with LoadMonitor() as load:
         overhead = dispatch_overhead(batch_size, repeats, warmup, statistic=statistic) if subtract_overhead else 0.0
         for label, uses in choice_point_uses(model).items():
-            point = uses[0][1]
+            point, (group, row) = uses[0][1], space.rows[label]
             if not isinstance(point, Choice):
                 for name in point.names:
-                    entries[choice_key(label, 0, name)] = {"mean_ms": 0.0, "std_ms": 0.0, "count": 0}
+                    entries[choice_key(group, row, name)] = {"mean_ms": 0.0, "std_ms": 0.0, "count": 0}
                 first[label] = (0,)
                 continue
             # a shared label costs the sum over its uses (each its own module, at its own input shape)
@@ -85,14 +85,15 @@ def profile_choice_points(space, input_shape: tuple, batch_size: int = 1, repeat
             for j, name in enumerate(point.names):
                 ms = sum(max(_time_module(p.candidates[j], x, repeats, warmup, statistic) - overhead, 0.0)
                          for p, x in used)
-                entries[choice_key(label, 0, name)] = {"mean_ms": ms, "std_ms": float("nan"), "count": repeats}
+                entries[choice_key(group, row, name)] = {"mean_ms": ms, "std_ms": float("nan"), "count": repeats}
                 if progress:
                     print(f"  {label}/{name}: {ms:.4f} ms")
             first[label] = point.names[0]
         net = fix(model, first)
         x = jnp.asarray(rng.standard_normal((batch_size, *input_shape)), jnp.float32)
         whole = _time_module(net, x, repeats, warmup, statistic) - overhead
-        chosen = sum(entries[choice_key(label, 0, c)]["mean_ms"] for label, c in first.items() if isinstance(c, str))
+        chosen = sum(entries[choice_key(*space.rows[label], c)]["mean_ms"] for label, c in first.items()
+                     if isinstance(c, str))
         entries[FIXED_KEY] = {"mean_ms": max(whole - chosen, 0.0), "std_ms": float("nan"), "count": repeats}
     meta = runtime_meta(dtype="float32", batch_size=batch_size, input_size=int(input_shape[0]), method="profile",
                         space=space.name, granularity="choice_point", statistic=statistic, repeats=repeats,

@@ -24,9 +24,7 @@ import functools
 import jax.numpy as jnp
 from flax import nnx
 
-from dnas.backend import resolve
 from dnas.nnx import Choice, Zero
-from dnas.supernet import layers as L
 from dnas.supernet.genotype import ChainGenotype, GenotypeError
 from dnas.supernet.network import Network, check_options
 from dnas.supernet.nnx_kernels import TorchBatchNorm
@@ -215,18 +213,14 @@ class ChainSpace(NNXSpace):
         return {k: (tuple(v) if isinstance(v, list) else v) for k, v in space_options.items() if k in fields}
 
     def __init__(self, config: ChainConfig = ChainConfig()):
-        super().__init__(functools.partial(ChainNet, config=config), name="chain")
+        super().__init__(functools.partial(ChainNet, config=config), name="chain", kernels=config.kernels)
         self.config = config
-        self.kernels = resolve(config.kernels)
         self.plan = chain_plan(config)
 
     @property
     def blocks(self) -> tuple:
         """The searchable blocks, ``(group, index in group, c_in, c_out, stride)`` (the plan's)."""
         return self.plan.blocks
-
-    def apply(self, params, state, x, samples, mix, ctx):
-        return super().apply(params, state, x, samples, mix, L.with_kernels(ctx, self.kernels))
 
     def describe(self) -> dict:
         """The config (what a run's ``config.json`` records under ``resolved.space_options``, and

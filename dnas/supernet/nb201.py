@@ -1,16 +1,21 @@
-"""The NAS-Bench-201 search space (Dong & Yang, ICLR 2020), described once.
+"""The NAS-Bench-201 search space (Dong & Yang, ICLR 2020), declared once as a Flax NNX model.
 
-The network's fixed parts, a 3x3 convolution stem to C channels and BN, three stages of N cells
-with C, 2C, 4C channels joined by residual reduction blocks, BN + ReLU, global average pooling
-and a linear classifier, are built by one function (:func:`nb201_macro`). Three things follow
+:class:`NB201Net` is the network: a 3x3 convolution stem to C channels and BN, three stages of N
+cells with C, 2C, 4C channels joined by residual reduction blocks, BN + ReLU, global average
+pooling and a linear classifier. Each cell's six edges ``s->d`` (:data:`NB201_EDGES`) are
+:class:`~dnas.nnx.Choice` points among the five ops of :data:`NB201_OPS`, labelled ``"0->1"`` ..
+``"2->3"`` and shared by every cell (one architecture decision for all cells, as in the
+benchmark) and grouped as the rows of one α matrix, ``cell`` (6 x 5). Everything else follows
 from it:
 
-* the supernet :class:`NB201Space`: each cell's 6 edges (:data:`NB201_EDGES`) mix the 5 ops of
-  :data:`NB201_OPS`, one ``cell`` group of α shared by every cell; the cells of a stage are stacked
-  and scanned, and the edges of a cell too (:func:`dnas.supernet.mixed.scan_edges`);
-* the stand-alone network a genotype names (:func:`nb201_network`, ``NB201Space.network``), what
-  ``dnas train`` trains and the benchmark's table scores;
-* the latency walk (``NB201Space.latency_walk``), every use of every choice point with its shape.
+* the supernet :class:`NB201Space` (:class:`~dnas.supernet.nnx_space.NNXSpace` of the model:
+  the cells of a stage unrolled on XLA:CPU, scanned with stacked weights elsewhere or under
+  ``--loops scan``/``scan-cells``);
+* the stand-alone network a genotype names (:func:`nb201_network`): :func:`dnas.fix` of the
+  model with affine BatchNorm in the cells, what ``dnas train`` trains and the benchmark's table
+  scores;
+* the latency walk (:meth:`NB201Space.latency_walk`), every use of every choice point with its
+  shape, its parts built from the model's own modules.
 
 The genotype is the label -> op mapping ``{"0->1": op, ..}`` printed as the benchmark's arch
 string (:class:`dnas.supernet.genotype.NB201Genotype`).
@@ -18,19 +23,23 @@ string (:class:`dnas.supernet.genotype.NB201Genotype`).
 from __future__ import annotations
 
 import dataclasses
-from typing import NamedTuple
+import functools
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
+import dnas.nnx
 from dnas.backend import resolve
+from dnas.nnx import Choice, Identity, Zero, node_sum
 from dnas.supernet import layers as L
-from dnas.supernet.genotype import NB201_EDGES, NB201_OPS, NB201Genotype, derive_nb201, nb201_labels, parse_nb201
-from dnas.supernet.mixed import MixedOp, scan_edges, unrolled_edges
-from dnas.supernet.network import Network, Output, check_options
-from dnas.supernet.ops import candidate_ops, nb201_op
-from dnas.supernet.space_base import SearchSpace, check_partial
+from dnas.supernet.genotype import NB201_EDGES, NB201_OPS, NB201Genotype, edge_label
+from dnas.supernet.network import Network, check_options
+from dnas.supernet.nnx_kernels import TorchBatchNorm
+from dnas.supernet.nnx_space import NNXSpace, module_layer
+from dnas.supernet.space_base import check_partial
 
 #: The NAS-Bench-201 evaluation network's size (the benchmark trains every cell in it).
 NETWORK_DEFAULTS = {"channels": 16, "cells_per_stage": 5}
@@ -39,7 +48,13 @@ NETWORK_DEFAULTS = {"channels": 16, "cells_per_stage": 5}
 @dataclasses.dataclass(frozen=True)
 class NB201Config:
     """NAS-Bench-201 supernet (Dong & Yang, ICLR 2020): stem, 3 stages of ``cells_per_stage``
-    cells with ``channels``, 2x, 4x channels, separated by residual reduction blocks."""
+    cells with ``channels``, 2x, 4x channels, separated by residual reduction blocks.
+    ``affine``: the cells' BatchNorm has a scale and bias (off in the search, as in the
+    benchmark's search code; on in the evaluation network). ``unroll``: the cells of a stage
+    unrolled (``True``) or scanned with stacked weights (``False`` / ``"scan_cells"``; the six
+    edges of a cell are unrolled either way), ``None`` the kernel policy's choice
+    (:func:`dnas.supernet.layers.loop_mode`). ``impl`` is accepted for a uniform interface: the
+    space has no depthwise convolution."""
 
     channels: int = 16
     cells_per_stage: int = 5
@@ -52,48 +67,173 @@ class NB201Config:
     kernels: str = "auto"                # dnas.backend kernel policy: auto, xla_cpu or native
 
 
-def _resnet_block(c_in: int, c_out: int, stride: int) -> L.Layer:
-    """NAS-Bench-201's residual reduction block: two ReLU-conv-BN 3x3 + avg-pool/1x1 shortcut."""
-    conv_a = L.relu_conv_bn(c_in, c_out, 3, stride, 1, affine=True)
-    conv_b = L.relu_conv_bn(c_out, c_out, 3, 1, 1, affine=True)
-    short = L.sequential(L.avg_pool(2, 2, 0), L.conv(c_in, c_out, 1, 1, 0))
-
-    def init(key):
-        ka, kb, ks = jax.random.split(key, 3)
-        (pa, sa), (pb, sb), (ps, ss) = conv_a.init(ka), conv_b.init(kb), short.init(ks)
-        return {"a": pa, "b": pb, "short": ps}, {"a": sa, "b": sb, "short": ss}
-
-    def apply(p, s, x, ctx):
-        y, sa = conv_a.apply(p["a"], s["a"], x, ctx)
-        y, sb = conv_b.apply(p["b"], s["b"], y, ctx)
-        r, ss = short.apply(p["short"], s["short"], x, ctx)
-        return y + r, {"a": sa, "b": sb, "short": ss}
-
-    return L.Layer(init, apply)
+#: He et al. (ICCV 2015) normal initialisation, variance 2 / fan-in, for every convolution (what
+#: dnas's layer kit drew, and PyTorch's ``kaiming_normal_``); Flax's default (LeCun, 1 / fan-in)
+#: starts the search elsewhere: the planted-cell search (tests/test_planted.py) recovered 2 of 6
+#: edges from it against 6 of 6 from this
+CONV_INIT = nnx.initializers.variance_scaling(2.0, "fan_in", "normal")
 
 
-class NB201Macro(NamedTuple):
-    """The fixed parts of a NAS-Bench-201 network, the same in the supernet and in a derived one."""
-
-    widths: tuple[int, int, int]
-    stem: L.Layer
-    reductions: list
-    head_bn: L.Layer
-    classifier: L.Layer
+def _linear_bias_init(fan_in: int):
+    def init(key, shape, dtype=jnp.float32):
+        bound = 1.0 / np.sqrt(fan_in)
+        return jax.random.uniform(key, shape, dtype, -bound, bound)
+    return init
 
 
-def nb201_macro(channels: int, in_channels: int, num_classes: int) -> NB201Macro:
-    """Stem (3x3 conv + BN), the two residual reduction blocks between the stages (C -> 2C -> 4C),
-    the head's BN and the classifier."""
-    widths = (channels, 2 * channels, 4 * channels)
-    return NB201Macro(widths,
-                      L.sequential(L.conv(in_channels, channels, 3, 1, 1), L.batchnorm(channels, True)),
-                      [_resnet_block(widths[i], widths[i + 1], 2) for i in range(2)],
-                      L.batchnorm(widths[-1], True), L.dense(widths[-1], num_classes))
+def linear(c_in: int, c_out: int, rngs: nnx.Rngs) -> nnx.Linear:
+    """PyTorch's ``nn.Linear`` initialisation (weights and bias uniform in ±1/√fan-in), as the
+    benchmark's classifier and dnas's layer kit."""
+    return nnx.Linear(c_in, c_out, kernel_init=nnx.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform"),
+                      bias_init=_linear_bias_init(c_in), rngs=rngs)
 
 
-class NB201Space(SearchSpace):
-    honours_compute_dtype = True   # every convolution through dnas.supernet.layers._conv
+class ConvBN(nnx.Module):
+    """``[ReLU,] conv (padding k // 2, no bias), BatchNorm`` (PyTorch's conventions, as the
+    benchmark's code: :class:`~dnas.supernet.nnx_kernels.TorchBatchNorm`): NAS-Bench-201's
+    ``ReLUConvBN`` with ``relu=True``, its stem with ``relu=False``."""
+
+    def __init__(self, c_in, c_out, k, rngs, stride=1, affine=True, relu=True):
+        self.conv = nnx.Conv(c_in, c_out, (k, k), strides=stride, padding=[(k // 2, k // 2)] * 2, use_bias=False,
+                             kernel_init=CONV_INIT, rngs=rngs)
+        self.bn = TorchBatchNorm(c_out, rngs, affine=affine)
+        self.relu = relu
+
+    def __call__(self, x):
+        return self.bn(self.conv(jax.nn.relu(x) if self.relu else x))
+
+
+def avg_pool_3x3(x):
+    """3x3 average pooling, stride 1, padding 1, the padding not counted (PyTorch's
+    ``count_include_pad=False``, as the benchmark's ``POOLING``)."""
+    return nn.avg_pool(x, (3, 3), strides=(1, 1), padding=((1, 1), (1, 1)), count_include_pad=False)
+
+
+def nb201_op(name: str, c: int, rngs: nnx.Rngs, affine: bool = False):
+    """One NAS-Bench-201 candidate op (``c`` -> ``c`` channels, stride 1)."""
+    if name == "none":
+        return Zero()
+    if name == "skip_connect":
+        return Identity()
+    if name in ("nor_conv_1x1", "nor_conv_3x3"):
+        return ConvBN(c, c, int(name[-1]), rngs, affine=affine)
+    if name == "avg_pool_3x3":
+        return avg_pool_3x3
+    from dnas.supernet.ops import UnknownOpError
+    raise UnknownOpError(f"unknown NAS-Bench-201 operation {name!r}; valid operations are: {', '.join(NB201_OPS)}")
+
+
+class Cell(nnx.Module):
+    """Node ``d`` sums its incoming edges (:func:`~dnas.nnx.node_sum`); each edge ``s->d`` is a
+    choice among NAS-Bench-201's five ops, labelled ``"s->d"``, marked with its node (PC-DARTS
+    weighs a node's edges against each other; no ``keep``: every edge derives its own best op,
+    ``none`` included, the benchmark's rule) and a row of the ``cell`` group.
+    ``partial_channels=K`` builds the candidates for ``C/K`` channels: PC-DARTS (Xu et al., ICLR
+    2020, eq. 2) runs them on that part of the node and passes the rest by them."""
+
+    def __init__(self, c, rngs, affine=False, partial_channels=1):
+        c //= partial_channels
+        self.edges = nnx.List([Choice({op: nb201_op(op, c, rngs, affine) for op in NB201_OPS},
+                                      label=edge_label(s, d), node=str(d), group="cell")
+                               for s, d in NB201_EDGES])
+
+    def __call__(self, x):
+        nodes = [x]
+        for d in range(1, 4):
+            nodes.append(node_sum([self.edges[e](nodes[s]) for e, (s, dd) in enumerate(NB201_EDGES) if dd == d]))
+        return nodes[3]
+
+
+class ResNetBlock(nnx.Module):
+    """NAS-Bench-201's residual reduction block: two ReLU-conv-BN 3x3 (the first at stride 2)
+    plus a shortcut of 2x2 average pooling and a 1x1 convolution."""
+
+    def __init__(self, c_in, c_out, rngs):
+        self.a = ConvBN(c_in, c_out, 3, rngs, stride=2)
+        self.b = ConvBN(c_out, c_out, 3, rngs)
+        self.short = nnx.Conv(c_in, c_out, (1, 1), use_bias=False, kernel_init=CONV_INIT, rngs=rngs)
+
+    def __call__(self, x):
+        return self.b(self.a(x)) + self.short(nn.avg_pool(x, (2, 2), strides=(2, 2)))
+
+
+class Head(nnx.Module):
+    """BN, ReLU, global average pooling and the linear classifier."""
+
+    def __init__(self, c, num_classes, rngs):
+        self.bn = TorchBatchNorm(c, rngs)
+        self.linear = linear(c, num_classes, rngs)
+
+    def __call__(self, x):
+        return self.linear(jnp.mean(jax.nn.relu(self.bn(x)), axis=(1, 2)))
+
+
+class NB201Net(nnx.Module):
+    """The supernet (the model with every cell's choice points) under ``config``: stem, three
+    stages of cells (C, 2C, 4C channels) with the residual reduction blocks between them, and
+    the head. With ``scan_cells`` each stage is one :class:`Cell` whose weights are stacked over
+    its cells, run by :func:`dnas.nnx.scan` (one traced cell per stage)."""
+
+    def __init__(self, rngs: nnx.Rngs, config: NB201Config = NB201Config(), scan_cells: bool = False):
+        c, n = config.channels, config.cells_per_stage
+        widths = (c, 2 * c, 4 * c)
+        check_partial(widths, config.partial_channels)
+        self.scan_cells = scan_cells
+        self.stem = ConvBN(config.in_channels, c, 3, rngs, relu=False)
+        make = functools.partial(Cell, affine=config.affine, partial_channels=config.partial_channels)
+        if scan_cells:
+            self.stages = nnx.List([_stacked(make, w, n, rngs) for w in widths])
+        else:
+            self.stages = nnx.List([nnx.List([make(w, rngs) for _ in range(n)]) for w in widths])
+        self.reductions = nnx.List([ResNetBlock(widths[i], widths[i + 1], rngs) for i in range(2)])
+        self.head = Head(widths[-1], config.num_classes, rngs)
+
+    def __call__(self, x):
+        x = self.stem(x)
+        for i, stage in enumerate(self.stages):
+            if self.scan_cells:
+                x = dnas.nnx.scan(lambda cell, h: cell(h), in_axes=(0, nnx.Carry), out_axes=nnx.Carry)(stage, x)
+            else:
+                for cell in stage:
+                    x = cell(x)
+            if i < 2:
+                x = self.reductions[i](x)
+        return self.head(x)
+
+
+def _stack_cells(tree: dict) -> dict:
+    """A pure dict of :class:`NB201Net` with unrolled cells -> its scanned form's: each stage's
+    cells' leaves stacked on a leading axis."""
+    stages = {i: jax.tree_util.tree_map(lambda *a: jnp.stack(a), *[stage[c] for c in sorted(stage)])
+              for i, stage in tree["stages"].items()}
+    return {**tree, "stages": stages}
+
+
+def _unstack_cells(tree: dict) -> dict:
+    """The inverse of :func:`_stack_cells`."""
+    def cells(stage):
+        n = jax.tree_util.tree_leaves(stage)[0].shape[0]
+        return {c: jax.tree_util.tree_map(lambda a: a[c], stage) for c in range(n)}
+    return {**tree, "stages": {i: cells(stage) for i, stage in tree["stages"].items()}}
+
+
+def _stacked(make, c, n, rngs) -> Cell:
+    """``n`` cells as one :class:`Cell` whose weights have a leading axis of length ``n``
+    (``nnx.vmap`` of the constructor, each cell its own initialisation), for ``nnx.scan``."""
+    @nnx.split_rngs(splits=n)
+    @nnx.vmap(in_axes=(0,), out_axes=0)
+    def build(rngs):
+        return make(c, rngs)
+    return build(rngs)
+
+
+class NB201Space(NNXSpace):
+    """NAS-Bench-201 as a search space: :class:`NB201Net` searched as any NNX model is (its six
+    edge labels the rows of the ``cell`` group), with the space's defaults and the benchmark's
+    training protocol, the genotype's stand-alone network (:func:`nb201_network`), derivation
+    to an :class:`~dnas.supernet.genotype.NB201Genotype` and the latency model
+    (:meth:`latency_walk`, :meth:`running_parts`)."""
+
     name = "nb201"
     op_names = NB201_OPS
     #: the default ``dnas search``: a real but short search on the embedded digits
@@ -112,71 +252,39 @@ class NB201Space(SearchSpace):
                 3 * int(options.get("cells_per_stage", NB201Config.cells_per_stage)))
 
     def __init__(self, config: NB201Config = NB201Config()):
-        self.config = c = config
-        self.kernels = resolve(c.kernels)
-        self.unroll_cells, self.unroll_edges, self.loop_convs = L.loop_mode(c.unroll, self.kernels)
-        self.groups = {"cell": (len(NB201_EDGES), len(NB201_OPS))}
-        macro = nb201_macro(c.channels, c.in_channels, c.num_classes)
-        self.widths, self.stem, self.reductions = macro.widths, macro.stem, macro.reductions
-        self.head_bn, self.classifier = macro.head_bn, macro.classifier
-        k = check_partial(self.widths, c.partial_channels)
-        self.mixed = [MixedOp(candidate_ops("nb201", NB201_OPS, w // k, 1, c.affine, c.impl)) for w in self.widths]
-        self._src = [s for s, _ in NB201_EDGES]
-        self._dst = [d for _, d in NB201_EDGES]
+        unroll_cells, _, _ = L.loop_mode(config.unroll, resolve(config.kernels))
+        self.scan_cells = not unroll_cells
+        super().__init__(functools.partial(NB201Net, config=config, scan_cells=self.scan_cells), name="nb201",
+                         kernels=config.kernels)
+        self.config = config
+        self.widths = (config.channels, 2 * config.channels, 4 * config.channels)
 
     def init(self, key):
-        c = self.config
-        keys = iter(jax.random.split(key, 16))
-        params, state = {}, {}
-        params["stem"], state["stem"] = self.stem.init(next(keys))
-        for i in range(3):
-            cell_keys = jax.random.split(next(keys), c.cells_per_stage)
-            inits = [self.mixed[i].init_stacked(k, len(NB201_EDGES)) for k in cell_keys]
-            params[f"stage{i}"] = L.stack_trees([p for p, _ in inits])
-            state[f"stage{i}"] = L.stack_trees([s for _, s in inits])
-            if i < 2:
-                params[f"reduce{i}"], state[f"reduce{i}"] = self.reductions[i].init(next(keys))
-        params["head_bn"], state["head_bn"] = self.head_bn.init(next(keys))
-        params["classifier"], _ = self.classifier.init(next(keys))
-        return params, state
+        """The weights and BatchNorm statistics of the model initialised from ``key`` with its
+        cells unrolled, stacked per stage when they are scanned: the same numbers in every loop
+        mode, so that a seed means one network whatever ``--loops`` runs it."""
+        model = NB201Net(nnx.Rngs(key), self.config, scan_cells=False)
+        params, stats = (nnx.to_pure_dict(s) for s in nnx.state(model, nnx.Param, nnx.BatchStat))
+        if self.scan_cells:
+            params, stats = _stack_cells(params), _stack_cells(stats)
+        return self.stacked(params, stats)
 
-    def _cell(self, stage, params, state, x, sample, mix, ctx):
-        if self.unroll_edges:  # nodes as separate arrays (see unrolled_edges: no per-edge buffer copies)
-            nodes, new_state = unrolled_edges(self.mixed[stage], params, state, sample, self._src, self._dst,
-                                              [x, None, None, None], mix, ctx)
-            return nodes[3], new_state
-        buf = jnp.zeros((4,) + x.shape, x.dtype).at[0].set(x)
-        buf, new_state = scan_edges(self.mixed[stage], params, state, sample, self._src, self._dst, buf, mix, ctx,
-                                    unroll=self.unroll_edges)
-        return buf[3], new_state
+    def unrolled(self, params, stats):
+        """``(params, stats)`` (:meth:`init`'s layout; gradients too) as the pure dicts of the
+        model with its cells unrolled, whatever the loop mode: one layout to compare or carry
+        weights across loop modes."""
+        params, stats = self.unstacked(params, stats)
+        if self.scan_cells:
+            params, stats = _unstack_cells(params), _unstack_cells(stats)
+        return params, stats
 
-    def apply(self, params, state, x, samples, mix, ctx):
-        sample = samples["cell"]
-        new_state = {}
-        ctx = L.loop_ctx(L.with_kernels(ctx, self.kernels), self.loop_convs, self.unroll_edges)
-        x, new_state["stem"] = self.stem.apply(params["stem"], state["stem"], x, ctx)
-        for i in range(3):
-            def body(h, ps, i=i):
-                h, s = self._cell(i, ps[0], ps[1], h, sample, mix, ctx)
-                return h, s
-            x, new_state[f"stage{i}"] = L.scan(body, x, (params[f"stage{i}"], state[f"stage{i}"]),
-                                               self.unroll_cells)
-            if i < 2:
-                x, new_state[f"reduce{i}"] = self.reductions[i].apply(
-                    params[f"reduce{i}"], state[f"reduce{i}"], x, ctx)
-        x, new_state["head_bn"] = self.head_bn.apply(params["head_bn"], state["head_bn"], x, ctx)
-        x = jnp.mean(jax.nn.relu(x), axis=(1, 2))
-        logits, _ = self.classifier.apply(params["classifier"], (), x, ctx)
-        return logits, new_state
+    def describe(self) -> dict:
+        return {"space": self.name, **dataclasses.asdict(self.config)}
 
-    def choice_point_names(self, group):
-        return nb201_labels()
-
-    def choice_point_nodes(self, group):
-        return [(group, d) for _, d in NB201_EDGES]
-
-    def derive(self, scores):
-        return parse_nb201(derive_nb201(jnp.asarray(scores["cell"])))
+    def derive(self, scores) -> NB201Genotype:
+        """Every edge's best-scored op, ``none`` included (ties: the earlier), as the benchmark's
+        cell."""
+        return NB201Genotype.from_choices(super().derive(scores).choices)
 
     @staticmethod
     def network(genotype: NB201Genotype, **options) -> Network:
@@ -187,28 +295,33 @@ class NB201Space(SearchSpace):
     def latency_walk(self, input_size: int) -> tuple[list, list]:
         """Every use of every choice point with its candidates' signatures, and the fixed parts
         (:mod:`dnas.latency.space_latency`): edge ``e`` of the ``cell`` group is used by every
-        cell of the three stages, at the stage's width; nodes with several inputs cost a sum."""
-        from dnas.latency.space_latency import ChoicePoint, fixed_part, head_layer, node_sum_part
+        cell of the three stages, at the stage's width; nodes with several inputs cost a sum.
+        What a signature builds (to profile it) is the model's own module
+        (:func:`~dnas.supernet.nnx_space.module_layer`)."""
+        from dnas.latency.space_latency import ChoicePoint, cell_candidates, fixed_part, node_sum_part
 
-        space, cfg = self, self.config
+        cfg = self.config
         hw = (input_size, input_size)
-        fixed = [fixed_part("nb201/stem", space.stem, hw + (cfg.in_channels,), (("kernel", 3),), where="stem")]
+        stem = module_layer(lambda rngs: ConvBN(cfg.in_channels, cfg.channels, 3, rngs, relu=False))
+        fixed = [fixed_part("nb201/stem", stem, hw + (cfg.in_channels,), (("kernel", 3),), where="stem")]
         points = []
         terms = {d: sum(1 for _, dd in NB201_EDGES if dd == d) for d in (1, 2, 3)}
-        for stage, width in enumerate(space.widths):
-            cands = _nb201_candidates(space, width, hw)
+        make_op = (lambda op, c, stride, affine, impl:
+                   module_layer(lambda rngs: _module(nb201_op(op, c, rngs, affine))))
+        for stage, width in enumerate(self.widths):
+            cands = cell_candidates(self, "nb201", "cell", _NB201_ATTRS, make_op, width, hw, 1)
             for cell in range(cfg.cells_per_stage):
                 for e, (s, d) in enumerate(NB201_EDGES):
                     points.append(ChoicePoint("cell", e, f"stage{stage}/cell{cell}/edge{s}->{d}", cands))
                 fixed += [node_sum_part("nb201", hw + (width,), terms[d], f"stage{stage}/cell{cell}/node{d}")
                           for d in (2, 3) if terms[d] > 1]
             if stage < 2:
-                red = fixed_part("nb201/resblock", space.reductions[stage], hw + (width,), (("stride", 2),),
-                                 where=f"reduce{stage}")
+                block = module_layer(lambda rngs, i=stage: ResNetBlock(self.widths[i], self.widths[i + 1], rngs))
+                red = fixed_part("nb201/resblock", block, hw + (width,), (("stride", 2),), where=f"reduce{stage}")
                 fixed.append(red)
                 hw = red.output_shape[:2]
-        fixed.append(fixed_part("nb201/head", head_layer(space.head_bn, space.classifier, True),
-                                hw + (space.widths[-1],), where="head"))
+        head = module_layer(lambda rngs: Head(self.widths[-1], cfg.num_classes, rngs))
+        fixed.append(fixed_part("nb201/head", head, hw + (self.widths[-1],), where="head"))
         return points, fixed
 
     def running_parts(self, model, indices, runs, fixed):
@@ -269,67 +382,21 @@ def nb201_running_edges(ops: list[str]) -> tuple[list[bool], bool, set]:
 
 # ------------------------------------------------------------------------------ derived network
 
-def nb201_network(g: NB201Genotype, *, channels: int = 16, cells_per_stage: int = 5, num_classes: int = 10,
+def nb201_network(g, *, channels: int = 16, cells_per_stage: int = 5, num_classes: int = 10,
                   in_channels: int = 3, impl: str | None = None) -> Network:
-    """The NAS-Bench-201 evaluation network of ``g`` (Dong & Yang, ICLR 2020, Sec. 2.1): the
-    supernet's stem, stages, reduction blocks and head (:func:`nb201_macro`, built once for
-    both), each cell's node ``j`` the sum ``Σ_{i<j} op_ij(node_i)`` over the genotype's ops
-    (``none`` edges left out; a node without inputs is zero), every BatchNorm affine. The
-    benchmark trains C=16, N=5 (:data:`NETWORK_DEFAULTS`)."""
-    macro = nb201_macro(channels, in_channels, num_classes)
-    widths, stem, reductions, head_bn, classifier = macro
-    edges = [(s, d, op) for s, d, op in g.edges() if op != "none"]
-    cell_ops = [[nb201_op(op, w, 1, affine=True, impl=impl) for _, _, op in edges] for w in widths]
-
-    def init(key):
-        keys = iter(jax.random.split(key, 8))
-        params, state = {}, {}
-        params["stem"], state["stem"] = stem.init(next(keys))
-        for i in range(3):
-            if i:
-                params[f"reduce{i - 1}"], state[f"reduce{i - 1}"] = reductions[i - 1].init(next(keys))
-            cells = [tuple(op.init(k) for op, k in zip(cell_ops[i], jax.random.split(ck, max(len(edges), 1))))
-                     for ck in jax.random.split(next(keys), cells_per_stage)]
-            params[f"stage{i}"] = [tuple(p for p, _ in c) for c in cells]
-            state[f"stage{i}"] = [tuple(s for _, s in c) for c in cells]
-        params["head_bn"], state["head_bn"] = head_bn.init(next(keys))
-        params["classifier"], _ = classifier.init(next(keys))
-        return params, state
-
-    def cell(i, p, s, x, ctx):
-        terms: list[list] = [[x], [], [], []]
-        nodes: dict[int, jax.Array] = {}
-
-        def node(j):   # summed once, when first read (edges are ordered by destination)
-            if j not in nodes:
-                nodes[j] = sum(terms[j][1:], terms[j][0]) if terms[j] else jnp.zeros_like(x)
-            return nodes[j]
-
-        new_s = []
-        for (src, dst, _), op, pe, se in zip(edges, cell_ops[i], p, s):
-            y, se = op.apply(pe, se, node(src), ctx)
-            terms[dst].append(y)
-            new_s.append(se)
-        return node(3), tuple(new_s)
-
-    def apply(params, state, x, ctx, drop=None):
-        new = {}
-        x, new["stem"] = stem.apply(params["stem"], state["stem"], x, ctx)
-        for i in range(3):
-            if i:
-                r = f"reduce{i - 1}"
-                x, new[r] = reductions[i - 1].apply(params[r], state[r], x, ctx)
-            new[f"stage{i}"] = []
-            for p, s in zip(params[f"stage{i}"], state[f"stage{i}"]):
-                x, s = cell(i, p, s, x, ctx)
-                new[f"stage{i}"].append(s)
-        x, new["head_bn"] = head_bn.apply(params["head_bn"], state["head_bn"], x, ctx)
-        logits, _ = classifier.apply(params["classifier"], (), jnp.mean(jax.nn.relu(x), axis=(1, 2)), ctx)
-        return Output(logits, None, new)
-
-    config = {"space": "nb201", "channels": channels, "cells_per_stage": cells_per_stage,
-              "num_classes": num_classes, "in_channels": in_channels}
-    return Network(init, apply, g, config)
+    """The NAS-Bench-201 evaluation network of ``g`` (Dong & Yang, ICLR 2020, Sec. 2.1; an
+    :class:`~dnas.supernet.genotype.NB201Genotype` or a mapping edge label -> op): :func:`dnas.fix`
+    of :class:`NB201Net` with every BatchNorm affine, each cell's node ``j`` the sum
+    ``Σ_{i<j} op_ij(node_i)`` over the chosen ops (a ``none`` edge adds zeros, which the
+    compiler removes). The benchmark trains C=16, N=5 (:data:`NETWORK_DEFAULTS`)."""
+    genotype = g if isinstance(g, NB201Genotype) else NB201Genotype.from_choices(g)
+    config = NB201Config(channels=channels, cells_per_stage=cells_per_stage, num_classes=num_classes,
+                         in_channels=in_channels, impl=impl, affine=True)
+    space = NNXSpace(functools.partial(NB201Net, config=config), name="nb201")
+    net = space.network(genotype)
+    return net._replace(genotype=genotype, config={"space": "nb201", "channels": channels,
+                                                   "cells_per_stage": cells_per_stage, "num_classes": num_classes,
+                                                   "in_channels": in_channels})
 
 
 # ------------------------------------------------------------------------------ latency
@@ -338,6 +405,6 @@ _NB201_ATTRS = {"none": (), "skip_connect": (), "nor_conv_1x1": (("kernel", 1),)
                 "avg_pool_3x3": (("kernel", 3),)}
 
 
-def _nb201_candidates(space, c: int, hw: tuple, stride: int = 1) -> tuple:
-    from dnas.latency.space_latency import cell_candidates
-    return cell_candidates(space, "nb201", "cell", _NB201_ATTRS, nb201_op, c, hw, stride)
+def _module(op) -> nnx.Module:
+    """A candidate as a module (a function candidate wrapped, as :class:`~dnas.nnx.Choice` does)."""
+    return op if isinstance(op, nnx.Module) else dnas.nnx._Function(op)

@@ -14,7 +14,8 @@ attributes.
 
 Each choice point is a group of one row named by its label (``{label: (1, num_candidates)}``),
 so candidate sets of any size coexist and α, ``alphas.json`` and the pictures are keyed by
-label. Derivation takes the best-scored candidate of a :class:`~dnas.nnx.Choice` and the
+label; choice points given one ``group`` (:class:`~dnas.nnx.Choice`, e.g. a cell's edges) are
+the rows of one matrix, in graph order (``rows``: label -> (group, row)). Derivation takes the best-scored candidate of a :class:`~dnas.nnx.Choice` and the
 ``n_chosen`` best inputs of an :class:`~dnas.nnx.InputChoice`.
 
 The kernel policy and ``--precision`` reach the model's ``nnx.Conv`` and ``nnx.BatchNorm``
@@ -33,9 +34,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from dnas.nnx import Choice, InputChoice, choice_points, draws_random_numbers, fix, mixing, set_search_mode
+from dnas.nnx import Choice, InputChoice, choice_points, draws_random_numbers, fix, group_rows, mixing, set_search_mode
 from dnas.supernet.genotype import ChoiceGenotype
-from dnas.supernet.layers import Layer, policy
+from dnas.backend import resolve
+from dnas.supernet.layers import Layer, policy, with_kernels
 from dnas.supernet.nnx_kernels import follow_policy
 from dnas.supernet.network import Network, Output, check_options, drop_key
 from dnas.supernet.space_base import SearchSpace
@@ -47,12 +49,15 @@ class NNXSpace(SearchSpace):
     ``rngs -> nnx.Module`` (each seed's weights are initialised from its own key).
     ``num_classes``: when given, the model's logits are checked to have that many columns.
     ``stack_leaves``: ``init`` and ``apply`` hold same-shaped leaves stacked (the search's
-    layout); off, they are ``nnx.to_pure_dict`` trees of the model's own layout."""
+    layout); off, they are ``nnx.to_pure_dict`` trees of the model's own layout.
+    ``kernels``: the space's own kernel policy (:mod:`dnas.backend`; a built-in space's
+    ``kernels`` option), used where the caller's context names none; by default the context's."""
 
     honours_compute_dtype = True   # nnx.Conv layers through dnas.supernet.nnx_kernels.PolicyConv
 
     def __init__(self, model: nnx.Module | Callable[[nnx.Rngs], nnx.Module], name: str | None = None,
-                 num_classes: int | None = None, stack_leaves: bool = True):
+                 num_classes: int | None = None, stack_leaves: bool = True, kernels: str | None = None):
+        self.kernels = None if kernels is None else resolve(kernels)
         self.factory = None if isinstance(model, nnx.Module) else model
         if self.factory is not None and not callable(model):
             raise TypeError(f"expected an nnx.Module or a factory rngs -> nnx.Module, got {type(model).__name__}")
@@ -69,7 +74,11 @@ class NNXSpace(SearchSpace):
         self._params0, self._stats0 = nnx.to_pure_dict(params), nnx.to_pure_dict(stats)
         self.stack_leaves = stack_leaves
         self._layout = WeightLayout(self._params0, self._stats0, stack_leaves)
-        self.groups = {label: (1, len(p.names)) for label, p in self.points.items()}
+        self.rows = group_rows(self.points)          # label -> (group, row of the group's α)
+        self.labels: dict[str, list[str]] = {}       # group -> its rows' labels
+        for label, (group, _) in self.rows.items():
+            self.labels.setdefault(group, []).append(label)
+        self.groups = {g: (len(labels), len(self.points[labels[0]].names)) for g, labels in self.labels.items()}
         self.op_names = tuple(dict.fromkeys(n for p in self.points.values() for n in p.names))
         self.config = None
 
@@ -102,8 +111,10 @@ class NNXSpace(SearchSpace):
         return nnx.merge(self.graphdef, params, stats, self._rest, copy=True)
 
     def apply(self, params, state, x, samples, mix, ctx):
+        if self.kernels is not None:
+            ctx = with_kernels(ctx, self.kernels)
         model = merged_for(ctx, self.graphdef, *self.unstacked(params, state), self._rest, members=ctx.members)
-        with mixing(samples, mix, ctx):
+        with mixing(samples, mix, ctx, self.rows):
             logits = model(x)
         if self.num_classes is not None and logits.shape[-1] != self.num_classes:
             raise ValueError(f"{self.name} returns {logits.shape[-1]} logits per example; the data has "
@@ -113,16 +124,17 @@ class NNXSpace(SearchSpace):
 
     # ------------------------------------------------------------------ architecture
     def group_op_names(self, group):
-        return tuple(self.points[group].names)
+        return tuple(self.points[self.labels[group][0]].names)
 
     def choice_point_names(self, group):
-        return [group]
+        """The labels of the group's rows (a choice point without a ``group``: its label)."""
+        return list(self.labels[group])
 
     def choice_point_nodes(self, group):
-        """A cell edge's node (``Choice(..., node=)``), shared by the node's edges; any other
+        """Each row's cell node (``Choice(..., node=)``), shared by the node's edges; any other
         choice point is a node of its own."""
-        node = getattr(self.points[group], "node", None)
-        return [("node", node) if node is not None else ("point", group)]
+        nodes = [(label, getattr(self.points[label], "node", None)) for label in self.labels[group]]
+        return [("node", node) if node is not None else ("point", label) for label, node in nodes]
 
     def derive(self, scores) -> ChoiceGenotype:
         """Each choice point's best-scored option (ties: the earlier); an input choice's
@@ -132,7 +144,8 @@ class NNXSpace(SearchSpace):
         choices: dict[str, Any] = {}
         edges: dict[str, list[tuple[float, str]]] = {}   # node -> [(strength, label)] in graph order
         for label, point in self.points.items():
-            row = np.asarray(scores[label]).reshape(-1)
+            group, r = self.rows[label]
+            row = np.asarray(scores[group])[r].reshape(-1)
             if isinstance(point, InputChoice):
                 order = np.argsort(-row, kind="stable")
                 choices[label] = tuple(sorted(int(i) for i in order[:point.n_chosen]))
@@ -151,17 +164,17 @@ class NNXSpace(SearchSpace):
         return ChoiceGenotype(choices, self.name)
 
     def genotype_indices(self, genotype) -> dict[str, np.ndarray]:
-        """The chosen column of every group (an input choice: its best chosen input). A
-        genotype without one of the model's labels, or choosing what a point does not offer, is
-        a ``GenotypeError`` naming it."""
+        """The chosen column of every row of every group (an input choice: its best chosen
+        input). A genotype without one of the model's labels, or choosing what a point does not
+        offer, is a ``GenotypeError`` naming it."""
         choices = dict(genotype.items())
-        out = {}
+        column = {}
         for label, point in self.points.items():
             if isinstance(point, Choice):
-                out[label] = np.array([self.chosen_column(choices, label, point.names, genotype)])
+                column[label] = self.chosen_column(choices, label, point.names, genotype)
             else:
-                out[label] = np.array([int(self.choice_at(choices, label, genotype)[0])])
-        return out
+                column[label] = int(self.choice_at(choices, label, genotype)[0])
+        return {g: np.array([column[label] for label in labels]) for g, labels in self.labels.items()}
 
     # ------------------------------------------------------------------ the derived network
     def _fresh(self, key) -> nnx.Module:

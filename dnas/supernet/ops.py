@@ -69,7 +69,9 @@ def darts_op(name: str, c: int, stride: int, affine: bool = False, impl: str | N
 
 
 def nb201_op(name: str, c: int, stride: int = 1, affine: bool = False, impl: str | None = None) -> L.Layer:
-    """One NAS-Bench-201 candidate op (``c`` -> ``c`` channels)."""
+    """One NAS-Bench-201 candidate op (``c`` -> ``c`` channels) in dnas's layer kit. The ``nb201``
+    space declares its ops as Flax modules (:func:`dnas.supernet.nb201.nb201_op`); these serve the
+    layer kit's own tests (mixed ops, the sampled op's backward pass), which the DARTS space runs on."""
     if name == "none":
         return L.zero(stride)
     if name == "skip_connect":
