@@ -42,10 +42,11 @@ def _loss_and_grads(space, unroll, relaxation="darts", impl=None):
 
 
 @pytest.mark.parametrize("space,mode", [
-    ("nb201", "scan_cells"),   # NB201's unroll=False is the same form: its edges are always unrolled
-    # the DARTS space compiles for 65-90 s per mode on 2 cores: pytest -m slow (by default the
-    # loop modes are checked on NB201; the DARTS space's scanned form also in the slow
-    # tests/test_spaces.py case)
+    # NB201's scanned cells against unrolled ones (its edges are unrolled in both): by default in
+    # tests/test_spaces.py::test_supernet_shapes_and_unroll_equivalence, here under -m slow
+    pytest.param("nb201", "scan_cells", marks=pytest.mark.slow),
+    # the DARTS space compiles for 65-90 s per mode on 2 cores: pytest -m slow (its scanned form
+    # also in the slow tests/test_spaces.py case)
     pytest.param("darts", False, marks=pytest.mark.slow),
     pytest.param("darts", "scan_cells", marks=pytest.mark.slow)])
 def test_scanned_loops_equal_unrolled(space, mode):

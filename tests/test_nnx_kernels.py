@@ -469,3 +469,21 @@ def test_backward_from_the_output_with_batchnorm_synchronised_over_eight_devices
         out.append(jax.device_get((state.arch, state.params, state.batch_stats, metrics["val_loss"])))
     for a, b in zip(jax.tree_util.tree_leaves(out[0]), jax.tree_util.tree_leaves(out[1])):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_pytorch_convention_initialisers_draw_their_distributions():
+    """HE_NORMAL: an untruncated normal of variance 2 / fan-in (fan-in = kernel pixels x input
+    channels per group); torch_linear: weights and bias uniform in ±1/√fan-in."""
+    from dnas.supernet.nnx_kernels import HE_NORMAL, torch_linear
+
+    k = np.asarray(HE_NORMAL(jax.random.PRNGKey(0), (3, 3, 64, 64)))
+    std = np.sqrt(2.0 / (3 * 3 * 64))
+    assert abs(k.std() / std - 1) < 0.02 and abs(k.mean()) < 0.01 * std
+    assert np.abs(k).max() > 3.5 * std                     # not truncated (Flax's he_normal cuts at 2σ)
+    dw = np.asarray(HE_NORMAL(jax.random.PRNGKey(1), (5, 5, 1, 4096)))   # a depthwise kernel: fan-in 25
+    assert abs(dw.std() / np.sqrt(2.0 / 25) - 1) < 0.02
+    lin = torch_linear(400, 300, nnx.Rngs(2))
+    w, b = np.asarray(lin.kernel[...]), np.asarray(lin.bias[...])
+    bound = 1.0 / np.sqrt(400)
+    assert np.abs(w).max() <= bound and np.abs(b).max() <= bound
+    assert abs(w.std() / (bound / np.sqrt(3)) - 1) < 0.02 and abs(b.std() / (bound / np.sqrt(3)) - 1) < 0.15

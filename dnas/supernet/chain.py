@@ -27,7 +27,7 @@ from flax import nnx
 from dnas.nnx import Choice, Zero
 from dnas.supernet.genotype import ChainGenotype, GenotypeError
 from dnas.supernet.network import Network, check_options
-from dnas.supernet.nnx_kernels import TorchBatchNorm
+from dnas.supernet.nnx_kernels import HE_NORMAL, TorchBatchNorm, torch_linear
 from dnas.supernet.nnx_space import NNXSpace, module_layer
 from dnas.supernet.space_base import refuse_flags
 
@@ -42,13 +42,14 @@ def make_divisible(v: float, divisor: int = 8) -> int:
 
 
 class ConvBN(nnx.Module):
-    """Convolution (padding ``k // 2``, no bias), BatchNorm (PyTorch's conventions, as
+    """Convolution (padding ``k // 2``, no bias, He-initialised as before the chain was an NNX
+    model: :data:`~dnas.supernet.nnx_kernels.HE_NORMAL`), BatchNorm (PyTorch's conventions, as
     ProxylessNAS's code: :class:`~dnas.supernet.nnx_kernels.TorchBatchNorm`), ReLU6 unless
     ``act=False``."""
 
     def __init__(self, c_in, c_out, k, rngs, stride=1, groups=1, act=True):
         self.conv = nnx.Conv(c_in, c_out, (k, k), strides=stride, padding=[(k // 2, k // 2)] * 2,
-                             feature_group_count=groups, use_bias=False, rngs=rngs)
+                             feature_group_count=groups, use_bias=False, kernel_init=HE_NORMAL, rngs=rngs)
         self.bn = TorchBatchNorm(c_out, rngs)
         self.act = act
 
@@ -78,7 +79,7 @@ class PooledLinear(nnx.Module):
     """Global average pooling, then the classifier (the latency model's ``Logits`` part)."""
 
     def __init__(self, c_in, num_classes, rngs):
-        self.linear = nnx.Linear(c_in, num_classes, rngs=rngs)
+        self.linear = torch_linear(c_in, num_classes, rngs)
 
     def __call__(self, x):
         return self.linear(jnp.mean(x, axis=(1, 2)))

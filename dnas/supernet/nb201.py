@@ -37,7 +37,7 @@ from dnas.nnx import Choice, Identity, Zero, node_sum
 from dnas.supernet import layers as L
 from dnas.supernet.genotype import NB201_EDGES, NB201_OPS, NB201Genotype, edge_label
 from dnas.supernet.network import Network, check_options
-from dnas.supernet.nnx_kernels import TorchBatchNorm
+from dnas.supernet.nnx_kernels import HE_NORMAL, TorchBatchNorm, torch_linear
 from dnas.supernet.nnx_space import NNXSpace, module_layer
 from dnas.supernet.space_base import check_partial
 
@@ -67,35 +67,14 @@ class NB201Config:
     kernels: str = "auto"                # dnas.backend kernel policy: auto, xla_cpu or native
 
 
-#: He et al. (ICCV 2015) normal initialisation, variance 2 / fan-in, for every convolution (what
-#: dnas's layer kit drew, and PyTorch's ``kaiming_normal_``); Flax's default (LeCun, 1 / fan-in)
-#: starts the search elsewhere: the planted-cell search (tests/test_planted.py) recovered 2 of 6
-#: edges from it against 6 of 6 from this
-CONV_INIT = nnx.initializers.variance_scaling(2.0, "fan_in", "normal")
-
-
-def _linear_bias_init(fan_in: int):
-    def init(key, shape, dtype=jnp.float32):
-        bound = 1.0 / np.sqrt(fan_in)
-        return jax.random.uniform(key, shape, dtype, -bound, bound)
-    return init
-
-
-def linear(c_in: int, c_out: int, rngs: nnx.Rngs) -> nnx.Linear:
-    """PyTorch's ``nn.Linear`` initialisation (weights and bias uniform in ±1/√fan-in), as the
-    benchmark's classifier and dnas's layer kit."""
-    return nnx.Linear(c_in, c_out, kernel_init=nnx.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform"),
-                      bias_init=_linear_bias_init(c_in), rngs=rngs)
-
-
 class ConvBN(nnx.Module):
-    """``[ReLU,] conv (padding k // 2, no bias), BatchNorm`` (PyTorch's conventions, as the
-    benchmark's code: :class:`~dnas.supernet.nnx_kernels.TorchBatchNorm`): NAS-Bench-201's
+    """``[ReLU,] conv (padding k // 2, no bias, He-initialised), BatchNorm`` (PyTorch's conventions,
+    as the benchmark's code: :class:`~dnas.supernet.nnx_kernels.TorchBatchNorm`): NAS-Bench-201's
     ``ReLUConvBN`` with ``relu=True``, its stem with ``relu=False``."""
 
     def __init__(self, c_in, c_out, k, rngs, stride=1, affine=True, relu=True):
         self.conv = nnx.Conv(c_in, c_out, (k, k), strides=stride, padding=[(k // 2, k // 2)] * 2, use_bias=False,
-                             kernel_init=CONV_INIT, rngs=rngs)
+                             kernel_init=HE_NORMAL, rngs=rngs)
         self.bn = TorchBatchNorm(c_out, rngs, affine=affine)
         self.relu = relu
 
@@ -151,7 +130,7 @@ class ResNetBlock(nnx.Module):
     def __init__(self, c_in, c_out, rngs):
         self.a = ConvBN(c_in, c_out, 3, rngs, stride=2)
         self.b = ConvBN(c_out, c_out, 3, rngs)
-        self.short = nnx.Conv(c_in, c_out, (1, 1), use_bias=False, kernel_init=CONV_INIT, rngs=rngs)
+        self.short = nnx.Conv(c_in, c_out, (1, 1), use_bias=False, kernel_init=HE_NORMAL, rngs=rngs)
 
     def __call__(self, x):
         return self.b(self.a(x)) + self.short(nn.avg_pool(x, (2, 2), strides=(2, 2)))
@@ -162,7 +141,7 @@ class Head(nnx.Module):
 
     def __init__(self, c, num_classes, rngs):
         self.bn = TorchBatchNorm(c, rngs)
-        self.linear = linear(c, num_classes, rngs)
+        self.linear = torch_linear(c, num_classes, rngs)
 
     def __call__(self, x):
         return self.linear(jnp.mean(jax.nn.relu(self.bn(x)), axis=(1, 2)))
