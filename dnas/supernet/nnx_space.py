@@ -15,8 +15,9 @@ attributes.
 Each choice point is a group of one row named by its label (``{label: (1, num_candidates)}``),
 so candidate sets of any size coexist and α, ``alphas.json`` and the pictures are keyed by
 label; choice points given one ``group`` (:class:`~dnas.nnx.Choice`, e.g. a cell's edges) are
-the rows of one matrix, in graph order (``rows``: label -> (group, row)). Derivation takes the best-scored candidate of a :class:`~dnas.nnx.Choice` and the
-``n_chosen`` best inputs of an :class:`~dnas.nnx.InputChoice`.
+the rows of one matrix, in graph order (``rows``: label -> (group, row)). Derivation takes the
+best-scored candidate of a :class:`~dnas.nnx.Choice` and the ``n_chosen`` best inputs of an
+:class:`~dnas.nnx.InputChoice`.
 
 The kernel policy and ``--precision`` reach the model's ``nnx.Conv`` and ``nnx.BatchNorm``
 layers in the copy merged for each forward pass (:mod:`dnas.supernet.nnx_kernels`). PC-DARTS's
@@ -34,9 +35,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from dnas.backend import resolve
 from dnas.nnx import Choice, InputChoice, choice_points, draws_random_numbers, fix, group_rows, mixing, set_search_mode
 from dnas.supernet.genotype import ChoiceGenotype
-from dnas.backend import resolve
 from dnas.supernet.layers import Layer, policy, with_kernels
 from dnas.supernet.nnx_kernels import follow_policy
 from dnas.supernet.network import Network, Output, check_options, drop_key
