@@ -521,15 +521,17 @@ def group_rows(points: Mapping[str, Choice | InputChoice]) -> dict[str, tuple[st
     ``group``; rows in the order of ``points``, a label without a group its own group's row 0).
     The points of one group must offer the same options (a ValueError names them)."""
     rows: dict[str, tuple[str, int]] = {}
-    first: dict[str, str] = {}
+    members: dict[str, list[str]] = {}
     for label, p in points.items():
         group = getattr(p, "group", label)
-        if group in first and points[first[group]].names != p.names:
-            raise ValueError(f"the choice points {first[group]!r} and {label!r} of group {group!r} offer different "
-                             f"options ({list(points[first[group]].names)} vs {list(p.names)}): the rows of one "
+        first = members.setdefault(group, [label])[0]
+        if points[first].names != p.names:
+            raise ValueError(f"the choice points {first!r} and {label!r} of group {group!r} offer different "
+                             f"options ({list(points[first].names)} vs {list(p.names)}): the rows of one "
                              "group's α share its columns")
-        first.setdefault(group, label)
-        rows[label] = (group, sum(1 for g, _ in rows.values() if g == group))
+        if label != first:
+            members[group].append(label)
+        rows[label] = (group, len(members[group]) - 1)
     return rows
 
 

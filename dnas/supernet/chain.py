@@ -223,11 +223,6 @@ class ChainSpace(NNXSpace):
         """The searchable blocks, ``(group, index in group, c_in, c_out, stride)`` (the plan's)."""
         return self.plan.blocks
 
-    def describe(self) -> dict:
-        """The config (what a run's ``config.json`` records under ``resolved.space_options``, and
-        ``dnas train`` rebuilds the searched layout from: :meth:`network_options_from_search`)."""
-        return {"space": self.name, **dataclasses.asdict(self.config)}
-
     def derive(self, scores) -> ChainGenotype:
         """Every block's best-scored option (ties: the earlier), as a :class:`ChainGenotype`."""
         return ChainGenotype.from_choices(super().derive(scores).choices)

@@ -66,6 +66,11 @@ class NB201Config:
     partial_channels: int = 1
     kernels: str = "auto"                # dnas.backend kernel policy: auto, xla_cpu or native
 
+    @property
+    def widths(self) -> tuple[int, int, int]:
+        """The three stages' widths: C, 2C, 4C."""
+        return (self.channels, 2 * self.channels, 4 * self.channels)
+
 
 class ConvBN(nnx.Module):
     """``[ReLU,] conv (padding k // 2, no bias, He-initialised), BatchNorm`` (PyTorch's conventions,
@@ -82,13 +87,15 @@ class ConvBN(nnx.Module):
         return self.bn(self.conv(jax.nn.relu(x) if self.relu else x))
 
 
-def avg_pool_3x3(x):
+class AvgPool3x3(nnx.Module):
     """3x3 average pooling, stride 1, padding 1, the padding not counted (PyTorch's
     ``count_include_pad=False``, as the benchmark's ``POOLING``)."""
-    return nn.avg_pool(x, (3, 3), strides=(1, 1), padding=((1, 1), (1, 1)), count_include_pad=False)
+
+    def __call__(self, x):
+        return nn.avg_pool(x, (3, 3), strides=(1, 1), padding=((1, 1), (1, 1)), count_include_pad=False)
 
 
-def nb201_op(name: str, c: int, rngs: nnx.Rngs, affine: bool = False):
+def nb201_op(name: str, c: int, rngs: nnx.Rngs, affine: bool = False) -> nnx.Module:
     """One NAS-Bench-201 candidate op (``c`` -> ``c`` channels, stride 1)."""
     if name == "none":
         return Zero()
@@ -97,7 +104,7 @@ def nb201_op(name: str, c: int, rngs: nnx.Rngs, affine: bool = False):
     if name in ("nor_conv_1x1", "nor_conv_3x3"):
         return ConvBN(c, c, int(name[-1]), rngs, affine=affine)
     if name == "avg_pool_3x3":
-        return avg_pool_3x3
+        return AvgPool3x3()
     from dnas.supernet.ops import UnknownOpError
     raise UnknownOpError(f"unknown NAS-Bench-201 operation {name!r}; valid operations are: {', '.join(NB201_OPS)}")
 
@@ -154,8 +161,7 @@ class NB201Net(nnx.Module):
     its cells, run by :func:`dnas.nnx.scan` (one traced cell per stage)."""
 
     def __init__(self, rngs: nnx.Rngs, config: NB201Config = NB201Config(), scan_cells: bool = False):
-        c, n = config.channels, config.cells_per_stage
-        widths = (c, 2 * c, 4 * c)
+        c, n, widths = config.channels, config.cells_per_stage, config.widths
         check_partial(widths, config.partial_channels)
         self.scan_cells = scan_cells
         self.stem = ConvBN(config.in_channels, c, 3, rngs, relu=False)
@@ -236,7 +242,6 @@ class NB201Space(NNXSpace):
         super().__init__(functools.partial(NB201Net, config=config, scan_cells=self.scan_cells), name="nb201",
                          kernels=config.kernels)
         self.config = config
-        self.widths = (config.channels, 2 * config.channels, 4 * config.channels)
 
     def init(self, key):
         """The weights and BatchNorm statistics of the model initialised from ``key`` with its
@@ -256,9 +261,6 @@ class NB201Space(NNXSpace):
         if self.scan_cells:
             params, stats = _unstack_cells(params), _unstack_cells(stats)
         return params, stats
-
-    def describe(self) -> dict:
-        return {"space": self.name, **dataclasses.asdict(self.config)}
 
     def derive(self, scores) -> NB201Genotype:
         """Every edge's best-scored op, ``none`` included (ties: the earlier), as the benchmark's
@@ -286,8 +288,8 @@ class NB201Space(NNXSpace):
         points = []
         terms = {d: sum(1 for _, dd in NB201_EDGES if dd == d) for d in (1, 2, 3)}
         make_op = (lambda op, c, stride, affine, impl:
-                   module_layer(lambda rngs: _module(nb201_op(op, c, rngs, affine))))
-        for stage, width in enumerate(self.widths):
+                   module_layer(lambda rngs: nb201_op(op, c, rngs, affine)))
+        for stage, width in enumerate(cfg.widths):
             cands = cell_candidates(self, "nb201", "cell", _NB201_ATTRS, make_op, width, hw, 1)
             for cell in range(cfg.cells_per_stage):
                 for e, (s, d) in enumerate(NB201_EDGES):
@@ -295,12 +297,12 @@ class NB201Space(NNXSpace):
                 fixed += [node_sum_part("nb201", hw + (width,), terms[d], f"stage{stage}/cell{cell}/node{d}")
                           for d in (2, 3) if terms[d] > 1]
             if stage < 2:
-                block = module_layer(lambda rngs, i=stage: ResNetBlock(self.widths[i], self.widths[i + 1], rngs))
+                block = module_layer(lambda rngs, i=stage: ResNetBlock(cfg.widths[i], cfg.widths[i + 1], rngs))
                 red = fixed_part("nb201/resblock", block, hw + (width,), (("stride", 2),), where=f"reduce{stage}")
                 fixed.append(red)
                 hw = red.output_shape[:2]
-        head = module_layer(lambda rngs: Head(self.widths[-1], cfg.num_classes, rngs))
-        fixed.append(fixed_part("nb201/head", head, hw + (self.widths[-1],), where="head"))
+        head = module_layer(lambda rngs: Head(cfg.widths[-1], cfg.num_classes, rngs))
+        fixed.append(fixed_part("nb201/head", head, hw + (cfg.widths[-1],), where="head"))
         return points, fixed
 
     def running_parts(self, model, indices, runs, fixed):
@@ -382,8 +384,3 @@ def nb201_network(g, *, channels: int = 16, cells_per_stage: int = 5, num_classe
 
 _NB201_ATTRS = {"none": (), "skip_connect": (), "nor_conv_1x1": (("kernel", 1),), "nor_conv_3x3": (("kernel", 3),),
                 "avg_pool_3x3": (("kernel", 3),)}
-
-
-def _module(op) -> nnx.Module:
-    """A candidate as a module (a function candidate wrapped, as :class:`~dnas.nnx.Choice` does)."""
-    return op if isinstance(op, nnx.Module) else dnas.nnx._Function(op)

@@ -222,6 +222,10 @@ class NNXSpace(SearchSpace):
         return Network(init, apply, genotype, config, stochastic=draws_random_numbers(template))
 
     def describe(self) -> dict:
+        """What a run's ``config.json`` records of the space: a built-in space's config (which
+        ``dnas train`` rebuilds the searched layout from), a user model's choice points."""
+        if self.config is not None:
+            return SearchSpace.describe(self)
         return {"space": self.name, "kind": "nnx",
                 "choice_points": {label: list(p.names) for label, p in self.points.items()}}
 
