@@ -4,20 +4,21 @@ summed by kind.
 Compiles ``make_searcher(SPACE, RELAXATION).step`` for a random 32x32x3 batch, runs
 ``--warmup`` steps, times ``--steps`` more, then traces one step with ``jax.profiler`` and sums
 the trace's events by name with the instruction numbers removed (``add_bitcast_fusion.12`` and
-``add_bitcast_fusion.40`` are one kind). Two spaces that compute the same function (a built-in
-space and its NNX twin under ``examples/``) can then be compared kind by kind: a kind that
-takes longer in one of them names the formulation to look at. Prints one JSON object per
-space; the trace stays under ``--trace-dir`` for TensorBoard or Perfetto.
+``add_bitcast_fusion.40`` are one kind). Two spaces that compute the same function (two forms
+of one model, e.g. a copy of a built-in space's module changed in one place, named by its
+import spec) can then be compared kind by kind: a kind that takes longer in one of them names
+the formulation to look at. Prints one JSON object per space; the trace stays under
+``--trace-dir`` for TensorBoard or Perfetto.
 
-    python benchmarks/profile_step.py darts examples.nnx_darts:space --option channels=16 --option layers=5
+    python benchmarks/profile_step.py darts my_pkg.cells:space --option channels=16 --option layers=5
 
 The step runs in the ``dnas`` command's environment: its XLA:CPU flags (:mod:`dnas.xla_flags`)
 and huge pages for XLA's buffers (:mod:`dnas.hugepages`, a restart of the script), so the
 profile is of the program ``dnas bench`` and ``dnas search`` run (without the flags XLA:CPU
 emits other fusions, and the two forms of a space compare differently).
 
-``--option K=V`` is passed to every space. The DARTS and NAS-Bench-201 twins take the built-in
-spaces' option names (``channels``, ``layers``, ``cells_per_stage``); where a factory names one
+``--option K=V`` is passed to every space (a factory that copies a built-in space should take
+its option names: ``channels``, ``layers``, ``cells_per_stage``); where a factory names one
 otherwise, ``--builtin-option`` gives the built-in space its own.
 """
 from __future__ import annotations

@@ -54,9 +54,9 @@ def _space_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--loops", choices=["auto", *LOOP_FLAGS], default="auto",
                    help="the supernet's loops over cells and edges: unrolled at trace time (fastest steps on CPU, "
                         "long compiles), scan-cells (runs of equal cells under lax.scan, edges unrolled) or scan "
-                        "(cells and edges scanned: shortest compiles; nb201 scans its cells only). On CPU scanning "
-                        "trades step time for compile time (docs/benchmarks.md, 'Loop modes'); auto = unroll on CPU, "
-                        "scan on GPU/TPU")
+                        "(cells and edges scanned: shortest compiles; nb201 scans its cells only, darts its edges "
+                        "only). On CPU scanning trades step time for compile time (docs/benchmarks.md, 'Loop "
+                        "modes'); auto = unroll on CPU (darts: its edges looped for short runs), scan on GPU/TPU")
     p.add_argument("--kernels", choices=KERNEL_CHOICES, default="auto",
                    help="kernel formulations (dnas.backend, docs/cpu.md): xla_cpu (XLA:CPU's: 1x1 convolutions as "
                         "matrix products, depthwise as shifted views, custom-VJP convolutions in conditionals and "

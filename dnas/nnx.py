@@ -51,8 +51,8 @@ from dnas.supernet.mixed import switch_sampled, varying_like
 from dnas.supernet.nnx_kernels import OutputTail, TorchBatchNorm, in_branch, output_tail
 
 __all__ = ["Choice", "InputChoice", "Identity", "Zero", "FixedInputs", "fix", "scan", "choice_points",
-           "choice_point_uses", "node_sum", "mixing", "first_candidates", "set_search_mode",
-           "draws_random_numbers", "TorchBatchNorm"]
+           "choice_point_uses", "node_sum", "edge_loop", "mixing", "first_candidates", "set_search_mode",
+           "draws_random_numbers", "TorchBatchNorm", "DropPath"]
 
 
 class Identity(nnx.Module):
@@ -77,6 +77,27 @@ class _Function(nnx.Module):
 
     def __call__(self, x):
         return self.fn(x)
+
+
+class DropPath(nnx.Module):
+    """Drop path (FractalNet's, Larsson et al., ICLR 2017, as DARTS applies it to every op but
+    the identity): in training each example's output is zeroed with probability ``rate`` and
+    scaled by ``1 / (1 - rate)`` otherwise, so its expectation is the input. ``rate`` is the
+    probability ``dnas train`` schedules (``--drop-path``, raised linearly from 0 over the
+    epochs), set on every ``DropPath`` of the model at each step (:func:`set_search_mode`); the
+    masks come from the model's random stream ``drop_path``, reseeded from the step's key. Off
+    (the identity) during a search and in inference."""
+
+    def __init__(self, rngs: nnx.Rngs | None = None):
+        self.rngs = nnx.Rngs(drop_path=0) if rngs is None else nnx.Rngs(drop_path=rngs.params())
+        self.rate = 0.0
+        self.deterministic = True
+
+    def __call__(self, x):
+        if self.deterministic:
+            return x
+        from dnas.supernet.network import drop_path
+        return drop_path(x, self.rngs.drop_path(), self.rate)
 
 
 def _check_label(label: Any, what: str) -> str:
@@ -427,6 +448,61 @@ def scan(f: Callable, **scan_options) -> Callable:
     return run
 
 
+def edge_loop(edges: Sequence[Any], src: Sequence[int], dst: Sequence[int], nodes: jax.Array,
+              inputs: jax.Array | None = None) -> jax.Array:
+    """Run a cell's edges in order, ``nodes[dst[e]] += edges[e](source[src[e]])``, where
+    ``source`` is ``inputs`` when given (edges that read the cell's inputs) and ``nodes``
+    otherwise (the edges must then be ordered so that a node is complete before an edge reads
+    it). ``nodes`` and ``inputs`` stack the nodes on a leading axis.
+
+    During a search, when every edge is a :class:`Choice` whose candidates have one structure
+    (the same modules with weights of the same shapes; their labels and options' weights are
+    their own), the edges run as one ``lax.scan``: the candidates' weights and statistics are
+    stacked inside the traced step, one edge is traced and compiled instead of every one, and
+    each edge's new statistics are written back to it. The model itself stays as written (one
+    module per edge), so its weights, its genotype, :func:`fix` and the latency model do not
+    depend on whether the edges loop. This is how the built-in DARTS cells keep their compile
+    short (a normal cell's 14 edges as one loop; ``docs/benchmarks.md``). Inside the loop the
+    convolutions take the kernel policy's loop formulation, as in :func:`scan`. Anywhere else
+    (a fixed model, the latency model's shape walk) the edges run one after another in Python.
+    """
+    src, dst = [int(s) for s in src], [int(d) for d in dst]
+    if not len(edges) == len(src) == len(dst):
+        raise ValueError(f"edge_loop: {len(edges)} edges, {len(src)} sources, {len(dst)} destinations")
+    active = _ACTIVE.get()
+    if type(active) is not _Mixing or not all(isinstance(e, Choice) for e in edges):
+        for e, edge in enumerate(edges):
+            y = edge((nodes if inputs is None else inputs)[src[e]])
+            nodes = nodes.at[dst[e]].add(y.astype(nodes.dtype))
+        return nodes
+    parts = [nnx.split(edge.candidates, nnx.Param, ...) for edge in edges]
+    graphdef = parts[0][0]
+    for edge, (g, _, _) in zip(edges, parts):
+        if g != graphdef:
+            raise ValueError(f"edge_loop: the candidates of {edges[0].label!r} and {edge.label!r} differ in "
+                             "structure; only edges with the same candidates can run as one loop")
+    stack = lambda *a: jnp.stack(a)  # noqa: E731
+    params = jax.tree_util.tree_map(stack, *[p for _, p, _ in parts])
+    rest = jax.tree_util.tree_map(stack, *[r for _, _, r in parts])
+    samples = jax.tree_util.tree_map(stack, *[active._sample(edge.label) for edge in edges])
+    ctx = active.ctx
+
+    def body(buf, xs):
+        p, r, sample, s, d = xs
+        candidates = nnx.merge(graphdef, p, r, copy=True)
+        y, state = active.mix(sample, _OpCandidates(candidates, ctx), (buf if inputs is None else inputs)[s])
+        if state is not None:
+            nnx.update(candidates, state)
+        return buf.at[d].add(y.astype(buf.dtype)), nnx.split(candidates, nnx.Param, ...)[2]
+
+    with in_branch(ctx is None or ctx.custom_vjp):
+        nodes, new_rest = lax.scan(body, nodes, (params, rest, samples, jnp.asarray(src, jnp.int32),
+                                                 jnp.asarray(dst, jnp.int32)))
+    for e, edge in enumerate(edges):
+        nnx.update(edge.candidates, jax.tree_util.tree_map(lambda a: a[e], new_rest))
+    return nodes
+
+
 # --------------------------------------------------------------------------- structure
 
 def _has_dropout(module) -> bool:
@@ -436,14 +512,15 @@ def _has_dropout(module) -> bool:
 
 
 def set_search_mode(model: nnx.Module, train: bool, axis_name: str | None = None,
-                    dropout_key: jax.Array | None = None) -> nnx.Module:
+                    dropout_key: jax.Array | None = None, drop_path: Any = 0.0) -> nnx.Module:
     """Put every layer of ``model`` (in place) in the mode dnas runs it in: BatchNorm on batch
     statistics when ``train`` (else running ones) and synchronised over the devices of
     ``axis_name``. Dropout (every module with a ``deterministic`` flag: ``nnx.Dropout``, the
     attention layers' dropout) is off, unless ``train`` and ``dropout_key`` is given: then it
     is on, and every random stream of the model is reseeded from ``dropout_key`` (a
     ``nnx.Dropout`` built without ``rngs`` gets a stream of its own), so the masks are a
-    function of that key alone. The model's own stream state is not carried from step to
+    function of that key alone; every :class:`DropPath` then drops at the probability
+    ``drop_path``. The model's own stream state is not carried from step to
     step (it is not part of the weights or statistics dnas keeps): ``dnas train`` passes each
     step's key, the search passes none (the search state holds no stream for it, and DARTS's
     search protocol has no dropout). Returns ``model``."""
@@ -455,6 +532,8 @@ def set_search_mode(model: nnx.Module, train: bool, axis_name: str | None = None
             m.use_running_average = not train
         if _has_dropout(m):
             m.deterministic = not on
+        if isinstance(m, DropPath):
+            m.rate = drop_path if on else 0.0
         if on and isinstance(m, nnx.Dropout) and m.rngs is None:
             m.rngs = nnx.Rngs(**{m.rng_collection: 0})[m.rng_collection]   # reseeded below
     if on:

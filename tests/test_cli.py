@@ -139,7 +139,9 @@ def test_search_on_image_folder_darts_space(tmp_path):
     assert g["normal_concat"] == [2, 3, 4, 5]
     assert all(op != "none" for op, _ in g["normal"] + g["reduce"])
     alphas = json.loads((out / "alphas.json").read_text())
-    assert sorted(alphas["groups"]) == ["normal", "reduce"]
+    # one cell: no reduction cell, so no reduce α (the genotype's reduction cell is never run)
+    assert sorted(alphas["groups"]) == ["normal"]
+    assert alphas["groups"]["normal"]["choice_points"][:3] == ["0->2", "1->2", "0->3"]
 
 
 @pytest.mark.parametrize("args,message", [

@@ -28,22 +28,6 @@ def test_parameter_counts_equal_the_published_ones():
     assert _n_params(build_network(DARTS_V2, auxiliary=True)) == 3_349_342
 
 
-def _transplant(src, dst):
-    """``dst`` with every leaf that ``src`` has at the same path replaced by ``src``'s (the
-    supernet's affine-free BatchNorms have no scale/bias: the derived network keeps 1 and 0)."""
-    if isinstance(dst, dict):
-        return {k: _transplant(src[k], v) if k in src else v for k, v in dst.items()}
-    if isinstance(dst, (tuple, list)):
-        assert len(src) == len(dst)
-        return type(dst)(_transplant(s, d) for s, d in zip(src, dst))
-    assert src.shape == dst.shape
-    return src
-
-
-def _at(tree, *idx):
-    return jax.tree_util.tree_map(lambda a: a[idx], tree)
-
-
 def _onehot(ops, names):
     w = np.zeros((len(ops), len(names)), np.float32)
     for i, op in enumerate(ops):
@@ -84,6 +68,16 @@ def test_nb201_network_equals_the_supernet_at_a_one_hot_architecture():
 
 
 def test_darts_network_equals_the_supernet_at_a_one_hot_architecture():
+    """The derived DARTS network is dnas.fix of the model built for evaluation: with the
+    supernet's weights of the chosen ops (affine cells) it computes the one-hot supernet's
+    logits in training (inference: the reference test of the evaluation network), and holds
+    only the chosen ops' weights (none on the 6 dropped edges of each cell)."""
+    from flax import nnx
+
+    from dnas.nnx import fix
+    from dnas.supernet.darts import Zero
+    from dnas.supernet.stacked_leaves import WeightLayout
+
     # pooling is plain pooling in the derived network but pooling + BN in the supernet, so the
     # chosen ops here are convolutions and skips (unchosen pools still run in the supernet)
     g = DartsGenotype(
@@ -93,35 +87,40 @@ def test_darts_network_equals_the_supernet_at_a_one_hot_architecture():
         reduce=[("skip_connect", 0), ("sep_conv_3x3", 1), ("dil_conv_3x3", 2), ("skip_connect", 1),
                 ("sep_conv_5x5", 0), ("skip_connect", 3), ("dil_conv_5x5", 4), ("sep_conv_3x3", 2)],
         reduce_concat=[2, 3, 4, 5])
-    # normal, reduction, reduction after one; separable convolutions as one dense convolution each
-    # (the formulations are tested equal in test_ops; eager, the shifted views are ~k^2 dispatches)
-    opts = dict(channels=4, layers=3, num_classes=5, in_channels=3, impl="dense")
-    space = build_space("darts", affine=True, **opts)
+    # normal, reduction, reduction after one; the supernet's edges looped (a shorter compile;
+    # looped and unrolled compute the same, tests/test_space_reference.py)
+    opts = dict(channels=4, layers=3, num_classes=5, in_channels=3)
+    space = build_space("darts", affine=True, unroll=False, **opts)
     sp, ss = space.init(jax.random.PRNGKey(1))
     net = build_network(g, **opts)
-    dp, ds = net.init(jax.random.PRNGKey(2))
-    dp["stem"], dp["classifier"] = sp["stem"], sp["classifier"]
-    in_edges = [e for e, (s, _) in enumerate(DARTS_EDGES) if s < 2]
-    inner_edges = [e for e, (s, _) in enumerate(DARTS_EDGES) if s >= 2]
-    cell = 0
-    for r, run in enumerate(space.runs):
-        for j in range(len(run)):
-            src = _at(sp[f"cells{r}"], j)
-            kind = "reduce" if space.cells[run[0]].reduction else "normal"
-            ops = []
-            for s, d, op in g.edges(kind):
-                e = DARTS_EDGES.index((s, d))
-                part, pos = ("in", in_edges.index(e)) if e in in_edges else ("inner", inner_edges.index(e))
-                ops.append(_at(src[part][DARTS_OPS.index(op)], pos))
-            dp["cells"][cell] = _transplant({"pre0": src["pre0"], "pre1": src["pre1"], "ops": tuple(ops)},
-                                            dp["cells"][cell])
-            cell += 1
-    assert cell == 3
+    fixed = fix(space.module(sp, ss), g)
+    assert sum(isinstance(e, Zero) for cell in fixed.cells for e in cell.edges) == 3 * (14 - 8)
+    fp, fs = (nnx.to_pure_dict(s) for s in nnx.state(fixed, nnx.Param, nnx.BatchStat))
+    dp, ds = WeightLayout(fp, fs, True).stacked(fp, fs)
+    assert jax.tree_util.tree_map(jnp.shape, net.init(jax.random.PRNGKey(2))) == jax.tree_util.tree_map(
+        jnp.shape, (dp, ds))
     x = jax.random.normal(jax.random.PRNGKey(3), (2, 8, 8, 3))
-    samples = {k: _onehot([op for op in _edge_ops(g, k)], DARTS_OPS) for k in ("normal", "reduce")}
-    ref, _ = space.apply(sp, ss, x, samples, dense_mix, Ctx(train=True))
-    out = net.apply(dp, ds, x, Ctx(train=True))
-    np.testing.assert_allclose(out.logits, ref, rtol=1e-5, atol=1e-5)
+    samples = {k: _onehot(_edge_ops(g, k), DARTS_OPS) for k in ("normal", "reduce")}
+    ref, _ = jax.jit(lambda p, s, x: space.apply(p, s, x, samples, dense_mix, Ctx(train=True)))(sp, ss, x)
+    out = jax.jit(lambda p, s, x: net.apply(p, s, x, Ctx(train=True)))(dp, ds, x)
+    np.testing.assert_allclose(out.logits, ref, rtol=1e-4, atol=1e-5)
+
+
+def test_darts_space_derives_by_darts_rule():
+    """The space's derivation is DARTS's ``derive_darts`` on the same α (a node's pairs strongest
+    first), and chooses what the choice points' own rule (each node's two strongest edges by
+    their best op other than ``none``, ``Choice(keep=2)``) chooses."""
+    from dnas.supernet.genotype import derive_darts
+    from dnas.supernet.nnx_space import NNXSpace
+
+    space = build_space("darts", channels=4, layers=3)
+    rng = np.random.default_rng(0)
+    for _ in range(5):
+        raw = {k: rng.dirichlet(np.ones(8), 14) for k in ("normal", "reduce")}
+        g = space.derive(raw)
+        assert isinstance(g, DartsGenotype)
+        assert g == derive_darts(raw["normal"], raw["reduce"])
+        assert g.choices == NNXSpace.derive(space, raw).choices      # the choice points' keep=2 rule
 
 
 def _edge_ops(g: DartsGenotype, kind: str) -> list[str]:

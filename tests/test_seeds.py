@@ -113,7 +113,7 @@ def test_op_frequency_counts_darts_edges_not_kept_as_none():
     from dnas.supernet.genotype import DARTS_EDGES  # noqa: F401  (the 14 edges of a cell)
     from dnas.supernet.spaces import build_space
 
-    space = build_space("darts", channels=4, layers=2)
+    space = build_space("darts", channels=4, layers=3)     # a normal and two reduction cells
     rng = np.random.default_rng(0)
     genotypes = [space.derive({g: rng.random(space.groups[g]) for g in space.groups}) for _ in range(3)]
     freq = op_frequency(space, genotypes)

@@ -5,16 +5,12 @@ derived.py and space_latency.py): for fixed weights and α the supernets must gi
 logits, gradients and BatchNorm statistics, the derived networks the same logits and the latency
 walks the same table keys.
 
-The chain and NAS-Bench-201 have since been declared as Flax NNX models
-(``dnas.supernet.chain.ChainNet``, ``dnas.supernet.nb201.NB201Net``), whose weights are
+All three have since been declared as Flax NNX models (``dnas.supernet.chain.ChainNet``,
+``dnas.supernet.nb201.NB201Net``, ``dnas.supernet.darts.DartsNet``), whose weights are
 initialised by Flax's initialisers: their numbers are checked on the weights the code before
 that change initialised, stored with what that code computed from them
-(``tests/chain_reference.py``, ``tests/nb201_reference.py``, ``tests/data/*_reference.npz``);
-their latency walks against the keys above.
-
-Regenerate the DARTS entry (only when a change of numbers is intended): ``python
-tests/test_space_reference.py``; the chain's and NB201's latency keys stay those of cc72bf6.
-The DARTS space takes about a minute and runs under ``-m slow``.
+(``tests/chain_reference.py``, ``tests/nb201_reference.py``, ``tests/darts_reference.py``,
+``tests/data/*_reference.npz``); their latency walks against the keys of cc72bf6.
 """
 from __future__ import annotations
 
@@ -43,75 +39,13 @@ def _norm(tree) -> float:
     return float(jnp.sqrt(sum(jnp.sum(jnp.square(a)) for a in jax.tree_util.tree_leaves(tree))))
 
 
-def fingerprint(name: str) -> dict:
-    space = build_space(name, **CONFIGS[name])
-    params, state = space.init(jax.random.PRNGKey(1))
-    x = jax.random.normal(jax.random.PRNGKey(2), (4, 8, 8, 3))
-    y = jnp.arange(4) % 5
-    alpha = {g: jax.random.normal(jax.random.fold_in(jax.random.PRNGKey(3), i), shape)
-             for i, (g, shape) in enumerate(sorted(space.groups.items()))}
-
-    @jax.jit
-    def loss(p, a):
-        w = {g: jax.nn.softmax(v, -1) for g, v in a.items()}
-        logits, st = space.apply(p, state, x, w, dense_mix, Ctx(train=True))
-        return jnp.mean(jax.nn.log_softmax(logits)[jnp.arange(4), y]), (logits, st)
-
-    (_, (logits, new_state)), (g_w, g_a) = jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)(params, alpha)
-    keys = describe_space(space, input_size=8).keys()
-    if name == "darts":   # the auxiliary head needs 32x32 inputs
-        net = build_network(DARTS_V2, auxiliary=True, **CONFIGS[name])
-        xd = jax.random.normal(jax.random.PRNGKey(2), (2, 32, 32, 3))
-    else:
-        net, xd = build_network(parse_nb201(NB201_CELL), **CONFIGS[name]), x
-    p, s = net.init(jax.random.PRNGKey(5))
-    out = jax.jit(lambda p, s, x: net.apply(p, s, x, Ctx(train=True)))(p, s, xd)
-    return {"logits": np.asarray(logits).tolist(), "grad_w": _norm(g_w), "grad_alpha": _norm(g_a),
-            "bn_abs_sum": float(sum(jnp.sum(jnp.abs(a)) for a in jax.tree_util.tree_leaves(new_state))),
-            "latency_keys": [len(keys), hashlib.sha256("\n".join(keys).encode()).hexdigest()[:16]],
-            "derived_logits": np.asarray(out.logits).tolist(),
-            "derived_aux": None if out.aux_logits is None else float(jnp.sum(out.aux_logits))}
+#: the latency walks' table keys at cc72bf6 (input 8x8)
+REFERENCE = {"chain": {"latency_keys": [46, "4b26df40a5da87a4"]},
+             "darts": {"latency_keys": [54, "3fff4b43f99b49d2"]},
+             "nb201": {"latency_keys": [22, "5751f5e0af79d333"]}}
 
 
-#: computed at cc72bf6 by ``python tests/test_space_reference.py``
-REFERENCE = {'chain': {'latency_keys': [46, '4b26df40a5da87a4']},
- 'darts': {'bn_abs_sum': 3425.00341796875,
-           'derived_aux': 0.5081237554550171,
-           'derived_logits': [[2.217736005783081, -2.336153507232666, 1.2071075439453125, -0.827413022518158,
-                               -1.5698717832565308],
-                              [2.131298780441284, -2.1688947677612305, 0.7787439227104187, -1.066498041152954,
-                               -1.446398138999939]],
-           'grad_alpha': 0.5906014442443848,
-           'grad_w': 7.158409595489502,
-           'latency_keys': [54, '3fff4b43f99b49d2'],
-           'logits': [[0.7990235090255737, 0.3046317398548126, -0.33053889870643616, -0.4813244342803955,
-                       -0.07009562849998474],
-                      [-0.397981733083725, 0.4670080542564392, 0.30111420154571533, 1.4955790042877197,
-                       -0.1312943696975708],
-                      [-0.48445597290992737, -0.3142167329788208, -0.09366624057292938, 0.2678043842315674,
-                       0.09536181390285492],
-                      [0.5580382347106934, 0.0270053893327713, 0.20759302377700806, -0.8974834084510803,
-                       0.30778831243515015]]},
- 'nb201': {'latency_keys': [22, '5751f5e0af79d333']}}
-
-
-@pytest.mark.parametrize("name", [pytest.param("darts", marks=pytest.mark.slow)])
-def test_space_gives_the_numbers_of_the_code_before_one_description(name):
-    ref, got = REFERENCE[name], fingerprint(name)
-    # the reference ran at XLA's default optimisation level, the tests at a lower one (conftest):
-    # float reassociation moves logits by ~1e-4; a different op or weight moves them by > 1e-2
-    np.testing.assert_allclose(got["logits"], ref["logits"], rtol=1e-3, atol=1e-3)
-    np.testing.assert_allclose(got["derived_logits"], ref["derived_logits"], rtol=1e-3, atol=1e-3)
-    for k in ("grad_w", "grad_alpha", "bn_abs_sum"):
-        assert got[k] == pytest.approx(ref[k], rel=1e-3), k
-    if ref["derived_aux"] is None:
-        assert got["derived_aux"] is None
-    else:   # a sum of 10 logits
-        assert got["derived_aux"] == pytest.approx(ref["derived_aux"], abs=1e-2)
-    assert got["latency_keys"] == ref["latency_keys"]
-
-
-@pytest.mark.parametrize("name", ["chain", "nb201"])
+@pytest.mark.parametrize("name", ["chain", "darts", "nb201"])
 def test_latency_walk_keeps_the_table_keys(name):
     keys = describe_space(build_space(name, **CONFIGS[name]), input_size=8).keys()
     assert [len(keys), hashlib.sha256("\n".join(keys).encode()).hexdigest()[:16]] == REFERENCE[name]["latency_keys"]
@@ -262,8 +196,103 @@ def test_chain_gives_the_numbers_of_its_searchspace_code():
     np.testing.assert_allclose(out.logits, ref["derived_logits"], rtol=1e-4, atol=1e-5)
 
 
-if __name__ == "__main__":
-    import json
-    import pprint
-    print("REFERENCE = " + pprint.pformat(json.loads(json.dumps({n: fingerprint(n) for n in CONFIGS if n == 'darts'})),
-                                          width=110, compact=True))
+def _darts_space(ref_prefix: str, **options):
+    """The ``darts`` space holding the old code's weights stored under ``ref_prefix``."""
+    from tests.darts_reference import OPTIONS, PATH
+
+    ref = np.load(PATH)
+    space = build_space("darts", **OPTIONS, **options)
+    flat = {k[len(ref_prefix):]: ref[k] for k in ref.files if k.startswith(ref_prefix)}
+    template_p, stats = space.unstacked(*space.init(jax.random.PRNGKey(0)))
+    return ref, space, space.stacked(_unflatten(flat, template_p), stats)
+
+
+@pytest.mark.parametrize("unroll", [False, pytest.param(True, marks=pytest.mark.slow)], ids=["loop", "unrolled"])
+def test_darts_gives_the_numbers_of_its_searchspace_code(unroll):
+    """The supernet (a normal cell, a reduction cell, a reduction cell after it) on the old code's
+    weights: logits, ∂loss/∂α of both cells, the weights' gradient norm and the BatchNorm
+    statistics, under DARTS's mixture and GDAS's sampled ops; with a cell's edges as loops
+    (``edge_loop``, the short runs' and the native form) and unrolled (XLA:CPU's default)."""
+    from dnas.relaxations import get_relaxation
+
+    ref, space, (params, stats) = _darts_space("param/", unroll=unroll)
+    assert space.loop_edges is not unroll and space.groups == {"normal": (14, 8), "reduce": (14, 8)}
+    x, y = jnp.asarray(ref["x"]), jnp.asarray(ref["y"])
+    alpha = {g: jnp.asarray(ref[f"alpha/{g}"]) for g in space.groups}
+    (_, (logits, new_stats)), (g_w, g_a) = _supernet_step(space, params, stats, x, y, alpha)
+    np.testing.assert_allclose(logits, ref["logits"], rtol=1e-4, atol=1e-5)
+    for g in space.groups:
+        np.testing.assert_allclose(g_a[g], ref[f"grad_alpha/{g}"], rtol=1e-3, atol=1e-6)
+    assert _norm(g_w) == pytest.approx(float(ref["grad_w_norm"]), rel=1e-4)
+    assert float(sum(jnp.sum(jnp.abs(a)) for a in jax.tree_util.tree_leaves(new_stats))) == pytest.approx(
+        float(ref["bn_abs_sum"]), rel=1e-5)
+
+    gdas = get_relaxation("gdas", space=space)
+
+    def gdas_loss(a):
+        logits, _ = space.apply(params, stats, x, gdas.sample(a, jax.random.PRNGKey(7), 1.0), gdas.mix,
+                                Ctx(train=True))
+        return jnp.mean(jax.nn.log_softmax(logits)[jnp.arange(4), y]), logits
+
+    (_, logits), g_a = jax.jit(jax.value_and_grad(gdas_loss, has_aux=True))(alpha)
+    np.testing.assert_allclose(logits, ref["gdas_logits"], rtol=1e-4, atol=1e-5)
+    for g in space.groups:
+        np.testing.assert_allclose(g_a[g], ref[f"gdas_grad_alpha/{g}"], rtol=1e-3, atol=1e-5)
+    assert max(float(jnp.abs(v).max()) for v in g_a.values()) > 0.01
+
+
+def test_darts_pc_darts_gives_the_numbers_of_its_searchspace_code():
+    """PC-DARTS (K=2: the candidates on half of each node's channels, stride 2 included; the
+    edges of a node weighed by β) on the old code's weights: logits and ∂loss/∂(α, β)."""
+    from dnas.relaxations import get_relaxation
+
+    ref, space, (params, stats) = _darts_space("pc/", partial_channels=2, unroll=False)
+    x, y = jnp.asarray(ref["x"]), jnp.asarray(ref["y"])
+    pc = get_relaxation("pc_darts", space=space, k=2)
+
+    def loss(a, b):
+        logits, _ = space.apply(params, stats, x, pc.sample({"alpha": a, "beta": b}, None, 0.0), pc.mix,
+                                Ctx(train=True))
+        return jnp.mean(jax.nn.log_softmax(logits)[jnp.arange(4), y]), logits
+
+    alpha = {g: jnp.asarray(ref[f"alpha/{g}"]) for g in space.groups}
+    beta = {g: jnp.asarray(ref[f"beta/{g}"]) for g in space.groups}
+    (_, logits), (g_a, g_b) = jax.jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True))(alpha, beta)
+    np.testing.assert_allclose(logits, ref["pc_logits"], rtol=1e-4, atol=1e-5)
+    for g in space.groups:
+        np.testing.assert_allclose(g_a[g], ref[f"pc_grad_alpha/{g}"], rtol=1e-3, atol=1e-6)
+        np.testing.assert_allclose(g_b[g], ref[f"pc_grad_beta/{g}"], rtol=1e-3, atol=1e-6)
+
+
+def test_darts_evaluation_network_gives_the_numbers_of_the_old_one():
+    """The evaluation network of DARTS-V2 (``dnas.fix`` of the model built for evaluation) on the
+    old network's weights: training logits and auxiliary logits (drop path off), inference
+    logits; the auxiliary head's weights kept apart (``params["aux"]``)."""
+    from flax import nnx
+
+    from dnas.nnx import fix
+    from dnas.supernet.darts import DartsConfig, DartsNet, Evaluation
+    from tests.darts_reference import OPTIONS, PATH, aux_conv2_kernel
+
+    ref = np.load(PATH)
+    net = build_network(DARTS_V2, auxiliary=True, **OPTIONS)
+    params, stats = net.init(jax.random.PRNGKey(0))
+    assert "aux" in params
+    flat = {k[len("derived/"):]: ref[k] for k in ref.files if k.startswith("derived/")}
+    flat["aux/conv2/kernel"] = np.asarray(aux_conv2_kernel())
+    model = fix(DartsNet(nnx.Rngs(0), DartsConfig(affine=True, **OPTIONS), evaluation=Evaluation(auxiliary=True)),
+                DARTS_V2)
+    fp, fs = (nnx.to_pure_dict(s) for s in nnx.state(model, nnx.Param, nnx.BatchStat))
+    fp = _unflatten(flat, fp)
+    main = WeightLayout({k: v for k, v in fp.items() if k != "aux"}, fs, True)
+    p, s = main.stacked({k: v for k, v in fp.items() if k != "aux"}, fs)
+    p["aux"] = WeightLayout(fp["aux"], {}, True).stacked(fp["aux"], {})[0]
+    x32 = jnp.asarray(ref["x32"])
+    out = jax.jit(lambda p, s: net.apply(p, s, x32, Ctx(train=True)))(p, s)
+    np.testing.assert_allclose(out.logits, ref["derived_logits"], rtol=1e-4, atol=1e-5)
+    # the head's second BatchNorm normalises 2 values per channel (2 examples of 1x1 maps), which
+    # magnifies float reassociation: 5e-5 here, where another op or weight moves logits by > 1e-2
+    np.testing.assert_allclose(out.aux_logits, ref["derived_aux_logits"], rtol=1e-3, atol=2e-4)
+    out = jax.jit(lambda p, s: net.apply(p, s, x32, Ctx(train=False)))(p, s)
+    np.testing.assert_allclose(out.logits, ref["derived_eval_logits"], rtol=1e-4, atol=1e-5)
+    assert out.aux_logits is None

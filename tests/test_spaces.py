@@ -59,11 +59,21 @@ def test_supernet_shapes_and_unroll_equivalence(name, opts, groups):
 
 
 def test_darts_reduction_cells_and_channels():
-    space = build_space("darts", channels=4, layers=8)
-    red = [i for i, c in enumerate(space.cells) if c.reduction]
-    assert red == [2, 5]
-    assert [c.signature[2] for c in space.cells] == [4, 4, 8, 8, 8, 16, 16, 16]
-    assert sum(len(r) for r in space.runs) == 8
+    from dnas.supernet.darts import darts_plan
+
+    from flax import nnx
+
+    from dnas.supernet.darts import DartsConfig, DartsNet
+
+    model = nnx.eval_shape(lambda: DartsNet(nnx.Rngs(0), DartsConfig(channels=4, layers=8)))   # shapes only
+    assert [i for i, c in enumerate(model.cells) if c.reduction] == [2, 5]
+    assert [p.c for p in darts_plan(4, 8, 3)] == [4, 4, 8, 8, 8, 16, 16, 16]
+    # a cell's edges at its width (a quarter of the 1x1 preprocessing's output), stride 2 from
+    # the inputs of a reduction cell
+    sep = [c.edges[0].candidates[4].a.dw.kernel.shape[-1] for c in model.cells]
+    assert sep == [4, 4, 8, 8, 8, 16, 16, 16]
+    assert model.cells[2].edges[0].candidates[4].a.dw.strides in (2, (2, 2))
+    assert model.cells[2].edges[13].candidates[4].a.dw.strides in (1, (1, 1))
 
 
 def test_nb201_derive_from_hand_set_alpha():

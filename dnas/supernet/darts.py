@@ -1,38 +1,48 @@
-"""The DARTS CNN search space (Liu, Simonyan & Yang, ICLR 2019), described once.
+"""The DARTS CNN search space (Liu, Simonyan & Yang, ICLR 2019), declared once as a Flax NNX model.
 
-A 3x3 convolution stem to ``stem_multiplier * C`` channels, ``layers`` cells with reduction cells
-(channels doubled, stride 2 on the edges from the cell inputs) at 1/3 and 2/3 of the depth, global
-average pooling and a linear classifier. The stem and the cell plan (every cell's input and
-output widths, which cells reduce) are built by one pair of functions (:func:`darts_stem`,
-:func:`darts_plan`), and three things follow from them:
+:class:`DartsNet` is the network: a 3x3 convolution stem to ``stem_multiplier * C`` channels,
+``layers`` cells with reduction cells (channels doubled, stride 2 on the edges from the cell
+inputs) at 1/3 and 2/3 of the depth, global average pooling and a linear classifier. A cell
+brings its two inputs (the two cells before it) to C channels; each of its four intermediate
+nodes sums one edge from every node before it; its output concatenates the nodes. Each of a
+cell's 14 edges ``s->d`` (:data:`DARTS_EDGES`) is a :class:`~dnas.nnx.Choice` among the 8 ops of
+:data:`DARTS_OPS`, labelled ``"normal/s->d"`` or ``"reduce/s->d"`` (shared by the cells of a
+kind, as in DARTS), a row of the α matrix ``normal`` or ``reduce``, and an incoming edge of its
+node that keeps two edges (DARTS's derivation). The widths of every cell come from
+:func:`darts_plan`. Everything else follows from the model:
 
-* the supernet :class:`DartsSpace`: a cell's 14 edges (:data:`DARTS_EDGES`) each mix the 8 ops of
-  :data:`DARTS_OPS`, two groups of α (``normal``, ``reduce``) shared by the cells of each kind;
-  runs of equal cells are stacked and scanned, and a cell's edges too;
-* the evaluation network a genotype names (:func:`darts_network`, ``DartsSpace.network``), what
-  ``dnas train`` trains;
-* the latency walk (``DartsSpace.latency_walk``).
+* the supernet :class:`DartsSpace` (:class:`~dnas.supernet.nnx_space.NNXSpace` of the model;
+  under ``--loops scan`` or natively a cell's edges run as loops,
+  :func:`dnas.nnx.edge_loop`);
+* the evaluation network a genotype names (:func:`darts_network`): :func:`dnas.fix` of the
+  model built for evaluation (affine BatchNorm, plain pooling, drop path, the auxiliary head),
+  what ``dnas train`` trains;
+* the latency walk (:meth:`DartsSpace.latency_walk`), its parts built from the model's modules.
 
-The genotype is the label -> op mapping over the 28 edges (``"normal/0->2"`` .., ``none`` for an
-edge not kept), printed as the paper's ``Genotype`` (:class:`dnas.supernet.genotype.DartsGenotype`).
+The genotype is the label -> op mapping over the 28 edges (``none`` for an edge not kept),
+printed as the paper's ``Genotype`` (:class:`dnas.supernet.genotype.DartsGenotype`).
 """
 from __future__ import annotations
 
 import dataclasses
-from typing import NamedTuple
+import functools
+from typing import Mapping, NamedTuple
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
 from dnas.backend import resolve
 from dnas.loop_plan import LoopCost, work
+from dnas.nnx import Choice, DropPath, Identity, edge_loop, node_sum
 from dnas.supernet import layers as L
 from dnas.supernet.genotype import DARTS_EDGES, DARTS_OPS, DartsGenotype, derive_darts, edge_label
-from dnas.supernet.mixed import MixedOp, scan_edges, take_edges, unrolled_edges
-from dnas.supernet.network import Network, Output, check_options, drop_key, drop_path
-from dnas.supernet.ops import candidate_ops, darts_op
-from dnas.supernet.space_base import SearchSpace, check_partial
+from dnas.supernet.network import Network, check_options
+from dnas.supernet.nnx_kernels import HE_NORMAL, TorchBatchNorm, torch_linear
+from dnas.supernet.nnx_space import NNXSpace, fixed_network, module_layer
+from dnas.supernet.space_base import check_partial
 
 #: The DARTS paper's CIFAR-10 evaluation network.
 NETWORK_DEFAULTS = {"channels": 36, "layers": 20, "stem_multiplier": 3}
@@ -49,12 +59,6 @@ class CellPlan(NamedTuple):
     reduction: bool
     reduction_prev: bool
     c_out: int
-
-
-def darts_stem(in_channels: int, channels: int, stem_multiplier: int) -> L.Layer:
-    """3x3 convolution to ``stem_multiplier * channels`` and BN."""
-    c = stem_multiplier * channels
-    return L.sequential(L.conv(in_channels, c, 3, 1, 1), L.batchnorm(c, True))
 
 
 def darts_plan(channels: int, layers: int, stem_multiplier: int, concat: tuple[int, int] = (4, 4)) -> list[CellPlan]:
@@ -78,7 +82,12 @@ def darts_plan(channels: int, layers: int, stem_multiplier: int, concat: tuple[i
 class DartsConfig:
     """DARTS CNN search network (Liu et al., ICLR 2019): a 3x3 conv stem to
     ``stem_multiplier * channels``, ``layers`` cells with reductions at 1/3 and 2/3 depth
-    (channels doubled there), 4 intermediate nodes per cell concatenated as the output."""
+    (channels doubled there), 4 intermediate nodes per cell concatenated as the output.
+    ``affine``: the cells' BatchNorm has a scale and bias (off in the search, as in DARTS's
+    search code). ``unroll``: a cell's edges unrolled (``True``) or run as loops (``False``;
+    ``"scan_cells"`` unrolls them too: the cells are never scanned), ``None`` the kernel
+    policy's choice (:func:`dnas.supernet.layers.loop_mode`). ``impl`` is accepted for a
+    uniform interface: the convolutions' formulation is the kernel policy's."""
 
     channels: int = 16
     layers: int = 8
@@ -92,75 +101,261 @@ class DartsConfig:
     kernels: str = "auto"                # dnas.backend kernel policy: auto, xla_cpu or native
 
 
-_DARTS_IN = [e for e, (s, _) in enumerate(DARTS_EDGES) if s < 2]     # edges reading the cell inputs
-_DARTS_INNER = [e for e, (s, _) in enumerate(DARTS_EDGES) if s >= 2]  # edges between intermediate nodes
-# edge e's position in the two groups stacked (cell inputs first): the edges' natural order
-_DARTS_NATURAL = [(_DARTS_IN + _DARTS_INNER).index(e) for e in range(len(DARTS_EDGES))]
+# ------------------------------------------------------------------------------ the model
+
+def _conv(c_in, c_out, k, rngs, stride=1, dilation=1, groups=1, padding=None) -> nnx.Conv:
+    """A bias-free ``k``x``k`` convolution, He-initialised, padded to keep the size at stride 1."""
+    pad = dilation * (k - 1) // 2 if padding is None else padding
+    return nnx.Conv(c_in, c_out, (k, k), strides=stride, padding=[(pad, pad)] * 2, kernel_dilation=dilation,
+                    feature_group_count=groups, use_bias=False, kernel_init=HE_NORMAL, rngs=rngs)
 
 
-class _DartsCell:
-    """A DARTS search cell: preprocess both inputs, run its 14 mixed edges, concat 4 nodes."""
+class Stem(nnx.Module):
+    """3x3 convolution to ``c`` channels and an affine BatchNorm."""
 
-    def __init__(self, c_pp, c_p, c, reduction, reduction_prev, impl, affine, unroll, k=1):
-        self.reduction, self.unroll = reduction, unroll
-        stride = 2 if reduction else 1
-        self.pre0 = (L.factorized_reduce(c_pp, c, False) if reduction_prev
-                     else L.relu_conv_bn(c_pp, c, 1, 1, 0, affine=False))
-        self.pre1 = L.relu_conv_bn(c_p, c, 1, 1, 0, affine=False)
-        self.mixed_in = MixedOp(candidate_ops("darts", DARTS_OPS, c // k, stride, affine, impl))
-        self.mixed_inner = MixedOp(candidate_ops("darts", DARTS_OPS, c // k, 1, affine, impl))
-        self.signature = (c_pp, c_p, c, reduction, reduction_prev)
+    def __init__(self, c_in, c, rngs):
+        self.conv, self.bn = _conv(c_in, c, 3, rngs), TorchBatchNorm(c, rngs)
 
-    def init(self, key):
-        k0, k1, k2, k3 = jax.random.split(key, 4)
-        (p0, s0), (p1, s1) = self.pre0.init(k0), self.pre1.init(k1)
-        pin, sin = self.mixed_in.init_stacked(k2, len(_DARTS_IN))
-        pinner, sinner = self.mixed_inner.init_stacked(k3, len(_DARTS_INNER))
-        return ({"pre0": p0, "pre1": p1, "in": pin, "inner": pinner},
-                {"pre0": s0, "pre1": s1, "in": sin, "inner": sinner})
-
-    def apply(self, p, s, s0, s1, sample, mix, ctx):
-        h0, st0 = self.pre0.apply(p["pre0"], s["pre0"], s0, ctx)
-        h1, st1 = self.pre1.apply(p["pre1"], s["pre1"], s1, ctx)
-        s_in, d_in = [DARTS_EDGES[e][0] for e in _DARTS_IN], [DARTS_EDGES[e][1] - 2 for e in _DARTS_IN]
-        s_inner = [DARTS_EDGES[e][0] - 2 for e in _DARTS_INNER]
-        d_inner = [DARTS_EDGES[e][1] - 2 for e in _DARTS_INNER]
-        if self.unroll:  # nodes as separate arrays (see unrolled_edges: no per-edge buffer copies)
-            nodes, sin = unrolled_edges(self.mixed_in, p["in"], s["in"], take_edges(sample, _DARTS_IN),
-                                        s_in, d_in, [None] * 4, mix, ctx, inputs=[h0, h1])
-            nodes, sinner = unrolled_edges(self.mixed_inner, p["inner"], s["inner"],
-                                           take_edges(sample, _DARTS_INNER), s_inner, d_inner, nodes, mix, ctx)
-            out = jnp.concatenate(nodes, axis=-1)
-            return out, {"pre0": st0, "pre1": st1, "in": sin, "inner": sinner}
-        b, hh, ww, c = h1.shape
-        if not self.reduction:
-            # all 14 edges have stride 1: one scan over them in their natural order (a node is
-            # complete before an edge reads it) on a buffer whose nodes 0 and 1 are the cell's
-            # inputs, so the cell traces one mixed op instead of two. On the 8-cell DARTS
-            # network: XLA compile 102 -> 76 s on CPU, same step (docs/benchmarks.md)
-            pe, se = take_edges(jax.tree_util.tree_map(lambda a, b_: jnp.concatenate([a, b_]),
-                                                       (p["in"], s["in"]), (p["inner"], s["inner"])),
-                                _DARTS_NATURAL)
-            buf = jnp.zeros((6, b, hh, ww, c), h1.dtype).at[0].set(h0).at[1].set(h1)
-            buf, snew = scan_edges(self.mixed_inner, pe, se, sample, [e[0] for e in DARTS_EDGES],
-                                   [e[1] for e in DARTS_EDGES], buf, mix, ctx)
-            out = jnp.concatenate([buf[i] for i in range(2, 6)], axis=-1)
-            return out, {"pre0": st0, "pre1": st1, "in": take_edges(snew, _DARTS_IN),
-                         "inner": take_edges(snew, _DARTS_INNER)}
-        # a reduction cell: its input edges (stride 2) and inner edges (stride 1) scanned apart
-        inputs = jnp.stack([h0, h1])
-        hh, ww = (hh + 1) // 2, (ww + 1) // 2
-        buf = jnp.zeros((4, b, hh, ww, c), h1.dtype)
-        buf, sin = scan_edges(self.mixed_in, p["in"], s["in"], take_edges(sample, _DARTS_IN), s_in, d_in,
-                              buf, mix, ctx, in_buf=inputs)
-        buf, sinner = scan_edges(self.mixed_inner, p["inner"], s["inner"], take_edges(sample, _DARTS_INNER),
-                                 s_inner, d_inner, buf, mix, ctx)
-        out = jnp.concatenate([buf[i] for i in range(4)], axis=-1)
-        return out, {"pre0": st0, "pre1": st1, "in": sin, "inner": sinner}
+    def __call__(self, x):
+        return self.bn(self.conv(x))
 
 
-class DartsSpace(SearchSpace):
-    honours_compute_dtype = True   # every convolution through dnas.supernet.layers._conv
+class ReLUConvBN(nnx.Module):
+    """ReLU, ``k``x``k`` convolution, BatchNorm: the cells' preprocessing."""
+
+    def __init__(self, c_in, c_out, k, rngs, stride=1, affine=False):
+        self.conv, self.bn = _conv(c_in, c_out, k, rngs, stride), TorchBatchNorm(c_out, rngs, affine=affine)
+
+    def __call__(self, x):
+        return self.bn(self.conv(jax.nn.relu(x)))
+
+
+class DilConv(nnx.Module):
+    """ReLU, depthwise ``k``x``k`` convolution (dilation ``dilation``), pointwise convolution,
+    BatchNorm: DARTS's ``dil_conv`` (and half of its ``sep_conv``)."""
+
+    def __init__(self, c, k, rngs, stride=1, dilation=1, affine=False):
+        self.dw = _conv(c, c, k, rngs, stride, dilation, groups=c)
+        self.pw, self.bn = _conv(c, c, 1, rngs), TorchBatchNorm(c, rngs, affine=affine)
+
+    def __call__(self, x):
+        return self.bn(self.pw(self.dw(jax.nn.relu(x))))
+
+
+class SepConv(nnx.Module):
+    """DARTS's separable convolution: the dilation-1 :class:`DilConv` unit twice, the first at
+    ``stride``."""
+
+    def __init__(self, c, k, rngs, stride=1, affine=False):
+        self.a, self.b = DilConv(c, k, rngs, stride, affine=affine), DilConv(c, k, rngs, affine=affine)
+
+    def __call__(self, x):
+        return self.b(self.a(x))
+
+
+class FactorizedReduce(nnx.Module):
+    """ReLU, two 1x1 stride-2 convolutions on grids offset by one pixel, concatenated, BatchNorm:
+    a skip connection at stride 2, and the preprocessing of a cell after a reduction cell."""
+
+    def __init__(self, c_in, c_out, rngs, affine=False):
+        self.a, self.b = _conv(c_in, c_out // 2, 1, rngs, 2), _conv(c_in, c_out // 2, 1, rngs, 2)
+        self.bn = TorchBatchNorm(c_out, rngs, affine=affine)
+
+    def __call__(self, x):
+        x = jax.nn.relu(x)
+        shifted = jnp.pad(x[:, 1:, 1:], ((0, 0), (0, 1), (0, 1), (0, 0)))
+        return self.bn(jnp.concatenate([self.a(x), self.b(shifted)], axis=-1))
+
+
+class Pool(nnx.Module):
+    """3x3 max or average pooling (padding 1; the average over the window's pixels inside the
+    image), followed in the search cells by an affine-free BatchNorm (DARTS's search code; the
+    evaluation network pools plainly: ``bn=False``)."""
+
+    def __init__(self, kind, c, rngs, stride=1, bn=True):
+        self.kind, self.stride = kind, stride
+        self.bn = TorchBatchNorm(c, rngs, affine=False) if bn else None
+
+    def __call__(self, x):
+        s, pad = (self.stride,) * 2, ((1, 1), (1, 1))
+        if self.kind == "max":
+            y = nn.max_pool(x, (3, 3), strides=s, padding=pad)
+        else:
+            y = nn.avg_pool(x, (3, 3), strides=s, padding=pad, count_include_pad=False)
+        return y if self.bn is None else self.bn(y)
+
+
+class Zero(nnx.Module):
+    """DARTS's ``none`` at ``stride``: zeros of the output's shape."""
+
+    def __init__(self, stride=1):
+        self.stride = stride
+
+    def __call__(self, x):
+        return jnp.zeros_like(x[:, ::self.stride, ::self.stride])
+
+
+def darts_op(name: str, c: int, stride: int, rngs: nnx.Rngs, affine: bool = False, pool_bn: bool = True) -> nnx.Module:
+    """One DARTS candidate op on ``c`` channels at ``stride`` (a skip at stride 2 is a
+    factorized reduce); ``affine``: the BatchNorms' scale and bias (the evaluation network's);
+    ``pool_bn``: pooling followed by a BatchNorm (the search cells')."""
+    if name == "none":
+        return Zero(stride)
+    if name in ("max_pool_3x3", "avg_pool_3x3"):
+        return Pool(name[:3], c, rngs, stride, bn=pool_bn)
+    if name == "skip_connect":
+        return Identity() if stride == 1 else FactorizedReduce(c, c, rngs, affine)
+    if name in ("sep_conv_3x3", "sep_conv_5x5"):
+        return SepConv(c, int(name[-1]), rngs, stride, affine)
+    if name in ("dil_conv_3x3", "dil_conv_5x5"):
+        return DilConv(c, int(name[-1]), rngs, stride, 2, affine)
+    from dnas.supernet.ops import UnknownOpError
+    raise UnknownOpError(f"unknown DARTS operation {name!r}; valid operations are: {', '.join(DARTS_OPS)}")
+
+
+class Evaluation(NamedTuple):
+    """What the evaluation network adds to the search network: the nodes each kind of cell
+    concatenates (the genotype's), the auxiliary head, and the chosen op of every edge label
+    (``choices``: the cells then hold these ops where the search network holds its choice
+    points, which is what :func:`dnas.fix` of the search form gives, built without the
+    candidates that are not chosen)."""
+
+    concat: tuple[tuple[int, ...], tuple[int, ...]] = ((2, 3, 4, 5), (2, 3, 4, 5))
+    auxiliary: bool = False
+    choices: Mapping[str, str] | None = None
+
+
+class Cell(nnx.Module):
+    """A DARTS cell of ``plan``: both inputs preprocessed to ``c`` channels (a factorized reduce
+    after a reduction cell), the 14 edges (stride 2 from the inputs of a reduction cell), the
+    concat nodes concatenated. Each edge is a :class:`~dnas.nnx.Choice` among the DARTS ops,
+    built for ``c / partial_channels`` channels (PC-DARTS, Xu et al., ICLR 2020, eq. 2, runs
+    them on that part of the node), labelled ``"<kind>/s->d"``, a row of the group ``<kind>``,
+    an edge of node ``"<kind>/d"`` that keeps 2 edges. ``loop_edges``: a normal cell's 14 edges
+    run as one loop, a reduction cell's as two (those from the inputs at stride 2, the others),
+    :func:`dnas.nnx.edge_loop`. ``evaluation``: affine BatchNorm, plain pooling and drop path
+    on every op but the identity (the evaluation network, DARTS App. A.2)."""
+
+    def __init__(self, plan: "CellPlan", rngs: nnx.Rngs, affine: bool = False, partial_channels: int = 1,
+                 loop_edges: bool = False, evaluation: Evaluation | None = None):
+        kind = "reduce" if plan.reduction else "normal"
+        c, ev = plan.c, evaluation is not None
+        self.reduction, self.loop_edges = plan.reduction, loop_edges
+        self.concat = evaluation.concat[int(plan.reduction)] if ev else (2, 3, 4, 5)
+        self.pre0 = (FactorizedReduce(plan.c_pp, c, rngs, affine) if plan.reduction_prev
+                     else ReLUConvBN(plan.c_pp, c, 1, rngs, affine=affine))
+        self.pre1 = ReLUConvBN(plan.c_p, c, 1, rngs, affine=affine)
+        def op(name, s):
+            return darts_op(name, c // partial_channels, 2 if plan.reduction and s < 2 else 1, rngs, affine,
+                            pool_bn=not ev)
+
+        if ev and evaluation.choices is not None:
+            self.edges = nnx.List([op(evaluation.choices[f"{kind}/{edge_label(s, d)}"], s) for s, d in DARTS_EDGES])
+        else:
+            self.edges = nnx.List([Choice({name: op(name, s) for name in DARTS_OPS}, label=f"{kind}/{edge_label(s, d)}",
+                                          node=f"{kind}/{d}", keep=2, group=kind) for s, d in DARTS_EDGES])
+        self.drop = DropPath(rngs) if ev else None
+
+    def _edge(self, e: int, x):
+        op = self.edges[e]
+        y = op(x)
+        if self.drop is not None and not isinstance(op, (Identity, Zero, Choice)):
+            y = self.drop(y)
+        return y
+
+    def __call__(self, s0, s1):
+        h0, h1 = self.pre0(s0), self.pre1(s1)
+        if self.loop_edges:
+            return self._looped(h0, h1)
+        nodes = [h0, h1]
+        for d in range(2, 6):
+            nodes.append(node_sum([self._edge(e, nodes[s]) for e, (s, dd) in enumerate(DARTS_EDGES) if dd == d]))
+        return jnp.concatenate([nodes[i] for i in self.concat], axis=-1)
+
+    def _looped(self, h0, h1):
+        edges = list(self.edges)
+        if not self.reduction:   # in their natural order on a buffer whose nodes 0 and 1 are the inputs
+            buf = jnp.zeros((6,) + h1.shape, h1.dtype).at[0].set(h0).at[1].set(h1)
+            buf = edge_loop(edges, [s for s, _ in DARTS_EDGES], [d for _, d in DARTS_EDGES], buf)
+            return jnp.concatenate([buf[i] for i in self.concat], axis=-1)
+        b, h, w, c = h1.shape
+        buf = jnp.zeros((4, b, (h + 1) // 2, (w + 1) // 2, c), h1.dtype)
+        buf = edge_loop([edges[e] for e in _FROM_INPUTS], [DARTS_EDGES[e][0] for e in _FROM_INPUTS],
+                        [DARTS_EDGES[e][1] - 2 for e in _FROM_INPUTS], buf, inputs=jnp.stack([h0, h1]))
+        buf = edge_loop([edges[e] for e in _INNER], [DARTS_EDGES[e][0] - 2 for e in _INNER],
+                        [DARTS_EDGES[e][1] - 2 for e in _INNER], buf)
+        return jnp.concatenate([buf[i - 2] for i in self.concat], axis=-1)
+
+
+_FROM_INPUTS = [e for e, (s, _) in enumerate(DARTS_EDGES) if s < 2]    # edges reading the cell inputs
+_INNER = [e for e, (s, _) in enumerate(DARTS_EDGES) if s >= 2]         # edges between intermediate nodes
+
+
+class AuxHead(nnx.Module):
+    """DARTS's CIFAR auxiliary classifier (Szegedy et al. 2015): ReLU, 5x5 average pooling at
+    stride 3, 1x1 convolution to 128 + BN + ReLU, 2x2 convolution to 768 + BN + ReLU, global
+    average pooling, linear (on 8x8 maps, i.e. 32x32 inputs, the 2x2 convolution leaves 1x1)."""
+
+    def __init__(self, c, num_classes, rngs):
+        self.conv1, self.bn1 = _conv(c, 128, 1, rngs), TorchBatchNorm(128, rngs)
+        self.conv2, self.bn2 = _conv(128, 768, 2, rngs, padding=0), TorchBatchNorm(768, rngs)
+        self.linear = torch_linear(768, num_classes, rngs)
+
+    def __call__(self, x):
+        if min(x.shape[1:3]) < 6:
+            raise ValueError(f"the auxiliary head needs feature maps of at least 6x6 after the second reduction "
+                             f"cell (DARTS: 8x8 from 32x32 images); this input gives {x.shape[1]}x{x.shape[2]}: "
+                             "train without it (--auxiliary-weight 0) or on larger images")
+        y = nn.avg_pool(jax.nn.relu(x), (5, 5), strides=(3, 3))
+        y = jax.nn.relu(self.bn1(self.conv1(y)))
+        y = jax.nn.relu(self.bn2(self.conv2(y)))
+        return self.linear(jnp.mean(y, axis=(1, 2)))
+
+
+class DartsNet(nnx.Module):
+    """The search network under ``config`` (every cell's edges choice points): stem, the cells of
+    :func:`darts_plan`, global average pooling, classifier. ``evaluation``: the evaluation
+    network's form (:class:`Evaluation`; :func:`darts_network` fixes its choices), whose
+    auxiliary head reads the cell at 2/3 of the depth: in training the model then returns
+    ``(logits, auxiliary logits)``."""
+
+    def __init__(self, rngs: nnx.Rngs, config: DartsConfig = DartsConfig(), loop_edges: bool = False,
+                 evaluation: Evaluation | None = None):
+        concat = evaluation.concat if evaluation is not None else ((2, 3, 4, 5),) * 2
+        plan = darts_plan(config.channels, config.layers, config.stem_multiplier, tuple(len(c) for c in concat))
+        check_partial([p.c for p in plan], config.partial_channels)
+        self.stem = Stem(config.in_channels, config.stem_multiplier * config.channels, rngs)
+        self.cells = nnx.List([Cell(p, rngs, config.affine, config.partial_channels, loop_edges, evaluation)
+                               for p in plan])
+        self.aux_at = 2 * config.layers // 3
+        self.aux = (AuxHead(plan[self.aux_at].c_out, config.num_classes, rngs)
+                    if evaluation is not None and evaluation.auxiliary else None)
+        self.classifier = torch_linear(plan[-1].c_out, config.num_classes, rngs)
+
+    def __call__(self, x):
+        s0 = s1 = self.stem(x)
+        aux = None
+        for i, cell in enumerate(self.cells):
+            s0, s1 = s1, cell(s0, s1)
+            if i == self.aux_at and self.aux is not None and not self.aux.bn1.use_running_average:
+                aux = self.aux(s1)
+        logits = self.classifier(jnp.mean(s1, axis=(1, 2)))
+        return logits if aux is None else (logits, aux)
+
+
+class DartsSpace(NNXSpace):
+    """The DARTS cell space as a search space: :class:`DartsNet` searched as any NNX model is
+    (its edges the rows of the ``normal`` and ``reduce`` groups), with the space's defaults and
+    DARTS's training protocol, the genotype's evaluation network (:func:`darts_network`),
+    derivation to a :class:`~dnas.supernet.genotype.DartsGenotype` and the latency model
+    (:meth:`latency_walk`, :meth:`running_parts`).
+
+    Loop modes (``unroll``, :func:`dnas.supernet.layers.loop_mode`): the cells are unrolled
+    in every mode (consecutive cells of one shape are rare in the search network: none at 8
+    cells); a cell's edges are unrolled (``True``, XLA:CPU's default: the fastest steps) or
+    run as loops (``False``, the native default and the short runs' choice on XLA:CPU:
+    :func:`dnas.nnx.edge_loop`). The model and its weights are the same in both."""
+
     name = "darts"
     op_names = DARTS_OPS
     search_defaults = {"--channels": 8, "--cells": 5}
@@ -178,9 +373,10 @@ class DartsSpace(SearchSpace):
     #: the derivation keeps two edges per node; the others read as ``none``
     dropped_op = "none"
 
-    #: C=16, 8 cells, B=64, 32x32 on the 2-core CPU, jaxlib 0.10.2 (docs/benchmarks.md, "A short
-    #: run starts stepping"): unrolled compile 540.7 s, step 12.0 s; scanned 81.6 s, 15.4 s
-    cpu_loop_cost = LoopCost(work(64, (32, 32), 16, 8), fast=(540.7, 12.0), short=(81.6, 15.4),
+    #: C=16, 8 cells, B=64, 32x32 on the 2-core CPU, jaxlib 0.10.2 (docs/benchmarks.md, "The
+    #: DARTS space declared as an NNX model"): edges unrolled, compile 509.9 s, step 8.96 s;
+    #: edges looped (dnas.nnx.edge_loop), 183.8 s, 15.05 s
+    cpu_loop_cost = LoopCost(work(64, (32, 32), 16, 8), fast=(509.9, 8.96), short=(183.8, 15.05),
                              measured="dnas bench --space darts --cells 8 --loops unroll|scan")
 
     @classmethod
@@ -212,68 +408,25 @@ class DartsSpace(SearchSpace):
         return proto
 
     def __init__(self, config: DartsConfig = DartsConfig()):
-        self.config = cfg = config
-        self.kernels = resolve(cfg.kernels)
-        self.unroll_cells, self.unroll_edges, self.loop_convs = L.loop_mode(cfg.unroll, self.kernels)
-        self.groups = {"normal": (len(DARTS_EDGES), len(DARTS_OPS)), "reduce": (len(DARTS_EDGES), len(DARTS_OPS))}
-        self.stem = darts_stem(cfg.in_channels, cfg.channels, cfg.stem_multiplier)
-        plan = darts_plan(cfg.channels, cfg.layers, cfg.stem_multiplier)
-        self.cells = [_DartsCell(p.c_pp, p.c_p, p.c, p.reduction, p.reduction_prev, cfg.impl, cfg.affine,
-                                 self.unroll_edges, cfg.partial_channels) for p in plan]
-        check_partial([p.c for p in plan], cfg.partial_channels)
-        self.classifier = L.dense(plan[-1].c_out, cfg.num_classes)
-        # runs of consecutive cells with identical structure are scanned (traced once)
-        self.runs: list[list[int]] = []
-        for i, cell in enumerate(self.cells):
-            if self.runs and self.cells[self.runs[-1][-1]].signature == cell.signature:
-                self.runs[-1].append(i)
-            else:
-                self.runs.append([i])
-
-    def init(self, key):
-        keys = jax.random.split(key, len(self.cells) + 2)
-        params, state = {}, {}
-        params["stem"], state["stem"] = self.stem.init(keys[0])
-        for r, run in enumerate(self.runs):
-            inits = [self.cells[i].init(keys[1 + i]) for i in run]
-            params[f"cells{r}"] = L.stack_trees([p for p, _ in inits])
-            state[f"cells{r}"] = L.stack_trees([s for _, s in inits])
-        params["classifier"], _ = self.classifier.init(keys[-1])
-        return params, state
-
-    def apply(self, params, state, x, samples, mix, ctx):
-        new_state = {}
-        ctx = L.loop_ctx(L.with_kernels(ctx, self.kernels), self.loop_convs, self.unroll_edges)
-        x, new_state["stem"] = self.stem.apply(params["stem"], state["stem"], x, ctx)
-        s0 = s1 = x
-        for r, run in enumerate(self.runs):
-            cell = self.cells[run[0]]
-            sample = samples["reduce" if cell.reduction else "normal"]
-
-            def body(carry, ps, cell=cell, sample=sample):
-                a, b = carry
-                out, st = cell.apply(ps[0], ps[1], a, b, sample, mix, ctx)
-                return (b, out), st
-
-            if len(run) == 1:
-                one = jax.tree_util.tree_map(lambda a: a[0], (params[f"cells{r}"], state[f"cells{r}"]))
-                (s0, s1), st = body((s0, s1), one)
-                new_state[f"cells{r}"] = jax.tree_util.tree_map(lambda a: a[None], st)
-            else:
-                (s0, s1), new_state[f"cells{r}"] = L.scan(body, (s0, s1), (params[f"cells{r}"], state[f"cells{r}"]),
-                                                         self.unroll_cells)
-        x = jnp.mean(s1, axis=(1, 2))
-        logits, _ = self.classifier.apply(params["classifier"], (), x, ctx)
-        return logits, new_state
+        _, unroll_edges, _ = L.loop_mode(config.unroll, resolve(config.kernels))
+        self.loop_edges = not unroll_edges
+        super().__init__(functools.partial(DartsNet, config=config, loop_edges=self.loop_edges), name="darts",
+                         kernels=config.kernels)
+        self.config = config
 
     def choice_point_names(self, group):
+        """The edges of a cell, ``"s->d"`` (the rows of ``alphas.json``; the genotype's labels
+        carry the group: ``"normal/s->d"``)."""
         return [edge_label(s, d) for s, d in DARTS_EDGES]
 
-    def choice_point_nodes(self, group):
-        return [(group, d) for _, d in DARTS_EDGES]   # a normal cell's node d is not a reduction cell's
-
-    def derive(self, scores):
-        return derive_darts(jnp.asarray(scores["normal"]), jnp.asarray(scores["reduce"]))
+    def derive(self, scores) -> DartsGenotype:
+        """DARTS's derivation (Liu et al., §2.4): every intermediate node keeps its two edges with
+        the strongest op other than ``none``, with that op (the choice points' ``keep=2`` rule),
+        printed as DARTS's code prints it: a node's two pairs strongest first. A network of
+        fewer than 3 cells has no reduction cell, so no ``reduce`` α: its genotype's reduction
+        cell (which it never runs) is derived from equal scores."""
+        normal = jnp.asarray(scores["normal"])
+        return derive_darts(normal, jnp.asarray(scores["reduce"]) if "reduce" in scores else jnp.zeros_like(normal))
 
     @staticmethod
     def network(genotype: DartsGenotype, **options) -> Network:
@@ -285,32 +438,41 @@ class DartsSpace(SearchSpace):
         """Every use of every choice point with its candidates' signatures, and the fixed parts
         (:mod:`dnas.latency.space_latency`): a ``normal`` edge is used by every normal cell, the
         edges from the cell inputs of a reduction cell run at stride 2; each cell also costs its
-        two preprocessing convolutions and its four node sums."""
-        from dnas.latency.space_latency import ChoicePoint, fixed_part, head_layer, node_sum_part
+        two preprocessing convolutions and its four node sums. What a signature builds (to
+        profile it) is the model's own module (:func:`~dnas.supernet.nnx_space.module_layer`)."""
+        from dnas.latency.space_latency import ChoicePoint, cell_candidates, fixed_part, node_sum_part
 
-        space, cfg = self, self.config
+        cfg = self.config
         hw = (input_size, input_size)
-        stem = fixed_part("darts/stem", space.stem, hw + (cfg.in_channels,), (("kernel", 3),))
+        c_stem = cfg.stem_multiplier * cfg.channels
+        stem = fixed_part("darts/stem", module_layer(lambda rngs: Stem(cfg.in_channels, c_stem, rngs)),
+                          hw + (cfg.in_channels,), (("kernel", 3),))
         fixed, points = [stem], []
+        make_op = (lambda op, c, stride, affine, impl:
+                   module_layer(lambda rngs: darts_op(op, c, stride, rngs, affine)))
         hw_pp = hw_p = stem.output_shape[:2]
-        for i, cell in enumerate(space.cells):
-            c_pp, c_p, c, reduction, reduction_prev = cell.signature
-            group = "reduce" if reduction else "normal"
-            pre0 = fixed_part("darts/preprocess_reduce" if reduction_prev else "darts/preprocess",
-                              cell.pre0, hw_pp + (c_pp,), (("stride", 2 if reduction_prev else 1),))
-            pre1 = fixed_part("darts/preprocess", cell.pre1, hw_p + (c_p,), (("stride", 1),))
+        plan = darts_plan(cfg.channels, cfg.layers, cfg.stem_multiplier)
+        for i, p in enumerate(plan):
+            group = "reduce" if p.reduction else "normal"
+            pre0 = module_layer(lambda rngs, p=p: FactorizedReduce(p.c_pp, p.c, rngs) if p.reduction_prev
+                                else ReLUConvBN(p.c_pp, p.c, 1, rngs))
+            pre0 = fixed_part("darts/preprocess_reduce" if p.reduction_prev else "darts/preprocess", pre0,
+                              hw_pp + (p.c_pp,), (("stride", 2 if p.reduction_prev else 1),))
+            pre1 = fixed_part("darts/preprocess", module_layer(lambda rngs, p=p: ReLUConvBN(p.c_p, p.c, 1, rngs)),
+                              hw_p + (p.c_p,), (("stride", 1),))
             fixed += [pre0, pre1]
             hw_in = pre1.output_shape[:2]
-            hw_out = (-(-hw_in[0] // 2), -(-hw_in[1] // 2)) if reduction else hw_in
-            from_input = _darts_candidates(space, group, c, hw_in, 2 if reduction else 1)
-            inner = _darts_candidates(space, group, c, hw_out, 1)
+            hw_out = (-(-hw_in[0] // 2), -(-hw_in[1] // 2)) if p.reduction else hw_in
+            from_input = cell_candidates(self, "darts", group, _DARTS_ATTRS, make_op, p.c, hw_in,
+                                         2 if p.reduction else 1)
+            inner = cell_candidates(self, "darts", group, _DARTS_ATTRS, make_op, p.c, hw_out, 1)
             for e, (s, d) in enumerate(DARTS_EDGES):
                 points.append(ChoicePoint(group, e, f"cell{i}/edge{s}->{d}", from_input if s < 2 else inner))
-            fixed += [node_sum_part("darts", hw_out + (c,), sum(1 for _, dd in DARTS_EDGES if dd == d),
+            fixed += [node_sum_part("darts", hw_out + (p.c,), sum(1 for _, dd in DARTS_EDGES if dd == d),
                                     f"cell{i}/node{d}") for d in range(2, 6)]
             hw_pp, hw_p = hw_p, hw_out
-        c_last = space.cells[-1].signature[2] * 4
-        fixed.append(fixed_part("darts/head", head_layer(None, space.classifier, False), hw_p + (c_last,)))
+        head = module_layer(lambda rngs: _Head(plan[-1].c_out, cfg.num_classes, rngs))
+        fixed.append(fixed_part("darts/head", head, hw_p + (plan[-1].c_out,)))
         return points, fixed
 
     def running_parts(self, model, indices, runs, fixed):
@@ -321,123 +483,39 @@ class DartsSpace(SearchSpace):
         return shared_pooling(model, indices, runs), fixed
 
 
+class _Head(nnx.Module):
+    """Global average pooling and the classifier: the latency walk's last part."""
+
+    def __init__(self, c, num_classes, rngs):
+        self.classifier = torch_linear(c, num_classes, rngs)
+
+    def __call__(self, x):
+        return self.classifier(jnp.mean(x, axis=(1, 2)))
+
+
 # ------------------------------------------------------------------------------ evaluation network
-
-class _EvalCell:
-    """One cell of the DARTS evaluation network (its genotype's normal or reduction cell)."""
-
-    def __init__(self, g: DartsGenotype, c_pp: int, c_p: int, c: int, reduction: bool, reduction_prev: bool,
-                 impl: str | None):
-        kind = "reduce" if reduction else "normal"
-        self.pairs, self.concat = g.cell(kind), g.concat(kind)
-        self.pre0 = L.factorized_reduce(c_pp, c, True) if reduction_prev else L.relu_conv_bn(c_pp, c, 1, 1, 0)
-        self.pre1 = L.relu_conv_bn(c_p, c, 1, 1, 0)
-        strides = [2 if reduction and idx < 2 else 1 for _, idx in self.pairs]
-        self.ops = [darts_op(op, c, st, affine=True, impl=impl, pool_bn=False)
-                    for (op, _), st in zip(self.pairs, strides)]
-        self.dropped = [not (op == "skip_connect" and st == 1) for (op, _), st in zip(self.pairs, strides)]
-        self.c_out = len(self.concat) * c
-
-    def init(self, key):
-        k0, k1, k2 = jax.random.split(key, 3)
-        (p0, s0), (p1, s1) = self.pre0.init(k0), self.pre1.init(k1)
-        ops = [op.init(k) for op, k in zip(self.ops, jax.random.split(k2, len(self.ops)))]
-        return ({"pre0": p0, "pre1": p1, "ops": tuple(p for p, _ in ops)},
-                {"pre0": s0, "pre1": s1, "ops": tuple(s for _, s in ops)})
-
-    def apply(self, p, s, s0, s1, ctx, drop, index: int):
-        h0, st0 = self.pre0.apply(p["pre0"], s["pre0"], s0, ctx)
-        h1, st1 = self.pre1.apply(p["pre1"], s["pre1"], s1, ctx)
-        nodes, new_ops = [h0, h1], []
-        for k in range(len(self.pairs) // 2):
-            ys = []
-            for j in (2 * k, 2 * k + 1):
-                y, sj = self.ops[j].apply(p["ops"][j], s["ops"][j], nodes[self.pairs[j][1]], ctx)
-                if drop is not None and self.dropped[j]:
-                    y = drop_path(y, drop_key(drop, ctx, index * len(self.pairs) + j), drop.prob)
-                ys.append(y)
-                new_ops.append(sj)
-            nodes.append(ys[0] + ys[1])
-        out = jnp.concatenate([nodes[i] for i in self.concat], axis=-1)
-        return out, {"pre0": st0, "pre1": st1, "ops": tuple(new_ops)}
-
-
-def _aux_head(c: int, num_classes: int) -> L.Layer:
-    """DARTS's CIFAR auxiliary classifier: ReLU, 5x5 average pooling at stride 3, 1x1 conv to 128
-    + BN + ReLU, 2x2 conv to 768 + BN + ReLU, linear (on 8x8 maps, i.e. 32x32 inputs, the 2x2 conv
-    leaves 1x1; larger maps are averaged)."""
-    body = L.sequential(L.relu(), L.avg_pool(5, 3, 0), L.conv(c, 128, 1, 1, 0), L.batchnorm(128, True), L.relu(),
-                        L.conv(128, 768, 2, 1, 0), L.batchnorm(768, True), L.relu())
-    fc = L.dense(768, num_classes)
-
-    def init(key):
-        kb, kf = jax.random.split(key)
-        (pb, sb), (pf, _) = body.init(kb), fc.init(kf)
-        return {"body": pb, "fc": pf}, sb
-
-    def apply(p, s, x, ctx):
-        if min(x.shape[1:3]) < 6:
-            raise ValueError(f"the auxiliary head needs feature maps of at least 6x6 after the second reduction "
-                             f"cell (DARTS: 8x8 from 32x32 images); this input gives {x.shape[1]}x{x.shape[2]}: "
-                             "train without it (--auxiliary-weight 0) or on larger images")
-        y, s = body.apply(p["body"], s, x, ctx)
-        logits, _ = fc.apply(p["fc"], (), jnp.mean(y, axis=(1, 2)), ctx)
-        return logits, s
-
-    return L.Layer(init, apply)
-
 
 def darts_network(g: DartsGenotype, *, channels: int = 36, layers: int = 20, num_classes: int = 10,
                   in_channels: int = 3, stem_multiplier: int = 3, auxiliary: bool = False,
                   impl: str | None = None) -> Network:
     """The DARTS CIFAR evaluation network of ``g`` (Liu, Simonyan & Yang, ICLR 2019, Sec. 3.3 and
-    App. A.2), on the supernet's stem and cell plan (:func:`darts_stem`, :func:`darts_plan`):
-    L cells, reduction cells (stride 2 on the edges from the cell inputs, channels doubled) at
-    L/3 and 2L/3. A cell brings its two inputs to C channels (ReLU-conv 1x1-BN, or a factorized
-    reduce after a reduction cell); each intermediate node is the sum of its two genotype pairs'
-    ops; the output concatenates the concat nodes. Pooling is plain pooling (the supernet's BN
-    after pooling is a search-time device), BatchNorm is affine. Training regularisers of the
-    paper: drop path on every op but the identity, and the auxiliary classifier after the cell at
-    2L/3 (Szegedy et al. 2015; DARTS weighs it 0.4). The paper's CIFAR-10 network is C=36,
+    App. A.2): :class:`DartsNet` built for evaluation (:class:`Evaluation`) with the genotype's
+    choices, i.e. :func:`dnas.fix` of its search form, so it has the search network's stem,
+    cell plan and ops: L cells, reduction cells at L/3 and
+    2L/3; each intermediate node the sum of its two kept edges (the others are ``none``, whose
+    zeros the compiler removes); the output the genotype's concat nodes. Pooling is plain
+    pooling (the search cells' BN after pooling is a search-time device), BatchNorm is affine.
+    Training regularisers of the paper: drop path on every op but the identity
+    (:class:`~dnas.nnx.DropPath`, at the probability ``dnas train`` schedules) and the
+    auxiliary classifier after the cell at 2L/3 (Szegedy et al. 2015; DARTS weighs it 0.4;
+    ``params["aux"]``, neither counted nor exported). The paper's CIFAR-10 network is C=36,
     L=20 (:data:`NETWORK_DEFAULTS`: 3.3 M parameters for DARTS-V2)."""
-    stem = darts_stem(in_channels, channels, stem_multiplier)
-    plan = darts_plan(channels, layers, stem_multiplier, (len(g.normal_concat), len(g.reduce_concat)))
-    cells = [_EvalCell(g, p.c_pp, p.c_p, p.c, p.reduction, p.reduction_prev, impl) for p in plan]
-    aux_at = 2 * layers // 3
-    aux = _aux_head(plan[aux_at].c_out, num_classes) if auxiliary else None
-    classifier = L.dense(plan[-1].c_out, num_classes)
-
-    def init(key):
-        keys = jax.random.split(key, layers + 3)
-        params, state = {}, {}
-        params["stem"], state["stem"] = stem.init(keys[0])
-        inits = [cell.init(k) for cell, k in zip(cells, keys[1:])]
-        params["cells"], state["cells"] = [p for p, _ in inits], [s for _, s in inits]
-        if aux is not None:
-            params["aux"], state["aux"] = aux.init(keys[-2])
-        params["classifier"], _ = classifier.init(keys[-1])
-        return params, state
-
-    def apply(params, state, x, ctx, drop=None):
-        new = {}
-        x, new["stem"] = stem.apply(params["stem"], state["stem"], x, ctx)
-        s0 = s1 = x
-        new["cells"], aux_logits = [], None
-        for i, (cell, p, s) in enumerate(zip(cells, params["cells"], state["cells"])):
-            out, st = cell.apply(p, s, s0, s1, ctx, drop, i)
-            s0, s1 = s1, out
-            new["cells"].append(st)
-            if aux is not None and i == aux_at:
-                if ctx.train:
-                    aux_logits, new["aux"] = aux.apply(params["aux"], state["aux"], s1, ctx)
-                else:
-                    new["aux"] = state["aux"]
-        logits, _ = classifier.apply(params["classifier"], (), jnp.mean(s1, axis=(1, 2)), ctx)
-        return Output(logits, aux_logits, new)
-
-    config = {"space": "darts", "channels": channels, "layers": layers, "num_classes": num_classes,
-              "in_channels": in_channels, "stem_multiplier": stem_multiplier, "auxiliary": auxiliary}
-    return Network(init, apply, g, config)
+    config = DartsConfig(channels=channels, layers=layers, num_classes=num_classes, in_channels=in_channels,
+                         stem_multiplier=stem_multiplier, impl=impl, affine=True)
+    evaluation = Evaluation((tuple(g.normal_concat), tuple(g.reduce_concat)), auxiliary, g.choices)
+    return fixed_network(lambda key: DartsNet(nnx.Rngs(key), config, evaluation=evaluation), "darts", g,
+                         {"space": "darts", "channels": channels, "layers": layers, "num_classes": num_classes,
+                          "in_channels": in_channels, "stem_multiplier": stem_multiplier, "auxiliary": auxiliary})
 
 
 # ------------------------------------------------------------------------------ latency
@@ -445,8 +523,3 @@ def darts_network(g: DartsGenotype, *, channels: int = 36, layers: int = 20, num
 _DARTS_ATTRS = {"max_pool_3x3": (("kernel", 3),), "avg_pool_3x3": (("kernel", 3),),
                 "sep_conv_3x3": (("kernel", 3),), "sep_conv_5x5": (("kernel", 5),),
                 "dil_conv_3x3": (("kernel", 3), ("dilation", 2)), "dil_conv_5x5": (("kernel", 5), ("dilation", 2))}
-
-
-def _darts_candidates(space, group: str, c: int, hw: tuple, stride: int) -> tuple:
-    from dnas.latency.space_latency import cell_candidates
-    return cell_candidates(space, "darts", group, _DARTS_ATTRS, darts_op, c, hw, stride)

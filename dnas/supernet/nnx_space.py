@@ -188,38 +188,13 @@ class NNXSpace(SearchSpace):
     def network(self, genotype, **options) -> Network:
         """The stand-alone network ``dnas train`` trains: :func:`dnas.fix` of the model before
         any training (a factory's, initialised from the run's key; an instance's own initial
-        weights), as pure ``init``/``apply`` (split outside the jitted step, like the supernet),
-        in the search's layout of the weights (``stack_leaves``), run in the mode the search
-        runs it in (BatchNorm on batch statistics in training,
-        synchronised over the devices), except that the model's dropout is on in training, its
-        masks drawn from the step's key (``drop``; each device its own), so ``dnas train`` is
-        deterministic given the seed. ``num_classes`` is checked against the
+        weights), as :func:`fixed_network` makes it. ``num_classes`` is checked against the
         logits; ``in_channels`` is the model's own layers' business."""
         check_options(self.name, options, ("num_classes", "in_channels"))
-        num_classes = options.get("num_classes")
-        template = fix(self._fresh(jax.random.PRNGKey(0)), genotype)
-        graphdef, params0, stats0, rest = nnx.split(template, nnx.Param, nnx.BatchStat, ...)
-        # the weights trained in the search's layout: same-shaped leaves stacked (stacked_leaves)
-        layout = WeightLayout(nnx.to_pure_dict(params0), nnx.to_pure_dict(stats0), self.stack_leaves)
-
-        def init(key):
-            _, params, stats, _ = nnx.split(fix(self._fresh(key), genotype), nnx.Param, nnx.BatchStat, ...)
-            return layout.stacked(nnx.to_pure_dict(params), nnx.to_pure_dict(stats))
-
-        def apply(params, stats, x, ctx, drop=None):
-            # dropout on in training, its masks drawn from the step's key (per device when data parallel)
-            model = merged_for(ctx, graphdef, *layout.unstacked(params, stats), rest,
-                               dropout_key=None if drop is None else drop_key(drop, ctx, 0))
-            logits = model(x)
-            if num_classes is not None and logits.shape[-1] != num_classes:
-                raise ValueError(f"{self.name} returns {logits.shape[-1]} logits per example; the data has "
-                                 f"{num_classes} classes")
-            stats = nnx.to_pure_dict(nnx.state(model, nnx.BatchStat))
-            return Output(logits, None, layout.stacked_stats(stats))
-
         config = {"model": self.name, "choices": {k: v if isinstance(v, str) else list(v)
                                                   for k, v in dict(genotype.items()).items()}, **options}
-        return Network(init, apply, genotype, config, stochastic=draws_random_numbers(template))
+        return fixed_network(lambda key: fix(self._fresh(key), genotype), self.name, genotype, config,
+                             self.stack_leaves, options.get("num_classes"))
 
     def describe(self) -> dict:
         """What a run's ``config.json`` records of the space: a built-in space's config (which
@@ -230,17 +205,76 @@ class NNXSpace(SearchSpace):
                 "choice_points": {label: list(p.names) for label, p in self.points.items()}}
 
 
+def fixed_network(make: Callable[[jax.Array], nnx.Module], name: str, genotype, config: dict,
+                  stack_leaves: bool = True, num_classes: int | None = None) -> Network:
+    """A model without choice points (``make(key)``, e.g. :func:`dnas.fix` of a supernet) as
+    the pure ``init``/``apply`` of a stand-alone network (split outside the jitted step, like
+    the supernet), in the search's layout of the weights (``stack_leaves``), run in the mode the
+    search runs it in (BatchNorm on batch statistics in training, synchronised over the
+    devices), except that the model's dropout and :class:`~dnas.nnx.DropPath` are on in
+    training, their masks drawn from the step's key (``drop``; each device its own) and the drop
+    path at ``drop.prob``, so ``dnas train`` is deterministic given the seed. A model that
+    returns ``(logits, auxiliary logits)`` in training has an auxiliary head, weighed by the
+    protocol's ``auxiliary_weight``; when that head is the model's attribute ``aux``, its
+    weights are kept apart (``params["aux"]``), so they are neither counted nor exported."""
+    template = make(jax.random.PRNGKey(0))
+    graphdef, params0, stats0, rest = nnx.split(template, nnx.Param, nnx.BatchStat, ...)
+    # the weights trained in the search's layout: same-shaped leaves stacked (stacked_leaves),
+    # an auxiliary head's apart
+    main0, aux0 = _without_aux(nnx.to_pure_dict(params0))
+    layout = WeightLayout(main0, nnx.to_pure_dict(stats0), stack_leaves)
+    aux_layout = None if aux0 is None else WeightLayout(aux0, {}, stack_leaves)
+
+    def stacked(params, stats):
+        main, aux = _without_aux(params)
+        p, s = layout.stacked(main, stats)
+        return (p if aux is None else {**p, "aux": aux_layout.stacked(aux, {})[0]}), s
+
+    def unstacked(params, stats):
+        main, aux = _without_aux(params)
+        p, s = layout.unstacked(main, stats)
+        return (p if aux is None else {**p, "aux": aux_layout.unstacked(aux, {})[0]}), s
+
+    def init(key):
+        _, params, stats, _ = nnx.split(make(key), nnx.Param, nnx.BatchStat, ...)
+        return stacked(nnx.to_pure_dict(params), nnx.to_pure_dict(stats))
+
+    def apply(params, stats, x, ctx, drop=None):
+        # dropout and drop path on in training, their masks drawn from the step's key (per
+        # device when data parallel)
+        model = merged_for(ctx, graphdef, *unstacked(params, stats), rest,
+                           dropout_key=None if drop is None else drop_key(drop, ctx, 0),
+                           drop_path=0.0 if drop is None else drop.prob)
+        out = model(x)
+        logits, aux_logits = out if isinstance(out, tuple) else (out, None)
+        if num_classes is not None and logits.shape[-1] != num_classes:
+            raise ValueError(f"{name} returns {logits.shape[-1]} logits per example; the data has "
+                             f"{num_classes} classes")
+        stats = nnx.to_pure_dict(nnx.state(model, nnx.BatchStat))
+        return Output(logits, aux_logits, layout.stacked_stats(stats))
+
+    return Network(init, apply, genotype, config, stochastic=draws_random_numbers(template))
+
+
 def merged_for(ctx, graphdef, params, stats, rest, members: bool = False,
-               dropout_key: jax.Array | None = None) -> nnx.Module:
+               dropout_key: jax.Array | None = None, drop_path: Any = 0.0) -> nnx.Module:
     """A fresh module of ``graphdef`` holding ``params`` and ``stats`` (pure dicts), in the mode
     one traced pass under ``ctx`` runs it in: BatchNorm on batch statistics in training and
-    synchronised over ``ctx.axis_name``, dropout on only given a ``dropout_key``
+    synchronised over ``ctx.axis_name``, dropout and drop path (at ``drop_path``) on only given
+    a ``dropout_key``
     (:func:`~dnas.nnx.set_search_mode`), and the kernel policy's convolutions and BatchNorm
     (:func:`~dnas.supernet.nnx_kernels.follow_policy`). What the supernet, the derived network
     and :func:`module_layer` each run."""
     model = set_search_mode(nnx.merge(graphdef, params, stats, rest, copy=True), train=bool(ctx.train),
-                            axis_name=ctx.axis_name, dropout_key=dropout_key)
+                            axis_name=ctx.axis_name, dropout_key=dropout_key, drop_path=drop_path)
     return follow_policy(model, policy(ctx), members=members, compute_dtype=ctx.compute_dtype)
+
+
+def _without_aux(params: dict) -> tuple[dict, dict | None]:
+    """``(params without the key "aux", params["aux"] or None)``: a model's auxiliary head apart."""
+    if "aux" not in params:
+        return params, None
+    return {k: v for k, v in params.items() if k != "aux"}, params["aux"]
 
 
 def module_layer(make: Callable[[nnx.Rngs], nnx.Module]) -> Layer:

@@ -23,7 +23,7 @@ import dataclasses
 
 
 from dnas.supernet.chain import ChainConfig, ChainSpace
-from dnas.supernet.darts import DartsConfig, DartsSpace, _DartsCell  # noqa: F401 (re-exported)
+from dnas.supernet.darts import DartsConfig, DartsSpace  # noqa: F401 (re-exported)
 from dnas.supernet.nb201 import NB201Config, NB201Space  # noqa: F401 (re-exported)
 from dnas.supernet.space_base import SearchSpace, UnknownSpaceError  # noqa: F401 (re-exported)
 

@@ -1,9 +1,9 @@
 """Same-shaped leaves of a pytree kept as one stacked array each.
 
 A Flax NNX model holds one parameter per layer: the DARTS cell space written with
-:mod:`dnas.nnx` (``examples/nnx_darts.py``, 8 cells) has 1,399 weight arrays and 1,858
-BatchNorm statistics where the built-in space, which stacks a cell's 14 edges, has 219 and 294
-of 20 and 4 distinct shapes. Every leaf is a parameter and an output of the compiled step and
+:mod:`dnas.nnx` (:class:`dnas.supernet.darts.DartsNet`, 8 cells) has 1,399 weight arrays and
+1,858 BatchNorm statistics, where its layer-kit form, which stacked a cell's 14 edges, had 219
+and 294, of 20 and 4 distinct shapes. Every leaf is a parameter and an output of the compiled step and
 has its own gradient-norm reduction, decay, momentum and update fusions, each with its own copy
 of the learning-rate schedule: XLA compiles per-leaf work, so the step's compile time grows with
 the number of leaves, not with the arithmetic.
