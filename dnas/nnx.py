@@ -63,10 +63,14 @@ class Identity(nnx.Module):
 
 
 class Zero(nnx.Module):
-    """``x ↦ 0`` (DARTS's ``none``): choosing it removes the layer's contribution."""
+    """``x ↦ 0`` (DARTS's ``none``): choosing it removes the layer's contribution. ``stride``:
+    the zeros of an NHWC output ``stride`` times smaller (a ``none`` edge of a reduction cell)."""
+
+    def __init__(self, stride: int = 1):
+        self.stride = stride
 
     def __call__(self, x):
-        return jnp.zeros_like(x)
+        return jnp.zeros_like(x if self.stride == 1 else x[:, ::self.stride, ::self.stride])
 
 
 class _Function(nnx.Module):

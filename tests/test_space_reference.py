@@ -272,6 +272,7 @@ def test_darts_evaluation_network_gives_the_numbers_of_the_old_one():
 
     from dnas.nnx import fix
     from dnas.supernet.darts import DartsConfig, DartsNet, Evaluation
+    from dnas.supernet.nnx_space import NetworkLayout
     from tests.darts_reference import OPTIONS, PATH, aux_conv2_kernel
 
     ref = np.load(PATH)
@@ -284,9 +285,7 @@ def test_darts_evaluation_network_gives_the_numbers_of_the_old_one():
                 DARTS_V2)
     fp, fs = (nnx.to_pure_dict(s) for s in nnx.state(model, nnx.Param, nnx.BatchStat))
     fp = _unflatten(flat, fp)
-    main = WeightLayout({k: v for k, v in fp.items() if k != "aux"}, fs, True)
-    p, s = main.stacked({k: v for k, v in fp.items() if k != "aux"}, fs)
-    p["aux"] = WeightLayout(fp["aux"], {}, True).stacked(fp["aux"], {})[0]
+    p, s = NetworkLayout(fp, fs).stacked(fp, fs)
     x32 = jnp.asarray(ref["x32"])
     out = jax.jit(lambda p, s: net.apply(p, s, x32, Ctx(train=True)))(p, s)
     np.testing.assert_allclose(out.logits, ref["derived_logits"], rtol=1e-4, atol=1e-5)

@@ -27,7 +27,7 @@ from flax import nnx
 from dnas.nnx import Choice, Zero
 from dnas.supernet.genotype import ChainGenotype, GenotypeError
 from dnas.supernet.network import Network, check_options
-from dnas.supernet.nnx_kernels import HE_NORMAL, TorchBatchNorm, torch_linear
+from dnas.supernet.nnx_kernels import HE_NORMAL, PooledLinear, TorchBatchNorm
 from dnas.supernet.nnx_space import NNXSpace, module_layer
 from dnas.supernet.space_base import refuse_flags
 
@@ -73,16 +73,6 @@ class MBConv(nnx.Module):
         if self.expand is not None:
             x = self.expand(x)
         return self.project(self.depthwise(x))
-
-
-class PooledLinear(nnx.Module):
-    """Global average pooling, then the classifier (the latency model's ``Logits`` part)."""
-
-    def __init__(self, c_in, num_classes, rngs):
-        self.linear = torch_linear(c_in, num_classes, rngs)
-
-    def __call__(self, x):
-        return self.linear(jnp.mean(x, axis=(1, 2)))
 
 
 def chain_op(name: str, c_in: int, c_out: int, stride: int, rngs: nnx.Rngs) -> nnx.Module:

@@ -36,11 +36,11 @@ from flax import nnx
 
 from dnas.backend import resolve
 from dnas.loop_plan import LoopCost, work
-from dnas.nnx import Choice, DropPath, Identity, edge_loop, node_sum
+from dnas.nnx import Choice, DropPath, Identity, Zero, edge_loop, node_sum
 from dnas.supernet import layers as L
 from dnas.supernet.genotype import DARTS_EDGES, DARTS_OPS, DartsGenotype, derive_darts, edge_label
 from dnas.supernet.network import Network, check_options
-from dnas.supernet.nnx_kernels import HE_NORMAL, TorchBatchNorm, torch_linear
+from dnas.supernet.nnx_kernels import HE_NORMAL, PooledLinear, ReLUConvBN, TorchBatchNorm, torch_linear
 from dnas.supernet.nnx_space import NNXSpace, fixed_network, module_layer
 from dnas.supernet.space_base import check_partial
 
@@ -110,26 +110,6 @@ def _conv(c_in, c_out, k, rngs, stride=1, dilation=1, groups=1, padding=None) ->
                     feature_group_count=groups, use_bias=False, kernel_init=HE_NORMAL, rngs=rngs)
 
 
-class Stem(nnx.Module):
-    """3x3 convolution to ``c`` channels and an affine BatchNorm."""
-
-    def __init__(self, c_in, c, rngs):
-        self.conv, self.bn = _conv(c_in, c, 3, rngs), TorchBatchNorm(c, rngs)
-
-    def __call__(self, x):
-        return self.bn(self.conv(x))
-
-
-class ReLUConvBN(nnx.Module):
-    """ReLU, ``k``x``k`` convolution, BatchNorm: the cells' preprocessing."""
-
-    def __init__(self, c_in, c_out, k, rngs, stride=1, affine=False):
-        self.conv, self.bn = _conv(c_in, c_out, k, rngs, stride), TorchBatchNorm(c_out, rngs, affine=affine)
-
-    def __call__(self, x):
-        return self.bn(self.conv(jax.nn.relu(x)))
-
-
 class DilConv(nnx.Module):
     """ReLU, depthwise ``k``x``k`` convolution (dilation ``dilation``), pointwise convolution,
     BatchNorm: DARTS's ``dil_conv`` (and half of its ``sep_conv``)."""
@@ -185,16 +165,6 @@ class Pool(nnx.Module):
         return y if self.bn is None else self.bn(y)
 
 
-class Zero(nnx.Module):
-    """DARTS's ``none`` at ``stride``: zeros of the output's shape."""
-
-    def __init__(self, stride=1):
-        self.stride = stride
-
-    def __call__(self, x):
-        return jnp.zeros_like(x[:, ::self.stride, ::self.stride])
-
-
 def darts_op(name: str, c: int, stride: int, rngs: nnx.Rngs, affine: bool = False, pool_bn: bool = True) -> nnx.Module:
     """One DARTS candidate op on ``c`` channels at ``stride`` (a skip at stride 2 is a
     factorized reduce); ``affine``: the BatchNorms' scale and bias (the evaluation network's);
@@ -237,11 +207,11 @@ class Cell(nnx.Module):
     on every op but the identity (the evaluation network, DARTS App. A.2)."""
 
     def __init__(self, plan: "CellPlan", rngs: nnx.Rngs, affine: bool = False, partial_channels: int = 1,
-                 loop_edges: bool = False, evaluation: Evaluation | None = None):
+                 loop_edges: bool = False, evaluation: Evaluation | None = None, concat: tuple = (2, 3, 4, 5)):
         kind = "reduce" if plan.reduction else "normal"
         c, ev = plan.c, evaluation is not None
         self.reduction, self.loop_edges = plan.reduction, loop_edges
-        self.concat = evaluation.concat[int(plan.reduction)] if ev else (2, 3, 4, 5)
+        self.concat = concat
         self.pre0 = (FactorizedReduce(plan.c_pp, c, rngs, affine) if plan.reduction_prev
                      else ReLUConvBN(plan.c_pp, c, 1, rngs, affine=affine))
         self.pre1 = ReLUConvBN(plan.c_p, c, 1, rngs, affine=affine)
@@ -324,9 +294,9 @@ class DartsNet(nnx.Module):
         concat = evaluation.concat if evaluation is not None else ((2, 3, 4, 5),) * 2
         plan = darts_plan(config.channels, config.layers, config.stem_multiplier, tuple(len(c) for c in concat))
         check_partial([p.c for p in plan], config.partial_channels)
-        self.stem = Stem(config.in_channels, config.stem_multiplier * config.channels, rngs)
-        self.cells = nnx.List([Cell(p, rngs, config.affine, config.partial_channels, loop_edges, evaluation)
-                               for p in plan])
+        self.stem = ReLUConvBN(config.in_channels, config.stem_multiplier * config.channels, 3, rngs, relu=False)
+        self.cells = nnx.List([Cell(p, rngs, config.affine, config.partial_channels, loop_edges, evaluation,
+                                    concat[int(p.reduction)]) for p in plan])
         self.aux_at = 2 * config.layers // 3
         self.aux = (AuxHead(plan[self.aux_at].c_out, config.num_classes, rngs)
                     if evaluation is not None and evaluation.auxiliary else None)
@@ -445,7 +415,8 @@ class DartsSpace(NNXSpace):
         cfg = self.config
         hw = (input_size, input_size)
         c_stem = cfg.stem_multiplier * cfg.channels
-        stem = fixed_part("darts/stem", module_layer(lambda rngs: Stem(cfg.in_channels, c_stem, rngs)),
+        stem = fixed_part("darts/stem", module_layer(lambda rngs: ReLUConvBN(cfg.in_channels, c_stem, 3, rngs,
+                                                                               relu=False)),
                           hw + (cfg.in_channels,), (("kernel", 3),))
         fixed, points = [stem], []
         make_op = (lambda op, c, stride, affine, impl:
@@ -455,10 +426,11 @@ class DartsSpace(NNXSpace):
         for i, p in enumerate(plan):
             group = "reduce" if p.reduction else "normal"
             pre0 = module_layer(lambda rngs, p=p: FactorizedReduce(p.c_pp, p.c, rngs) if p.reduction_prev
-                                else ReLUConvBN(p.c_pp, p.c, 1, rngs))
+                                else ReLUConvBN(p.c_pp, p.c, 1, rngs, affine=False))
             pre0 = fixed_part("darts/preprocess_reduce" if p.reduction_prev else "darts/preprocess", pre0,
                               hw_pp + (p.c_pp,), (("stride", 2 if p.reduction_prev else 1),))
-            pre1 = fixed_part("darts/preprocess", module_layer(lambda rngs, p=p: ReLUConvBN(p.c_p, p.c, 1, rngs)),
+            pre1 = module_layer(lambda rngs, p=p: ReLUConvBN(p.c_p, p.c, 1, rngs, affine=False))
+            pre1 = fixed_part("darts/preprocess", pre1,
                               hw_p + (p.c_p,), (("stride", 1),))
             fixed += [pre0, pre1]
             hw_in = pre1.output_shape[:2]
@@ -471,7 +443,7 @@ class DartsSpace(NNXSpace):
             fixed += [node_sum_part("darts", hw_out + (p.c,), sum(1 for _, dd in DARTS_EDGES if dd == d),
                                     f"cell{i}/node{d}") for d in range(2, 6)]
             hw_pp, hw_p = hw_p, hw_out
-        head = module_layer(lambda rngs: _Head(plan[-1].c_out, cfg.num_classes, rngs))
+        head = module_layer(lambda rngs: PooledLinear(plan[-1].c_out, cfg.num_classes, rngs))
         fixed.append(fixed_part("darts/head", head, hw_p + (plan[-1].c_out,)))
         return points, fixed
 
@@ -481,16 +453,6 @@ class DartsSpace(NNXSpace):
         from dnas.latency.space_latency import shared_pooling
 
         return shared_pooling(model, indices, runs), fixed
-
-
-class _Head(nnx.Module):
-    """Global average pooling and the classifier: the latency walk's last part."""
-
-    def __init__(self, c, num_classes, rngs):
-        self.classifier = torch_linear(c, num_classes, rngs)
-
-    def __call__(self, x):
-        return self.classifier(jnp.mean(x, axis=(1, 2)))
 
 
 # ------------------------------------------------------------------------------ evaluation network

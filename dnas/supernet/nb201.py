@@ -37,7 +37,7 @@ from dnas.nnx import Choice, Identity, Zero, node_sum
 from dnas.supernet import layers as L
 from dnas.supernet.genotype import NB201_EDGES, NB201_OPS, NB201Genotype, edge_label
 from dnas.supernet.network import Network, check_options
-from dnas.supernet.nnx_kernels import HE_NORMAL, TorchBatchNorm, torch_linear
+from dnas.supernet.nnx_kernels import HE_NORMAL, ReLUConvBN, TorchBatchNorm, torch_linear
 from dnas.supernet.nnx_space import NNXSpace, module_layer
 from dnas.supernet.space_base import check_partial
 
@@ -72,21 +72,6 @@ class NB201Config:
         return (self.channels, 2 * self.channels, 4 * self.channels)
 
 
-class ConvBN(nnx.Module):
-    """``[ReLU,] conv (padding k // 2, no bias, He-initialised), BatchNorm`` (PyTorch's conventions,
-    as the benchmark's code: :class:`~dnas.supernet.nnx_kernels.TorchBatchNorm`): NAS-Bench-201's
-    ``ReLUConvBN`` with ``relu=True``, its stem with ``relu=False``."""
-
-    def __init__(self, c_in, c_out, k, rngs, stride=1, affine=True, relu=True):
-        self.conv = nnx.Conv(c_in, c_out, (k, k), strides=stride, padding=[(k // 2, k // 2)] * 2, use_bias=False,
-                             kernel_init=HE_NORMAL, rngs=rngs)
-        self.bn = TorchBatchNorm(c_out, rngs, affine=affine)
-        self.relu = relu
-
-    def __call__(self, x):
-        return self.bn(self.conv(jax.nn.relu(x) if self.relu else x))
-
-
 class AvgPool3x3(nnx.Module):
     """3x3 average pooling, stride 1, padding 1, the padding not counted (PyTorch's
     ``count_include_pad=False``, as the benchmark's ``POOLING``)."""
@@ -102,7 +87,7 @@ def nb201_op(name: str, c: int, rngs: nnx.Rngs, affine: bool = False) -> nnx.Mod
     if name == "skip_connect":
         return Identity()
     if name in ("nor_conv_1x1", "nor_conv_3x3"):
-        return ConvBN(c, c, int(name[-1]), rngs, affine=affine)
+        return ReLUConvBN(c, c, int(name[-1]), rngs, affine=affine)
     if name == "avg_pool_3x3":
         return AvgPool3x3()
     from dnas.supernet.ops import UnknownOpError
@@ -135,8 +120,8 @@ class ResNetBlock(nnx.Module):
     plus a shortcut of 2x2 average pooling and a 1x1 convolution."""
 
     def __init__(self, c_in, c_out, rngs):
-        self.a = ConvBN(c_in, c_out, 3, rngs, stride=2)
-        self.b = ConvBN(c_out, c_out, 3, rngs)
+        self.a = ReLUConvBN(c_in, c_out, 3, rngs, stride=2)
+        self.b = ReLUConvBN(c_out, c_out, 3, rngs)
         self.short = nnx.Conv(c_in, c_out, (1, 1), use_bias=False, kernel_init=HE_NORMAL, rngs=rngs)
 
     def __call__(self, x):
@@ -164,7 +149,7 @@ class NB201Net(nnx.Module):
         c, n, widths = config.channels, config.cells_per_stage, config.widths
         check_partial(widths, config.partial_channels)
         self.scan_cells = scan_cells
-        self.stem = ConvBN(config.in_channels, c, 3, rngs, relu=False)
+        self.stem = ReLUConvBN(config.in_channels, c, 3, rngs, relu=False)
         make = functools.partial(Cell, affine=config.affine, partial_channels=config.partial_channels)
         if scan_cells:
             self.stages = nnx.List([_stacked(make, w, n, rngs) for w in widths])
@@ -283,7 +268,7 @@ class NB201Space(NNXSpace):
 
         cfg = self.config
         hw = (input_size, input_size)
-        stem = module_layer(lambda rngs: ConvBN(cfg.in_channels, cfg.channels, 3, rngs, relu=False))
+        stem = module_layer(lambda rngs: ReLUConvBN(cfg.in_channels, cfg.channels, 3, rngs, relu=False))
         fixed = [fixed_part("nb201/stem", stem, hw + (cfg.in_channels,), (("kernel", 3),), where="stem")]
         points = []
         terms = {d: sum(1 for _, dd in NB201_EDGES if dd == d) for d in (1, 2, 3)}

@@ -24,6 +24,9 @@ merges from its weights (the user's own objects are never touched):
 
 Both policies compute the same function: ``tests/test_nnx_kernels.py`` compares a user
 model's logits, gradients and statistics under ``xla_cpu`` and ``native``.
+
+The built-in spaces' shared initialisation and layers live here too: :data:`HE_NORMAL`,
+:func:`torch_linear`, :class:`TorchBatchNorm`, :class:`ReLUConvBN`, :class:`PooledLinear`.
 """
 from __future__ import annotations
 
@@ -237,6 +240,32 @@ def torch_linear(c_in: int, c_out: int, rngs: nnx.Rngs) -> nnx.Linear:
 
     return nnx.Linear(c_in, c_out, kernel_init=nnx.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform"),
                       bias_init=bias_init, rngs=rngs)
+
+
+class ReLUConvBN(nnx.Module):
+    """``[ReLU,] conv (padding k // 2, no bias, He-initialised), BatchNorm`` (PyTorch's
+    conventions, :class:`TorchBatchNorm`; ``affine``: its scale and bias): the ``ReLUConvBN``
+    of DARTS's and NAS-Bench-201's code (a cell's preprocessing, NAS-Bench-201's convolution
+    ops), and with ``relu=False`` their stems."""
+
+    def __init__(self, c_in, c_out, k, rngs, stride=1, affine=True, relu=True):
+        self.conv = nnx.Conv(c_in, c_out, (k, k), strides=stride, padding=[(k // 2, k // 2)] * 2, use_bias=False,
+                             kernel_init=HE_NORMAL, rngs=rngs)
+        self.bn = TorchBatchNorm(c_out, rngs, affine=affine)
+        self.relu = relu
+
+    def __call__(self, x):
+        return self.bn(self.conv(jax.nn.relu(x) if self.relu else x))
+
+
+class PooledLinear(nnx.Module):
+    """Global average pooling, then the classifier (:func:`torch_linear`)."""
+
+    def __init__(self, c_in, num_classes, rngs):
+        self.linear = torch_linear(c_in, num_classes, rngs)
+
+    def __call__(self, x):
+        return self.linear(jnp.mean(x, axis=(1, 2)))
 
 
 def follow_policy(model: nnx.Module, kernels: KernelPolicy, members: bool = False,

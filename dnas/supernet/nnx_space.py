@@ -219,30 +219,16 @@ def fixed_network(make: Callable[[jax.Array], nnx.Module], name: str, genotype, 
     weights are kept apart (``params["aux"]``), so they are neither counted nor exported."""
     template = make(jax.random.PRNGKey(0))
     graphdef, params0, stats0, rest = nnx.split(template, nnx.Param, nnx.BatchStat, ...)
-    # the weights trained in the search's layout: same-shaped leaves stacked (stacked_leaves),
-    # an auxiliary head's apart
-    main0, aux0 = _without_aux(nnx.to_pure_dict(params0))
-    layout = WeightLayout(main0, nnx.to_pure_dict(stats0), stack_leaves)
-    aux_layout = None if aux0 is None else WeightLayout(aux0, {}, stack_leaves)
-
-    def stacked(params, stats):
-        main, aux = _without_aux(params)
-        p, s = layout.stacked(main, stats)
-        return (p if aux is None else {**p, "aux": aux_layout.stacked(aux, {})[0]}), s
-
-    def unstacked(params, stats):
-        main, aux = _without_aux(params)
-        p, s = layout.unstacked(main, stats)
-        return (p if aux is None else {**p, "aux": aux_layout.unstacked(aux, {})[0]}), s
+    layout = NetworkLayout(nnx.to_pure_dict(params0), nnx.to_pure_dict(stats0), stack_leaves)
 
     def init(key):
         _, params, stats, _ = nnx.split(make(key), nnx.Param, nnx.BatchStat, ...)
-        return stacked(nnx.to_pure_dict(params), nnx.to_pure_dict(stats))
+        return layout.stacked(nnx.to_pure_dict(params), nnx.to_pure_dict(stats))
 
     def apply(params, stats, x, ctx, drop=None):
         # dropout and drop path on in training, their masks drawn from the step's key (per
         # device when data parallel)
-        model = merged_for(ctx, graphdef, *unstacked(params, stats), rest,
+        model = merged_for(ctx, graphdef, *layout.unstacked(params, stats), rest,
                            dropout_key=None if drop is None else drop_key(drop, ctx, 0),
                            drop_path=0.0 if drop is None else drop.prob)
         out = model(x)
@@ -268,6 +254,31 @@ def merged_for(ctx, graphdef, params, stats, rest, members: bool = False,
     model = set_search_mode(nnx.merge(graphdef, params, stats, rest, copy=True), train=bool(ctx.train),
                             axis_name=ctx.axis_name, dropout_key=dropout_key, drop_path=drop_path)
     return follow_policy(model, policy(ctx), members=members, compute_dtype=ctx.compute_dtype)
+
+
+class NetworkLayout:
+    """A stand-alone network's weights in the search's layout (:class:`WeightLayout`: with
+    ``stack``, same-shaped leaves stacked), an auxiliary head's (the model's attribute ``aux``)
+    stacked apart under ``params["aux"]``, so that they are neither counted nor exported.
+    ``params`` and ``stats``: pure dicts of the model (``nnx.to_pure_dict``)."""
+
+    def __init__(self, params: dict, stats: dict, stack: bool = True):
+        main, aux = _without_aux(params)
+        self.main = WeightLayout(main, stats, stack)
+        self.aux = None if aux is None else WeightLayout(aux, {}, stack)
+
+    def stacked(self, params, stats):
+        main, aux = _without_aux(params)
+        p, s = self.main.stacked(main, stats)
+        return (p if aux is None else {**p, "aux": self.aux.stacked(aux, {})[0]}), s
+
+    def unstacked(self, params, stats):
+        main, aux = _without_aux(params)
+        p, s = self.main.unstacked(main, stats)
+        return (p if aux is None else {**p, "aux": self.aux.unstacked(aux, {})[0]}), s
+
+    def stacked_stats(self, stats):
+        return self.main.stacked_stats(stats)
 
 
 def _without_aux(params: dict) -> tuple[dict, dict | None]:
