@@ -463,7 +463,10 @@ def edge_loop(edges: Sequence[Any], src: Sequence[int], dst: Sequence[int], node
     (the same modules with weights of the same shapes; their labels and options' weights are
     their own), the edges run as one ``lax.scan``: the candidates' weights and statistics are
     stacked inside the traced step, one edge is traced and compiled instead of every one, and
-    each edge's new statistics are written back to it. The model itself stays as written (one
+    each edge's new statistics are written back to it (in a search through
+    :class:`~dnas.supernet.nnx_space.NNXSpace`, whose stacked layout keeps the copies of each
+    weight over such edges adjacent, XLA folds that stacking into one slice of the stored
+    array: :mod:`dnas.supernet.stacked_leaves`). The model itself stays as written (one
     module per edge), so its weights, its genotype, :func:`fix` and the latency model do not
     depend on whether the edges loop. This is how the built-in DARTS cells keep their compile
     short (a normal cell's 14 edges as one loop; ``docs/benchmarks.md``). Inside the loop the

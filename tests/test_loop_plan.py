@@ -23,7 +23,7 @@ def test_short_darts_search_scans_long_one_unrolls():
 
 def test_the_choice_flips_where_the_measured_times_cross():
     """At the reference size the unrolled step is chosen once it saves twice its extra compile:
-    after 2·Δcompile / Δstep steps (about 270 for the DARTS space)."""
+    after 2·Δcompile / Δstep steps (about 120 for the DARTS space)."""
     c = DartsSpace.cpu_loop_cost
     cross = 2 * (c.fast[0] - c.short[0]) / (c.short[1] - c.fast[1])
     opts = {"channels": 16, "layers": 8}

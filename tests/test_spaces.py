@@ -65,7 +65,9 @@ def test_darts_reduction_cells_and_channels():
 
     from dnas.supernet.darts import DartsConfig, DartsNet
 
-    model = nnx.eval_shape(lambda: DartsNet(nnx.Rngs(0), DartsConfig(channels=4, layers=8)))   # shapes only
+    # built eagerly: under nnx.eval_shape every random-stream update of the construction costs
+    # time proportional to the trace so far (about a minute here, against seconds)
+    model = DartsNet(nnx.Rngs(0), DartsConfig(channels=4, layers=8))
     assert [i for i, c in enumerate(model.cells) if c.reduction] == [2, 5]
     assert [p.c for p in darts_plan(4, 8, 3)] == [4, 4, 8, 8, 8, 16, 16, 16]
     # a cell's edges at its width (a quarter of the 1x1 preprocessing's output), stride 2 from

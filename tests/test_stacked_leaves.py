@@ -129,3 +129,50 @@ def test_a_checkpoint_of_the_per_layer_layout_is_refused_by_name(tmp_path):
                                                                         r"'batch_stats/bn/mean'.*NNX model's per-layer arrays"):
         restore_latest(tmp_path / "checkpoints", template)
     assert restore_latest(tmp_path / "checkpoints", own.init(jax.random.PRNGKey(1)))[2] == 1
+
+
+def test_an_order_keeps_each_class_adjacent_and_the_stacking_of_a_class_folds_into_one_slice():
+    """With ``order``, a group holds its leaves class by class; stacking a class's leaves after
+    ``unstack`` (what an edge loop does) then compiles to one slice of the group's array,
+    forward and backward, where the template's interleaved order leaves a slice per copy."""
+    rng = np.random.default_rng(0)
+    tree = {"edges": [{"a": jnp.asarray(rng.standard_normal((2, 3)), jnp.float32),
+                       "b": jnp.asarray(rng.standard_normal((2, 3)), jnp.float32)} for _ in range(6)]}
+    slices = {}
+    for name, order in (("template", None), ("classes", lambda path: path.split("/")[-1])):
+        layout = StackedLeaves(tree, order)
+        want = ["edges/0/a", "edges/1/a", "edges/2/a"] if order else ["edges/0/a", "edges/0/b", "edges/1/a"]
+        assert [layout.leaf_path("float32[2,3]", i) for i in range(3)] == want
+        back = layout.unstack(layout.stack(tree))
+        for a, b in zip(jax.tree_util.tree_leaves(back), jax.tree_util.tree_leaves(tree)):
+            np.testing.assert_array_equal(a, b)
+
+        def loss(stacked, layout=layout):
+            edges = layout.unstack(stacked)["edges"]
+            return jnp.sum(jnp.sin(jnp.stack([e["a"] for e in edges])) * jnp.arange(6.0)[:, None, None])
+        hlo = jax.jit(jax.grad(loss)).lower(layout.stack(tree)).compile().as_text()
+        slices[name] = hlo.count(" slice(")
+    assert slices["classes"] <= 1 < 6 <= slices["template"], slices
+
+
+def test_a_looped_cells_copies_of_each_weight_are_adjacent_in_edge_order():
+    """The DARTS space's stacked weights and statistics: for every weight of an edge's
+    candidates, its copies over the edges one loop runs (a normal cell's 14; a reduction cell's
+    8 from the inputs, then its 6 others) are consecutive entries of one group, in the loop's
+    order."""
+    from dnas.supernet.darts import _FROM_INPUTS, _INNER
+    from dnas.supernet.spaces import build_space
+    space = build_space("darts", channels=4, layers=3, unroll=False)
+    for layout in space._layout.layouts:
+        where = {layout.paths[i]: (name, k) for name, idx in layout.groups.items() for k, i in enumerate(idx)}
+        for c, cell in enumerate(space.module(*space.init(jax.random.PRNGKey(0))).cells):
+            loops = [_FROM_INPUTS, _INNER] if cell.reduction else [list(range(14))]
+            prefix = f"cells/{c}/edges/"
+            for edges in loops:
+                first = f"{prefix}{edges[0]}/candidates/"
+                inside = sorted({p[len(first):] for p in where if p.startswith(first)})
+                assert inside
+                for rel in inside:
+                    spots = [where[f"{prefix}{e}/candidates/{rel}"] for e in edges]
+                    assert len({g for g, _ in spots}) == 1
+                    assert [k for _, k in spots] == list(range(spots[0][1], spots[0][1] + len(edges))), (c, rel)

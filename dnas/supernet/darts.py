@@ -344,9 +344,9 @@ class DartsSpace(NNXSpace):
     dropped_op = "none"
 
     #: C=16, 8 cells, B=64, 32x32 on the 2-core CPU, jaxlib 0.10.2 (docs/benchmarks.md, "The
-    #: DARTS space declared as an NNX model"): edges unrolled, compile 509.9 s, step 8.96 s;
-    #: edges looped (dnas.nnx.edge_loop), 183.8 s, 15.05 s
-    cpu_loop_cost = LoopCost(work(64, (32, 32), 16, 8), fast=(509.9, 8.96), short=(183.8, 15.05),
+    #: DARTS space declared as an NNX model" and "Looped edges read their weights as one block"):
+    #: edges unrolled, compile 509.9 s, step 8.96 s; edges looped (dnas.nnx.edge_loop), 73.6 s, 16.27 s
+    cpu_loop_cost = LoopCost(work(64, (32, 32), 16, 8), fast=(509.9, 8.96), short=(73.6, 16.27),
                              measured="dnas bench --space darts --cells 8 --loops unroll|scan")
 
     @classmethod

@@ -74,7 +74,7 @@ class NNXSpace(SearchSpace):
         self.graphdef, params, stats, self._rest = nnx.split(instance, nnx.Param, nnx.BatchStat, ...)
         self._params0, self._stats0 = nnx.to_pure_dict(params), nnx.to_pure_dict(stats)
         self.stack_leaves = stack_leaves
-        self._layout = WeightLayout(self._params0, self._stats0, stack_leaves)
+        self._layout = WeightLayout(self._params0, self._stats0, stack_leaves, order=candidate_classes(instance))
         self.rows = group_rows(self.points)          # label -> (group, row of the group's α)
         self.labels: dict[str, list[str]] = {}       # group -> its rows' labels
         for label, (group, _) in self.rows.items():
@@ -203,6 +203,33 @@ class NNXSpace(SearchSpace):
             return SearchSpace.describe(self)
         return {"space": self.name, "kind": "nnx",
                 "choice_points": {label: list(p.names) for label, p in self.points.items()}}
+
+
+def candidate_classes(model: nnx.Module) -> Callable[[str], tuple | None]:
+    """The ``order`` of :class:`~dnas.supernet.stacked_leaves.StackedLeaves` for a model's
+    weights: a weight inside a :class:`~dnas.nnx.Choice`'s candidates (the outermost one, when
+    choice points nest) is classed by the candidates' structure (equal ``nnx.graphdef``) and its
+    path within them; any other weight is a class of its own. The copies of one weight over
+    choice points of one structure, which is what :func:`dnas.nnx.edge_loop` stacks, then lie
+    next to each other in graph order (see :mod:`dnas.supernet.stacked_leaves`)."""
+    structures: list = []                       # distinct graphdefs (they are not hashable)
+    kind: dict[str, int] = {}                   # a Choice's path -> its structure's index
+    for path, module in nnx.iter_modules(model):
+        if isinstance(module, Choice):
+            g = nnx.graphdef(module.candidates)
+            index = next((i for i, h in enumerate(structures) if h == g), None)
+            if index is None:
+                structures.append(g)
+                index = len(structures) - 1
+            kind["/".join(str(k) for k in path)] = index
+
+    def order(leaf_path: str) -> tuple | None:
+        parts = leaf_path.split("/")
+        for i, part in enumerate(parts):
+            if part == "candidates" and "/".join(parts[:i]) in kind:
+                return kind["/".join(parts[:i])], "/".join(parts[i + 1:])
+        return None
+    return order
 
 
 def fixed_network(make: Callable[[jax.Array], nnx.Module], name: str, genotype, config: dict,

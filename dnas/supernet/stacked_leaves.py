@@ -15,11 +15,19 @@ derivative is one concatenation), so the optimizer and the step's inputs and out
 few dozen arrays. Every weight optimizer dnas uses (SGD with momentum and decay, global-norm
 clipping, Adam) is elementwise or global, so it gives the same update stacked or per leaf up to
 the order of the floating-point sums in the global norm.
+
+Within a group the leaves follow the template's order, except that leaves of one ``order``
+class (:class:`StackedLeaves`) are kept next to each other. :class:`~dnas.supernet.nnx_space.NNXSpace`
+classes a choice point's weights by the candidates' structure and the weight's place in them,
+so the copies of one weight over the edges a :func:`dnas.nnx.edge_loop` runs together are one
+contiguous block of their group: the loop's stacking of those copies is then a concatenation of
+adjacent slices of one array, which XLA folds into one slice (and the derivative's into one
+concatenation), where interleaved copies leave a slice, a reshape and a fusion per copy.
 """
 from __future__ import annotations
 
 import re
-from typing import Any
+from typing import Any, Callable, Hashable
 
 import jax
 import jax.numpy as jnp
@@ -39,14 +47,23 @@ def is_group_name(name: str) -> bool:
 class StackedLeaves:
     """The layout of a pytree whose leaves of equal dtype and shape are stacked (see the
     module's docstring). Built from a template tree (arrays or ``jax.ShapeDtypeStruct``);
-    :meth:`stack` and :meth:`unstack` convert any tree of the template's structure and shapes."""
+    :meth:`stack` and :meth:`unstack` convert any tree of the template's structure and shapes.
+    ``order(path)``, when given, names each leaf's class (a hashable, ``None`` for a class of its
+    own): a group holds its leaves class by class, the classes in the order their first leaf
+    appears, each class's leaves in the template's order."""
 
-    def __init__(self, template: Any):
+    def __init__(self, template: Any, order: Callable[[str], Hashable] | None = None):
         flat, self.treedef = jax.tree_util.tree_flatten_with_path(template)
         self.paths = [jax.tree_util.keystr(p, simple=True, separator="/") for p, _ in flat]
+        classes: dict[Hashable, list[int]] = {}
+        for i, path in enumerate(self.paths):
+            key = None if order is None else order(path)
+            classes.setdefault(("leaf", i) if key is None else ("class", key), []).append(i)
         self.groups: dict[str, list[int]] = {}
-        for i, (_, leaf) in enumerate(flat):
-            self.groups.setdefault(group_name(leaf.shape, leaf.dtype), []).append(i)
+        for members in classes.values():
+            for i in members:
+                leaf = flat[i][1]
+                self.groups.setdefault(group_name(leaf.shape, leaf.dtype), []).append(i)
         self.num_leaves = len(flat)
 
     def stack(self, tree) -> dict[str, jax.Array]:
@@ -76,8 +93,8 @@ class WeightLayout:
     kept as they are (the identity): the one switch :class:`~dnas.supernet.nnx_space.NNXSpace`
     and its derived network share."""
 
-    def __init__(self, params, stats, stack: bool = True):
-        self.layouts = (StackedLeaves(params), StackedLeaves(stats)) if stack else None
+    def __init__(self, params, stats, stack: bool = True, order: Callable[[str], Hashable] | None = None):
+        self.layouts = (StackedLeaves(params, order), StackedLeaves(stats, order)) if stack else None
 
     def stacked(self, params, stats):
         if self.layouts is None:
