@@ -107,6 +107,11 @@ def test_same_seed_same_alpha(digit_batches):
     assert not np.array_equal(np.asarray(a.arch["cell"]), np.asarray(c.arch["cell"]))
 
 
+# ~30 s on 2 cores: `pytest -m slow`. The built-in spaces are NNX models searched through
+# NNXSpace, so the default run's test_nnx.py::test_user_model_eight_devices_equal_one (same
+# searcher, data-parallel step and synchronised BatchNorm), test_edge_loop.py's and
+# test_train.py's data-parallel tests exercise the same code on 8 simulated devices
+@pytest.mark.slow
 @pytest.mark.skipif(jax.local_device_count() < 8, reason="needs 8 (simulated) devices; see tests/conftest.py")
 def test_pmap_8_devices_equals_1_device(digit_batches):
     """Data parallel over 8 devices (sync BN, pmean'd gradients) reproduces the single-device
