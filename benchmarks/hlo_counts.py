@@ -11,7 +11,9 @@ StableHLO's operations (``Lowered.as_text()``). Two source trees compare as
         --batch-size 8 --image-size 16
     PYTHONPATH=/path/to/other/tree python benchmarks/hlo_counts.py ...   # the same arguments
 
-Prints one JSON object. ``--loops`` is ``dnas bench``'s (``unroll``, ``scan-cells``, ``scan``;
+It times the compile as ``dnas bench`` does (:func:`dnas.bench.run_bench`) but on its own,
+using only what older trees have too (``make_searcher``, ``Searcher.compiled_step``, the CLI's
+``--loops`` values, ``dnas.options.key_values``), so that it runs unchanged against them. Prints one JSON object. ``--loops`` is ``dnas bench``'s (``unroll``, ``scan-cells``, ``scan``;
 default: the space's own choice).
 """
 from __future__ import annotations
