@@ -376,7 +376,8 @@ def search_run(cfg: SearchConfig, *, resume: bool = False, overwrite: bool = Fal
     progress: dict = {}
     dirs = _dirs(prep)
     if resume:
-        state, progress, ckpt_step = restore_latest(out / "checkpoints", to_host(state))
+        state, progress, ckpt_step = restore_latest(out / "checkpoints", to_host(state),
+                                                    layout=searcher.space.layout_fingerprint())
         if primary:
             discard_after(out / "checkpoints", ckpt_step)
             for rel, n in progress.get("lines", {}).items():
@@ -444,7 +445,7 @@ def _search_loop(prep: _Prepared, state, progress: dict, logs, alpha_logs, board
         if not prep.primary:
             return
         lines = {str(log.path.relative_to(out)): log.lines() for log in logs + alpha_logs}
-        save_checkpoint(out / "checkpoints", state, step, progress={
+        save_checkpoint(out / "checkpoints", state, step, layout=searcher.space.layout_fingerprint(), progress={
             "epoch": epoch, "epoch_done": epoch_done, "meter": meter.state(), "epoch_records": epoch_records,
             "lines": lines, "history": history, "halted": halt})
 
@@ -618,7 +619,8 @@ def derive_run(out: str | os.PathLike, step: int | None = None) -> SearchRun:
     cfg = saved_config(out)
     # one device is enough to read the state back (it is replicated); nothing is stepped
     prep = prepare_search(dataclasses.replace(cfg, out=str(out), devices=1, progress=False))
-    state, progress, ckpt_step = restore_latest(out / "checkpoints", to_host(_init_state(prep)), step=step)
+    state, progress, ckpt_step = restore_latest(out / "checkpoints", to_host(_init_state(prep)), step=step,
+                                                layout=prep.searcher.space.layout_fingerprint())
     records = progress.get("epoch_records") or [{} for _ in prep.seeds]
     return _finish(prep, state, ckpt_step, None, records, 0.0, progress.get("halted"), progress.get("history", []))
 

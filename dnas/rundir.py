@@ -42,6 +42,11 @@ class CheckpointError(ValueError):
     """No checkpoint of a run could be read."""
 
 
+class LayoutError(CheckpointError):
+    """A checkpoint whose stacked weights are in another order than this run's, or whose order
+    was not recorded: restoring it would load permuted weights."""
+
+
 class DivergedError(NonFiniteLossError):
     """A quantity of the state or a logged metric is NaN or infinite; nothing was saved."""
 
@@ -195,11 +200,14 @@ def _manager(ckpt_dir: Path, max_to_keep: int | None = None):
 
 
 def save_checkpoint(ckpt_dir: str | os.PathLike, state, step: int, progress: dict | None = None,
-                    max_to_keep: int = 2, what: str = "search") -> Path:
+                    max_to_keep: int = 2, what: str = "search", layout: str | None = None) -> Path:
     """Save ``state`` (a NamedTuple: the search's, or ``dnas train``'s), copied to the host, and
     the run's ``progress`` (JSON) as one orbax checkpoint ``ckpt_dir/<step>``, after checking
     every array finite. orbax writes to a temporary directory and renames it when complete, so
-    a kill during the save leaves the previous checkpoints as they were.
+    a kill during the save leaves the previous checkpoints as they were. ``layout``: the
+    fingerprint of the order of the state's stacked weights
+    (:meth:`~dnas.supernet.stacked_leaves.WeightLayout.fingerprint`), recorded in the progress
+    for :func:`restore_latest` to compare.
 
     Under ``jax.distributed`` only process 0 calls this (the state is replicated); orbax is
     told so, so it waits for no other process."""
@@ -211,7 +219,9 @@ def save_checkpoint(ckpt_dir: str | os.PathLike, state, step: int, progress: dic
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     mgr = _manager(ckpt_dir, max_to_keep)
     mgr.save(int(step), args=ocp.args.Composite(state=ocp.args.StandardSave(to_host(state._asdict())),
-                                                progress=ocp.args.JsonSave(dict(progress or {}, step=int(step)))),
+                                                progress=ocp.args.JsonSave(dict(
+                                                    progress or {}, step=int(step),
+                                                    **({} if layout is None else {"layout": layout})))),
              force=True)
     mgr.wait_until_finished()
     mgr.close()
@@ -256,7 +266,22 @@ def _check_layout(ckpt_dir: Path, template: dict, step: int) -> None:
                               "the chain or nb201 space's SearchSpace module); start a new run")
 
 
-def _restore(ckpt_dir: Path, template, step: int):
+def _check_order(where: Path, progress: dict, layout: str | None) -> None:
+    """Refuse a checkpoint whose stacked weights are in another order than ``layout`` says this
+    run's are, or whose order was not recorded (a dnas before checkpoints recorded it): names and
+    shapes, which :func:`_check_layout` compares, are the same for any order."""
+    if layout is None:
+        return
+    saved = progress.get("layout")
+    if saved is None:
+        raise LayoutError(f"checkpoint {where} does not record the order of its stacked weights (written by a dnas "
+                          "before checkpoints recorded it), so it may hold them permuted; start a new run")
+    if saved != layout:
+        raise LayoutError(f"checkpoint {where} stacks its weights in another order than this run (layout {saved}, "
+                          f"this run's {layout}): another model's, or another dnas's layout of it; start a new run")
+
+
+def _restore(ckpt_dir: Path, template, step: int, layout: str | None = None):
     import orbax.checkpoint as ocp
 
     from dnas.distributed import to_host
@@ -267,22 +292,26 @@ def _restore(ckpt_dir: Path, template, step: int):
             state=ocp.args.StandardRestore(to_host(template._asdict())), progress=ocp.args.JsonRestore()))
     finally:
         mgr.close()
-    state = type(template)(**restored["state"])
-    return state, dict(restored["progress"] or {})
+    progress = dict(restored["progress"] or {})
+    _check_order(ckpt_dir / str(step), progress, layout)
+    return type(template)(**restored["state"]), progress
 
 
-def restore_checkpoint(ckpt_dir: str | os.PathLike, template, step: int | None = None):
+def restore_checkpoint(ckpt_dir: str | os.PathLike, template, step: int | None = None, layout: str | None = None):
     """The state saved at ``step`` (default: the latest) into the type of ``template``; a
     checkpoint that cannot be read raises :class:`CheckpointError` naming the run and step."""
-    return restore_latest(ckpt_dir, template, step=step)[0]
+    return restore_latest(ckpt_dir, template, step=step, layout=layout)[0]
 
 
-def restore_latest(ckpt_dir: str | os.PathLike, template, step: int | None = None, fallback: bool = True):
+def restore_latest(ckpt_dir: str | os.PathLike, template, step: int | None = None, fallback: bool = True,
+                   layout: str | None = None):
     """``(state, progress, step)`` of the latest readable checkpoint (or of ``step``).
 
     A checkpoint that cannot be read (a truncated file, a structure that is not ``template``'s,
     non-finite arrays) is reported with a warning naming it and, with ``fallback``, the
-    previous one is tried; :class:`CheckpointError` when none can be read."""
+    previous one is tried; :class:`CheckpointError` when none can be read. ``layout``: this
+    run's order of stacked weights (:func:`save_checkpoint`); a checkpoint that records
+    another, or none, raises :class:`LayoutError` at once (the run's other checkpoints share it)."""
     ckpt_dir = Path(ckpt_dir)
     steps = checkpoint_steps(ckpt_dir)
     if step is not None:
@@ -292,9 +321,11 @@ def restore_latest(ckpt_dir: str | os.PathLike, template, step: int | None = Non
     errors = []
     for s in reversed(steps):
         try:
-            state, progress = _restore(ckpt_dir, template, s)
+            state, progress = _restore(ckpt_dir, template, s, layout)
             check_state_finite(state, s)
             return state, progress, s
+        except LayoutError:
+            raise
         except Exception as e:  # noqa: BLE001 — orbax raises many kinds; all mean "unreadable"
             msg = f"checkpoint {ckpt_dir / str(s)} cannot be restored: {type(e).__name__}: {str(e)[:300]}"
             errors.append(msg)
@@ -313,6 +344,6 @@ def discard_after(ckpt_dir: str | os.PathLike, step: int) -> list[int]:
     return gone
 
 
-__all__ = ["discard_after", "RunDirError", "CheckpointError", "DivergedError", "claim_out", "atomic_path", "write_text_atomic",
+__all__ = ["discard_after", "RunDirError", "CheckpointError", "LayoutError", "DivergedError", "claim_out", "atomic_path", "write_text_atomic",
            "write_json_atomic", "refuse_changes", "save_checkpoint", "restore_checkpoint", "restore_latest", "checkpoint_steps",
            "check_state_finite", "first_nonfinite", "count_lines", "truncate_lines", "holds_run"]

@@ -177,7 +177,8 @@ def select_run(run_dir: str | os.PathLike, method: str = "pt", options: PTOption
     member = 0 if seed is None else seeds.index(seed) if seed in seeds else None
     if member is None:
         raise ValueError(f"--seed {seed}: the run searched seeds {list(seeds)}")
-    state, _, step = restore_latest(run_dir / "checkpoints", to_host(_init_state(prep)))
+    state, _, step = restore_latest(run_dir / "checkpoints", to_host(_init_state(prep)),
+                                     layout=prep.searcher.space.layout_fingerprint())
     if len(seeds) > 1:
         state = Searcher.member(state, member)
     _, (wx, wy), (ax, ay) = prep.members[member]

@@ -455,7 +455,8 @@ def _start_train(prep: _TrainPrepared, *, resume: bool, overwrite: bool):
     save_genotype(prep.genotype, out / "genotype.json")
     progress: dict = {}
     if resume:
-        state, progress, ckpt_step = restore_latest(out / "checkpoints", to_host(state))
+        state, progress, ckpt_step = restore_latest(out / "checkpoints", to_host(state),
+                                                    layout=prep.trainer.network.layout)
         discard_after(out / "checkpoints", ckpt_step)
         for rel, n in progress.get("lines", {}).items():
             truncate_lines(out / rel, int(n))
@@ -494,7 +495,8 @@ class _TrainLoop:
 
     def checkpoint(self, epoch: int, epoch_done: bool) -> None:
         self.drain()
-        save_checkpoint(self.prep.out / "checkpoints", self.state, self.step, what="training", progress={
+        save_checkpoint(self.prep.out / "checkpoints", self.state, self.step, what="training",
+                        layout=self.prep.trainer.network.layout, progress={
             "epoch": epoch, "epoch_done": epoch_done, "sums": self.sums, "n": self.n, "history": self.history,
             "lines": {"metrics.jsonl": self.log.lines()}})
 
@@ -634,9 +636,11 @@ def _plot_history(history: list, path: Path):
     return path
 
 
-def restore_train_state(ckpt_dir, template: TrainState, step: int | None = None) -> TrainState:
-    """Restore a :class:`TrainState` written by :func:`run_train` (latest step by default)."""
-    return restore_checkpoint(ckpt_dir, template, step)
+def restore_train_state(ckpt_dir, template: TrainState, step: int | None = None,
+                        layout: str | None = None) -> TrainState:
+    """Restore a :class:`TrainState` written by :func:`run_train` (latest step by default);
+    ``layout``: the trained network's ``Network.layout``, which the checkpoint must record."""
+    return restore_checkpoint(ckpt_dir, template, step, layout=layout)
 
 
 __all__ = ["TrainConfig", "TrainState", "Trainer", "run_train", "resolve_genotype", "cutout_batch",

@@ -130,6 +130,31 @@ def test_corrupt_latest_checkpoint_is_named_and_resume_falls_back(uninterrupted,
 
 
 @pytest.mark.xdist_group("uninterrupted")   # with --dist loadgroup, one worker computes the baseline run once
+def test_a_run_whose_checkpoints_stack_the_weights_in_another_order_is_not_resumed(uninterrupted, tmp_path, capsys):
+    """The search's checkpoints record the order of its stacked weights; a run whose checkpoints
+    record another (another dnas's layout of the model) is refused by resume and derive, naming
+    the checkpoint, and is left as it was."""
+    from dnas.rundir import checkpoint_steps
+    from dnas.searcher import make_searcher
+    out = tmp_path / "reordered"
+    shutil.copytree(uninterrupted, out)
+    space = make_searcher("nb201", "darts", space_options=dict(channels=4, cells_per_stage=1, in_channels=1,
+                                                                  num_classes=10)).space
+    steps = checkpoint_steps(out / "checkpoints")
+    for s in steps:
+        meta = out / "checkpoints" / str(s) / "progress" / "metadata"
+        progress = json.loads(meta.read_text())
+        assert progress["layout"] == space.layout_fingerprint()
+        meta.write_text(json.dumps({**progress, "layout": "0123456789abcdef"}))
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file() and p.name != "config.json"}
+    for args in (["search", "--resume", str(out), "--no-progress"], ["derive", str(out)]):
+        assert _main(args) == 2
+        err = capsys.readouterr().err
+        assert f"reordered/checkpoints/{steps[-1]} stacks its weights in another order" in err, err
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file() and p.name != "config.json"} == before
+
+
+@pytest.mark.xdist_group("uninterrupted")   # with --dist loadgroup, one worker computes the baseline run once
 def test_sigterm_checkpoints_and_resumes_exactly(uninterrupted, tmp_path):
     out = tmp_path / "term"
     r = _interrupt(SEARCH, out, signal.SIGTERM)
@@ -189,7 +214,9 @@ def test_train_killed_resumes_bit_for_bit_and_exports(tmp_path):
     x = load_dataset("digits").test_x[:7]
     net = build_network(parse_nb201(arch), num_classes=10, in_channels=1, channels=4, cells_per_stage=1)
     trainer = Trainer(net, resolve_protocol(TrainConfig(genotype=arch, batch_size=32), "nb201", 8), 30)
-    state = restore_checkpoint(whole / "checkpoints", trainer.init(jax.random.PRNGKey(0)))
+    # the training checkpoints record the order of the network's stacked weights (else refused)
+    assert net.layout is not None
+    state = restore_checkpoint(whole / "checkpoints", trainer.init(jax.random.PRNGKey(0)), layout=net.layout)
     np.testing.assert_allclose(np.asarray(exported.call(x)), np.asarray(inference_fn(trainer, state)(x)),
                                rtol=1e-5, atol=1e-5)
     assert np.asarray(exported.call(x[:3])).shape == (3, 10)   # any batch size

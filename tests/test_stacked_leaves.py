@@ -176,3 +176,46 @@ def test_a_looped_cells_copies_of_each_weight_are_adjacent_in_edge_order():
                     spots = [where[f"{prefix}{e}/candidates/{rel}"] for e in edges]
                     assert len({g for g, _ in spots}) == 1
                     assert [k for _, k in spots] == list(range(spots[0][1], spots[0][1] + len(edges))), (c, rel)
+
+
+def test_a_checkpoint_of_another_order_of_the_same_arrays_is_refused(tmp_path):
+    """Two orders of one model's weights have the same group names and shapes, which is all a
+    restore can compare: the checkpoint's recorded layout fingerprint tells them apart, and a
+    checkpoint that records none (an older dnas's) is refused too, before any weight is used."""
+    import pytest
+
+    from dnas.rundir import LayoutError, restore_latest, save_checkpoint
+    from dnas.supernet.stacked_leaves import WeightLayout
+    space = NNXSpace(Net(nnx.Rngs(0)))
+    params, stats = space.unstacked(*space.init(jax.random.PRNGKey(0)))
+    classed, plain = space.layout_fingerprint(), WeightLayout(params, stats).fingerprint()
+    reversed_order = WeightLayout(params, stats, order=lambda path: -len(path)).fingerprint()
+    assert classed is not None and len({classed, reversed_order}) == 2
+    assert WeightLayout(params, stats, stack=False).fingerprint() is None
+    assert WeightLayout(_tree(1), {}).fingerprint() == WeightLayout(_tree(0), {}).fingerprint()   # not the values
+    # Net's choice points hold one candidate structure each, so classing does not move a row
+    assert plain == classed
+
+    searcher = make_searcher(space, "darts")
+    state = searcher.init(jax.random.PRNGKey(0))
+    save_checkpoint(tmp_path / "ok", state, 1, layout=classed)
+    assert restore_latest(tmp_path / "ok", state, layout=classed)[2] == 1
+    with pytest.raises(LayoutError, match=rf"ok/1 stacks its weights in another order .*layout {classed}, this "
+                                          rf"run's {reversed_order}"):
+        restore_latest(tmp_path / "ok", state, layout=reversed_order)
+    save_checkpoint(tmp_path / "old", state, 1)
+    save_checkpoint(tmp_path / "old", state, 2)
+    with pytest.raises(LayoutError, match=r"old/2 does not record the order of its stacked weights"):
+        restore_latest(tmp_path / "old", state, layout=classed)   # refused at once, no fallback to step 1
+    assert restore_latest(tmp_path / "old", state)[2] == 2         # a caller without a layout is not checked
+
+
+def test_the_darts_spaces_looped_classes_give_another_fingerprint_than_its_model_order():
+    """In the DARTS space the classes move rows (its edges' candidates repeat), so the
+    fingerprint of its stacked layout differs from that of the model's own order: a checkpoint
+    written with one would not restore into the other."""
+    from dnas.supernet.spaces import build_space
+    from dnas.supernet.stacked_leaves import WeightLayout
+    space = build_space("darts", channels=4, layers=3, unroll=False)
+    params, stats = space.unstacked(*space.init(jax.random.PRNGKey(0)))
+    assert space.layout_fingerprint() != WeightLayout(params, stats).fingerprint()

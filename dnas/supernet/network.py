@@ -36,13 +36,16 @@ class Network(NamedTuple):
     """A stand-alone network (what ``dnas train`` trains): ``init(key) -> (params, stats)``,
     ``apply(params, stats, x, ctx, drop=None) -> Output``. ``stochastic``: its training forward
     pass draws random numbers of its own (a user model's dropout); the trainer then passes
-    every step a :class:`DropPath` with the step's key even when drop path is off."""
+    every step a :class:`DropPath` with the step's key even when drop path is off. ``layout``:
+    the fingerprint of how ``init``'s weights are stacked
+    (:meth:`~dnas.supernet.stacked_leaves.WeightLayout.fingerprint`), which checkpoints record."""
 
     init: Callable[[jax.Array], tuple[Any, Any]]
     apply: Callable[..., Output]
     genotype: Any
     config: dict
     stochastic: bool = False
+    layout: str | None = None
 
 
 def drop_path(x: jax.Array, key: jax.Array, prob) -> jax.Array:

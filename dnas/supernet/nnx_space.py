@@ -105,6 +105,9 @@ class NNXSpace(SearchSpace):
         as the model's attributes are."""
         return self._layout.unstacked(params, stats)
 
+    def layout_fingerprint(self) -> str | None:
+        return self._layout.fingerprint()
+
     def module(self, params, stats) -> nnx.Module:
         """The supernet as an ``nnx.Module`` holding ``params`` and ``stats`` in :meth:`init`'s
         layout (e.g. a search's final state, for :func:`dnas.nnx.fix`)."""
@@ -266,7 +269,8 @@ def fixed_network(make: Callable[[jax.Array], nnx.Module], name: str, genotype, 
         stats = nnx.to_pure_dict(nnx.state(model, nnx.BatchStat))
         return Output(logits, aux_logits, layout.stacked_stats(stats))
 
-    return Network(init, apply, genotype, config, stochastic=draws_random_numbers(template))
+    return Network(init, apply, genotype, config, stochastic=draws_random_numbers(template),
+                   layout=layout.fingerprint())
 
 
 def merged_for(ctx, graphdef, params, stats, rest, members: bool = False,
@@ -306,6 +310,11 @@ class NetworkLayout:
 
     def stacked_stats(self, stats):
         return self.main.stacked_stats(stats)
+
+    def fingerprint(self) -> str | None:
+        """:meth:`WeightLayout.fingerprint` of the main weights and the auxiliary head's."""
+        parts = [self.main.fingerprint(), None if self.aux is None else self.aux.fingerprint()]
+        return None if parts[0] is None else "+".join(p for p in parts if p is not None)
 
 
 def _without_aux(params: dict) -> tuple[dict, dict | None]:

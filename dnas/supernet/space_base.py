@@ -113,6 +113,13 @@ class SearchSpace:
     #: the input side (pixels) the latency model assumes when none is given
     latency_input_size: int = 32
 
+    def layout_fingerprint(self) -> str | None:
+        """A digest of the order in which ``init``'s weights are stacked into arrays, which a
+        search's checkpoints record and a resume compares
+        (:meth:`~dnas.supernet.stacked_leaves.WeightLayout.fingerprint`); ``None``: each weight
+        is its own array, stored under its own name."""
+        return None
+
     def running_parts(self, model, indices: dict[str, Any], runs: list[bool],
                       fixed: list[bool]) -> tuple[list[bool], list[bool]]:
         """Which choice-point uses and fixed parts of the latency model ``model``

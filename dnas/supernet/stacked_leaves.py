@@ -26,6 +26,8 @@ concatenation), where interleaved copies leave a slice, a reshape and a fusion p
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import re
 from typing import Any, Callable, Hashable
 
@@ -87,6 +89,10 @@ class StackedLeaves:
         """The original path (``cells/0/edges/3/conv/kernel``) of entry ``index`` of group ``name``."""
         return self.paths[self.groups[name][index]]
 
+    def entries(self) -> dict[str, list[str]]:
+        """``{group: the paths of its entries, in order}``: what each row of each stacked array holds."""
+        return {name: [self.paths[i] for i in idx] for name, idx in self.groups.items()}
+
 
 class WeightLayout:
     """A model's weights and BatchNorm statistics, each a :class:`StackedLeaves` (``stack``), or
@@ -108,3 +114,16 @@ class WeightLayout:
 
     def stacked_stats(self, stats):
         return stats if self.layouts is None else self.layouts[1].stack(stats)
+
+    def fingerprint(self) -> str | None:
+        """A digest of which weight each row of each stacked array holds, ``None`` unstacked.
+
+        Checkpoints record it (:func:`dnas.rundir.save_checkpoint`): two layouts of one model
+        can stack the same arrays in another order (as dnas's ``order`` classes once changed),
+        and a restore checks only names and shapes, so without it a resume across such a change
+        would load permuted weights without an error. Unstacked, the leaves are stored under
+        their own paths, which the restore checks."""
+        if self.layouts is None:
+            return None
+        rows = {"params": self.layouts[0].entries(), "stats": self.layouts[1].entries()}
+        return hashlib.sha256(json.dumps(rows, sort_keys=True).encode()).hexdigest()[:16]
