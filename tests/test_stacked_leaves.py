@@ -31,6 +31,13 @@ def test_round_trip_groups_by_dtype_and_shape():
     assert jax.tree_util.tree_structure(back) == jax.tree_util.tree_structure(tree)
     for a, b in zip(jax.tree_util.tree_leaves(back), jax.tree_util.tree_leaves(tree)):
         np.testing.assert_array_equal(a, b)
+    # outside a trace the arrays are split and stacked on the host: the same arrays as traced
+    for a, b in zip(jax.tree_util.tree_leaves(jax.jit(layout.unstack)(stacked)), jax.tree_util.tree_leaves(back)):
+        assert a.dtype == b.dtype and isinstance(b, jax.Array)
+        np.testing.assert_array_equal(a, b)
+    for name, group in jax.jit(layout.stack)(tree).items():
+        assert group.dtype == stacked[name].dtype and isinstance(stacked[name], jax.Array)
+        np.testing.assert_array_equal(group, stacked[name])
     # another tree of the same structure keeps the first one's layout
     other = _tree(1)
     np.testing.assert_array_equal(layout.stack(other)["float32[3,3,2,2]"][1], other["conv"]["kernel"])

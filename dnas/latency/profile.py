@@ -186,12 +186,13 @@ def dispatch_overhead(batch_size: int = 1, repeats: int = 20, warmup: int = 3, d
     return t["median_ms"] if statistic == "median" else t["min_ms"]
 
 
-def numpy_init(init: Callable, seed: int = 0, dtype=jnp.float32):
+def numpy_init(init: Callable | None, seed: int = 0, dtype=jnp.float32, shapes=None):
     """``init(key)``'s pytree filled from numpy: weights ~ 0.1·N(0, 1), BatchNorm ``var`` and
     ``scale`` ones, other state zeros. Timing does not depend on the values, and this avoids
-    compiling ``jax.random.normal`` for every shape (seconds each on XLA:CPU)."""
+    compiling ``jax.random.normal`` for every shape (seconds each on XLA:CPU). ``shapes``: the
+    ``(params, state)`` shapes when known, instead of ``jax.eval_shape(init)``."""
     rng = np.random.default_rng(seed)
-    params_shape, state_shape = jax.eval_shape(init, jax.random.PRNGKey(seed))
+    params_shape, state_shape = shapes if shapes is not None else jax.eval_shape(init, jax.random.PRNGKey(seed))
 
     def leaf_name(path):
         last = path[-1] if path else None
@@ -370,7 +371,7 @@ def validate(table: LatencyTable, space, n_archs: int = 20, batch_size: int | No
         subtract_overhead = bool(table.meta.get("subtract_overhead", False))
     net = _discrete_space(space)
     if hasattr(net, "unstacked"):   # an NNX model's stacked leaves: filled by the layers' own leaf names
-        params, state = net.stacked(*numpy_init(lambda k: net.unstacked(*net.init(k)), seed))
+        params, state = net.stacked(*numpy_init(None, seed, shapes=net.weight_shapes()))
     else:
         params, state = numpy_init(net.init, seed)
     x = jnp.asarray(np.random.default_rng(seed + 1).standard_normal(

@@ -108,6 +108,13 @@ class NNXSpace(SearchSpace):
     def layout_fingerprint(self) -> str | None:
         return self._layout.fingerprint()
 
+    def weight_shapes(self):
+        """``(params, stats)`` of the model as :meth:`unstacked` gives them, as
+        ``jax.ShapeDtypeStruct`` leaves: read off the instance built once, where
+        ``jax.eval_shape`` of :meth:`init` would build the model again under a trace (which Flax
+        0.12 does in time quadratic in its number of layers)."""
+        return jax.tree_util.tree_map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), (self._params0, self._stats0))
+
     def module(self, params, stats) -> nnx.Module:
         """The supernet as an ``nnx.Module`` holding ``params`` and ``stats`` in :meth:`init`'s
         layout (e.g. a search's final state, for :func:`dnas.nnx.fix`)."""
