@@ -15,7 +15,7 @@ Run: ``python benchmarks/bench_separable_conv.py`` (``--quick`` for the 32x32 3x
 ``--branch``: the same inside a ``lax.switch`` (a sampled op: GDAS, ProxylessNAS), where
 ``grouped`` is what autodiff of the grouped convolution gives there and ``branch_views`` is
 ``depthwise.branch_depthwise_conv`` (the views with a convolution-free backward pass, what
-``layers._conv`` runs on CPU on the branch path); ``branch_dense`` is the dense fused kernel
+``K.conv`` runs on CPU on the branch path); ``branch_dense`` is the dense fused kernel
 through ``branch_conv.conv2d`` (``separable_conv(impl="dense")`` on the branch path).
 The ``dnas`` command's XLA flag is applied here too (``dnas.xla_flags``).
 """
@@ -34,7 +34,7 @@ import jax.numpy as jnp  # noqa: E402
 from jax import lax  # noqa: E402
 
 from dnas.bench import median_ms  # noqa: E402
-from dnas.supernet import layers  # noqa: E402
+from dnas.kernels import dispatch as K  # noqa: E402
 from dnas.kernels.cpu.depthwise import branch_depthwise_conv, depthwise_conv  # noqa: E402
 
 _DN = ("NHWC", "HWIO", "NHWC")
@@ -45,7 +45,7 @@ SHAPES = [  # (H, C, kernel, stride, dilation)
 
 
 def _pointwise(y, pw):
-    return layers._conv(y, pw[None, None], 1, 0, 1)   # a matrix product on CPU, as in the supernet
+    return K.conv(y, pw[None, None], 1, 0, 1)   # a matrix product on CPU, as in the supernet
 
 
 def grouped(x, dw, pw, stride, pad, dil):
@@ -71,7 +71,7 @@ def branch_views(x, dw, pw, stride, pad, dil):
 
 def branch_dense(x, dw, pw, stride, pad, dil):
     kernel = dw[:, :, :, None] * pw[None, None]
-    return layers._conv(x, kernel, stride, pad, dil, branch=True)
+    return K.conv(x, kernel, stride, pad, dil, branch=True)
 
 
 FORMS = {"grouped": grouped, "dense": dense, "views": views}

@@ -23,7 +23,7 @@ the same function (and gradient) differ by large factors on XLA:CPU only (``docs
 JAX's own convolutions, ``lax.scan`` loops, no pins. The searcher, ``dnas train`` and the
 benchmarks resolve the policy once (:func:`resolve`, ``--kernels auto|xla_cpu|native``) and
 pass it down: the spaces receive it when built (their loop modes) and put it into the
-:class:`~dnas.supernet.layers.Ctx` of every forward pass, which is where the layers read it.
+:class:`~dnas.supernet.context.Ctx` of every forward pass, which is where the layers read it.
 Both policies compute the same function; ``tests/test_backend.py`` runs the supernets under
 both on the CPU and compares their outputs and gradients.
 """

@@ -25,7 +25,7 @@ def _positive(x: str) -> int:
     return v
 
 
-#: ``--loops`` -> the spaces' ``unroll`` option (``dnas.supernet.layers.loop_mode``); "auto" sets none.
+#: ``--loops`` -> the spaces' ``unroll`` option (``dnas.supernet.context.loop_mode``); "auto" sets none.
 LOOP_FLAGS = {"unroll": True, "scan-cells": "scan_cells", "scan": False}
 
 

@@ -23,7 +23,7 @@ from dnas.distributed import to_host
 def inference_fn(trainer, state):
     """``images -> logits`` of the trained network, with its weights and BatchNorm statistics
     closed over (they become constants of the exported program)."""
-    from dnas.supernet.layers import Ctx
+    from dnas.supernet.context import Ctx
     params, stats = to_host((state.params, state.batch_stats))
     params = {k: v for k, v in params.items() if k != "aux"}   # the auxiliary head trains only
     network = trainer.network

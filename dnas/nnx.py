@@ -45,7 +45,7 @@ from flax import nnx
 from jax import lax
 
 from dnas.kernels.cpu.pin import pinned
-from dnas.supernet.layers import policy
+from dnas.supernet.context import policy
 from dnas.supernet.mixed import node_sum as _stored_sum
 from dnas.supernet.mixed import switch_sampled, varying_like
 from dnas.supernet.nnx_kernels import OutputTail, TorchBatchNorm, in_branch, output_tail

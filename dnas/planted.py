@@ -52,7 +52,7 @@ def _teacher_labels(searcher, params, stats, plant_idx, x: np.ndarray, chunk: in
     """The teacher's class per input: the supernet with one-hot mixing weights, BatchNorm on
     batch statistics (as in the search), logits standardised per class over ``x``."""
     from dnas.relaxations.pc_darts import partial_mix
-    from dnas.supernet.layers import Ctx
+    from dnas.supernet.context import Ctx
 
     onehot = jax.nn.one_hot(jnp.asarray(plant_idx), len(NB201_OPS))
     # partial_mix(k) is the dense mix for k = 1 and PC-DARTS's channel split otherwise, so the

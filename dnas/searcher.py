@@ -53,7 +53,7 @@ from dnas.hypergrad import FIRST_DERIVATIVES_ONLY, Bilevel, check_tunable, get_h
 from dnas.relaxations import Relaxation, entropy, get_relaxation
 from dnas.remedies import (apply_to_relaxation, get_remedies, perturb_samples, remedy_metrics,
                            weight_step_perturbation)
-from dnas.supernet.layers import Ctx
+from dnas.supernet.context import Ctx
 from dnas.supernet.space_base import refuse_precision
 from dnas.supernet.spaces import SPACES, SearchSpace, build_space, space_label, takes_option
 

@@ -85,7 +85,7 @@ def perturbation_select(searcher, state, val: tuple, train: tuple | None = None,
     ``train = (x, y)`` fine-tunes between decisions. Returns ``{"genotype", "decisions",
     "order", "chosen"}``; every decision records the accuracy with each op removed."""
     from dnas.searcher import accuracy, cross_entropy
-    from dnas.supernet.layers import Ctx
+    from dnas.supernet.context import Ctx
 
     options.check()
     space, relax = searcher.space, searcher.base_relax

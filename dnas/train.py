@@ -41,7 +41,7 @@ from dnas.parallel import DataParallel
 from dnas.searcher import accuracy, check_finite, compute_dtype
 from dnas.supernet.derived import DropPath, Network, count_params
 from dnas.supernet.genotype import DARTS_V2, Genotype, genotype_to_json, load_genotype, parse_nb201, save_genotype
-from dnas.supernet.layers import Ctx
+from dnas.supernet.context import Ctx
 from dnas.supernet.space_base import refuse_precision
 
 _PROTOCOL_KEYS = ("batch_size", "lr", "nesterov", "weight_decay", "grad_clip", "drop_path", "cutout",

@@ -52,7 +52,7 @@ def generate() -> None:   # pragma: no cover - runs at commit b29d4b5 only
     from dnas.supernet.darts import darts_plan
     from dnas.supernet.derived import build_network
     from dnas.supernet.genotype import DARTS_EDGES, DARTS_V2
-    from dnas.supernet.layers import Ctx
+    from dnas.supernet.context import Ctx
     from dnas.supernet.spaces import build_space
 
     out = {}

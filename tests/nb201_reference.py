@@ -31,7 +31,7 @@ def generate() -> None:   # pragma: no cover - runs at commit 9771e79 only
     from dnas.relaxations.base import dense_mix
     from dnas.supernet.derived import build_network
     from dnas.supernet.genotype import NB201_EDGES, NB201_OPS, parse_nb201
-    from dnas.supernet.layers import Ctx
+    from dnas.supernet.context import Ctx
     from dnas.supernet.spaces import build_space
 
     out = {}

@@ -10,7 +10,7 @@ import pytest
 
 from dnas.backend import NATIVE, XLA_CPU, resolve
 from dnas.relaxations import get_relaxation
-from dnas.supernet.layers import Ctx
+from dnas.supernet.context import Ctx
 from dnas.supernet.spaces import build_space
 
 # the DARTS space's compile is 45-90 s on 2 cores: `pytest -m slow`; its separable convolutions

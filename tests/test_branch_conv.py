@@ -74,11 +74,12 @@ def _bn_reference(x, scale, bias, axis_name=None, eps=1e-5):
 
 @pytest.mark.parametrize("axis_name,c", [(None, 5), ("d", 5), (None, 8), ("d", 8)])
 def test_batchnorm_output_form_derivative_matches_autodiff(axis_name, c):
-    """``layers.batch_normalize`` (custom_jvp written in terms of the output; on the CPU its
+    """``K.batch_normalize`` (custom_jvp written in terms of the output; on the CPU its
     output pinned, in blocks of 4 channels where they divide ``c``): values, gradients,
     forward-over-reverse (Hessian-vector products) and reverse-over-reverse equal autodiff
     through the formula, also with synchronised statistics (``axis_name``)."""
     from dnas.supernet import layers as L
+    from dnas.supernet import context as C
     bn = L.batchnorm(c, True)
     _, s = bn.init(None)
     k = jax.random.split(jax.random.PRNGKey(0), 5)
@@ -92,7 +93,7 @@ def test_batchnorm_output_form_derivative_matches_autodiff(axis_name, c):
             return lambda x, p: f(x[0], p, h[0])
         return lambda x, p: jnp.sum(jax.vmap(lambda xi, hi: f(xi, p, hi), axis_name=axis_name)(x, h))
 
-    ours = over_devices(lambda x, p, h: jnp.sum(jnp.sin(bn.apply(p, s, x, L.Ctx(axis_name=axis_name))[0]) * h))
+    ours = over_devices(lambda x, p, h: jnp.sum(jnp.sin(bn.apply(p, s, x, C.Ctx(axis_name=axis_name))[0]) * h))
     ref = over_devices(lambda x, p, h: jnp.sum(jnp.sin(_bn_reference(x, p["scale"], p["bias"], axis_name)) * h))
     np.testing.assert_allclose(float(ours(x, p)), float(ref(x, p)), rtol=1e-5)
     for a, b in zip(jax.tree_util.tree_leaves(jax.grad(ours, (0, 1))(x, p)),
@@ -121,7 +122,7 @@ def test_pinned_batchnorm_output_cuts_xla_memory():
     convolution's output as well as the normalised one), with the same loss and gradients.
     (The NB201 search step at C=16, N=5: 1.26 → 0.81 GB, ``docs/benchmarks.md``.)"""
     from dnas.relaxations import get_relaxation
-    from dnas.supernet import layers as L
+    from dnas.supernet import context as C
     from dnas.supernet.genotype import NB201_OPS
     from dnas.supernet.mixed import MixedOp
     from dnas.supernet.ops import candidate_ops
@@ -133,7 +134,7 @@ def test_pinned_batchnorm_output_cuts_xla_memory():
 
     temp, results = {}, {}
     for pin in (False, True):
-        ctx = L.Ctx(train=True, kernels=dataclasses.replace(XLA_CPU, pin_bn_output=pin))
+        ctx = C.Ctx(train=True, kernels=dataclasses.replace(XLA_CPU, pin_bn_output=pin))
 
         def loss(p, w, x):
             y = mixed.apply(p, state, x, w, mix, ctx)[0]
@@ -150,7 +151,7 @@ def test_unrolled_edges_equal_the_scanned_buffer_form():
     """The unrolled edge loop (nodes as separate arrays, each materialised once) computes what
     the ``lax.scan`` over a stacked node buffer computes: outputs, states and gradients."""
     from dnas.relaxations import get_relaxation
-    from dnas.supernet import layers as L
+    from dnas.supernet import context as C
     from dnas.supernet.genotype import NB201_EDGES, NB201_OPS
     from dnas.supernet.mixed import MixedOp, scan_edges
     from dnas.supernet.ops import candidate_ops
@@ -163,7 +164,7 @@ def test_unrolled_edges_equal_the_scanned_buffer_form():
 
     def cell(params, w, x, unroll):
         buf = jnp.zeros((4,) + x.shape).at[0].set(x)
-        buf, st = scan_edges(mixed, params, state, w, src, dst, buf, mix, L.Ctx(), unroll=unroll)
+        buf, st = scan_edges(mixed, params, state, w, src, dst, buf, mix, C.Ctx(), unroll=unroll)
         return buf, st
 
     (b1, s1), (b2, s2) = cell(params, w, x, True), cell(params, w, x, False)
@@ -177,9 +178,9 @@ def test_unrolled_edges_equal_the_scanned_buffer_form():
 
 
 def test_pointwise_conv_as_dot_matches_lax():
-    """On CPU a 1x1 stride-1 convolution runs as a matrix product (``layers._conv``): same values and
+    """On CPU a 1x1 stride-1 convolution runs as a matrix product (``K.conv``): same values and
     gradients as the native convolution."""
-    from dnas.supernet.layers import _conv
+    from dnas.kernels.dispatch import conv as _conv
     rng = np.random.default_rng(7)
     x = jnp.asarray(rng.standard_normal((3, 5, 6, 4)), jnp.float32)
     w = jnp.asarray(rng.standard_normal((1, 1, 4, 7)), jnp.float32)
@@ -199,7 +200,7 @@ def test_pointwise_conv_weight_gradient_reads_cotangent_in_place():
     of the output cotangent as they lie in memory. (A dot over the 4-D arrays had XLA:CPU copy
     the cotangent transposed, as ``[c_out, pixels]``, first: 2x slower backward pass.)"""
     import re
-    from dnas.supernet.layers import _conv
+    from dnas.kernels.dispatch import conv as _conv
     x = jnp.ones((8, 16, 16, 16), jnp.float32)
     w = jnp.ones((1, 1, 16, 24), jnp.float32)
     g = jnp.ones((8, 16, 16, 24), jnp.float32)

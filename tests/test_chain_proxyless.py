@@ -10,6 +10,7 @@ import pytest
 
 from dnas.relaxations import get_relaxation
 from dnas.supernet import layers as L
+from dnas.supernet import context as C
 from flax import nnx
 
 from dnas.supernet.chain import KEEP_OPS, MB_OPS, ChainSpace, ChainConfig, chain_op
@@ -20,7 +21,7 @@ from dnas.supernet.ops import UnknownOpError
 from dnas.supernet.spaces import build_space
 
 TABLE = Path(__file__).resolve().parents[2] / "shared" / "data" / "latency" / "proxylessnas_mobile_trim.yaml"
-CTX = L.Ctx()
+CTX = C.Ctx()
 
 
 def test_default_chain_is_the_proxylessnas_mobile_supernet():

@@ -9,7 +9,7 @@ from dnas.relaxations.base import dense_mix
 from dnas.supernet.derived import build_network, count_params, drop_path
 from dnas.supernet.genotype import (DARTS_EDGES, DARTS_OPS, DARTS_V2, NB201_OPS, ChainGenotype,
                                     DartsGenotype, GenotypeError, parse_nb201)
-from dnas.supernet.layers import Ctx
+from dnas.supernet.context import Ctx
 from dnas.supernet.spaces import build_space
 
 

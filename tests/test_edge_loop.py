@@ -14,7 +14,7 @@ from flax import nnx
 import dnas
 from dnas.nnx import Choice, Identity, Zero, edge_loop, node_sum
 from dnas.relaxations import dense_mix, get_relaxation
-from dnas.supernet.layers import Ctx
+from dnas.supernet.context import Ctx
 from dnas.supernet.nnx_space import NNXSpace
 from tests.test_nnx import ConvBN
 

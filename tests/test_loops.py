@@ -3,7 +3,7 @@
 ``unroll=True`` (every loop unrolled at trace time), ``False`` (cells and edges under
 ``lax.scan``, convolutions through ``branch_conv`` on CPU) and ``"scan_cells"`` (cells
 scanned, edges unrolled) are three traced forms of one network: same parameters, same loss,
-same gradient w.r.t. weights and α (``dnas.supernet.layers.loop_mode``).
+same gradient w.r.t. weights and α (``dnas.supernet.context.loop_mode``).
 """
 import functools
 
@@ -14,6 +14,7 @@ import pytest
 
 from dnas.searcher import make_searcher
 from dnas.supernet import layers as L
+from dnas.supernet import context as C
 from dnas.supernet.spaces import build_space
 
 # darts: cells 3,4 form a scanned run. The DARTS space uses the dense separable-conv kernel in
@@ -76,9 +77,9 @@ def test_scanned_shifted_view_supernet_equals_unrolled():
 
 @pytest.mark.skipif(jax.default_backend() != "cpu", reason="the CPU formulations")
 def test_scanned_edges_keep_shifted_views_unrolled_edges_in_scanned_cells_the_dense_kernel():
-    assert L.loop_ctx(L.Ctx(), False, True) == L.Ctx()
-    assert L.loop_ctx(L.Ctx(custom_vjp=False), True, False) == L.Ctx(custom_vjp=False)
-    scanned, cells_only = L.loop_ctx(L.Ctx(), True, False), L.loop_ctx(L.Ctx(), True, True)
+    assert C.loop_ctx(C.Ctx(), False, True) == C.Ctx()
+    assert C.loop_ctx(C.Ctx(custom_vjp=False), True, False) == C.Ctx(custom_vjp=False)
+    scanned, cells_only = C.loop_ctx(C.Ctx(), True, False), C.loop_ctx(C.Ctx(), True, True)
     assert scanned.branch and not scanned.dense_separable
     assert cells_only.branch and cells_only.dense_separable
     layer = L.separable_conv(4, 6, 3, impl="auto")
@@ -87,8 +88,8 @@ def test_scanned_edges_keep_shifted_views_unrolled_edges_in_scanned_cells_the_de
 
     def convolves(ctx):  # the dense kernel is one convolution; the views and the 1x1 dot none
         return "conv_general_dilated" in str(jax.make_jaxpr(lambda x: layer.apply(p, st, x, ctx)[0])(x))
-    assert not convolves(L.Ctx()) and not convolves(scanned)
-    assert convolves(cells_only) and convolves(L.Ctx(branch=True, dense_separable=True))
+    assert not convolves(C.Ctx()) and not convolves(scanned)
+    assert convolves(cells_only) and convolves(C.Ctx(branch=True, dense_separable=True))
 
 
 def _assert_same(v, g, v_ref, g_ref):
@@ -102,12 +103,12 @@ def _assert_same(v, g, v_ref, g_ref):
 
 def test_loop_mode_resolution_and_errors():
     cpu = jax.default_backend() == "cpu"
-    assert L.loop_mode(True) == (True, True, False)
-    assert L.loop_mode(False) == (False, False, cpu)
-    assert L.loop_mode("scan_cells") == (False, True, cpu)
-    assert L.loop_mode(None) == ((True, True, False) if cpu else (False, False, False))
+    assert C.loop_mode(True) == (True, True, False)
+    assert C.loop_mode(False) == (False, False, cpu)
+    assert C.loop_mode("scan_cells") == (False, True, cpu)
+    assert C.loop_mode(None) == ((True, True, False) if cpu else (False, False, False))
     with pytest.raises(ValueError, match="unknown loop mode"):
-        L.loop_mode("sideways")
+        C.loop_mode("sideways")
 
 
 def test_looped_darts_cells_run_their_edges_as_one_scan_per_kind_of_edge():
@@ -122,5 +123,5 @@ def test_looped_darts_cells_run_their_edges_as_one_scan_per_kind_of_edge():
         space = build_space("darts", channels=4, layers=3, unroll=unroll)   # normal, reduce, reduce
         params, stats = space.init(jax.random.PRNGKey(0))
         w = {g: jnp.full(shape, 1.0 / shape[1]) for g, shape in space.groups.items()}
-        jaxpr = jax.make_jaxpr(lambda p: space.apply(p, stats, x, w, dense_mix, L.Ctx(train=True)))(params)
+        jaxpr = jax.make_jaxpr(lambda p: space.apply(p, stats, x, w, dense_mix, C.Ctx(train=True)))(params)
         assert sum(e.primitive.name == "scan" for e in jaxpr.jaxpr.eqns) == scans

@@ -18,7 +18,7 @@ from dnas.relaxations import dense_mix, get_relaxation
 from dnas.relaxations.gumbel import _sampled_mix
 from dnas.searcher import Hyper, make_searcher
 from dnas.supernet.genotype import ChoiceGenotype, load_genotype
-from dnas.supernet.layers import Ctx
+from dnas.supernet.context import Ctx
 from dnas.supernet.nnx_space import NNXSpace
 
 

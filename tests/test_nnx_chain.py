@@ -60,7 +60,7 @@ def test_the_chain_derives_its_genotype_and_fixes_it():
     onehot = {lab: jax.nn.one_hot(jnp.asarray([space.group_op_names(lab).index(op)]), space.groups[lab][1])
               for lab, op in g.items()}
     from dnas.relaxations.base import dense_mix
-    from dnas.supernet.layers import Ctx
+    from dnas.supernet.context import Ctx
     want, _ = space.apply(params, stats, x, onehot, dense_mix, Ctx(train=False))
     fixed.eval()
     np.testing.assert_allclose(fixed(x), want, rtol=2e-4, atol=2e-5)

@@ -17,7 +17,7 @@ import dnas.nnx
 from dnas.backend import NATIVE, XLA_CPU
 from dnas.nnx import Choice, Identity, Zero
 from dnas.relaxations import get_relaxation
-from dnas.supernet.layers import Ctx
+from dnas.supernet.context import Ctx
 from dnas.supernet.nnx_kernels import PolicyBatchNorm, PolicyConv, follow_policy, in_branch
 from dnas.supernet.nnx_space import NNXSpace
 

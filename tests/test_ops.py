@@ -10,11 +10,13 @@ import pytest
 
 from dnas.relaxations import dense_mix
 from dnas.supernet import layers as L
+from dnas.supernet import context as C
+from dnas.kernels import dispatch as K
 from dnas.supernet.genotype import DARTS_OPS, NB201_OPS
 from dnas.supernet.mixed import Candidates, MixedOp
 from dnas.supernet.ops import UnknownOpError, candidate_ops, darts_op, nb201_op
 
-CTX = L.Ctx(train=True)
+CTX = C.Ctx(train=True)
 
 
 def _x(shape=(2, 9, 9, 6), seed=0):
@@ -72,14 +74,14 @@ def test_batchnorm_train_and_eval_closed_form():
     x = _x((4, 3, 3, 5))
     bn = L.batchnorm(5, affine=False)
     p, s = bn.init(None)
-    y, s2 = bn.apply(p, s, x, L.Ctx(train=True))
+    y, s2 = bn.apply(p, s, x, C.Ctx(train=True))
     xn = np.asarray(x).reshape(-1, 5)
     mean, var = xn.mean(0), xn.var(0)
     np.testing.assert_allclose(np.asarray(y).reshape(-1, 5), (xn - mean) / np.sqrt(var + 1e-5), atol=1e-5)
     np.testing.assert_allclose(np.asarray(s2["mean"]), 0.1 * mean, atol=1e-6)
     n = xn.shape[0]
     np.testing.assert_allclose(np.asarray(s2["var"]), 0.9 + 0.1 * var * n / (n - 1), atol=1e-6)
-    y_eval, s3 = bn.apply(p, s2, x, L.Ctx(train=False))
+    y_eval, s3 = bn.apply(p, s2, x, C.Ctx(train=False))
     np.testing.assert_allclose(np.asarray(y_eval), (np.asarray(x) - np.asarray(s2["mean"])) /
                                np.sqrt(np.asarray(s2["var"]) + 1e-5), atol=1e-5)
     assert s3 is s2
@@ -151,7 +153,7 @@ def test_branch_depthwise_conv_equals_grouped_conv_inside_a_switch(kernel, strid
     run on the CPU) equals XLA's grouped convolution in float64 inside a ``lax.switch``:
     values, gradients and reverse-over-reverse (the backward pass is differentiable; its input
     gradient is shifted views of the stride-dilated cotangent), at even and odd sizes;
-    ``layers._conv`` routes a depthwise convolution on the branch path to it."""
+    ``K.conv`` routes a depthwise convolution on the branch path to it."""
     from dnas.kernels.cpu.depthwise import branch_depthwise_conv
     pad = dilation * (kernel - 1) // 2
     rng = np.random.default_rng(kernel + 10 * stride + 100 * dilation)
@@ -162,7 +164,7 @@ def test_branch_depthwise_conv_equals_grouped_conv_inside_a_switch(kernel, strid
         return branch_depthwise_conv(x, w, stride, pad, dilation)
 
     def routed(x, w):   # the layer on the branch path
-        return L._conv(x, w[:, :, None, :], stride, pad, dilation, groups=x.shape[-1], branch=True)
+        return K.conv(x, w[:, :, None, :], stride, pad, dilation, groups=x.shape[-1], branch=True)
 
     with jax.enable_x64(True):
         x = jnp.asarray(rng.standard_normal((2, 12, 11, 5)))   # even and odd sizes (stride 2)
@@ -232,8 +234,8 @@ def test_dense_mix_is_the_weighted_sum():
 
 
 def test_unroll_resolves_per_backend():
-    assert L.unroll_loops(True) is True and L.unroll_loops(False) is False
-    assert L.unroll_loops(None) == (jax.default_backend() == "cpu")
+    assert C.unroll_loops(True) is True and C.unroll_loops(False) is False
+    assert C.unroll_loops(None) == (jax.default_backend() == "cpu")
 
 
 def test_scan_unrolled_equals_lax_scan():
@@ -243,7 +245,7 @@ def test_scan_unrolled_equals_lax_scan():
         c = c * 0.5 + jnp.sum(x["a"]) - x["b"][0]
         return c, {"y": c * x["a"]}
 
-    c1, y1 = L.scan(body, jnp.float32(1.0), xs, unroll=False)
-    c2, y2 = L.scan(body, jnp.float32(1.0), xs, unroll=True)
+    c1, y1 = C.scan(body, jnp.float32(1.0), xs, unroll=False)
+    c2, y2 = C.scan(body, jnp.float32(1.0), xs, unroll=True)
     np.testing.assert_allclose(float(c1), float(c2), rtol=1e-6)
     np.testing.assert_allclose(np.asarray(y1["y"]), np.asarray(y2["y"]), rtol=1e-6)

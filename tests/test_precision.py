@@ -1,5 +1,5 @@
 """``--precision bfloat16``: convolutions read bfloat16, everything else stays float32
-(dnas.supernet.layers._conv, dnas.supernet.nnx_kernels.PolicyConv, dnas.searcher.PRECISIONS)."""
+(dnas.supernet.K.conv, dnas.supernet.nnx_kernels.PolicyConv, dnas.searcher.PRECISIONS)."""
 import jax
 import jax.numpy as jnp
 import numpy as np

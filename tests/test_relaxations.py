@@ -10,12 +10,12 @@ import pytest
 
 from dnas.relaxations import REGISTRY, UnknownRelaxationError, get_relaxation
 from dnas.relaxations.gumbel import gumbel_noise, gumbel_softmax, straight_through
-from dnas.supernet import layers as L
+from dnas.supernet import context as C
 from dnas.supernet.genotype import NB201_OPS
 from dnas.supernet.mixed import MixedOp
 from dnas.supernet.ops import candidate_ops
 
-CTX = L.Ctx()
+CTX = C.Ctx()
 ALPHA = jnp.asarray([[1.0, -0.5, 0.3, 0.0, 2.0], [0.0, 0.0, 0.0, 0.0, 0.0]])
 
 

@@ -26,7 +26,7 @@ from dnas.relaxations.base import dense_mix
 from dnas.supernet.derived import build_network
 from dnas.supernet.genotype import DARTS_V2, ChainGenotype, parse_nb201
 from dnas.supernet.stacked_leaves import WeightLayout
-from dnas.supernet.layers import Ctx
+from dnas.supernet.context import Ctx
 from dnas.supernet.spaces import build_space
 
 CONFIGS = {"nb201": dict(channels=4, cells_per_stage=2, num_classes=5),

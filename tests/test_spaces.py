@@ -8,7 +8,7 @@ import pytest
 
 from dnas.relaxations import get_relaxation
 from dnas.supernet.genotype import DARTS_OPS, NB201_OPS, DartsGenotype, NB201Genotype
-from dnas.supernet.layers import Ctx
+from dnas.supernet.context import Ctx
 from dnas.supernet.spaces import UnknownSpaceError, build_space
 
 DARTS = get_relaxation("darts")

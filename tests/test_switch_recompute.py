@@ -12,7 +12,7 @@ import pytest
 from dnas.backend import XLA_CPU
 from dnas.bench import compiled_costs
 from dnas.supernet.chain import KEEP_OPS, chain_op
-from dnas.supernet.layers import Ctx
+from dnas.supernet.context import Ctx
 from dnas.supernet.nnx_space import module_layer
 from dnas.supernet.mixed import Candidates, MixedOp
 from dnas.supernet.ops import candidate_ops

@@ -21,12 +21,12 @@ from jax import lax
 
 from dnas.hypergrad.base import (Bilevel, hvp, mixed_vjp, tree_axpy, tree_scale, tree_vdot,
                                  tree_zeros_like)
-from dnas.supernet.layers import unroll_loops
+from dnas.supernet.context import unroll_loops
 
 
 def _loop(n: int, body, carry, unroll: bool | None):
     """``n`` applications of ``body`` — unrolled at trace time on CPU (XLA:CPU runs backward
-    convolutions inside loops far slower, see ``layers.unroll_loops``), a ``fori_loop``
+    convolutions inside loops far slower, see :func:`dnas.supernet.context.unroll_loops`), a ``fori_loop``
     elsewhere."""
     if unroll_loops(unroll):
         for _ in range(n):

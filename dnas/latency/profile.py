@@ -41,9 +41,9 @@ import numpy as np
 from dnas.latency.space_latency import (OpSignature, architecture_latency, deployed_latency,
                                         describe_space, latency_matrix)
 from dnas.latency.table import LatencyTable, runtime_meta
-from dnas.supernet import layers as L
+from dnas.supernet.context import Ctx
 
-_INFER = L.Ctx(train=False)
+_INFER = Ctx(train=False)
 
 
 # ------------------------------------------------------------------------------ timing

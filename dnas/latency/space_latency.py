@@ -39,6 +39,7 @@ import numpy as np
 
 from dnas.latency.table import LatencyTable, LatencyTableError, MissingLatencyKeysError, signature_key  # noqa: F401 (re-exported)
 from dnas.supernet import layers as L
+from dnas.supernet.context import Ctx
 
 #: Keys of tables learnt per choice point / per op (see :mod:`dnas.latency.fit`).
 FIXED_KEY = "fixed"
@@ -125,7 +126,7 @@ def output_shape_of(layer: L.Layer, in_shape: tuple, residual: bool = False) -> 
     """Per-example output shape of ``layer`` on a per-example input shape (traced, not run)."""
     def f(key, x):
         p, s = layer.init(key)
-        return layer.apply(p, s, x, L.Ctx(train=False))[0]
+        return layer.apply(p, s, x, Ctx(train=False))[0]
 
     out = jax.eval_shape(f, jax.random.PRNGKey(0), jax.ShapeDtypeStruct((1,) + tuple(in_shape), jnp.float32))
     return tuple(int(d) for d in out.shape[1:])

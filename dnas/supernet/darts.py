@@ -37,7 +37,7 @@ from flax import nnx
 from dnas.backend import resolve
 from dnas.loop_plan import LoopCost, work
 from dnas.nnx import Choice, DropPath, Identity, Zero, edge_loop, node_sum
-from dnas.supernet import layers as L
+from dnas.supernet.context import loop_mode
 from dnas.supernet.genotype import DARTS_EDGES, DARTS_OPS, DartsGenotype, derive_darts, edge_label
 from dnas.supernet.network import Network, check_options
 from dnas.supernet.nnx_kernels import HE_NORMAL, PooledLinear, ReLUConvBN, TorchBatchNorm, torch_linear
@@ -86,7 +86,7 @@ class DartsConfig:
     ``affine``: the cells' BatchNorm has a scale and bias (off in the search, as in DARTS's
     search code). ``unroll``: a cell's edges unrolled (``True``) or run as loops (``False``;
     ``"scan_cells"`` unrolls them too: the cells are never scanned), ``None`` the kernel
-    policy's choice (:func:`dnas.supernet.layers.loop_mode`). ``impl`` is accepted for a
+    policy's choice (:func:`dnas.supernet.context.loop_mode`). ``impl`` is accepted for a
     uniform interface: the convolutions' formulation is the kernel policy's."""
 
     channels: int = 16
@@ -96,7 +96,7 @@ class DartsConfig:
     stem_multiplier: int = 3
     impl: str | None = None
     affine: bool = False
-    unroll: bool | str | None = None     # see dnas.supernet.layers.loop_mode
+    unroll: bool | str | None = None     # see dnas.supernet.context.loop_mode
     partial_channels: int = 1
     kernels: str = "auto"                # dnas.backend kernel policy: auto, xla_cpu or native
 
@@ -320,7 +320,7 @@ class DartsSpace(NNXSpace):
     derivation to a :class:`~dnas.supernet.genotype.DartsGenotype` and the latency model
     (:meth:`latency_walk`, :meth:`running_parts`).
 
-    Loop modes (``unroll``, :func:`dnas.supernet.layers.loop_mode`): the cells are unrolled
+    Loop modes (``unroll``, :func:`dnas.supernet.context.loop_mode`): the cells are unrolled
     in every mode (consecutive cells of one shape are rare in the search network: none at 8
     cells); a cell's edges are unrolled (``True``, XLA:CPU's default: the fastest steps) or
     run as loops (``False``, the native default and the short runs' choice on XLA:CPU:
@@ -378,7 +378,7 @@ class DartsSpace(NNXSpace):
         return proto
 
     def __init__(self, config: DartsConfig = DartsConfig()):
-        _, unroll_edges, _ = L.loop_mode(config.unroll, resolve(config.kernels))
+        _, unroll_edges, _ = loop_mode(config.unroll, resolve(config.kernels))
         self.loop_edges = not unroll_edges
         super().__init__(functools.partial(DartsNet, config=config, loop_edges=self.loop_edges), name="darts",
                          kernels=config.kernels)

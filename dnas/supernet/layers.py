@@ -6,10 +6,12 @@ A :class:`Layer` has ``init(key) -> (params, state)`` and
 arrays), so that supernet weights, BN statistics and architecture parameters stay separate
 pytrees that ``jit``, ``pmap``, ``vmap``, ``lax.scan`` and checkpointing all see as they are.
 Layers of identical structure stack with ``tree_map(jnp.stack, ...)`` so a group of equal
-edges or cells can be traced once and run under ``lax.scan``.
+edges or cells can be traced once and run under ``lax.scan``. It is what a space written
+directly against :class:`~dnas.supernet.space_base.SearchSpace` builds with
+(``docs/spaces.md``); the built-in spaces are NNX models (:mod:`dnas.nnx`).
 
 All tensors are NHWC. Convolutions take an ``impl`` argument choosing how a depthwise
-convolution is computed (see :func:`depthwise_impl`): XLA:CPU's grouped convolution is
+convolution is computed (see :func:`dnas.supernet.context.depthwise_impl`): XLA:CPU's grouped convolution is
 3–12x slower than the same arithmetic written as a dense convolution with a block-diagonal
 kernel (``benchmarks`` / ``../shared/notes/jax-cpu.md``), while on GPU/TPU the native grouped
 convolution is the fast path. Both formulations compute the same function and gradient.
@@ -17,66 +19,18 @@ convolution is the fast path. Both formulations compute the same function and gr
 from __future__ import annotations
 
 import math
-from functools import partial
 from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
 from jax import lax
 
-from dnas.backend import KernelPolicy, default_policy, resolve
-from dnas.kernels.cpu.branch_conv import conv2d as branch_conv2d
-from dnas.kernels.cpu.depthwise import branch_depthwise_conv, depthwise_conv
-from dnas.kernels.cpu.pin import pinned
+from dnas.kernels.dispatch import batch_normalize
+from dnas.kernels.dispatch import conv as _conv
+from dnas.supernet.context import Ctx, depthwise_impl, policy
 
 Params = Any
 State = Any
-
-
-class Ctx(NamedTuple):
-    """What a forward pass needs besides weights and input.
-
-    ``train``: BatchNorm uses batch statistics (and returns updated running statistics) when
-    true, running statistics when false. ``axis_name``: when set (inside ``pmap``), BatchNorm
-    averages its batch statistics over that device axis (synchronised BN), so a data-parallel
-    step computes exactly what one device computes on the global batch. ``branch``: true
-    while evaluating inside a ``lax.switch`` branch (a sampled op); convolutions then use
-    :func:`dnas.kernels.cpu.branch_conv.conv2d`, whose backward pass stays fast inside control
-    flow on XLA:CPU. ``members``: true while tracing under a ``vmap`` over independent
-    searches (``dnas search --seeds``) on the CPU: convolutions take the same branch path,
-    whose convolutions run one per member there (:func:`dnas.kernels.cpu.branch_conv.member_conv`)
-    instead of as one slow grouped convolution. ``custom_vjp``: whether kernels with a custom backward pass may
-    run: the branch convolutions of a sampled op and of scanned loops (:func:`loop_mode`) and
-    a sampled op's own backward pass (:func:`dnas.supernet.mixed.switch_sampled`). The searcher
-    clears it for estimators that differentiate twice: a ``custom_vjp`` has no forward mode.
-    ``dense_separable``: :func:`separable_conv`'s
-    ``auto`` runs as one dense convolution (set in a sampled op's branch and in scanned cells
-    whose edges are unrolled: where the shifted views' larger graph makes compiles too long).
-    ``compute_dtype``: when set (``jnp.bfloat16``: ``--precision bfloat16``), convolutions
-    read their input and kernel in that dtype and return float32 (:func:`_conv`); weights,
-    BatchNorm statistics, the mixed ops' weighted sums, α and the loss stay float32.
-    ``kernels``: the :class:`dnas.backend.KernelPolicy` the layers follow (which of XLA:CPU's
-    formulations run); ``None``: the backend's default (:func:`policy`).
-    """
-
-    train: bool = True
-    axis_name: str | None = None
-    branch: bool = False
-    members: bool = False
-    custom_vjp: bool = True
-    dense_separable: bool = False
-    compute_dtype: Any = None
-    kernels: Any = None
-
-
-def policy(ctx: Ctx) -> KernelPolicy:
-    """The kernel policy of a forward pass: ``ctx.kernels``, else the backend's default."""
-    return ctx.kernels if ctx.kernels is not None else default_policy()
-
-
-def with_kernels(ctx: Ctx, kernels: KernelPolicy) -> Ctx:
-    """``ctx`` with a space's kernel policy, unless the caller set one."""
-    return ctx if ctx.kernels is not None else ctx._replace(kernels=kernels)
 
 
 class Layer(NamedTuple):
@@ -115,138 +69,8 @@ def sequential(*layers: Layer) -> Layer:
     return Layer(init, apply, parts=tuple(layers))
 
 
-def depthwise_impl(impl: str | None = None, kernels: KernelPolicy | None = None) -> str:
-    """Resolve a separable convolution's formulation: ``native``, ``dense`` or ``auto``.
-
-    ``None``/``"auto"`` stays ``auto`` under a policy with shifted depthwise convolutions
-    (XLA:CPU's; :func:`separable_conv` then picks per call) and is ``native`` otherwise.
-    """
-    if impl in (None, "auto"):
-        return "auto" if resolve(kernels).shifted_depthwise else "native"
-    if impl not in ("native", "dense"):
-        raise ValueError(f"unknown conv implementation {impl!r}; expected 'auto', 'native' or 'dense'")
-    return impl
-
-
-def unroll_loops(unroll: bool | str | None = None, kernels: KernelPolicy | None = None) -> bool:
-    """Whether to unroll the supernet's loops over equal edges and cells at trace time.
-
-    ``None`` resolves to the kernel policy's ``unroll_loops`` (true for XLA:CPU's): XLA:CPU runs the weight-gradient
-    convolution of autodiff inside a while loop (``lax.scan``) 70-500x slower than the same
-    convolution at the top level (``benchmarks/bench_scan_conv.py``), which made a scanned
-    NAS-Bench-201 step 45 s instead of 2.3 s. On GPU/TPU the scanned loops keep the traced
-    graph, and so the compile time, small. See :func:`loop_mode` for the full choice.
-    """
-    return loop_mode(unroll, kernels)[0]
-
-
-LOOP_MODES = (None, True, False, "scan_cells")
-
-
-def loop_mode(unroll: bool | str | None = None, kernels: KernelPolicy | None = None) -> tuple[bool, bool, bool]:
-    """``(unroll_cells, unroll_edges, loop_convs)`` for a space's ``unroll`` option.
-
-    ``True``: every loop unrolled at trace time (one traced copy per cell and edge: the fastest
-    steps on XLA:CPU, the longest compiles). ``False``: cells and edges run under ``lax.scan``
-    (one traced body). ``"scan_cells"``: runs of equal cells scanned, the edges inside a cell
-    unrolled. ``None``: the policy's ``unroll_loops`` (``True`` for XLA:CPU, ``False`` natively).
-
-    ``loop_convs``: under a policy with branch convolutions (XLA:CPU's), when any loop is scanned, convolutions take the
-    :mod:`dnas.kernels.cpu.branch_conv` path (:class:`Ctx` ``branch``), whose backward pass is
-    written as forward-style convolutions that XLA:CPU runs at full speed inside loops. With
-    it a scanned NAS-Bench-201 step (C=16, N=5, B=64) is 2.1 s against 1.6 s unrolled while
-    compiling in 8.7 s instead of 22 s (``docs/benchmarks.md``).
-    """
-    if unroll not in LOOP_MODES:
-        raise ValueError(f"unknown loop mode unroll={unroll!r}; expected one of {LOOP_MODES}")
-    kernels = resolve(kernels)
-    if unroll is None:
-        unroll = kernels.unroll_loops
-    cells, edges = (False, True) if unroll == "scan_cells" else (bool(unroll), bool(unroll))
-    return cells, edges, kernels.branch_convs and not (cells and edges)
-
-
-def loop_ctx(ctx: Ctx, loop_convs: bool, edges_unrolled: bool) -> Ctx:
-    """``ctx`` for a network whose loops are scanned: convolutions on the branch path when the
-    space's loop mode asks for it (:func:`loop_mode`) and the caller allows it (``ctx.custom_vjp``),
-    separable ones as a dense convolution when the edges inside the scanned cells are unrolled."""
-    if not (loop_convs and ctx.custom_vjp):
-        return ctx
-    return ctx._replace(branch=True, dense_separable=ctx.dense_separable or edges_unrolled)
-
-
-def scan(body, carry, xs, unroll: bool = False):
-    """``lax.scan(body, carry, xs)``, or the same loop unrolled in Python when ``unroll``.
-
-    The unrolled form slices ``xs`` with static indices and stacks the outputs, so the traced
-    graph holds one copy of ``body`` per step and no while loop at all. (``lax.scan`` with
-    ``unroll=True`` is not enough on XLA:CPU: it still emits the loop's dynamic slicing and
-    updates, and the step stayed >20x slower in our measurements.)
-    """
-    if not unroll:
-        return lax.scan(body, carry, xs)
-    n = jax.tree_util.tree_leaves(xs)[0].shape[0]
-    ys = []
-    for i in range(n):
-        carry, y = body(carry, jax.tree_util.tree_map(lambda a: a[i], xs))
-        ys.append(y)
-    return carry, stack_trees(ys)
-
-
 def _he_normal(key, shape, fan_in):
     return jax.random.normal(key, shape, jnp.float32) * math.sqrt(2.0 / fan_in)
-
-
-def _conv(x, w, stride, padding, dilation, groups=1, branch=False, members=False, dtype=None, kernels=None):
-    """A convolution, NHWC input, HWIO kernel.
-
-    ``dtype`` (``Ctx.compute_dtype``): mixed precision, as in Micikevicius et al. 2018, "Mixed
-    Precision Training": input and kernel are cast to ``dtype`` (bfloat16: float32's exponent
-    range, so no loss scaling) and the output back to the input's dtype, so that everything
-    around the convolution (BatchNorm's statistics, α's softmax and mixing, the loss and every
-    weight) stays float32. XLA fuses the casts into the neighbouring elementwise fusions.
-    """
-    if dtype is not None:
-        out = conv_impl(x.astype(dtype), w.astype(dtype), stride, padding, dilation, groups, branch, members, kernels)
-        return out.astype(x.dtype)
-    return conv_impl(x, w, stride, padding, dilation, groups, branch, members, kernels)
-
-
-def conv_impl(x, w, stride, padding, dilation, groups=1, branch=False, members=False, kernels=None):
-    """``branch``/``members``: the :mod:`branch_conv` path (custom backward pass; with
-    ``members`` one convolution per member under ``vmap``). Under XLA:CPU's kernel policy
-    (``kernels``) 1x1 convolutions run as a matrix product, and depthwise ones (off the
-    ``members`` path) as shifted views
-    (:mod:`dnas.kernels.cpu.depthwise`; on the branch path with a convolution-free backward pass).
-    Input and kernel must share a dtype on every path, as XLA's convolution demands on GPU (the
-    CPU formulations would silently promote a bfloat16 input to float32)."""
-    if x.dtype != w.dtype:
-        raise TypeError(f"convolution of a {x.dtype} input with a {w.dtype} kernel; cast both (Ctx.compute_dtype)")
-    kernels = resolve(kernels)
-    if w.shape[:2] == (1, 1) and stride == 1 and padding == 0 and groups == 1 and kernels.matmul_1x1:
-        # a 1x1 convolution as a matrix product over the pixels (on every path: top level,
-        # sampled branch, scanned loop, vmapped members): on XLA:CPU its backward pass is then
-        # two dots, 1.5-2x faster than the convolutions of autodiff or of branch_conv
-        # (docs/benchmarks.md); GPU/TPU keep the native convolution. Flattened to one
-        # [pixels, c_in] matrix: a dot over the 4-D array (einsum "nhwi,io") has XLA:CPU
-        # transpose the output cotangent into a copy for the weight gradient (2x slower)
-        flat = x.reshape(-1, x.shape[-1]) @ w[0, 0]
-        return flat.reshape(x.shape[:-1] + (w.shape[-1],))
-    if (groups > 1 and groups == x.shape[-1] == w.shape[-1] and w.shape[2] == 1
-            and not members and kernels.shifted_depthwise):
-        # depthwise (one filter per channel): k*k shifted views, with its gradients 4-20x
-        # faster on XLA:CPU than its grouped convolution (docs/benchmarks.md). On the branch
-        # path with a backward pass free of convolutions (custom VJP): there the grouped
-        # convolution's gradient is 190-600x slower (inside a lax.switch)
-        if branch:
-            return branch_depthwise_conv(x, w[:, :, 0, :], stride, padding, dilation)
-        return depthwise_conv(x, w[:, :, 0, :], stride, padding, dilation)
-    if (branch or members) and groups == 1:
-        return branch_conv2d(x, w, stride, padding, dilation, members=members)
-    return lax.conv_general_dilated(
-        x, w, (stride, stride), ((padding, padding), (padding, padding)),
-        rhs_dilation=(dilation, dilation), dimension_numbers=("NHWC", "HWIO", "NHWC"),
-        feature_group_count=groups)
 
 
 # --------------------------------------------------------------------------- layers
@@ -326,62 +150,11 @@ def separable_conv(c_in: int, c_out: int, kernel: int, stride: int = 1,
     return Layer(init, apply)
 
 
-def _moments(x, axis_name):
-    """Batch mean and (biased) variance over N, H, W, averaged over ``axis_name`` (sync BN)."""
-    mean = jnp.mean(x, axis=(0, 1, 2))
-    mean_sq = jnp.mean(jnp.square(x), axis=(0, 1, 2))
-    if axis_name is not None:
-        mean, mean_sq = lax.pmean((mean, mean_sq), axis_name)
-    return mean, jnp.maximum(mean_sq - jnp.square(mean), 0.0)
-
-
-@partial(jax.custom_jvp, nondiff_argnums=(1, 2, 3))
-def batch_normalize(x: jax.Array, eps: float, axis_name: str | None = None, pin: bool = False):
-    """``(x̂, mean, var)`` with ``x̂ = (x - mean) / sqrt(var + eps)`` over the batch statistics.
-
-    Same values and gradients as autodiff through the formula, but the derivative is written
-    in terms of the output: ``dx̂ = rstd · (dx - mean(dx) - x̂ · mean(x̂ · dx))``. Reverse mode
-    (the transpose of that linear map) then needs only ``x̂`` and ``rstd`` for the backward
-    pass, where autodiff kept ``x``, ``x - mean`` and ``x̂``; ``x̂`` is usually kept anyway (a
-    mixed op's α gradient needs every candidate's output). A ``custom_jvp`` (not
-    ``custom_vjp``) so that forward-over-reverse (Hessian-vector products of the
-    hypergradients) still works.
-
-    With ``pin`` (the kernel policy's ``pin_bn_output``, XLA:CPU's) ``x̂`` is
-    :func:`~dnas.kernels.cpu.pin.pinned`: XLA:CPU
-    otherwise fuses the cheap normalisation into the backward ops and so keeps ``x`` *and*
-    ``x̂``. Stored once, XLA's temporary memory of a search step falls by a quarter to a third
-    (NAS-Bench-201 DARTS step 1.26 → 0.81 GB, DARTS space 6.72 → 4.95 GB;
-    ``docs/benchmarks.md``) for 8 FLOPs per element.
-    """
-    mean, var = _moments(x, axis_name)
-    return _store_once((x - mean) * lax.rsqrt(var + eps), pin), mean, var
-
-
-def _store_once(xhat, pin: bool):
-    """BatchNorm's output ``x̂``, pinned if ``pin`` (see :func:`batch_normalize`)."""
-    return pinned(xhat, group=4) if pin else xhat
-
-
-@batch_normalize.defjvp
-def _batch_normalize_jvp(eps, axis_name, pin, primals, tangents):
-    (x,), (t,) = primals, tangents
-    mean, var = _moments(x, axis_name)
-    rstd = lax.rsqrt(var + eps)
-    xhat = _store_once((x - mean) * rstd, pin)
-    t_mean, t_xs = jnp.mean(t, axis=(0, 1, 2)), jnp.mean(xhat * t, axis=(0, 1, 2))
-    if axis_name is not None:
-        t_mean, t_xs = lax.pmean((t_mean, t_xs), axis_name)
-    t_xhat = rstd * (t - t_mean - xhat * t_xs)
-    # d var = 2 E[(x - mean) dx] = 2 E[x̂ dx] / rstd
-    return (xhat, mean, var), (t_xhat, t_mean, 2.0 * t_xs / rstd)
-
-
 def batchnorm(c: int, affine: bool = True, momentum: float = 0.1, eps: float = 1e-5) -> Layer:
     """BatchNorm over N, H, W with PyTorch conventions (momentum 0.1, unbiased running var).
 
     ``affine=False`` is what DARTS uses inside the supernet during search. In training mode
-    the normalisation is :func:`batch_normalize` (exact gradients, fewer stored activations).
+    the normalisation is :func:`dnas.kernels.dispatch.batch_normalize` (exact gradients, fewer stored activations).
     """
 
     def init(key):
@@ -409,20 +182,6 @@ def batchnorm(c: int, affine: bool = True, momentum: float = 0.1, eps: float = 1
         return y, new_s
 
     return Layer(init, apply, normalize=None if affine else normalize)
-
-
-def batch_normalize_vjp(xhat: jax.Array, rstd: jax.Array, g: jax.Array, axis_name: str | None = None):
-    """The cotangent of :func:`batch_normalize`'s input for the cotangent ``g`` of its output
-    ``x̂``, from ``x̂`` and ``rstd`` alone (no need of the input ``x``).
-
-    The derivative ``t ↦ rstd · (t - mean(t) - x̂ · mean(x̂ · t))`` (see
-    :func:`batch_normalize`) is self-adjoint, so its transpose is the same formula applied to
-    ``g``; over a device axis the means are global (``pmean``), as in the forward pass.
-    """
-    g_mean, g_xs = jnp.mean(g, axis=(0, 1, 2)), jnp.mean(xhat * g, axis=(0, 1, 2))
-    if axis_name is not None:
-        g_mean, g_xs = lax.pmean((g_mean, g_xs), axis_name)
-    return rstd * (g - g_mean - xhat * g_xs)
 
 
 def _pool_padding(kernel, stride, padding):
@@ -509,8 +268,3 @@ def factorized_reduce(c_in: int, c_out: int, affine: bool = True) -> Layer:
 def relu_conv_bn(c_in: int, c_out: int, kernel: int, stride: int = 1, padding: int | None = None,
                  dilation: int = 1, affine: bool = True) -> Layer:
     return sequential(relu(), conv(c_in, c_out, kernel, stride, padding, dilation), batchnorm(c_out, affine))
-
-
-def stack_trees(trees):
-    """Stack a list of identically structured pytrees along a new leading axis."""
-    return jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *trees)

@@ -8,7 +8,7 @@ function (see :mod:`dnas.relaxations.base`), which receives a :class:`Candidates
 unsampled operations.
 
 Edges of equal shape are stacked and run by :func:`scan_edges` under ``lax.scan`` (unrolled
-on CPU, see :func:`dnas.supernet.layers.scan`), so one mixed op is traced once per group of
+on CPU, see :func:`dnas.supernet.context.scan`), so one mixed op is traced once per group of
 edges instead of once per edge: this is what keeps the
 compile time of a full supernet short.
 """
@@ -22,7 +22,9 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from dnas.supernet.layers import Ctx, Layer, batch_normalize_vjp, policy, scan, sequential, stack_trees
+from dnas.supernet.layers import Layer, sequential
+from dnas.supernet.context import Ctx, policy, scan, stack_trees
+from dnas.kernels.dispatch import batch_normalize_vjp
 from dnas.kernels.cpu.pin import pinned
 
 Mix = Callable[[Any, "Candidates", jax.Array], tuple[jax.Array, tuple]]
@@ -78,7 +80,7 @@ class _Branch:
     ``forward`` also returns what its backward pass keeps: for an op ending in an affine-free
     BatchNorm (ReLU-conv-BN, the DARTS separable convolutions, pooling + BN) the BatchNorm's
     ``rstd``, with which the backward pass starts from the op's output ``y`` = ``x̂``
-    (:func:`dnas.supernet.layers.batch_normalize_vjp`) and recomputes only the layers before
+    (:func:`dnas.kernels.dispatch.batch_normalize_vjp`) and recomputes only the layers before
     the BatchNorm whose activations the gradient needs, never the last convolution; for any
     other op nothing (zeros), and the backward pass recomputes the op.
     """
@@ -255,7 +257,7 @@ def scan_edges(mixed: MixedOp, params, state, samples, src: Sequence[int], dst: 
     (edges reading nodes of the buffer, which may hold the cell inputs too, as in a scanned
     normal DARTS cell; the edges must be ordered so that a node is complete before an edge
     reads it). Returns the final buffer and the stacked new states.
-    ``unroll=True`` unrolls the loop at trace time (see :func:`dnas.supernet.layers.unroll_loops`)
+    ``unroll=True`` unrolls the loop at trace time (see :func:`dnas.supernet.context.unroll_loops`)
     through :func:`unrolled_edges` (the spaces call that directly when unrolled, on a list of
     nodes).
     """

@@ -34,7 +34,7 @@ from flax import nnx
 import dnas.nnx
 from dnas.backend import resolve
 from dnas.nnx import Choice, Identity, Zero, node_sum
-from dnas.supernet import layers as L
+from dnas.supernet.context import loop_mode
 from dnas.supernet.genotype import NB201_EDGES, NB201_OPS, NB201Genotype, edge_label
 from dnas.supernet.network import Network, check_options
 from dnas.supernet.nnx_kernels import HE_NORMAL, ReLUConvBN, TorchBatchNorm, torch_linear
@@ -53,7 +53,7 @@ class NB201Config:
     benchmark's search code; on in the evaluation network). ``unroll``: the cells of a stage
     unrolled (``True``) or scanned with stacked weights (``False`` / ``"scan_cells"``; the six
     edges of a cell are unrolled either way), ``None`` the kernel policy's choice
-    (:func:`dnas.supernet.layers.loop_mode`). ``impl`` is accepted for a uniform interface: the
+    (:func:`dnas.supernet.context.loop_mode`). ``impl`` is accepted for a uniform interface: the
     space has no depthwise convolution."""
 
     channels: int = 16
@@ -62,7 +62,7 @@ class NB201Config:
     in_channels: int = 3
     impl: str | None = None
     affine: bool = False
-    unroll: bool | str | None = None     # see dnas.supernet.layers.loop_mode
+    unroll: bool | str | None = None     # see dnas.supernet.context.loop_mode
     partial_channels: int = 1
     kernels: str = "auto"                # dnas.backend kernel policy: auto, xla_cpu or native
 
@@ -222,7 +222,7 @@ class NB201Space(NNXSpace):
                 3 * int(options.get("cells_per_stage", NB201Config.cells_per_stage)))
 
     def __init__(self, config: NB201Config = NB201Config()):
-        unroll_cells, _, _ = L.loop_mode(config.unroll, resolve(config.kernels))
+        unroll_cells, _, _ = loop_mode(config.unroll, resolve(config.kernels))
         self.scan_cells = not unroll_cells
         super().__init__(functools.partial(NB201Net, config=config, scan_cells=self.scan_cells), name="nb201",
                          kernels=config.kernels)

@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from dnas.supernet import layers as L
+from dnas.supernet.context import Ctx
 
 
 class Output(NamedTuple):
@@ -57,7 +57,7 @@ def drop_path(x: jax.Array, key: jax.Array, prob) -> jax.Array:
     return jnp.where(mask, x / keep, jnp.zeros((), x.dtype))
 
 
-def drop_key(drop: DropPath, ctx: L.Ctx, index: int) -> jax.Array:
+def drop_key(drop: DropPath, ctx: Ctx, index: int) -> jax.Array:
     """The drop-path key of op ``index``; data parallel, each device drops paths of its own
     examples."""
     key = jax.random.fold_in(drop.key, index)

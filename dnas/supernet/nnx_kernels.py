@@ -7,13 +7,13 @@ merges from its weights (the user's own objects are never touched):
 
 * every ``nnx.Conv`` gets a convolution function with ``lax.conv_general_dilated``'s
   signature (Flax's own hook, ``Conv.conv_general_dilated``) that routes a 2-D NHWC/HWIO
-  convolution to :func:`dnas.supernet.layers.conv_impl`: 1x1 convolutions as matrix products,
+  convolution to :func:`dnas.kernels.dispatch.conv_impl`: 1x1 convolutions as matrix products,
   depthwise ones as shifted views, and inside a sampled op's ``lax.switch`` (:func:`in_branch`)
   or under the vmap over seeds the backward pass of :mod:`dnas.kernels.cpu.branch_conv`;
   anything else (other ranks, dilated inputs, asymmetric padding, a precision) is passed to
   ``lax.conv_general_dilated`` unchanged;
 * every ``nnx.BatchNorm`` normalising the last axis of a 4-D input in training mode runs
-  :func:`dnas.supernet.layers.batch_normalize`: the same values, gradients and running
+  :func:`dnas.kernels.dispatch.batch_normalize`: the same values, gradients and running
   statistics as Flax's (biased variance, Flax's momentum convention), with the backward pass
   written from the output and, under XLA:CPU's policy, the output stored once. It also writes
   its running statistics as whole values: Flax's ``variable[...] = tracer`` asks the tracer for
@@ -41,7 +41,9 @@ from flax import nnx
 from jax import lax
 
 from dnas.backend import KernelPolicy
-from dnas.supernet.layers import batch_normalize, batch_normalize_vjp, conv_impl
+from dnas.kernels.dispatch import batch_normalize
+from dnas.kernels.dispatch import batch_normalize_vjp
+from dnas.kernels.dispatch import conv_impl
 
 _BRANCH: contextvars.ContextVar[bool] = contextvars.ContextVar("dnas_nnx_branch", default=False)
 
@@ -69,7 +71,7 @@ class PolicyConv:
     the convolution is one dnas has formulations for (see the module docstring).
 
     ``compute_dtype`` (``--precision bfloat16``): input and kernel are cast to it and the output
-    back, as dnas's own convolutions do (:func:`dnas.supernet.layers._conv`; Micikevicius et al.
+    back, as dnas's own convolutions do (:func:`dnas.kernels.dispatch.conv`; Micikevicius et al.
     2018): everything around the convolution stays float32."""
 
     def __init__(self, kernels: KernelPolicy, members: bool = False, compute_dtype=None):
@@ -121,7 +123,7 @@ class OutputTail:
     call, ``(k, x̂, rstd)`` with ``k`` its place in call order, when that layer is affine-free
     (its output is ``x̂``), else ``None``. If the candidate's output *is* that ``x̂``, the
     candidate ends in that BatchNorm, and ``rstd`` is all its backward pass needs besides ``x̂``
-    (:func:`dnas.supernet.layers.batch_normalize_vjp`).
+    (:func:`dnas.kernels.dispatch.batch_normalize_vjp`).
 
     Backward (``replay=(k, x̂, rstd)``): the recomputed forward pass's ``k``-th call returns the
     saved ``x̂`` with that derivative, so nothing reads the value of its input. XLA then drops

@@ -38,7 +38,8 @@ from flax import nnx
 from dnas.backend import resolve
 from dnas.nnx import Choice, InputChoice, choice_points, draws_random_numbers, fix, group_rows, mixing, set_search_mode
 from dnas.supernet.genotype import ChoiceGenotype
-from dnas.supernet.layers import Layer, policy, with_kernels
+from dnas.supernet.layers import Layer
+from dnas.supernet.context import policy, with_kernels
 from dnas.supernet.nnx_kernels import follow_policy
 from dnas.supernet.network import Network, Output, check_options, drop_key
 from dnas.supernet.space_base import SearchSpace

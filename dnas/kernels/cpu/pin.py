@@ -7,7 +7,7 @@ precision, ``2·C`` FLOPs per element) makes ``t`` one fusion of its own, stored
 transpose is the same product, so the pin holds for the cotangent in the backward pass too.
 Used for the cell nodes' sums (:func:`dnas.supernet.mixed.node_sum`), for a depthwise
 convolution's input gradient (:mod:`dnas.kernels.cpu.depthwise`) and, on the CPU, for BatchNorm's
-output (:func:`dnas.supernet.layers.batch_normalize`); ``docs/benchmarks.md``.
+output (:func:`dnas.kernels.dispatch.batch_normalize`); ``docs/benchmarks.md``.
 """
 from __future__ import annotations
 
