@@ -53,18 +53,19 @@ def conv_impl(x, w, stride, padding, dilation, groups=1, branch=False, members=F
     if w.shape[:2] == (1, 1) and stride == 1 and padding == 0 and groups == 1 and kernels.matmul_1x1:
         # a 1x1 convolution as a matrix product over the pixels (on every path: top level,
         # sampled branch, scanned loop, vmapped members): on XLA:CPU its backward pass is then
-        # two dots, 1.5-2x faster than the convolutions of autodiff or of branch_conv
+        # two dots, faster than the convolutions of autodiff or of branch_conv
         # (docs/benchmarks.md); GPU/TPU keep the native convolution. Flattened to one
         # [pixels, c_in] matrix: a dot over the 4-D array (einsum "nhwi,io") has XLA:CPU
-        # transpose the output cotangent into a copy for the weight gradient (2x slower)
+        # transpose the output cotangent into a copy for the weight gradient (slower)
         flat = x.reshape(-1, x.shape[-1]) @ w[0, 0]
         return flat.reshape(x.shape[:-1] + (w.shape[-1],))
     if (groups > 1 and groups == x.shape[-1] == w.shape[-1] and w.shape[2] == 1
             and not members and kernels.shifted_depthwise):
-        # depthwise (one filter per channel): k*k shifted views, with its gradients 4-20x
+        # depthwise (one filter per channel): k*k shifted views, with its gradients several
         # faster on XLA:CPU than its grouped convolution (docs/benchmarks.md). On the branch
         # path with a backward pass free of convolutions (custom VJP): there the grouped
-        # convolution's gradient is 190-600x slower (inside a lax.switch)
+        # convolution's gradient is orders of magnitude slower (inside a lax.switch;
+        # docs/benchmarks.md)
         if branch:
             return branch_depthwise_conv(x, w[:, :, 0, :], stride, padding, dilation)
         return depthwise_conv(x, w[:, :, 0, :], stride, padding, dilation)
@@ -100,9 +101,8 @@ def batch_normalize(x: jax.Array, eps: float, axis_name: str | None = None, pin:
     With ``pin`` (the kernel policy's ``pin_bn_output``, XLA:CPU's) ``x̂`` is
     :func:`~dnas.kernels.cpu.pin.pinned`: XLA:CPU
     otherwise fuses the cheap normalisation into the backward ops and so keeps ``x`` *and*
-    ``x̂``. Stored once, XLA's temporary memory of a search step falls by a quarter to a third
-    (NAS-Bench-201 DARTS step 1.26 → 0.81 GB, DARTS space 6.72 → 4.95 GB;
-    ``docs/benchmarks.md``) for 8 FLOPs per element.
+    ``x̂``. Stored once, XLA's temporary memory of a search step falls markedly
+    (``docs/benchmarks.md``) for 8 FLOPs per element.
     """
     mean, var = _moments(x, axis_name)
     return _store_once((x - mean) * lax.rsqrt(var + eps), pin), mean, var

@@ -81,9 +81,9 @@ def unroll_loops(unroll: bool | str | None = None, kernels: KernelPolicy | None 
     """Whether to unroll the supernet's loops over equal edges and cells at trace time.
 
     ``None`` resolves to the kernel policy's ``unroll_loops`` (true for XLA:CPU's): XLA:CPU runs the weight-gradient
-    convolution of autodiff inside a while loop (``lax.scan``) 70-500x slower than the same
-    convolution at the top level (``benchmarks/bench_scan_conv.py``), which made a scanned
-    NAS-Bench-201 step 45 s instead of 2.3 s. On GPU/TPU the scanned loops keep the traced
+    convolution of autodiff inside a while loop (``lax.scan``) far slower than the same
+    convolution at the top level (``benchmarks/bench_scan_conv.py``, ``docs/benchmarks.md``).
+    On GPU/TPU the scanned loops keep the traced
     graph, and so the compile time, small. See :func:`loop_mode` for the full choice.
     """
     return loop_mode(unroll, kernels)[0]
@@ -102,9 +102,9 @@ def loop_mode(unroll: bool | str | None = None, kernels: KernelPolicy | None = N
 
     ``loop_convs``: under a policy with branch convolutions (XLA:CPU's), when any loop is scanned, convolutions take the
     :mod:`dnas.kernels.cpu.branch_conv` path (:class:`Ctx` ``branch``), whose backward pass is
-    written as forward-style convolutions that XLA:CPU runs at full speed inside loops. With
-    it a scanned NAS-Bench-201 step (C=16, N=5, B=64) is 2.1 s against 1.6 s unrolled while
-    compiling in 8.7 s instead of 22 s (``docs/benchmarks.md``).
+    written as forward-style convolutions that XLA:CPU runs at full speed inside loops: a scanned
+    step then runs a little slower than an unrolled one and compiles in a fraction of its time
+    (``docs/benchmarks.md``).
     """
     if unroll not in LOOP_MODES:
         raise ValueError(f"unknown loop mode unroll={unroll!r}; expected one of {LOOP_MODES}")
@@ -130,7 +130,7 @@ def scan(body, carry, xs, unroll: bool = False):
     The unrolled form slices ``xs`` with static indices and stacks the outputs, so the traced
     graph holds one copy of ``body`` per step and no while loop at all. (``lax.scan`` with
     ``unroll=True`` is not enough on XLA:CPU: it still emits the loop's dynamic slicing and
-    updates, and the step stayed >20x slower in our measurements.)
+    updates, and the step stayed many times slower; ``docs/benchmarks.md``.)
     """
     if not unroll:
         return lax.scan(body, carry, xs)

@@ -49,9 +49,8 @@ def is_group_name(name: str) -> bool:
 def _concrete(arrays) -> bool:
     """Whether ``arrays`` are values, not tracers: outside a traced function (building a model
     from a state, initialising one) each group's split or stack, and each leaf's squeeze, would
-    run as a small program of its own, compiled once per shape: for the DARTS space at C=4 and
-    3 cells, 12 s of compiling to unstack a state whose copy on the host takes a fraction of a
-    second. Inside a traced step they are part of one program and stay there."""
+    run as a small program of its own, compiled once per shape, where a copy on the host compiles
+    nothing (``docs/benchmarks.md``, "A state back to the model, on the host"). Inside a traced step they are part of one program and stay there."""
     return not any(isinstance(a, jax.core.Tracer) for a in arrays)
 
 
