@@ -13,12 +13,16 @@ cost more here than the step it feeds. Times, in one process and in this order:
 * ``shapes_s``: the unstacked weights' shapes as ``dnas latency validate`` reads them
   (``space.weight_shapes()`` where the tree has it, else ``jax.eval_shape`` of ``init``);
   with ``--eval-shape`` also ``eval_shape_s``, ``jax.eval_shape`` of building the model again
-  (the older way; minutes for the 8-cell DARTS space).
+  (the older way; minutes for the 8-cell DARTS space);
+* with ``--relaxation R``, first, in the same fresh process: ``searcher_s``,
+  ``make_searcher(SPACE, R, space_options=options)`` (builds the space the relaxation searches,
+  e.g. PC-DARTS's narrow candidates, and the relaxation).
 
     python benchmarks/host_costs.py darts --option channels=4 --option layers=3
+    python benchmarks/host_costs.py darts --relaxation pc_darts
     PYTHONPATH=/path/to/other/tree python benchmarks/host_costs.py ...   # the same arguments
 
-Uses only ``build_space``, ``init`` and ``unstacked`` beyond what it checks for, so it runs
+Uses only ``build_space``, ``make_searcher``, ``init`` and ``unstacked`` beyond what it checks for, so it runs
 against older trees. Prints one JSON object.
 """
 from __future__ import annotations
@@ -33,8 +37,8 @@ from dnas.options import key_values
 from dnas.supernet.spaces import build_space
 
 
-def costs(space_name: str, options: dict, eval_shape: bool = False) -> dict:
-    out: dict = {"space": space_name, "options": options, "jax_version": jax.__version__}
+def costs(space_name: str, options: dict, eval_shape: bool = False, relaxation: str | None = None) -> dict:
+    out: dict = {"space": space_name, "options": options, "relaxation": relaxation, "jax_version": jax.__version__}
 
     def timed(name, fn):
         t0 = time.perf_counter()
@@ -43,6 +47,9 @@ def costs(space_name: str, options: dict, eval_shape: bool = False) -> dict:
         out[name] = round(time.perf_counter() - t0, 3)
         return value
 
+    if relaxation is not None:
+        from dnas.searcher import make_searcher
+        timed("searcher_s", lambda: make_searcher(space_name, relaxation, space_options=options).relax.name)
     space = timed("build_s", lambda: build_space(space_name, **options))
     params, stats = timed("init_s", lambda: space.init(jax.random.PRNGKey(0)))
     timed("unstacked_s", lambda: space.unstacked(params, stats))
@@ -60,8 +67,9 @@ def main(argv=None) -> None:
     p.add_argument("space")
     p.add_argument("--option", action="append", default=[], metavar="K=V", help="a build_space option")
     p.add_argument("--eval-shape", action="store_true", help="also time jax.eval_shape of building the model")
+    p.add_argument("--relaxation", default=None, help="first time make_searcher with this relaxation")
     a = p.parse_args(argv)
-    print(json.dumps(costs(a.space, key_values(a.option, "--option"), a.eval_shape)))
+    print(json.dumps(costs(a.space, key_values(a.option, "--option"), a.eval_shape, a.relaxation)))
 
 
 if __name__ == "__main__":

@@ -50,7 +50,7 @@ from jax.sharding import Mesh
 from dnas.backend import resolve as resolve_kernels
 from dnas.parallel import AXIS, DataParallel, device_mesh  # noqa: F401 (AXIS, device_mesh re-exported)
 from dnas.hypergrad import FIRST_DERIVATIVES_ONLY, Bilevel, check_tunable, get_hypergrad
-from dnas.relaxations import Relaxation, entropy, get_relaxation
+from dnas.relaxations import Relaxation, entropy, get_relaxation, partial_channels
 from dnas.remedies import (apply_to_relaxation, get_remedies, perturb_samples, remedy_metrics,
                            weight_step_perturbation)
 from dnas.supernet.context import Ctx
@@ -439,19 +439,19 @@ def make_searcher(space, relaxation: str = "darts", *, space_options: dict | Non
         space_options.setdefault("kernels", policy.name)
     if hypergrad.startswith("implicit"):
         hypergrad_options = {"unroll": policy.unroll_loops, **(hypergrad_options or {})}
-    built = build_space(space, **space_options)
+    k = partial_channels(relaxation, **(relaxation_options or {}))
+    if k != 1 and not takes_option(space, "partial_channels"):  # the candidate ops must be built for 1/K
+        raise ValueError(f"relaxation {relaxation!r} runs the candidate ops on 1/{k} of the channels, and the "
+                         f"space {space_label(space)!r} cannot build its ops that narrow: a space (or a model "
+                         "factory) must take the option partial_channels=K and build its candidates for 1/K of "
+                         "their input's channels (for PC-DARTS without partial channels use the relaxation "
+                         "option k=1)")
+    built = build_space(space, **({**space_options, "partial_channels": k} if k != 1 else space_options))
     relax = get_relaxation(relaxation, space=built, **(relaxation_options or {}))
     objective = None
-    if latency:  # of the full-width network (before PC-DARTS narrows the candidate ops)
-        objective = _latency_objective(space, built, space_options, latency)
-    if relax.partial_channels != 1:  # the space's candidate ops see 1/K of the channels
-        if not takes_option(space, "partial_channels"):
-            raise ValueError(f"relaxation {relax.name!r} runs the candidate ops on 1/{relax.partial_channels} of "
-                             f"the channels, and the space {space_label(space)!r} cannot build its ops that narrow: "
-                             "a space (or a model factory) must take the option partial_channels=K and build its "
-                             "candidates for 1/K of their input's channels (for PC-DARTS without partial channels "
-                             "use the relaxation option k=1)")
-        built = build_space(space, **{**space_options, "partial_channels": relax.partial_channels})
+    if latency:  # of the full-width network, also where PC-DARTS searches candidates built narrower
+        full = built if k == 1 else build_space(space, **space_options)
+        objective = _latency_objective(space, full, space_options, latency)
     refuse_precision(built, precision, space_label(space))
     return Searcher(built, relax, hyper, total_steps, num_devices, hypergrad=hypergrad,
                     hypergrad_options=hypergrad_options, tune=tuple(tune), latency=objective, num_seeds=num_seeds,

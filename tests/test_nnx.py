@@ -321,6 +321,43 @@ def test_pc_darts_partial_channels_on_a_user_model():
         make_searcher(NarrowNet(nnx.Rngs(0)), "pc_darts", relaxation_options={"k": 2})
 
 
+def test_a_narrowing_relaxation_builds_the_space_once_and_must_say_so():
+    """A relaxation whose candidates run on 1/K of the channels names the option that gives K
+    (``partial_channels_option``), so make_searcher builds the space once, narrow, instead of
+    once at full width and again narrow: the model factory is called once, with K, both for K
+    given and for PC-DARTS's default. A factory that narrows without saying so is refused."""
+    from dnas.relaxations import REGISTRY, get_relaxation, partial_channels
+    from dnas.relaxations.pc_darts import pc_darts
+    calls = []
+
+    def factory(rngs, partial_channels=1):
+        calls.append(partial_channels)
+        return NarrowNet(rngs, c=8, partial_channels=partial_channels)
+
+    s = make_searcher(factory, "pc_darts", relaxation_options={"k": "2"})
+    assert calls == [2] and s.relax.partial_channels == 2
+    calls.clear()
+    make_searcher(factory, "pc_darts")
+    assert calls == [4] == [partial_channels("pc_darts")]
+    assert partial_channels("darts") == 1 and partial_channels("pc_darts", k=1) == 1
+
+    def quiet(space, k: int = 2):          # narrows, and does not say so
+        return pc_darts(space, k=k)._replace(name="quiet")
+
+    REGISTRY["quiet-test"] = quiet
+    try:
+        with pytest.raises(ValueError, match="partial_channels_option"):
+            make_searcher(factory, "quiet-test")
+        quiet.partial_channels_option = "k"
+        calls.clear()
+        assert make_searcher(factory, "quiet-test").relax.name == "quiet" and calls == [2]
+        quiet.partial_channels_option = "nope"
+        with pytest.raises(ValueError, match="partial_channels_option"):
+            get_relaxation("quiet-test", space=s.space)
+    finally:
+        REGISTRY.pop("quiet-test", None)
+
+
 # every estimator through a user model (unrolled is checked exactly above): `pytest -m slow`
 @pytest.mark.slow
 @pytest.mark.parametrize("estimator", sorted(set(ESTIMATORS) - {"first", "unrolled"}))

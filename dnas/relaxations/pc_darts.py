@@ -106,3 +106,7 @@ def pc_darts(space, k: int = 4, edge_norm: bool = True) -> Relaxation:
     return Relaxation(name="pc_darts", init=init, sample=lambda arch, key, progress: weights(arch),
                       mix=partial_mix(k), eval_sample=weights, probs=probs, scores=weights,
                       partial_channels=k, logits=lambda arch: arch["alpha"])
+
+
+#: the option that gives K, read before the space is built (dnas.relaxations.partial_channels)
+pc_darts.partial_channels_option = "k"
