@@ -487,3 +487,35 @@ def test_pytorch_convention_initialisers_draw_their_distributions():
     bound = 1.0 / np.sqrt(400)
     assert np.abs(w).max() <= bound and np.abs(b).max() <= bound
     assert abs(w.std() / (bound / np.sqrt(3)) - 1) < 0.02 and abs(b.std() / (bound / np.sqrt(3)) - 1) < 0.15
+
+
+def test_he_normal_draws_flaxs_numbers_from_few_programs():
+    """HE_NORMAL draws each kernel as the prefix of a flat draw of a power-of-two size (one
+    program per size class, not per shape): the numbers equal Flax's
+    variance_scaling(2, fan_in, normal) exactly, for typed and raw keys and kernels of every
+    size class; under a trace (vmap over seeds) and with another PRNG setting it draws as Flax
+    does, so those equal it too."""
+    from dnas.supernet import nnx_kernels as nk
+
+    flax_he = nnx.initializers.variance_scaling(2.0, "fan_in", "normal")
+    shapes = [(1, 1, 1, 1), (2, 3), (1, 1, 4, 4), (3, 3, 1, 16), (5, 5, 1, 48), (3, 3, 16, 16), (1, 1, 48, 32),
+              (3, 3, 3, 48), (7, 7, 3, 5), (1, 1, 256, 257), (3, 3, 64, 128)]
+    sizes_before = nk._flat_normal._cache_size()
+    for i, shape in enumerate(shapes):
+        for key in (jax.random.key(i), jax.random.PRNGKey(i + 100)):
+            got = nk.HE_NORMAL(key, shape)
+            assert got.shape == shape and got.dtype == jnp.float32
+            np.testing.assert_array_equal(got, flax_he(key, shape))
+    classes = {max(nk._FLAT_DRAW_MIN, 1 << (int(np.prod(s)) - 1).bit_length()) for s in shapes}
+    assert nk._flat_normal._cache_size() - sizes_before <= len(classes) < len(shapes)
+
+    keys = jax.random.split(jax.random.key(7), 3)
+    np.testing.assert_array_equal(jax.vmap(lambda k: nk.HE_NORMAL(k, (3, 3, 4, 8)))(keys),
+                                  jax.vmap(lambda k: flax_he(k, (3, 3, 4, 8)))(keys))
+    # the premise: a draw is the prefix of a longer one (same fan-in, so the same scale) with the
+    # partitionable PRNG only; without it HE_NORMAL still gives Flax's numbers
+    key = jax.random.key(3)
+    np.testing.assert_array_equal(flax_he(key, (3, 3, 4, 8)).ravel(), flax_he(key, (3, 3, 4, 16)).ravel()[:288])
+    with jax.threefry_partitionable(False):
+        np.testing.assert_array_equal(nk.HE_NORMAL(key, (3, 3, 4, 8)), flax_he(key, (3, 3, 4, 8)))
+        assert not np.array_equal(flax_he(key, (3, 3, 4, 8)).ravel(), flax_he(key, (3, 3, 4, 16)).ravel()[:288])

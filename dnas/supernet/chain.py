@@ -43,7 +43,7 @@ def make_divisible(v: float, divisor: int = 8) -> int:
 
 class ConvBN(nnx.Module):
     """Convolution (padding ``k // 2``, no bias, He-initialised as before the chain was an NNX
-    model: :data:`~dnas.supernet.nnx_kernels.HE_NORMAL`), BatchNorm (PyTorch's conventions, as
+    model: :func:`~dnas.supernet.nnx_kernels.HE_NORMAL`), BatchNorm (PyTorch's conventions, as
     ProxylessNAS's code: :class:`~dnas.supernet.nnx_kernels.TorchBatchNorm`), ReLU6 unless
     ``act=False``."""
 

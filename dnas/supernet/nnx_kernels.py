@@ -25,7 +25,7 @@ merges from its weights (the user's own objects are never touched):
 Both policies compute the same function: ``tests/test_nnx_kernels.py`` compares a user
 model's logits, gradients and statistics under ``xla_cpu`` and ``native``.
 
-The built-in spaces' shared initialisation and layers live here too: :data:`HE_NORMAL`,
+The built-in spaces' shared initialisation and layers live here too: :func:`HE_NORMAL`,
 :func:`torch_linear`, :class:`TorchBatchNorm`, :class:`ReLUConvBN`, :class:`PooledLinear`.
 """
 from __future__ import annotations
@@ -224,12 +224,56 @@ class TorchBatchNorm(PolicyBatchNorm):
         super().__init__(num_features, momentum=0.9, epsilon=1e-5, use_bias=affine, use_scale=affine, rngs=rngs)
 
 
-#: He et al. (ICCV 2015) normal initialisation, variance 2 / fan-in (``kaiming_normal_``), for the
-#: built-in spaces' convolutions: what dnas's layer kit drew before they were NNX models. Flax's
-#: default (LeCun, 1 / fan-in) starts a search elsewhere: NAS-Bench-201's planted-cell DARTS
-#: search (tests/test_planted.py) recovered 2 of 6 edges from it against 6 of 6 from this
-#: (docs/benchmarks.md, "The NAS-Bench-201 space declared as an NNX model").
-HE_NORMAL = nnx.initializers.variance_scaling(2.0, "fan_in", "normal")
+_FLAX_HE_NORMAL = nnx.initializers.variance_scaling(2.0, "fan_in", "normal")
+_FLAT_DRAW_MIN = 256
+
+
+@partial(jax.jit, static_argnums=1)
+def _flat_normal(key, size: int):
+    return jax.random.normal(key, (size,), jnp.float32)
+
+
+@partial(jax.jit, static_argnums=1)
+def _scaled_prefix(flat, shape, scale):
+    return flat[:int(np.prod(shape))].reshape(shape) * scale
+
+
+def _prefix_draws(key) -> bool:
+    """Whether a draw's i-th number depends only on the key and i (JAX's threefry PRNG with
+    ``jax_threefry_partitionable``, the default), so that a shape's numbers are the first numbers
+    of a longer flat draw."""
+    if isinstance(key, jax.core.Tracer) or not jax.config.jax_threefry_partitionable:
+        return False
+    impl = jax.random.key_impl(key) if jnp.issubdtype(key.dtype, jax.dtypes.prng_key) \
+        else jax.config.jax_default_prng_impl
+    return "threefry2x32" in str(impl)
+
+
+def HE_NORMAL(key, shape, dtype=jnp.float32):
+    """He et al. (ICCV 2015) normal initialisation, variance 2 / fan-in (``kaiming_normal_``),
+    for the built-in spaces' convolutions: what dnas's layer kit drew before they were NNX models.
+    Flax's default (LeCun, 1 / fan-in) starts a search elsewhere: NAS-Bench-201's planted-cell
+    DARTS search (tests/test_planted.py) recovered 2 of 6 edges from it against 6 of 6 from this
+    (docs/benchmarks.md, "The NAS-Bench-201 space declared as an NNX model").
+
+    The values are exactly ``nnx.initializers.variance_scaling(2.0, "fan_in", "normal")``'s,
+    drawn so that building a space compiles few programs: ``jax.random.normal`` is a program
+    compiled for each shape it draws, and a space's weights have dozens of shapes (building a
+    space was mostly these compiles, docs/benchmarks.md "A space builds with few compiles").
+    With JAX's partitionable threefry PRNG (the default) the i-th number of a draw depends only
+    on the key and i, so a kernel's numbers are the first ones of a flat draw of the next power
+    of two: one program per size class; taking the prefix and scaling it by
+    ``sqrt(float32(2 / fan_in))`` (computed on the host, correctly rounded as on the device) is a
+    program per shape, but a small one, quick to compile. Under a trace, another PRNG or another
+    dtype it draws as Flax does."""
+    shape = tuple(int(d) for d in shape)
+    if jnp.dtype(dtype) != jnp.float32 or len(shape) < 2 or not _prefix_draws(key):
+        return _FLAX_HE_NORMAL(key, shape, dtype)
+    if not jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
+        key = jax.random.wrap_key_data(key)      # as jax.random does: one program for both kinds of key
+    n = int(np.prod(shape))
+    flat = _flat_normal(key, max(_FLAT_DRAW_MIN, 1 << max(n - 1, 0).bit_length()))
+    return _scaled_prefix(flat, shape, np.sqrt(np.float32(2.0 / float(np.prod(shape[:-1])))))
 
 
 def torch_linear(c_in: int, c_out: int, rngs: nnx.Rngs) -> nnx.Linear:
