@@ -249,7 +249,7 @@ def _prefix_draws(key) -> bool:
     return "threefry2x32" in str(impl)
 
 
-def HE_NORMAL(key, shape, dtype=jnp.float32):
+def HE_NORMAL(key, shape, dtype=jnp.float32, **kwargs):
     """He et al. (ICCV 2015) normal initialisation, variance 2 / fan-in (``kaiming_normal_``),
     for the built-in spaces' convolutions: what dnas's layer kit drew before they were NNX models.
     Flax's default (LeCun, 1 / fan-in) starts a search elsewhere: NAS-Bench-201's planted-cell
@@ -264,11 +264,11 @@ def HE_NORMAL(key, shape, dtype=jnp.float32):
     on the key and i, so a kernel's numbers are the first ones of a flat draw of the next power
     of two: one program per size class; taking the prefix and scaling it by
     ``sqrt(float32(2 / fan_in))`` (computed on the host, correctly rounded as on the device) is a
-    program per shape, but a small one, quick to compile. Under a trace, another PRNG or another
-    dtype it draws as Flax does."""
+    program per shape, but a small one, quick to compile. Under a trace, another PRNG, another
+    dtype or with Flax's keyword arguments (``out_sharding``) it draws as Flax does."""
     shape = tuple(int(d) for d in shape)
-    if jnp.dtype(dtype) != jnp.float32 or len(shape) < 2 or not _prefix_draws(key):
-        return _FLAX_HE_NORMAL(key, shape, dtype)
+    if kwargs or jnp.dtype(dtype) != jnp.float32 or len(shape) < 2 or not _prefix_draws(key):
+        return _FLAX_HE_NORMAL(key, shape, dtype, **kwargs)
     if not jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
         key = jax.random.wrap_key_data(key)      # as jax.random does: one program for both kinds of key
     n = int(np.prod(shape))
