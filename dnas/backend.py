@@ -17,7 +17,7 @@ the same function (and gradient) differ by large factors on XLA:CPU only (``docs
   keeps every candidate's residuals: a memory saving on every backend, on in both policies;
 * ``unroll_loops`` — the default loop mode of the built-in spaces (loops over cells and edges
   unrolled at trace time; on XLA:CPU a weight-gradient convolution inside ``lax.scan`` is
-  70-500x slower).
+  orders of magnitude slower, ``docs/benchmarks.md``).
 
 :data:`XLA_CPU` turns every one on; :data:`NATIVE` (what GPUs and TPUs run) turns the CPU ones off:
 JAX's own convolutions, ``lax.scan`` loops, no pins. The searcher, ``dnas train`` and the

@@ -509,7 +509,7 @@ def enable_compile_cache(where: str | None) -> str | None:
 
     before = jax.config.jax_compilation_cache_dir
     jax.config.update("jax_compilation_cache_dir", where)
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.1)  # the eager init ops compile in ~0.2 s each
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.1)  # keeps the small eager programs too
     if before and before != where:   # JAX opens its cache once per process: reopen it in the new place
         compilation_cache.reset_cache()
     return where

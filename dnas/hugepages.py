@@ -2,13 +2,12 @@
 
 Why: XLA:CPU allocates the temporary buffers of a compiled step afresh on every execution
 (through ``malloc``). Buffers this large are ``mmap``-ed by glibc and returned on ``free``, so
-every step touches its whole working set anew: one page fault per 4 KiB page. A NAS-Bench-201
-DARTS step (C=16, N=5, B=64; 1.2 GB of temporaries) took ~293,000 minor page faults and
-0.46 s of kernel time per step on the 2-core CPU. With ``GLIBC_TUNABLES=glibc.malloc.hugetlb=1``
-(glibc >= 2.35) glibc marks its ``mmap``-ed chunks ``MADV_HUGEPAGE``, the kernel backs them
-with 2 MiB pages where transparent huge pages are in ``madvise`` or ``always`` mode, and the
-same step takes ~1,200 faults and runs 1.30 s instead of 1.62 s (``docs/benchmarks.md``,
-"Page faults"). Nothing else changes: same values, same memory.
+every step touches its whole working set anew: one page fault per 4 KiB page, a large part of
+a step's time spent in the kernel. With ``GLIBC_TUNABLES=glibc.malloc.hugetlb=1`` (glibc >=
+2.35) glibc marks its ``mmap``-ed chunks ``MADV_HUGEPAGE``, the kernel backs them with 2 MiB
+pages where transparent huge pages are in ``madvise`` or ``always`` mode, and a step takes a
+few hundredth of the faults and runs faster (``docs/benchmarks.md``, "Page faults", has the
+figures). Nothing else changes: same values, same memory.
 
 Tunables are read when the process starts, so :func:`reexec_with_hugepages` restarts the
 current command line once with the tunable added (before JAX is imported). It does nothing
@@ -105,9 +104,8 @@ def trim_heap() -> bool:
 
     Call it once a step is compiled. XLA's compiler frees most of what it allocated, but glibc
     keeps freed heap memory mapped, so the process would carry the compiler's leftovers into
-    every step: a NAS-Bench-201 GDAS search process (C=16, N=5, B=64) held 1.21 GB after
-    compiling and peaked at 1.69 GB over its steps; 0.82 GB and 1.28 GB with this call
-    (``docs/benchmarks.md``, "Page faults"). It costs milliseconds and changes nothing else.
+    every step and peak higher (``docs/benchmarks.md``, "Page faults", has the figures). It
+    costs milliseconds and changes nothing else.
     """
     import ctypes
 

@@ -4,7 +4,7 @@ On XLA:CPU two choices trade compile time for step time (``docs/benchmarks.md``,
 and "A short run starts stepping quickly"):
 
 * the DARTS space's cell edges: unrolled at trace time (the fastest steps; an 8-cell step
-  compiles for about 10 minutes) or run as loops (:func:`dnas.nnx.edge_loop`, one traced edge
+  compiles for minutes) or run as loops (:func:`dnas.nnx.edge_loop`, one traced edge
   per loop: a few minutes, slower steps);
 * the implicit estimators' linear-solver loop (CG, Neumann): unrolled at trace time, so that
   their Hessian-vector products run outside loops (XLA:CPU's autodiff convolutions are slow

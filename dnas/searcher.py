@@ -29,7 +29,7 @@ Every member has its own initialisation, PRNG stream, data order and α; nothing
 member i computes what a search with seed i computes alone (up to float reassociation of the
 batched convolutions). On the CPU the members' convolutions run one after another
 (:func:`dnas.kernels.cpu.branch_conv.member_conv`) rather than as JAX's batched form, a grouped
-convolution that XLA:CPU runs 2x slower for a whole step; estimators that differentiate twice
+convolution that makes a whole step on XLA:CPU much slower (``docs/benchmarks.md``); estimators that differentiate twice
 (all but :data:`dnas.hypergrad.FIRST_DERIVATIVES_ONLY`) keep JAX's form. Sampling
 relaxations (GDAS, ProxylessNAS) lose their "only the sampled op" saving under ``vmap``:
 ``lax.switch`` with a per-member index evaluates every branch.

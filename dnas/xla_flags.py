@@ -7,15 +7,13 @@ JAX is imported. A flag already named in ``XLA_FLAGS`` is left as the user set i
 library gets them by calling :func:`apply_cpu_defaults` before its first JAX call.
 
 ``--xla_cpu_use_fusion_emitters=false``: XLA:CPU emits its loop fusions with the older LLVM
-IR emitters instead of the MLIR fusion emitters. About 60 % of a supernet step's time on the
-CPU is elementwise, reduction and pooling fusions (BatchNorm, ReLU, the mixed op's weighted
-sums, their backward passes), and the older emitters' code runs them faster: NAS-Bench-201
-(C=16, N=5, B=64) DARTS step 1.32 → 1.17 s, GDAS 0.40 → 0.33 s, on the 2-core CPU
-(``dnas bench``, ``docs/benchmarks.md``, "XLA:CPU flags, measured"). The price is compile
-time (NB201 DARTS 18 → 26 s, GDAS 18 → 43 s, DARTS space 117 → 235 s), paid once per
-configuration with the persistent compilation cache that ``dnas search`` keeps; the
-compiler's own memory shrinks (the README's default search: peak RSS 1.53 → 0.98 GB). The
-flag only concerns the CPU backend; on GPU/TPU it changes nothing.
+IR emitters instead of the MLIR fusion emitters. Most of a supernet step's time on the CPU
+is elementwise, reduction and pooling fusions (BatchNorm, ReLU, the mixed op's weighted
+sums, their backward passes), and the older emitters' code runs them faster. The price is a
+longer compile, paid once per configuration with the persistent compilation cache that
+``dnas search`` keeps; the compiler's own memory shrinks. ``docs/benchmarks.md``, "XLA:CPU
+flags, measured", has the figures (``dnas bench``). The flag only concerns the CPU backend; on
+GPU/TPU it changes nothing.
 """
 from __future__ import annotations
 

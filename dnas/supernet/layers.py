@@ -12,8 +12,8 @@ directly against :class:`~dnas.supernet.space_base.SearchSpace` builds with
 
 All tensors are NHWC. Convolutions take an ``impl`` argument choosing how a depthwise
 convolution is computed (see :func:`dnas.supernet.context.depthwise_impl`): XLA:CPU's grouped convolution is
-3–12x slower than the same arithmetic written as a dense convolution with a block-diagonal
-kernel (``benchmarks`` / ``../shared/notes/jax-cpu.md``), while on GPU/TPU the native grouped
+several times slower than the same arithmetic written as a dense convolution with a
+block-diagonal kernel (``docs/benchmarks.md``), while on GPU/TPU the native grouped
 convolution is the fast path. Both formulations compute the same function and gradient.
 """
 from __future__ import annotations
@@ -120,13 +120,12 @@ def separable_conv(c_in: int, c_out: int, kernel: int, stride: int = 1,
       ``K[i,j,c,o] = dw[i,j,c] * pw[c,o]``; one dense convolution computes it. Same function,
       same gradients (autodiff through the product); on XLA:CPU far faster than the grouped
       convolution; ``auto`` picks it where ``ctx.dense_separable`` (below).
-    * ``auto`` (CPU default): ``native`` (1.1-2.3x faster than ``dense`` with all gradients,
-      1.5-10x with the input gradient only; ``docs/benchmarks.md``), also where cells and
-      edges are scanned (DARTS space, ``--loops scan``: 1.7-1.9x faster steps for a 1.4-1.5x
-      longer compile), except where ``ctx.dense_separable`` (a sampled op's branch, scanned cells
-      with unrolled edges) or ``ctx.members`` (``vmap`` over seeds): ``dense`` there (the views
-      are faster still per op, but graphs that trace many of them compile for too long: a
-      DARTS-space GDAS step past 11 minutes, ``--loops scan-cells`` 890 s against 113 s).
+    * ``auto`` (CPU default): ``native`` (faster than ``dense``, most with the input gradient
+      only), also where cells and edges are scanned (faster steps for a longer compile), except
+      where ``ctx.dense_separable`` (a sampled op's branch, scanned cells with unrolled edges) or
+      ``ctx.members`` (``vmap`` over seeds): ``dense`` there (the views are faster still per op,
+      but graphs that trace many of them compile for too long). ``docs/benchmarks.md``
+      ("Depthwise convolutions as shifted views") has the figures.
     """
     padding = dilation * (kernel - 1) // 2
     if impl not in (None, "auto", "native", "dense"):

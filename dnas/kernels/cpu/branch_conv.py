@@ -2,8 +2,8 @@
 
 Why: on XLA:CPU, the convolutions that autodiff emits for a convolution's backward pass
 (input gradient: a transposed convolution; weight gradient: a convolution with the batch and
-feature dimensions swapped) run 10-40x slower when they sit inside a conditional or a loop
-(``benchmarks/bench_scan_conv.py``). Expressed instead as ordinary NHWC/HWIO convolutions on
+feature dimensions swapped) run an order of magnitude slower when they sit inside a
+conditional or a loop (``benchmarks/bench_scan_conv.py``; ``docs/benchmarks.md``). Expressed instead as ordinary NHWC/HWIO convolutions on
 explicitly transposed operands, the same gradients run at full speed there. GDAS evaluates
 only the sampled op of an edge through ``lax.switch``, so its ops use this convolution.
 
@@ -81,8 +81,8 @@ def member_conv(lhs, rhs, strides, padding, lhs_dilation=(1, 1), rhs_dilation=(1
 
     Under ``jax.vmap`` over members that each have their own kernel (``dnas search --seeds``),
     JAX's own rule turns the convolution into one grouped convolution, which XLA:CPU runs
-    3-4x slower than the members' convolutions one after another (see
-    ``benchmarks/bench_seeds.py``). This rule instead emits one ordinary convolution per member
+    several times slower than the members' convolutions one after another (see
+    ``benchmarks/bench_seeds.py``; ``docs/benchmarks.md``). This rule instead emits one ordinary convolution per member
     (unrolled), folds the member axis into the batch when only the input is batched, and into
     the output features when only the kernel is. Same values; used only where the caller asks
     for it (``conv2d(..., members=True)``), so GPU/TPU keep JAX's rule. Not differentiable
@@ -134,8 +134,8 @@ def _bwd(stride, padding, dilation, members, res, g):
     # (kernel = output positions, in = examples, out = out-channels), kernel dilated by the
     # stride and strided by the dilation
     # (the padding goes into the convolution, not a jnp.pad before it: XLA:CPU runs this
-    # convolution through YNNPACK only then, 5 ms instead of 25 ms for a 3x3 conv at
-    # B=64, 32x32, C=16, inside a lax.switch branch as well as outside)
+    # convolution through YNNPACK only then, several times faster, inside a lax.switch
+    # branch as well as outside; docs/benchmarks.md)
     lhs = x.transpose(3, 1, 2, 0)                       # (C_in, H, W, N)
     rhs = g.transpose(1, 2, 0, 3)                       # (Ho, Wo, N, C_out)
     gw = conv(lhs, rhs, (dilation, dilation), ((padding, padding), (padding, padding)),

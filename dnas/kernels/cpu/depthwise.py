@@ -1,23 +1,24 @@
 """A depthwise convolution written as a weighted sum of shifted views, for XLA:CPU.
 
-XLA:CPU's grouped convolution is slow for depthwise kernels (B=64, 32x32x16, 3x3: 19 ms
-forward, 43 ms with its gradients; ``benchmarks/bench_separable_conv.py``). A depthwise
-convolution is ``k*k`` multiply-adds per output element:
+XLA:CPU's grouped convolution is slow for depthwise kernels
+(``benchmarks/bench_separable_conv.py``). A depthwise convolution is ``k*k`` multiply-adds per
+output element:
 
     y[n, h, w, c] = sum_{i, j} x_pad[n, s*h + d*i, s*w + d*j, c] * w[i, j, c]
 
 (stride ``s``, dilation ``d``, ``x_pad`` zero-padded), which XLA fuses into one elementwise
 loop over the ``k*k`` strided views of the padded input. Its input gradient is the same kind
 of sum (the transpose of a slice is a pad). With the pointwise convolution after it, the
-forward pass is 1.4-8x faster than one dense convolution with the fused kernel, forward and
-input gradient 1.5-10x, everything 1.1-2.3x (``docs/benchmarks.md``).
+forward pass, the input gradient and all gradients together are faster than one dense
+convolution with the fused kernel (``docs/benchmarks.md``, "Figures behind the CPU kernels'
+design").
 
 The kernel gradient is the exception: autodiff writes it as ``k*k`` reductions over
 ``(n, h, w)`` of products of sliced views, and XLA:CPU materialises every slice before
-reducing (~12 ms at 32x16x3x3, ~38 ms at 5x5). So :func:`depthwise_conv` has a custom JVP
+reducing, which makes it slow. So :func:`depthwise_conv` has a custom JVP
 whose kernel-tangent term is the same linear map written as a dense convolution with the
 diagonal kernel ``K[i, j, c, o] = t[i, j, c] * [c == o]``; reverse mode transposes it into
-one dense weight-gradient convolution followed by taking the diagonal (~4 ms at 32x16x3x3).
+one dense weight-gradient convolution followed by taking the diagonal, several times faster.
 The JVP is exact, so forward mode, reverse mode and their compositions (the Hessian-vector
 products of the hypergradients) all hold; tested against ``lax.conv_general_dilated`` with
 ``feature_group_count`` in ``tests/test_ops.py``.
@@ -94,9 +95,9 @@ def _depthwise_jvp(stride, padding, dilation, primals, tangents):
         # pinned: in the backward pass each op's input gradient (the sum of its k*k padded
         # views of the cotangent) is then one fusion, stored once. Without it XLA:CPU merged
         # the padded views of every op into the node's cotangent sum, gave up fusing at that
-        # size and stored each padded view (290-operand fusions; DARTS space, C=16, 3 cells:
-        # 14.8 s per step instead of 6.6 s with the dense kernel). lax.optimization_barrier
-        # does not help: XLA:CPU removes it before fusing
+        # size and stored each padded view (290-operand fusions; the step took twice as long as
+        # with the dense kernel, docs/benchmarks.md). lax.optimization_barrier does not help:
+        # XLA:CPU removes it before fusing
         terms.append(_shifted_views(pinned(tx), w, stride, padding, dilation))
     if not isinstance(tw, SymbolicZero):
         terms.append(_diagonal_conv(x, tw, stride, padding, dilation))
@@ -156,8 +157,8 @@ def _views_input_grad(g, w, x_shape, stride, padding, dilation):
     dilated by the stride (interior zeros) and padded so that output pixel ``h`` reads
     ``g_dil[h + p - d*i]``, correlated with the flipped kernel at stride 1. The transpose
     autodiff writes (``k*k`` pads summed) stayed unfused inside a conditional, each pad
-    stored: with it the chain's ProxylessNAS step took 1.00 s and 0.34 GB of temporaries,
-    with this form 0.68 s and 0.10 GB (``docs/benchmarks.md``)."""
+    stored: this form makes the chain's ProxylessNAS step faster and its temporaries smaller
+    (``docs/benchmarks.md``)."""
     k = w.shape[0]
     _, h, wd, _ = x_shape
     _, ho, wo, _ = g.shape
