@@ -5,16 +5,15 @@ before any test module imports JAX. Single-device code simply runs on the first 
 
 The default test run is compile-bound (small supernets, a few steps each), so the tests
 compile with LLVM's optimisation level 0 (``--xla_backend_optimization_level=0``): the same
-HLO, fusions and numerics rules, less machine-code optimisation; the 14 slowest tests took
-353 s instead of 504 s on the 2-core CPU. A flag of the same name already in ``XLA_FLAGS``
+HLO, fusions and numerics rules, less machine-code optimisation, shorter compiles. A flag of the same name already in ``XLA_FLAGS``
 wins (``XLA_FLAGS=--xla_backend_optimization_level=2 pytest`` tests the optimised code).
 Subprocesses the tests start inherit the environment, hence the flags.
 
 Tracing and compiling are single-threaded, so the suite runs in parallel worker processes
 (pytest-xdist, ``-n auto`` in ``pyproject.toml``): one per core, at most
-``MAX_TEST_WORKERS`` (each holds its own JAX runtime and compiled programs in memory). On the
-2-core CPU the default run took 8:44 instead of 12 minutes. ``pytest -n 0`` runs in one
-process.
+``MAX_TEST_WORKERS`` (each holds its own JAX runtime and compiled programs in memory).
+``pytest -n 0`` runs in one process. ``docs/benchmarks.md``, "The test suite's run time", has
+what each of these gains.
 """
 import os
 
@@ -38,8 +37,7 @@ def pytest_configure(config):
     """One JAX persistent compilation cache for the whole test session: every worker, and the
     ``dnas`` commands the tests run in-process or as subprocesses. Tests that compile the same
     program (one tiny search configuration run by several tests, a run and its resume) then
-    compile it once: the default run took 12:27 instead of 13:53 on the 2-core CPU. The
-    controlling process makes the directory before the workers start, so they inherit it
+    compile it once. The controlling process makes the directory before the workers start, so they inherit it
     through the environment; it is removed when the session ends.
     ``DNAS_TEST_SESSION_CACHE=off pytest`` compiles everything afresh."""
     import tempfile
