@@ -90,7 +90,8 @@ class NNXSpace(SearchSpace):
         model initialised from ``key``; with ``stack_leaves``, same-shaped leaves stacked
         (:mod:`dnas.supernet.stacked_leaves`)."""
         if self.factory is None:
-            params, stats = jax.tree_util.tree_map(lambda a: jnp.array(a, copy=True), (self._params0, self._stats0))
+            # copies, made on the host (jnp.array(a, copy=True) would compile a program per shape)
+            params, stats = jax.tree_util.tree_map(lambda a: jax.device_put(np.array(a)), (self._params0, self._stats0))
         else:
             _, params, stats, _ = nnx.split(self.factory(nnx.Rngs(key)), nnx.Param, nnx.BatchStat, ...)
             params, stats = nnx.to_pure_dict(params), nnx.to_pure_dict(stats)

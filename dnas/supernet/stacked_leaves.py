@@ -50,7 +50,8 @@ def _concrete(arrays) -> bool:
     """Whether ``arrays`` are values, not tracers: outside a traced function (building a model
     from a state, initialising one) each group's split or stack, and each leaf's squeeze, would
     run as a small program of its own, compiled once per shape, where a copy on the host compiles
-    nothing (``docs/benchmarks.md``, "A state back to the model, on the host"). Inside a traced step they are part of one program and stay there."""
+    nothing (``jax.device_put`` of the numpy result: ``jnp.asarray`` of a numpy array is itself
+    a program per shape, ``lax.stage``) (``docs/benchmarks.md``, "A state back to the model, on the host"). Inside a traced step they are part of one program and stay there."""
     return not any(isinstance(a, jax.core.Tracer) for a in arrays)
 
 
@@ -80,7 +81,7 @@ class StackedLeaves:
         """``{group: the group's leaves stacked on a new first axis}``."""
         leaves = self.treedef.flatten_up_to(tree)
         if _concrete(leaves):   # copied on the host: no program compiled per group (see _concrete)
-            return {name: jnp.asarray(np.stack([np.asarray(leaves[i]) for i in idx])) for name, idx in self.groups.items()}
+            return {name: jax.device_put(np.stack([np.asarray(leaves[i]) for i in idx])) for name, idx in self.groups.items()}
         return {name: jnp.stack([leaves[i] for i in idx]) for name, idx in self.groups.items()}
 
     def unstack(self, stacked: dict[str, jax.Array]):
@@ -93,7 +94,7 @@ class StackedLeaves:
             for name, idx in self.groups.items():
                 host = np.asarray(stacked[name])
                 for k, i in enumerate(idx):
-                    leaves[i] = jnp.asarray(host[k])
+                    leaves[i] = jax.device_put(host[k])
             return self.treedef.unflatten(leaves)
         for name, idx in self.groups.items():
             parts = jax.lax.split(stacked[name], [1] * len(idx), axis=0)
