@@ -43,6 +43,7 @@ from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from jax import lax
 from jax.sharding import Mesh
@@ -184,16 +185,28 @@ class Searcher:
         arch = self.relax.init(k_a, self.space.groups)
         hyper = {"log_lr": jnp.log(jnp.float32(self.hyper.w_lr)),
                  "log_wd": jnp.log(jnp.float32(max(self.hyper.w_weight_decay, 1e-30)))}
+        w_opt, a_opt, h_opt = self._optimizer_states(params, arch, hyper)
         return SearchState(step=jnp.zeros((), jnp.int32), params=params, batch_stats=stats, arch=arch,
-                           w_opt_state=self.w_tx.init(params), a_opt_state=self.a_tx.init(arch), key=k_run,
-                           hyper=hyper, h_opt_state=self.h_tx.init(hyper))
+                           w_opt_state=w_opt, a_opt_state=a_opt, key=k_run, hyper=hyper, h_opt_state=h_opt)
+
+    @functools.cached_property
+    def _optimizer_states(self):
+        """The three optimizers' initial states as one jitted program: run op by op, each
+        state leaf (a momentum buffer per weight group, ...) would be a small program compiled
+        for its shape of its own."""
+        return jax.jit(lambda params, arch, hyper: (self.w_tx.init(params), self.a_tx.init(arch),
+                                                    self.h_tx.init(hyper)))
 
     def init_members(self, seeds) -> SearchState:
-        """One initial state per seed, stacked along a leading member axis: member ``i`` equals
-        ``init(PRNGKey(seeds[i]))``."""
+        """One initial state per seed, stacked along a leading member axis: member ``i`` is
+        ``init(PRNGKey(seeds[i]))``, computed alone and stacked on the host. (``jax.vmap`` of
+        ``init`` would build the model under a trace, which Flax NNX does in time quadratic in
+        its number of layers: ``docs/benchmarks.md``, "A space builds with few compiles".)"""
         if len(seeds) != self.num_seeds:
             raise ValueError(f"{len(seeds)} seeds given to a searcher built for {self.num_seeds}")
-        return jax.vmap(self.init)(jnp.stack([jax.random.PRNGKey(int(s)) for s in seeds]))
+        members = [self.init(jax.random.PRNGKey(int(s))) for s in seeds]
+        return jax.tree_util.tree_map(lambda *leaves: jax.device_put(np.stack([np.asarray(a) for a in leaves])),
+                                      *members)
 
     @staticmethod
     def member(state, i: int):

@@ -252,7 +252,8 @@ class Trainer:
     def init(self, key: jax.Array) -> TrainState:
         k_init, k_run = jax.random.split(key)
         params, stats = self.network.init(k_init)
-        return TrainState(jnp.zeros((), jnp.int32), params, stats, self.tx.init(params), k_run)
+        # the optimizer's state as one program, not a small program per weight group's shape
+        return TrainState(jnp.zeros((), jnp.int32), params, stats, jax.jit(self.tx.init)(params), k_run)
 
     def _mean(self, tree):
         return tree if self.axis_name is None else lax.pmean(tree, self.axis_name)

@@ -63,10 +63,25 @@ def test_vmapped_step_has_no_grouped_convolution_on_cpu():
     assert not s2.member_convs
 
 
-def test_init_members_checks_the_number_of_seeds():
-    """(That member i equals ``init(PRNGKey(seed_i))`` is covered end to end below.)"""
+def test_init_members_stacks_each_seeds_own_state():
+    """Member i of ``init_members`` is ``init(PRNGKey(seed_i))`` bit for bit, and the stacked
+    state is what ``jax.vmap(init)`` gives (the form it replaced, which builds the model under a
+    trace): same structure, dtypes and values. A wrong number of seeds is refused."""
     s = make_searcher("nb201", "darts", space_options={"channels": 4, "cells_per_stage": 1, "in_channels": 1,
                                                        "num_classes": 10}, num_seeds=3)
+    seeds = (3, 5, 11)
+    state = s.init_members(seeds)
+
+    def same(a, b):
+        assert a.dtype == b.dtype and a.shape == b.shape
+        np.testing.assert_array_equal(a, b)
+
+    for i, seed in enumerate(seeds):
+        jax.tree_util.tree_map(same, s.member(state, i), s.init(jax.random.PRNGKey(seed)))
+    vmapped = jax.vmap(s.init)(jnp.stack([jax.random.PRNGKey(seed) for seed in seeds]))
+    assert jax.tree_util.tree_structure(state) == jax.tree_util.tree_structure(vmapped)
+    jax.tree_util.tree_map(same, state, vmapped)
+    assert not np.array_equal(s.member(state, 0).arch["cell"], s.member(state, 1).arch["cell"])
     with pytest.raises(ValueError, match="2 seeds given to a searcher built for 3"):
         s.init_members((0, 1))
 
