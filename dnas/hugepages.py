@@ -6,7 +6,7 @@ every step touches its whole working set anew: one page fault per 4 KiB page, a 
 a step's time spent in the kernel. With ``GLIBC_TUNABLES=glibc.malloc.hugetlb=1`` (glibc >=
 2.35) glibc marks its ``mmap``-ed chunks ``MADV_HUGEPAGE``, the kernel backs them with 2 MiB
 pages where transparent huge pages are in ``madvise`` or ``always`` mode, and a step takes a
-few hundredth of the faults and runs faster (``docs/benchmarks.md``, "Page faults", has the
+small fraction of the faults and runs faster (``docs/benchmarks.md``, "Page faults", has the
 figures). Nothing else changes: same values, same memory.
 
 Tunables are read when the process starts, so :func:`reexec_with_hugepages` restarts the
