@@ -43,7 +43,6 @@ from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 from jax import lax
 from jax.sharding import Mesh
@@ -54,7 +53,7 @@ from dnas.hypergrad import FIRST_DERIVATIVES_ONLY, Bilevel, check_tunable, get_h
 from dnas.relaxations import Relaxation, entropy, get_relaxation, partial_channels
 from dnas.remedies import (apply_to_relaxation, get_remedies, perturb_samples, remedy_metrics,
                            weight_step_perturbation)
-from dnas.supernet.context import Ctx
+from dnas.supernet.context import Ctx, stack_trees
 from dnas.supernet.space_base import refuse_precision
 from dnas.supernet.spaces import SPACES, SearchSpace, build_space, space_label, takes_option
 
@@ -204,9 +203,7 @@ class Searcher:
         its number of layers: ``docs/benchmarks.md``, "A space builds with few compiles".)"""
         if len(seeds) != self.num_seeds:
             raise ValueError(f"{len(seeds)} seeds given to a searcher built for {self.num_seeds}")
-        members = [self.init(jax.random.PRNGKey(int(s))) for s in seeds]
-        return jax.tree_util.tree_map(lambda *leaves: jax.device_put(np.stack([np.asarray(a) for a in leaves])),
-                                      *members)
+        return stack_trees([self.init(jax.random.PRNGKey(int(s))) for s in seeds])
 
     @staticmethod
     def member(state, i: int):

@@ -12,10 +12,10 @@ from __future__ import annotations
 from typing import Any, NamedTuple
 
 import jax
-import jax.numpy as jnp
 from jax import lax
 
 from dnas.backend import KernelPolicy, default_policy, resolve
+from dnas.supernet.stacked_leaves import stack_arrays
 
 
 class Ctx(NamedTuple):
@@ -143,5 +143,6 @@ def scan(body, carry, xs, unroll: bool = False):
 
 
 def stack_trees(trees):
-    """Stack a list of identically structured pytrees along a new leading axis."""
-    return jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *trees)
+    """Stack a list of identically structured pytrees along a new leading axis (on the host
+    when the leaves are values: :func:`dnas.supernet.stacked_leaves.stack_arrays`)."""
+    return jax.tree_util.tree_map(lambda *xs: stack_arrays(xs), *trees)

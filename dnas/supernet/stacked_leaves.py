@@ -51,8 +51,19 @@ def _concrete(arrays) -> bool:
     from a state, initialising one) each group's split or stack, and each leaf's squeeze, would
     run as a small program of its own, compiled once per shape, where a copy on the host compiles
     nothing (``jax.device_put`` of the numpy result: ``jnp.asarray`` of a numpy array is itself
-    a program per shape, ``lax.stage``) (``docs/benchmarks.md``, "A state back to the model, on the host"). Inside a traced step they are part of one program and stay there."""
-    return not any(isinstance(a, jax.core.Tracer) for a in arrays)
+    a program per shape, ``lax.stage``; ``docs/benchmarks.md``, "A state back to the model, on
+    the host"). Inside a traced step they are part of one program and stay there. (PRNG key
+    arrays, which numpy cannot hold, stay with JAX.)"""
+    return not any(isinstance(a, jax.core.Tracer) or jnp.issubdtype(a.dtype, jax.dtypes.extended)
+                   for a in arrays)
+
+
+def stack_arrays(arrays) -> jax.Array:
+    """``jnp.stack(arrays)``: copied on the host when they are values (:func:`_concrete`), in the
+    traced program otherwise."""
+    if _concrete(arrays):
+        return jax.device_put(np.stack([np.asarray(a) for a in arrays]))
+    return jnp.stack(arrays)
 
 
 class StackedLeaves:
@@ -80,9 +91,7 @@ class StackedLeaves:
     def stack(self, tree) -> dict[str, jax.Array]:
         """``{group: the group's leaves stacked on a new first axis}``."""
         leaves = self.treedef.flatten_up_to(tree)
-        if _concrete(leaves):   # copied on the host: no program compiled per group (see _concrete)
-            return {name: jax.device_put(np.stack([np.asarray(leaves[i]) for i in idx])) for name, idx in self.groups.items()}
-        return {name: jnp.stack([leaves[i] for i in idx]) for name, idx in self.groups.items()}
+        return {name: stack_arrays([leaves[i] for i in idx]) for name, idx in self.groups.items()}
 
     def unstack(self, stacked: dict[str, jax.Array]):
         """The tree :meth:`stack` was given."""
